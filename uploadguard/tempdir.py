@@ -1,0 +1,258 @@
+"""The temp-dir guard: keep the upload temp directory usable, or say why not.
+
+The failure this exists for: under systemd's ``PrivateTmp=`` some gunicorn
+workers lost their ``/tmp`` and every upload they took died with
+``FileNotFoundError``.  This module checks the directory cheaply before a
+request body is spooled, recreates it when it has merely vanished, and
+otherwise names the reason it cannot be used, so the middleware can answer a
+retryable 503 instead of a 500 or a dropped connection.
+
+Reasons (also the ``reason`` of :class:`~uploadguard.errors.TempDirUnavailable`
+and the metrics label):
+
+``missing``          the path does not exist and could not be recreated
+``not_a_directory``  the path is a file (or another non-directory)
+``symlink``          the path is a symbolic link (refused: it may be swapped)
+``unlinked``         a directory that was deleted while still mounted or open
+                     (``st_nlink == 0``, as when a ``PrivateTmp`` mount's source
+                     was removed): it looks fine, every create fails with ENOENT
+``wrong_owner``      owned by neither this process's user nor root
+``insecure_mode``    world-writable without the sticky bit
+``read_only``        on a read-only file system
+``not_writable``     this process may not create files in it
+``no_space``         not enough free space (or quota) for the body plus the floor
+``no_inodes``        no free inodes
+``io_error``         any other ``OSError`` on the directory
+
+Usage::
+
+    guard = TempDirGuard("/var/cache/myapp/uploads", min_free_space=16 << 20)
+    health = guard.preflight(need=content_length)  # cheap: lstat + statvfs
+    if not health.ok:
+        ...  # health.reason, health.detail
+
+    health = ensure_temp_dir(path)  # create + full probe (creates a file); for startup
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import stat
+import tempfile
+import threading
+
+__all__ = [
+    "Health",
+    "TempDirGuard",
+    "check_temp_dir",
+    "ensure_temp_dir",
+    "probe_write",
+    "reason_for_errno",
+    "is_within",
+    "use_as_tempdir",
+]
+
+log = logging.getLogger("uploadguard")
+
+#: errno values that mean "the temp dir cannot take files", mapped to reasons.
+_ERRNO_REASONS = {
+    errno.ENOENT: "missing",
+    errno.ENOTDIR: "not_a_directory",
+    errno.ENOSPC: "no_space",
+    errno.EDQUOT: "no_space",
+    errno.EROFS: "read_only",
+    errno.EACCES: "not_writable",
+    errno.EPERM: "not_writable",
+    errno.ELOOP: "symlink",
+    errno.EFBIG: "no_space",
+    errno.EMFILE: "io_error",
+    errno.ENFILE: "io_error",
+    errno.EIO: "io_error",
+}
+TEMP_DIR_ERRNOS = frozenset(_ERRNO_REASONS)
+
+_CHECKS_ACCESS = os.access in os.supports_effective_ids
+
+
+def reason_for_errno(err: int | None) -> str | None:
+    """The temp-dir reason an errno stands for, or ``None`` if it is not one."""
+    return _ERRNO_REASONS.get(err) if err is not None else None
+
+
+def is_within(path: str | os.PathLike[str] | bytes | None, directory: str) -> bool:
+    """Whether ``path`` names ``directory`` or something below it (lexically)."""
+    if path is None:
+        return False
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    path = os.path.abspath(os.fspath(path))
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """Outcome of a temp-dir check: ``ok``, or a ``reason`` and a ``detail`` for people."""
+
+    path: str
+    reason: str | None = None
+    detail: str = "ok"
+    free_bytes: int | None = None
+    healed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def _stat_problem(path: str, st: os.stat_result) -> Health | None:
+    """What is wrong with a directory's own inode, judged from ``lstat``."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return Health(path, "symlink", f"{path} is a symbolic link; use the real directory")
+    if not stat.S_ISDIR(mode):
+        return Health(path, "not_a_directory", f"{path} exists but is not a directory")
+    if st.st_nlink == 0:
+        return Health(path, "unlinked", f"{path} was deleted while in use (st_nlink == 0); restart the service")
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        return Health(path, "wrong_owner", f"{path} is owned by uid {st.st_uid}, not by uid {euid} or root")
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        return Health(path, "insecure_mode", f"{path} is world-writable without the sticky bit (mode {mode & 0o7777:o})")
+    if euid != 0:
+        if st.st_uid == euid:
+            writable = mode & 0o300 == 0o300
+        else:  # root-owned: group or other bits decide
+            writable = os.access(path, os.W_OK | os.X_OK, effective_ids=_CHECKS_ACCESS)
+        if not writable:
+            return Health(path, "not_writable", f"{path} is not writable by uid {euid} (mode {mode & 0o7777:o})")
+    return None
+
+
+def check_temp_dir(path: str | os.PathLike[str], *, min_free_space: int = 0, need: int = 0) -> Health:
+    """Check without changing anything: two system calls (``lstat``, ``statvfs``).
+
+    ``need`` is the size of the body about to be spooled; the file system must
+    have ``need + min_free_space`` bytes available.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return Health(path, "missing", f"{path} does not exist")
+    except OSError as exc:
+        return Health(path, reason_for_errno(exc.errno) or "io_error", f"cannot stat {path}: {exc.strerror}")
+    problem = _stat_problem(path, st)
+    if problem is not None:
+        return problem
+    try:
+        vfs = os.statvfs(path)
+    except OSError as exc:
+        return Health(path, reason_for_errno(exc.errno) or "io_error", f"cannot statvfs {path}: {exc.strerror}")
+    if vfs.f_flag & os.ST_RDONLY:
+        return Health(path, "read_only", f"{path} is on a read-only file system")
+    free = vfs.f_bavail * vfs.f_frsize
+    if free < need + min_free_space:
+        return Health(
+            path, "no_space",
+            f"{path} has {free} bytes free; {need} needed plus a floor of {min_free_space}",
+            free_bytes=free,
+        )
+    if vfs.f_files and vfs.f_favail == 0:
+        return Health(path, "no_inodes", f"{path} has no free inodes", free_bytes=free)
+    return Health(path, free_bytes=free)
+
+
+def probe_write(path: str | os.PathLike[str]) -> Health:
+    """Create and delete a file in ``path``: the one test that cannot be fooled."""
+    path = os.fspath(path)
+    try:
+        fd, name = tempfile.mkstemp(prefix=".uploadguard-probe-", dir=path)
+    except OSError as exc:
+        return Health(path, reason_for_errno(exc.errno) or "io_error", f"cannot create a file in {path}: {exc.strerror}")
+    try:
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        return Health(path, reason_for_errno(exc.errno) or "io_error", f"cannot remove a file in {path}: {exc.strerror}")
+    return Health(path)
+
+
+def ensure_temp_dir(
+    path: str | os.PathLike[str], *, min_free_space: int = 0, mode: int = 0o700
+) -> Health:
+    """Create the directory if it is missing, then check it fully (with a write probe).
+
+    Meant for startup and for healing; it never raises for an unusable
+    directory -- the caller decides what an unhealthy result means.
+    """
+    path = os.fspath(path)
+    healed = False
+    if not os.path.lexists(path):
+        try:
+            os.makedirs(path, mode=mode, exist_ok=True)
+            healed = True
+        except OSError as exc:
+            # ENOENT here means a parent is gone or unlinked: "missing", not healable.
+            return Health(path, reason_for_errno(exc.errno) or "io_error", f"cannot create {path}: {exc.strerror}")
+    health = check_temp_dir(path, min_free_space=min_free_space)
+    if health.ok:
+        probe = probe_write(path)
+        if not probe.ok:
+            return probe
+    return dataclasses.replace(health, healed=healed) if healed else health
+
+
+def use_as_tempdir(path: str | os.PathLike[str]) -> None:
+    """Point :mod:`tempfile` and ``TMPDIR`` at ``path`` for this process.
+
+    Python caches the temp dir on first use (``tempfile.tempdir``) and forked
+    workers inherit the master's cache, so a stale directory would stay
+    broken in every worker; setting both makes Django, Werkzeug and any
+    library spool where uploadguard looks after.
+    """
+    path = os.fspath(path)
+    tempfile.tempdir = path
+    os.environ["TMPDIR"] = path
+
+
+class TempDirGuard:
+    """The per-request preflight: cheap when healthy, heals a vanished directory.
+
+    Thread-safe; healing is serialised so concurrent requests do not race to
+    ``mkdir``.  A result with ``healed`` set means this call recreated the directory.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, min_free_space: int = 0, mode: int = 0o700) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.min_free_space = min_free_space
+        self.mode = mode
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<TempDirGuard {self.path!r}>"
+
+    def preflight(self, need: int = 0) -> Health:
+        """Check before a body of ``need`` bytes is read; recreate the dir if it vanished."""
+        health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
+        if health.reason == "missing":
+            return self.heal(need)
+        return health
+
+    def heal(self, need: int = 0) -> Health:
+        """Recreate a missing directory (logged at INFO, counted) and probe it."""
+        with self._lock:
+            health = ensure_temp_dir(self.path, min_free_space=self.min_free_space, mode=self.mode)
+            if health.healed and health.ok:
+                log.info("uploadguard: recreated missing upload temp dir %s", self.path)
+        if health.ok and need:
+            health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
+            return dataclasses.replace(health, healed=True)
+        return health
+
+    def owns(self, path: str | os.PathLike[str] | bytes | None) -> bool:
+        """Whether an error's filename lies in the guarded directory."""
+        return is_within(path, self.path)
+
