@@ -248,8 +248,9 @@ class TempDirGuard:
             if health.healed and health.ok:
                 log.info("uploadguard: recreated missing upload temp dir %s", self.path)
         if health.ok and need:
+            healed = health.healed
             health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
-            return dataclasses.replace(health, healed=True)
+            return dataclasses.replace(health, healed=healed)
         return health
 
     def owns(self, path: str | os.PathLike[str] | bytes | None) -> bool:

@@ -1,0 +1,203 @@
+"""Test support: real gunicorn processes, real tmpfs mounts, raw HTTP on loopback.
+
+Shared by every end-to-end test so each one reads as a specification, not
+as process plumbing.  Everything here touches 127.0.0.1 only and is bounded
+in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+GUNICORN_CONF = ROOT / "gunicorn_conf.py"
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (mount, chown); CI runs as root")
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (gunicorn cannot report a port-0 bind back)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, *, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+class Gunicorn:
+    """A real gunicorn master on 127.0.0.1, started in the background.
+
+    ``app`` is a ``module:callable`` importable from ``tests/`` (or ``pythonpath``);
+    ``config`` a config file (default: none; pass ``GUNICORN_CONF`` for the
+    project's); ``env`` is added to a copy of this process's environment.
+    The log (stdout + stderr) goes to ``log_path`` for assertions.
+    """
+
+    def __init__(
+        self,
+        app: str,
+        *,
+        tmp_path: Path,
+        config: Path | str | None = None,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        pythonpath: Sequence[Path | str] = (),
+        workers: int = 1,
+        wait: bool = True,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        command = [sys.executable, "-m", "gunicorn"]
+        if config is not None:
+            command += ["-c", str(config)]
+        paths = [str(TESTS), *map(str, pythonpath)]
+        command += ["--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),
+                    "--pythonpath", ",".join(paths), *args, app]
+        full_env = dict(os.environ)
+        full_env.pop("WEB_CONCURRENCY", None)
+        full_env.update(env or {})
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+                                     cwd=str(ROOT), start_new_session=True)
+        if wait:
+            try:
+                wait_for_port(self.port, proc=self.proc)
+            except Exception:
+                self.stop()
+                raise RuntimeError(f"gunicorn did not start:\n{self.log()}") from None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the master's current children (Linux /proc)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    pids.append(int(entry))
+        return pids
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        self._log.close()
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, *, size: str = "2m", options: str = "") -> Iterator[Path]:
+    """A real tmpfs mounted at ``path`` (root only), unmounted afterwards."""
+    if not IS_ROOT:
+        pytest.skip("mounting a tmpfs needs root; CI runs as root")
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (f",{options}" if options else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path, *, leave: int = 0) -> Path:
+    """Fill a file system until at most ``leave`` bytes stay free; returns the filler file."""
+    filler = directory / "filler"
+    vfs = os.statvfs(directory)
+    to_write = max(0, vfs.f_bavail * vfs.f_frsize - leave)
+    with open(filler, "wb") as fh:
+        block = b"\0" * 65536
+        while to_write > 0:
+            try:
+                fh.write(block[: min(len(block), to_write)])
+                fh.flush()
+            except OSError:
+                break
+            to_write -= min(len(block), to_write)
+    return filler
+
+
+def raw_http(port: int, request: bytes, *, body: bytes | Iterator[bytes] = b"", timeout: float = 10.0,
+             read_early: bool = False) -> tuple[bytes, str | None]:
+    """Send a request (headers, then body) over a raw socket; return (response bytes, error name).
+
+    With ``read_early`` the response is read before the body is sent (for
+    ``Expect: 100-continue``).  The error name is that of an ``OSError`` seen
+    while sending or reading (e.g. ``ConnectionResetError``), else ``None``.
+    """
+    error = None
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        try:
+            if read_early:
+                return _read_all(sock), None
+            parts = [body] if isinstance(body, bytes) else body
+            for part in parts:
+                sock.sendall(part)
+        except OSError as exc:
+            error = type(exc).__name__
+        try:
+            data = _read_all(sock)
+        except OSError as exc:
+            error = error or type(exc).__name__
+    return data, error
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
