@@ -201,3 +201,23 @@ def _read_all(sock: socket.socket) -> bytes:
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+@contextlib.contextmanager
+def unlinked_dir(base: Path) -> Iterator[Path]:
+    """A directory that looks fine but was deleted under a bind mount (root only).
+
+    This is what a worker sees when the source of its ``PrivateTmp`` mount was
+    removed: ``isdir()`` is true, ``st_nlink`` is 0, every create fails with ENOENT.
+    """
+    if not IS_ROOT:
+        pytest.skip("bind mounts need root; CI runs as root")
+    source, mountpoint = base / "source", base / "unlinked"
+    source.mkdir(parents=True)
+    mountpoint.mkdir()
+    subprocess.run(["mount", "--bind", str(source), str(mountpoint)], check=True)
+    try:
+        source.rmdir()
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)

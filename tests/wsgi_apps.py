@@ -46,3 +46,9 @@ def broken(environ, start_response):
 
 guarded = UploadGuard(spool)
 guarded_broken = UploadGuard(broken)
+
+
+def refuse(environ, start_response):
+    """A naive size check: answers 413 without reading the body (what many apps do)."""
+    start_response("413 Content Too Large", [("Content-Type", "text/plain"), ("Content-Length", "9")])
+    return [b"too big\r\n"]

@@ -40,9 +40,11 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import stat
 import tempfile
 import threading
+import time
 
 __all__ = [
     "Health",
@@ -154,7 +156,7 @@ def check_temp_dir(path: str | os.PathLike[str], *, min_free_space: int = 0, nee
     if vfs.f_flag & os.ST_RDONLY:
         return Health(path, "read_only", f"{path} is on a read-only file system")
     free = vfs.f_bavail * vfs.f_frsize
-    if free < need + min_free_space:
+    if free == 0 or free < need + min_free_space:
         return Health(
             path, "no_space",
             f"{path} has {free} bytes free; {need} needed plus a floor of {min_free_space}",

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from uploadguard.config import ConfigError, Settings, default_temp_dir, format_size, parse_duration, parse_size
+
+
+class TestParseSize:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            pytest.param("0", 0, id="zero"),
+            pytest.param("1024", 1024, id="bytes"),
+            pytest.param("200M", 200 * 1024**2, id="nginx-style-M"),
+            pytest.param("200m", 200 * 1024**2, id="lower-case"),
+            pytest.param("1k", 1024, id="K"),
+            pytest.param("2G", 2 * 1024**3, id="G"),
+            pytest.param(" 50MB ", 50 * 1024**2, id="MB-suffix-and-spaces"),
+            pytest.param("50MiB", 50 * 1024**2, id="MiB-suffix"),
+        ],
+    )
+    def test_accepts(self, text: str, expected: int) -> None:
+        """Sizes are bytes or binary K/M/G multiples, as nginx's client_max_body_size."""
+        assert parse_size(text) == expected
+
+    @pytest.mark.parametrize("text", ["", "20X", "-1", "1.5M", "M", "twenty"])
+    def test_rejects_with_the_name_and_value(self, text: str) -> None:
+        """A bad size names the variable and the value, and says what is allowed."""
+        with pytest.raises(ConfigError) as info:
+            parse_size(text, name="UPLOADGUARD_MAX_BODY_SIZE")
+        assert f"UPLOADGUARD_MAX_BODY_SIZE={text!r}" in str(info.value)
+        assert "K/M/G" in str(info.value)
+
+    def test_format_round_trips(self) -> None:
+        """format_size gives back the short form for exact multiples and bytes otherwise."""
+        assert format_size(200 * 1024**2) == "200M"
+        assert format_size(1025) == "1025"
+
+
+class TestParseDuration:
+    @pytest.mark.parametrize(
+        ("text", "seconds"),
+        [("90s", 90), ("30m", 1800), ("24h", 86400), ("7d", 604800), ("5", 5), ("0.5", 0.5)],
+    )
+    def test_accepts(self, text: str, seconds: float) -> None:
+        """Durations take seconds or an s/m/h/d suffix."""
+        assert parse_duration(text) == seconds
+
+    def test_rejects(self) -> None:
+        """A bad duration is a ConfigError naming the variable."""
+        with pytest.raises(ConfigError, match="UPLOADGUARD_RETRY_AFTER='soon'"):
+            parse_duration("soon", name="UPLOADGUARD_RETRY_AFTER")
+
+
+class TestSettingsFromEnviron:
+    def test_defaults(self, tmp_path: Path) -> None:
+        """Without variables the seed's production limits apply and the temp dir is per user."""
+        settings = Settings.from_environ({"XDG_CACHE_HOME": str(tmp_path)})
+        assert settings.max_body_size == 200 * 1024**2
+        assert settings.retry_after == 5
+        assert settings.temp_dir == tmp_path / "uploadguard" / "tmp"
+        assert settings.drain_bytes == 2 * settings.max_body_size
+
+    def test_default_temp_dir_is_outside_tmp(self) -> None:
+        """The default lives in the user's cache, not under /tmp that PrivateTmp and tmpfiles touch."""
+        path = default_temp_dir({})
+        assert path == Path.home() / ".cache" / "uploadguard" / "tmp"
+        assert not str(path).startswith(("/tmp/", "/var/tmp/"))
+
+    def test_every_variable(self, tmp_path: Path) -> None:
+        """Each UPLOADGUARD_* variable sets its field."""
+        settings = Settings.from_environ({
+            "UPLOADGUARD_TEMP_DIR": str(tmp_path / "up"),
+            "UPLOADGUARD_MAX_BODY_SIZE": "20M",
+            "UPLOADGUARD_RETRY_AFTER": "2m",
+            "UPLOADGUARD_MIN_FREE_SPACE": "1G",
+            "UPLOADGUARD_DRAIN_MAX": "1M",
+            "UPLOADGUARD_DRAIN_TIMEOUT": "3",
+        })
+        assert settings == Settings(
+            temp_dir=tmp_path / "up", max_body_size=20 * 1024**2, retry_after=120,
+            min_free_space=1024**3, drain_max=1024**2, drain_timeout=3.0,
+        )
+
+    def test_empty_variables_mean_default(self) -> None:
+        """An empty variable (as systemd's Environment=X= leaves it) falls back to the default."""
+        settings = Settings.from_environ({"UPLOADGUARD_MAX_BODY_SIZE": "", "UPLOADGUARD_TEMP_DIR": " "})
+        assert settings.max_body_size == 200 * 1024**2
+
+    @pytest.mark.parametrize(
+        ("variable", "value"),
+        [
+            pytest.param("UPLOADGUARD_MAX_BODY_SIZE", "20X", id="size"),
+            pytest.param("UPLOADGUARD_RETRY_AFTER", "later", id="retry"),
+            pytest.param("UPLOADGUARD_MIN_FREE_SPACE", "-5", id="negative"),
+            pytest.param("UPLOADGUARD_DRAIN_TIMEOUT", "1x", id="timeout"),
+        ],
+    )
+    def test_bad_value_names_the_variable(self, variable: str, value: str) -> None:
+        """A bad value is a ConfigError naming the variable and the value."""
+        with pytest.raises(ConfigError) as info:
+            Settings.from_environ({variable: value})
+        assert f"{variable}={value!r}" in str(info.value)
+
+    def test_overrides_win_and_none_is_ignored(self, tmp_path: Path) -> None:
+        """Keyword overrides beat the environment; None keeps the environment's value."""
+        env = {"UPLOADGUARD_MAX_BODY_SIZE": "1M", "UPLOADGUARD_RETRY_AFTER": "9"}
+        settings = Settings.from_environ(env, max_body_size="2K", retry_after=None, temp_dir=tmp_path)
+        assert (settings.max_body_size, settings.retry_after, settings.temp_dir) == (2048, 9, tmp_path)
+
+    def test_relative_temp_dir_becomes_absolute(self) -> None:
+        """A relative temp dir is made absolute once, so a later chdir cannot move it."""
+        assert Settings(temp_dir=Path("rel")).temp_dir.is_absolute()
+
+
+class TestSettingsValidation:
+    @pytest.mark.parametrize(
+        "overrides",
+        [
+            pytest.param({"max_body_size": -1}, id="negative-size"),
+            pytest.param({"retry_after": True}, id="bool"),
+            pytest.param({"drain_timeout": -1.0}, id="negative-timeout"),
+            pytest.param({"drain_max": -1}, id="negative-drain"),
+        ],
+    )
+    def test_rejects(self, overrides: dict[str, object], tmp_path: Path) -> None:
+        """Invalid field values raise ConfigError, never an assert."""
+        with pytest.raises(ConfigError):
+            Settings(temp_dir=tmp_path).replace(**overrides)
+
+    def test_unknown_field(self, tmp_path: Path) -> None:
+        """A misspelt option is a TypeError naming it, not silently ignored."""
+        with pytest.raises(TypeError, match="max_body"):
+            Settings(temp_dir=tmp_path).replace(max_body="1M")
+
+    def test_describe(self, tmp_path: Path) -> None:
+        """describe() is one line with the effective values, for startup logs."""
+        line = Settings(temp_dir=tmp_path).describe()
+        assert "max_body_size=200M" in line and str(tmp_path) in line and "\n" not in line

@@ -1,0 +1,209 @@
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.support import IS_ROOT, fill, needs_root, tmpfs, unlinked_dir
+from uploadguard.tempdir import (
+    TempDirGuard,
+    check_temp_dir,
+    ensure_temp_dir,
+    is_within,
+    probe_write,
+    reason_for_errno,
+    use_as_tempdir,
+)
+
+
+@pytest.fixture
+def upload_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "uploads"
+    path.mkdir(mode=0o700)
+    return path
+
+
+class TestCheck:
+    def test_healthy(self, upload_dir: Path) -> None:
+        """A private, writable directory with space is ok and reports its free bytes."""
+        health = check_temp_dir(upload_dir)
+        assert health.ok and health.reason is None
+        assert health.free_bytes and health.free_bytes > 0
+
+    def test_missing(self, tmp_path: Path) -> None:
+        """A path that does not exist is 'missing' (and check never creates it)."""
+        health = check_temp_dir(tmp_path / "nope")
+        assert health.reason == "missing"
+        assert not (tmp_path / "nope").exists()
+
+    def test_file(self, tmp_path: Path) -> None:
+        """A regular file where the directory should be is 'not_a_directory'."""
+        (tmp_path / "f").write_text("x")
+        assert check_temp_dir(tmp_path / "f").reason == "not_a_directory"
+
+    def test_symlink(self, upload_dir: Path, tmp_path: Path) -> None:
+        """A symlink is refused even when it points at a good directory: it can be swapped."""
+        (tmp_path / "link").symlink_to(upload_dir)
+        assert check_temp_dir(tmp_path / "link").reason == "symlink"
+
+    def test_world_writable_without_sticky_bit(self, upload_dir: Path) -> None:
+        """Mode 777 lets other users replace our temp files: 'insecure_mode'."""
+        upload_dir.chmod(0o777)
+        assert check_temp_dir(upload_dir).reason == "insecure_mode"
+
+    def test_world_writable_with_sticky_bit(self, upload_dir: Path) -> None:
+        """Mode 1777 (like /tmp) is safe."""
+        upload_dir.chmod(0o1777)
+        assert check_temp_dir(upload_dir).ok
+
+    def test_floor_and_need(self, upload_dir: Path) -> None:
+        """The file system must hold the announced body plus the free-space floor."""
+        free = os.statvfs(upload_dir).f_bavail * os.statvfs(upload_dir).f_frsize
+        assert check_temp_dir(upload_dir, need=free + 1).reason == "no_space"
+        assert check_temp_dir(upload_dir, min_free_space=free + 1).reason == "no_space"
+        assert check_temp_dir(upload_dir, need=1024).ok
+
+    @needs_root
+    def test_unlinked(self, tmp_path: Path) -> None:
+        """A deleted-but-mounted directory (st_nlink 0, as under a broken PrivateTmp) is 'unlinked'."""
+        with unlinked_dir(tmp_path) as path:
+            assert path.is_dir()
+            assert check_temp_dir(path).reason == "unlinked"
+
+    @needs_root
+    def test_wrong_owner(self, upload_dir: Path) -> None:
+        """A directory owned by another (non-root) user is refused."""
+        os.chown(upload_dir, 65534, 65534)
+        assert check_temp_dir(upload_dir).reason == "wrong_owner"
+
+    @needs_root
+    def test_read_only(self, tmp_path: Path) -> None:
+        """A directory on a read-only file system is 'read_only' (root can't write there either)."""
+        with tmpfs(tmp_path / "ro", options="ro") as path:
+            assert check_temp_dir(path).reason == "read_only"
+
+    @needs_root
+    def test_full(self, tmp_path: Path) -> None:
+        """A full file system is 'no_space'."""
+        with tmpfs(tmp_path / "full", size="1m") as path:
+            fill(path)
+            assert check_temp_dir(path).reason == "no_space"
+
+    @needs_root
+    def test_no_inodes(self, tmp_path: Path) -> None:
+        """A file system out of inodes is 'no_inodes' even with bytes free."""
+        with tmpfs(tmp_path / "inodes", size="4m", options="nr_inodes=8") as path:
+            for i in range(20):
+                try:
+                    (path / str(i)).touch()
+                except OSError:
+                    break
+            assert check_temp_dir(path).reason == "no_inodes"
+
+    @needs_root
+    def test_not_writable_for_another_user(self, tmp_path: Path) -> None:
+        """A root-owned 755 directory is 'not_writable' for an unprivileged worker."""
+        tmp_path.chmod(0o755)
+        path = tmp_path / "rootonly"
+        path.mkdir(mode=0o755)
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: become an unprivileged worker and report
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                os.write(writer, str(check_temp_dir(path).reason).encode())
+            finally:
+                os._exit(0)
+        os.close(writer)
+        os.waitpid(pid, 0)
+        with os.fdopen(reader) as fh:
+            assert fh.read() == "not_writable"
+
+    @pytest.mark.skipif(IS_ROOT, reason="root may write anywhere; covered as root by the test above")
+    def test_not_writable_mode(self, upload_dir: Path) -> None:
+        """An owner without write permission gets 'not_writable'."""
+        upload_dir.chmod(0o500)
+        assert check_temp_dir(upload_dir).reason == "not_writable"
+
+
+class TestEnsureAndProbe:
+    def test_creates_missing_with_private_mode(self, tmp_path: Path) -> None:
+        """A missing directory (and its parents) is created mode 0700 and reported as healed."""
+        path = tmp_path / "a" / "b"
+        health = ensure_temp_dir(path)
+        assert health.ok and health.healed
+        assert path.stat().st_mode & 0o777 == 0o700
+
+    def test_existing_is_not_healed(self, upload_dir: Path) -> None:
+        """An existing healthy directory is ok and not counted as healed."""
+        health = ensure_temp_dir(upload_dir)
+        assert health.ok and not health.healed
+
+    def test_never_raises(self, tmp_path: Path) -> None:
+        """A path below a regular file cannot be created: a reason, not an exception."""
+        (tmp_path / "file").write_text("x")
+        health = ensure_temp_dir(tmp_path / "file" / "sub")
+        assert health.reason == "not_a_directory"
+
+    def test_probe_leaves_nothing(self, upload_dir: Path) -> None:
+        """The write probe creates and removes a file, leaving the directory as it was."""
+        assert probe_write(upload_dir).ok
+        assert list(upload_dir.iterdir()) == []
+
+    @needs_root
+    def test_probe_sees_unlinked(self, tmp_path: Path) -> None:
+        """The probe fails with 'missing' in an unlinked directory (ENOENT on create)."""
+        with unlinked_dir(tmp_path) as path:
+            assert probe_write(path).reason == "missing"
+            assert ensure_temp_dir(path).reason == "unlinked"
+
+
+class TestGuard:
+    def test_preflight_heals_a_vanished_dir(self, tmp_path: Path) -> None:
+        """preflight() recreates a deleted directory and says so once."""
+        guard = TempDirGuard(tmp_path / "up")
+        first = guard.preflight()
+        assert first.ok and first.healed
+        second = guard.preflight(need=10)
+        assert second.ok and not second.healed
+
+    def test_preflight_does_not_heal_a_file(self, tmp_path: Path) -> None:
+        """A file in the way is reported, not deleted: nothing already stored is lost."""
+        (tmp_path / "up").write_text("precious")
+        assert TempDirGuard(tmp_path / "up").preflight().reason == "not_a_directory"
+        assert (tmp_path / "up").read_text() == "precious"
+
+    def test_owns(self, tmp_path: Path) -> None:
+        """owns() matches the directory and paths below it, not siblings with a common prefix."""
+        guard = TempDirGuard(tmp_path / "up")
+        assert guard.owns(str(tmp_path / "up" / "tmpx.upload"))
+        assert guard.owns(os.fsencode(tmp_path / "up"))
+        assert not guard.owns(str(tmp_path / "upload"))
+        assert not guard.owns(None)
+        assert is_within(tmp_path / "up" / ".." / "up" / "x", str(tmp_path / "up"))
+
+
+class TestErrnoAndTempfile:
+    @pytest.mark.parametrize(
+        ("name", "reason"),
+        [("ENOENT", "missing"), ("ENOSPC", "no_space"), ("EDQUOT", "no_space"), ("EROFS", "read_only"),
+         ("EACCES", "not_writable"), ("ENOTDIR", "not_a_directory"), ("ECONNRESET", None)],
+    )
+    def test_reason_for_errno(self, name: str, reason: str | None) -> None:
+        """Temp-dir errnos map to reasons; network errnos are not temp-dir errors."""
+        import errno
+
+        assert reason_for_errno(getattr(errno, name)) == reason
+
+    def test_use_as_tempdir(self, upload_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """use_as_tempdir() points tempfile's cache and TMPDIR at the directory."""
+        monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+        monkeypatch.setenv("TMPDIR", os.environ.get("TMPDIR", ""))
+        use_as_tempdir(upload_dir)
+        assert tempfile.gettempdir() == str(upload_dir)
+        assert os.environ["TMPDIR"] == str(upload_dir)
+        with tempfile.NamedTemporaryFile() as fh:
+            assert Path(fh.name).parent == upload_dir

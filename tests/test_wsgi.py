@@ -1,0 +1,399 @@
+from __future__ import annotations
+
+import errno
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import webtest
+
+from tests.support import fill, needs_root, tmpfs, unlinked_dir
+from uploadguard import BodyTooLarge, UploadGuard
+
+LIMIT = 1024
+
+
+class Recorder:
+    """A WSGI app that spools the body into the temp dir, and remembers what it saw."""
+
+    def __init__(self, temp_dir: Path) -> None:
+        self.temp_dir = temp_dir
+        self.calls = 0
+        self.closed = 0
+        self.raise_: BaseException | None = None
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        self.calls += 1
+        if environ["REQUEST_METHOD"] == "GET":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"page"]
+        body = environ["wsgi.input"].read(10)
+        if self.raise_ is not None:
+            raise self.raise_
+        body += environ["wsgi.input"].read()
+        with tempfile.NamedTemporaryFile(dir=self.temp_dir) as fh:
+            fh.write(body)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return self._respond(b"stored %d" % len(body))
+
+    def _respond(self, body: bytes) -> Iterable[bytes]:
+        recorder = self
+
+        class Body:
+            def __iter__(self) -> Iterator[bytes]:
+                yield body
+
+            def close(self) -> None:
+                recorder.closed += 1
+
+        return Body()
+
+
+@pytest.fixture
+def temp_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "uploads"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def app(temp_dir: Path) -> Recorder:
+    return Recorder(temp_dir)
+
+
+@pytest.fixture
+def guard(app: Recorder, temp_dir: Path) -> UploadGuard:
+    return UploadGuard(app, temp_dir=temp_dir, max_body_size=LIMIT, min_free_space=0, retry_after=7,
+                       drain_timeout=2)
+
+
+@pytest.fixture
+def client(guard: UploadGuard) -> webtest.TestApp:
+    return webtest.TestApp(guard)
+
+
+def call(guard: UploadGuard, body: bytes, *, chunked: bool = False, **extra: Any) -> tuple[str, dict[str, str], bytes, dict[str, Any]]:
+    """Call the guard with a hand-made environ (webtest cannot send chunked bodies)."""
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "POST", "PATH_INFO": "/upload", "SERVER_NAME": "test", "SERVER_PORT": "80",
+        "wsgi.input": io.BytesIO(body), "wsgi.input_terminated": True, "wsgi.url_scheme": "http",
+        "wsgi.errors": io.StringIO(),
+    }
+    if chunked:
+        environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+    else:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    environ.update(extra)
+    seen: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        seen["status"], seen["headers"] = status, dict(headers)
+        return lambda data: None
+
+    result = guard(environ, start_response)
+    data = b"".join(result)
+    if hasattr(result, "close"):
+        result.close()
+    return seen["status"], seen["headers"], data, environ
+
+
+class TestBodyLimit:
+    def test_body_at_the_limit_passes(self, client: webtest.TestApp) -> None:
+        """The limit is inclusive: a body of exactly the limit reaches the app."""
+        assert client.post("/upload", b"x" * LIMIT).text == f"stored {LIMIT}"
+
+    def test_content_length_over_the_limit(self, client: webtest.TestApp, app: Recorder) -> None:
+        """Content-Length over the limit is a 413 and the app is never called."""
+        response = client.post("/upload", b"x" * (LIMIT + 1), status=413)
+        assert app.calls == 0
+        assert "1K (1024 bytes)" in response.text
+        assert response.headers["Cache-Control"] == "no-store"
+
+    @pytest.mark.parametrize(
+        ("accept", "content_type", "marker"),
+        [
+            pytest.param("application/json", "application/json", '"limit": 1024', id="json"),
+            pytest.param("text/html,application/xhtml+xml,*/*", "text/html; charset=utf-8", "<h1>", id="browser"),
+            pytest.param("*/*", "text/plain; charset=utf-8", "413 Content Too Large", id="curl"),
+        ],
+    )
+    def test_413_follows_accept(self, client: webtest.TestApp, accept: str, content_type: str, marker: str) -> None:
+        """The 413 says the limit in JSON for JSON clients, HTML for browsers, text otherwise."""
+        response = client.post("/upload", b"x" * 2000, headers={"Accept": accept}, status=413)
+        assert response.headers["Content-Type"] == content_type
+        assert marker in response.text
+        if content_type == "application/json":
+            assert json.loads(response.text)["limit"] == LIMIT
+
+    def test_chunked_body_cut_at_the_limit(self, guard: UploadGuard, app: Recorder) -> None:
+        """A chunked body is counted as it is read and answered 413 once it passes the limit."""
+        status, _, body, environ = call(guard, b"x" * (LIMIT * 3), chunked=True)
+        assert status.startswith("413")
+        assert app.calls == 1
+        assert environ["uploadguard.input"].consumed == LIMIT * 3  # the rest was drained
+
+    def test_chunked_body_at_the_limit_passes(self, guard: UploadGuard) -> None:
+        """A chunked body of exactly the limit is accepted."""
+        status, _, body, _ = call(guard, b"x" * LIMIT, chunked=True)
+        assert (status, body) == ("200 OK", b"stored %d" % LIMIT)
+
+    def test_app_that_swallows_the_limit_still_gets_413(self, temp_dir: Path) -> None:
+        """If the app catches the 413 and answers something else, the client still gets the 413."""
+        def forgiving(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            try:
+                environ["wsgi.input"].read()
+            except BodyTooLarge:
+                pass
+            start_response("400 Bad Request", [("Content-Type", "text/plain")])
+            return [b"bad form"]
+
+        guard = UploadGuard(forgiving, temp_dir=temp_dir, max_body_size=LIMIT, min_free_space=0)
+        assert call(guard, b"x" * 5000, chunked=True)[0].startswith("413")
+
+    @pytest.mark.parametrize("value", ["abc", "-1", "1.5"])
+    def test_bad_content_length(self, guard: UploadGuard, value: str, app: Recorder) -> None:
+        """A Content-Length that is not a whole number is a 400, never a traceback."""
+        status, _, _, _ = call(guard, b"x", CONTENT_LENGTH=value)
+        assert status.startswith("400") and app.calls == 0
+
+    def test_limit_off(self, app: Recorder, temp_dir: Path) -> None:
+        """max_body_size=0 switches the limit off."""
+        client = webtest.TestApp(UploadGuard(app, temp_dir=temp_dir, max_body_size=0, min_free_space=0))
+        assert client.post("/upload", b"x" * 5000).text == "stored 5000"
+
+    def test_expect_continue_is_not_drained(self, guard: UploadGuard) -> None:
+        """A 100-continue client refused on Content-Length is not drained: it sends nothing more."""
+        status, _, _, environ = call(guard, b"x" * 5000, HTTP_EXPECT="100-continue")
+        assert status.startswith("413")
+        assert environ["wsgi.input"].tell() == 0
+
+    def test_oversized_body_is_drained_within_the_bound(self, guard: UploadGuard) -> None:
+        """Without Expect, the rest of an oversized body is read so the client can read the 413."""
+        body = io.BytesIO(b"x" * 2000)
+        status, _, _, _ = call(guard, b"", CONTENT_LENGTH="2000", **{"wsgi.input": body})
+        assert status.startswith("413") and body.tell() == 2000
+
+    def test_drain_is_bounded(self, guard: UploadGuard) -> None:
+        """A body whose remainder exceeds drain_max (2 x limit here) is not read at all."""
+        body = io.BytesIO(b"x" * 5000)
+        status, _, _, _ = call(guard, b"", CONTENT_LENGTH="5000", **{"wsgi.input": body})
+        assert status.startswith("413") and body.tell() == 0
+
+
+class TestTempDirPreflight:
+    def test_get_is_untouched_while_uploads_are_down(self, client: webtest.TestApp, temp_dir: Path) -> None:
+        """Requests without a body pass even when the temp dir is broken: the site keeps working."""
+        temp_dir.rmdir()
+        temp_dir.write_text("in the way")
+        assert client.get("/").text == "page"
+
+    def test_missing_dir_is_healed(self, client: webtest.TestApp, guard: UploadGuard, temp_dir: Path,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+        """A vanished temp dir is recreated, logged at INFO and counted; the upload succeeds."""
+        temp_dir.rmdir()
+        with caplog.at_level(logging.INFO, logger="uploadguard"):
+            assert client.post("/upload", b"abc").text == "stored 3"
+        assert temp_dir.is_dir()
+        assert guard.stats.snapshot()["heals"] == 1
+        assert any(r.levelno == logging.INFO and "recreated" in r.getMessage() for r in caplog.records)
+
+    def assert_503(self, client: webtest.TestApp, app: Recorder, reason: str, guard: UploadGuard) -> None:
+        response = client.post("/upload", b"abc", status=503)
+        assert response.headers["Retry-After"] == "7"
+        assert response.headers["Cache-Control"] == "no-store"
+        assert "temporarily unavailable" in response.text
+        assert app.calls == 0
+        assert guard.stats.by_reason("503") == {reason: 1}
+
+    @pytest.mark.parametrize("breakage", ["file", "symlink", "world-writable"])
+    def test_unusable_dir(self, client: webtest.TestApp, app: Recorder, guard: UploadGuard, temp_dir: Path,
+                          tmp_path: Path, breakage: str) -> None:
+        """An unusable temp dir is a retryable 503 with Retry-After and no-store, and the app is not called."""
+        reason = {"file": "not_a_directory", "symlink": "symlink", "world-writable": "insecure_mode"}[breakage]
+        if breakage == "file":
+            temp_dir.rmdir()
+            temp_dir.write_text("x")
+        elif breakage == "symlink":
+            temp_dir.rmdir()
+            (tmp_path / "elsewhere").mkdir()
+            temp_dir.symlink_to(tmp_path / "elsewhere")
+        else:
+            temp_dir.chmod(0o777)
+        self.assert_503(client, app, reason, guard)
+
+    def test_not_enough_space_for_the_body(self, app: Recorder, temp_dir: Path) -> None:
+        """A body larger than the free space left above the floor is a 503 'no_space'."""
+        free = os.statvfs(temp_dir).f_bavail * os.statvfs(temp_dir).f_frsize
+        guard = UploadGuard(app, temp_dir=temp_dir, max_body_size=0, min_free_space=free, retry_after=7)
+        self.assert_503(webtest.TestApp(guard), app, "no_space", guard)
+
+    @needs_root
+    def test_unlinked_dir(self, app: Recorder, tmp_path: Path) -> None:
+        """A deleted-but-mounted temp dir (the PrivateTmp failure) is a 503 'unlinked'."""
+        with unlinked_dir(tmp_path) as path:
+            guard = UploadGuard(app, temp_dir=path, min_free_space=0, retry_after=7)
+            self.assert_503(webtest.TestApp(guard), app, "unlinked", guard)
+
+    @needs_root
+    def test_read_only(self, app: Recorder, tmp_path: Path) -> None:
+        """A temp dir on a read-only file system is a 503 'read_only'."""
+        with tmpfs(tmp_path / "ro", options="ro") as path:
+            guard = UploadGuard(app, temp_dir=path, min_free_space=0, retry_after=7)
+            self.assert_503(webtest.TestApp(guard), app, "read_only", guard)
+
+    @needs_root
+    def test_full(self, app: Recorder, tmp_path: Path) -> None:
+        """A full temp dir is a 503 'no_space'."""
+        with tmpfs(tmp_path / "full", size="1m") as path:
+            fill(path)
+            guard = UploadGuard(app, temp_dir=path, min_free_space=0, retry_after=7)
+            self.assert_503(webtest.TestApp(guard), app, "no_space", guard)
+
+    @needs_root
+    def test_wrong_owner(self, client: webtest.TestApp, app: Recorder, guard: UploadGuard, temp_dir: Path) -> None:
+        """A temp dir owned by another user is a 503 'wrong_owner'."""
+        os.chown(temp_dir, 65534, 65534)
+        self.assert_503(client, app, "wrong_owner", guard)
+
+
+class TestErrorsFromTheApp:
+    @pytest.mark.parametrize(
+        ("error", "reason"),
+        [
+            pytest.param(FileNotFoundError(errno.ENOENT, "No such file", "{dir}/tmpab.upload.jpg"), "missing", id="ENOENT"),
+            pytest.param(OSError(errno.ENOSPC, "No space left on device"), "no_space", id="ENOSPC-no-filename"),
+            pytest.param(OSError(errno.EDQUOT, "Disk quota exceeded", "{dir}/x"), "no_space", id="EDQUOT"),
+            pytest.param(OSError(errno.EROFS, "Read-only file system", "{dir}/x"), "read_only", id="EROFS"),
+            pytest.param(PermissionError(errno.EACCES, "Permission denied", "{dir}/x"), "not_writable", id="EACCES"),
+            pytest.param(NotADirectoryError(errno.ENOTDIR, "Not a directory", "{dir}/x"), "not_a_directory", id="ENOTDIR"),
+        ],
+    )
+    def test_temp_dir_errors_become_503(self, guard: UploadGuard, app: Recorder, temp_dir: Path,
+                                        error: OSError, reason: str) -> None:
+        """An OSError about the temp dir escaping the app is the retryable 503, and the body is drained."""
+        if error.filename:
+            error.filename = error.filename.format(dir=temp_dir)
+        app.raise_ = error
+        status, headers, _, environ = call(guard, b"x" * 800)
+        assert status.startswith("503")
+        assert headers["Retry-After"] == "7"
+        assert environ["uploadguard.input"].consumed == 800
+        assert guard.stats.by_reason("503") == {reason: 1}
+
+    def test_dir_deleted_mid_upload_heals_for_the_retry(self, temp_dir: Path) -> None:
+        """When the dir vanishes under the app, the client gets the 503 and the retry finds the dir back."""
+        def unlucky(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            environ["wsgi.input"].read()
+            if not environ.get("QUERY_STRING"):
+                temp_dir.rmdir()  # another process cleaned up at the worst moment
+            with tempfile.NamedTemporaryFile(dir=temp_dir):
+                pass
+            start_response("200 OK", [])
+            return [b"stored"]
+
+        guard = UploadGuard(unlucky, temp_dir=temp_dir, min_free_space=0)
+        assert call(guard, b"abc")[0].startswith("503")
+        assert temp_dir.is_dir()
+        assert call(guard, b"abc", QUERY_STRING="retry")[0] == "200 OK"
+        assert guard.stats.snapshot()["heals"] == 1
+
+    def test_other_oserror_is_a_500_not_a_dropped_connection(self, guard: UploadGuard, app: Recorder,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+        """An unrelated OSError gets a plain 500 response, logged with its traceback."""
+        app.raise_ = FileNotFoundError(errno.ENOENT, "No such file", "/etc/myapp/settings.ini")
+        with caplog.at_level(logging.ERROR, logger="uploadguard"):
+            status, _, body, _ = call(guard, b"abc")
+        assert status.startswith("500") and b"could not complete" in body
+        assert caplog.records[-1].exc_info is not None
+        assert guard.stats.total("500") == 1
+
+    @pytest.mark.parametrize(
+        "error",
+        [
+            pytest.param(OSError("No more data after: b''"), id="errno-None-like-gunicorn-NoMoreData"),
+            pytest.param(ConnectionResetError(errno.ECONNRESET, "reset"), id="ECONNRESET"),
+            pytest.param(ValueError("app bug"), id="not-an-OSError"),
+        ],
+    )
+    def test_client_disconnects_and_other_errors_propagate(self, guard: UploadGuard, app: Recorder, error: Exception) -> None:
+        """Client disconnects and non-OSErrors are not answered by the guard: they propagate."""
+        app.raise_ = error
+        with pytest.raises(type(error)):
+            call(guard, b"abc")
+
+    def test_error_in_the_first_chunk(self, temp_dir: Path) -> None:
+        """An OSError raised while the response body starts is still answered with the 503."""
+        def lazy(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+            start_response("200 OK", [])
+            raise OSError(errno.ENOSPC, "No space left on device", str(temp_dir / "spool"))
+            yield b""  # pragma: no cover
+
+        guard = UploadGuard(lazy, temp_dir=temp_dir, min_free_space=0)
+        assert call(guard, b"abc")[0].startswith("503")
+
+    def test_error_after_the_response_started_propagates(self, temp_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """Once the app has written bytes nothing can be changed: logged, then re-raised."""
+        def writer(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            write = start_response("200 OK", [])
+            write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(temp_dir / "spool"))
+
+        guard = UploadGuard(writer, temp_dir=temp_dir, min_free_space=0)
+        with caplog.at_level(logging.ERROR, logger="uploadguard"), pytest.raises(OSError):
+            call(guard, b"abc")
+        assert "after the response started" in caplog.text
+
+    def test_close_is_called(self, client: webtest.TestApp, app: Recorder) -> None:
+        """The app's response iterable is closed, as WSGI requires."""
+        client.post("/upload", b"abc")
+        assert app.closed == 1
+
+
+class TestLoggingAndStats:
+    def test_one_warning_per_rejection(self, client: webtest.TestApp, temp_dir: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+        """Each 413 and 503 logs exactly one WARNING naming the reason and the path."""
+        with caplog.at_level(logging.WARNING, logger="uploadguard"):
+            client.post("/upload", b"x" * 2000, status=413)
+            temp_dir.chmod(0o777)
+            client.post("/upload", b"x", status=503)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 2
+        assert "413 POST /upload" in warnings[0] and "1K" in warnings[0]
+        assert "503 POST /upload" in warnings[1] and "insecure_mode" in warnings[1] and str(temp_dir) in warnings[1]
+
+    def test_snapshot(self, client: webtest.TestApp, guard: UploadGuard) -> None:
+        """The counters are readable from the guard object."""
+        client.get("/")
+        client.post("/upload", b"abc")
+        client.post("/upload", b"x" * 2000, status=413)
+        assert guard.stats.snapshot() == {
+            "guarded": 2, "rejected_413": 1, "unavailable_503": {}, "heals": 0, "errors_500": 0,
+        }
+
+    def test_listeners_see_events_and_cannot_break_requests(self, client: webtest.TestApp, guard: UploadGuard) -> None:
+        """Stats listeners get every event; one that raises is logged and ignored."""
+        seen: list[tuple[str, str]] = []
+        guard.stats.listeners.append(lambda event, reason: seen.append((event, reason)))
+        guard.stats.listeners.append(lambda event, reason: 1 / 0)
+        client.post("/upload", b"x" * 2000, status=413)
+        assert seen == [("guarded", ""), ("413", "")]
+
+
+class TestNesting:
+    def test_nested_guards_handle_once(self, app: Recorder, temp_dir: Path) -> None:
+        """An inner guard passes a request an outer guard already handles: counted once."""
+        inner = UploadGuard(app, temp_dir=temp_dir, max_body_size=LIMIT, min_free_space=0)
+        outer = UploadGuard(inner, temp_dir=temp_dir, max_body_size=LIMIT, min_free_space=0)
+        webtest.TestApp(outer).post("/upload", b"abc")
+        assert outer.stats.total("guarded") == 1 and inner.stats.total("guarded") == 0
+
+    def test_repr(self, guard: UploadGuard) -> None:
+        """The guard's repr shows its effective settings."""
+        assert "max_body_size=1K" in repr(guard)
