@@ -78,10 +78,11 @@ class TestSettingsFromEnviron:
             "UPLOADGUARD_MIN_FREE_SPACE": "1G",
             "UPLOADGUARD_DRAIN_MAX": "1M",
             "UPLOADGUARD_DRAIN_TIMEOUT": "3",
+            "UPLOADGUARD_CHECK_INTERVAL": "0",
         })
         assert settings == Settings(
             temp_dir=tmp_path / "up", max_body_size=20 * 1024**2, retry_after=120,
-            min_free_space=1024**3, drain_max=1024**2, drain_timeout=3.0,
+            min_free_space=1024**3, drain_max=1024**2, drain_timeout=3.0, check_interval=0.0,
         )
 
     def test_empty_variables_mean_default(self) -> None:

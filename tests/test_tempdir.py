@@ -176,6 +176,30 @@ class TestGuard:
         assert TempDirGuard(tmp_path / "up").preflight().reason == "not_a_directory"
         assert (tmp_path / "up").read_text() == "precious"
 
+    def test_healthy_verdict_is_reused_within_the_interval(self, tmp_path: Path) -> None:
+        """A busy worker reuses a healthy verdict for check_interval seconds instead of two syscalls a request."""
+        guard = TempDirGuard(tmp_path / "up", check_interval=60)
+        assert guard.preflight().ok
+        (tmp_path / "up").rmdir()
+        assert guard.preflight(need=10).ok  # cached: the app's own OSError would be caught instead
+        assert guard.preflight(fresh=True).healed  # the error path asks for a fresh check
+
+    def test_reuse_stops_when_admitted_bodies_exceed_the_space(self, tmp_path: Path) -> None:
+        """Bodies admitted under a cached verdict are subtracted from its free space; past it, a fresh check."""
+        guard = TempDirGuard(tmp_path / "up", check_interval=60)
+        free = guard.preflight().free_bytes
+        assert free is not None
+        (tmp_path / "up").rmdir()
+        assert not guard.preflight(need=free // 2).healed  # fits the cached verdict
+        assert guard.preflight(need=free // 2 + 2).healed  # does not: checked afresh
+
+    def test_interval_zero_checks_every_time(self, tmp_path: Path) -> None:
+        """check_interval=0 sees a deletion on the very next request."""
+        guard = TempDirGuard(tmp_path / "up", check_interval=0)
+        guard.preflight()
+        (tmp_path / "up").rmdir()
+        assert guard.preflight().healed
+
     def test_owns(self, tmp_path: Path) -> None:
         """owns() matches the directory and paths below it, not siblings with a common prefix."""
         guard = TempDirGuard(tmp_path / "up")

@@ -28,6 +28,9 @@ Environment variables (all optional):
     connection reset.  Default: twice the body limit.  ``0`` never drains.
 ``UPLOADGUARD_DRAIN_TIMEOUT``
     Seconds a worker spends draining at most.  Default ``10``.
+``UPLOADGUARD_CHECK_INTERVAL``
+    Seconds a healthy temp-dir verdict is reused by a busy worker before the
+    directory is checked again (``0`` = every request).  Default ``0.1``.
 
 Usage::
 
@@ -115,6 +118,7 @@ class Settings:
     min_free_space: int = 16 * 1024**2  # bytes kept free after the body is spooled
     drain_max: int | None = None  # bytes; None = 2 x max_body_size
     drain_timeout: float = 10.0  # seconds
+    check_interval: float = 0.1  # seconds
 
     def __post_init__(self) -> None:
         if not isinstance(self.temp_dir, Path):
@@ -129,8 +133,10 @@ class Settings:
             isinstance(self.drain_max, bool) or not isinstance(self.drain_max, int) or self.drain_max < 0
         ):
             raise ConfigError(f"drain_max={self.drain_max!r} must be a whole number >= 0 or None")
-        if not isinstance(self.drain_timeout, (int, float)) or self.drain_timeout < 0:
-            raise ConfigError(f"drain_timeout={self.drain_timeout!r} must be >= 0 seconds")
+        for name in ("drain_timeout", "check_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be >= 0 seconds")
 
     @property
     def drain_bytes(self) -> int:
@@ -162,9 +168,10 @@ class Settings:
         if raw is not None:
             seconds = parse_duration(raw, name=ENV_PREFIX + "RETRY_AFTER")
             values["retry_after"] = max(1, round(seconds))
-        raw = get("DRAIN_TIMEOUT")
-        if raw is not None:
-            values["drain_timeout"] = parse_duration(raw, name=ENV_PREFIX + "DRAIN_TIMEOUT")
+        for key, field in (("DRAIN_TIMEOUT", "drain_timeout"), ("CHECK_INTERVAL", "check_interval")):
+            raw = get(key)
+            if raw is not None:
+                values[field] = parse_duration(raw, name=ENV_PREFIX + key)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls._coerce(values)
 
@@ -182,8 +189,9 @@ class Settings:
                 values[field] = parse_size(values[field], name=field)
         if isinstance(values.get("retry_after"), (str, float)):
             values["retry_after"] = max(1, round(parse_duration(values["retry_after"], name="retry_after")))
-        if isinstance(values.get("drain_timeout"), str):
-            values["drain_timeout"] = parse_duration(values["drain_timeout"], name="drain_timeout")
+        for field in ("drain_timeout", "check_interval"):
+            if isinstance(values.get(field), str):
+                values[field] = parse_duration(values[field], name=field)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
@@ -195,7 +203,7 @@ class Settings:
         return (
             f"temp_dir={self.temp_dir} max_body_size={limit} retry_after={self.retry_after}s "
             f"min_free_space={format_size(self.min_free_space)} drain_max={format_size(self.drain_bytes)} "
-            f"drain_timeout={self.drain_timeout:g}s"
+            f"drain_timeout={self.drain_timeout:g}s check_interval={self.check_interval:g}s"
         )
 
 

@@ -50,6 +50,7 @@ Parameters (keyword-only; ``None`` takes the value from
 ``min_free_space``  bytes the file system keeps after spooling the body
 ``drain_max``       bytes read to let a client see an early response
 ``drain_timeout``   seconds spent draining at most
+``check_interval``  seconds a healthy temp-dir verdict is reused (0 = every request)
 ``settings``        a ready :class:`~uploadguard.config.Settings` to start from
 
 Per-request state lives in namespaced environ keys: ``uploadguard.guard``
@@ -167,6 +168,18 @@ class GuardedInput:
         return data
 
     def read(self, size: int | None = -1) -> bytes:
+        length = self._length
+        if length is not None and size is not None and 0 < size:
+            # The hot path (a multipart parser reading a known-length body): kept inline.
+            size = min(size, length - self.consumed)
+            if size <= 0:
+                self.eof = True
+                return b""
+            data = self._stream.read(size)
+            if not data:
+                self.eof = True
+            self.consumed += len(data)
+            return data
         cap = self._cap(size)
         if cap == 0:
             if size != 0:
@@ -308,15 +321,18 @@ class UploadGuard:
         min_free_space: int | str | None = None,  # bytes, or "16M"
         drain_max: int | str | None = None,  # bytes, or "400M"
         drain_timeout: float | None = None,  # seconds
+        check_interval: float | None = None,  # seconds
         settings: Settings | None = None,
     ) -> None:
         overrides = dict(
             temp_dir=temp_dir, max_body_size=max_body_size, retry_after=retry_after,
             min_free_space=min_free_space, drain_max=drain_max, drain_timeout=drain_timeout,
+            check_interval=check_interval,
         )
         self.settings = settings.replace(**overrides) if settings else Settings.from_environ(**overrides)
         self.app = app
-        self.temp = TempDirGuard(self.settings.temp_dir, min_free_space=self.settings.min_free_space)
+        self.temp = TempDirGuard(self.settings.temp_dir, min_free_space=self.settings.min_free_space,
+                                 check_interval=self.settings.check_interval)
         self.stats = GuardStats()
 
     def __repr__(self) -> str:
@@ -427,7 +443,7 @@ class UploadGuard:
         if reason is None or isinstance(exc, ConnectionError):
             return None
         on_path = self.temp.owns(exc.filename) or self.temp.owns(getattr(exc, "filename2", None))
-        health = self.temp.preflight()
+        health = self.temp.preflight(fresh=True)
         if health.healed:
             self.stats.record("heal")
         if not (on_path or not health.ok or health.healed or (reason == "no_space" and exc.filename is None)):
