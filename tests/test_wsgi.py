@@ -156,6 +156,11 @@ class TestBodyLimit:
         guard = UploadGuard(forgiving, temp_dir=temp_dir, max_body_size=LIMIT, min_free_space=0)
         assert call(guard, b"x" * 5000, chunked=True)[0].startswith("413")
 
+    def test_chunked_without_input_terminated_is_left_alone(self, guard: UploadGuard, app: Recorder) -> None:
+        """A server that does not promise to end chunked input gets no wrapper that could read past the body."""
+        status, _, _, environ = call(guard, b"x" * 10, chunked=True, **{"wsgi.input_terminated": False})
+        assert status == "200 OK" and "uploadguard.input" not in environ
+
     @pytest.mark.parametrize("value", ["abc", "-1", "1.5"])
     def test_bad_content_length(self, guard: UploadGuard, value: str, app: Recorder) -> None:
         """A Content-Length that is not a whole number is a 400, never a traceback."""

@@ -175,7 +175,7 @@ class GuardedInput:
             if size <= 0:
                 self.eof = True
                 return b""
-            data = self._stream.read(size)
+            data: bytes = self._stream.read(size)
             if not data:
                 self.eof = True
             self.consumed += len(data)
@@ -208,7 +208,7 @@ class GuardedInput:
         return self._count(self._stream.readline(cap), cap)
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
-        lines = []
+        lines: list[bytes] = []
         total = 0
         while True:
             line = self.readline()
@@ -324,12 +324,12 @@ class UploadGuard:
         check_interval: float | None = None,  # seconds
         settings: Settings | None = None,
     ) -> None:
-        overrides = dict(
+        overrides: dict[str, Any] = dict(
             temp_dir=temp_dir, max_body_size=max_body_size, retry_after=retry_after,
             min_free_space=min_free_space, drain_max=drain_max, drain_timeout=drain_timeout,
             check_interval=check_interval,
         )
-        self.settings = settings.replace(**overrides) if settings else Settings.from_environ(**overrides)
+        self.settings = settings.replace(**overrides) if settings else Settings.from_environ(None, **overrides)
         self.app = app
         self.temp = TempDirGuard(self.settings.temp_dir, min_free_space=self.settings.min_free_space,
                                  check_interval=self.settings.check_interval)
@@ -342,7 +342,10 @@ class UploadGuard:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         raw_length = environ.get("CONTENT_LENGTH")
-        if not raw_length and "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        if not raw_length and not (
+            # A body without a length can only be read safely where the server says it ends it.
+            environ.get("wsgi.input_terminated") and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        ):
             return self.app(environ, start_response)  # no body: nothing to guard
         if environ.get(ENVIRON_GUARD) is not None:
             return self.app(environ, start_response)  # an outer guard has this request
