@@ -1,0 +1,358 @@
+"""gunicorn settings and hooks for serving uploads; itself a gunicorn config module.
+
+Run any WSGI application with it, from a checkout or from an installed package::
+
+    gunicorn -c gunicorn_conf.py app:application            # the repo's readable file
+    gunicorn -c python:uploadguard.gunicorn app:application  # the same, no checkout needed
+
+``gunicorn_conf.py`` takes every value from this module, so both forms are
+the same configuration.  gunicorn's precedence is untouched: this module <
+``GUNICORN_CMD_ARGS`` < the command line.
+
+Settings (gunicorn's own names; each read from the environment once, when
+gunicorn loads the configuration; a bad value raises
+:class:`~uploadguard.config.ConfigError` naming the variable):
+
+``bind``                 ``0.0.0.0:$PORT`` when ``PORT`` is set (gunicorn's own
+                         convention), else ``127.0.0.1:8000``
+``workers``              ``WEB_CONCURRENCY``, else 2 x CPUs + 1, at most 8
+``max_requests``         ``GUNICORN_MAX_REQUESTS``, default 500: a worker is
+                         recycled after that many requests (0 = never)
+``max_requests_jitter``  ``GUNICORN_MAX_REQUESTS_JITTER``, default 100, so the
+                         workers do not all recycle at once
+``timeout``              ``GUNICORN_TIMEOUT``, default 600 s (``"10m"`` works):
+                         a slow upload is not a hung worker
+``graceful_timeout``     ``GUNICORN_GRACEFUL_TIMEOUT``, default 60 s: in-flight
+                         requests get that long on a restart, inside systemd's
+                         default ``TimeoutStopSec`` of 90 s
+``accesslog``            ``"-"`` (stdout)
+``errorlog``             ``"-"`` (stderr)
+``worker_tmp_dir``       ``/dev/shm`` where it is a writable directory (a tmpfs,
+                         as gunicorn's FAQ advises), else
+                         ``~/.cache/uploadguard/gunicorn``, created by the master
+
+Hooks (every one logs and swallows its own exceptions: gunicorn stops the
+whole server when ``post_worker_init``, ``child_exit`` or
+``nworkers_changed`` raises):
+
+``on_starting``       master, once, before the sockets are bound: reads the
+                      ``UPLOADGUARD_*`` settings (the same
+                      :meth:`~uploadguard.config.Settings.from_environ` as the
+                      middleware) and stops gunicorn with one line naming the
+                      variable if one is bad, before any worker forks; logs the
+                      effective settings; prepares ``worker_tmp_dir``.
+``nworkers_changed``  master, at startup, on every reload (``HUP``) and on
+                      ``TTIN``/``TTOU``; and ``child_exit``, master, after each
+                      worker exits (a ``max_requests`` recycle): make sure the
+                      next worker's heartbeat file can be created.  gunicorn
+                      creates it in the master, in the worker's constructor,
+                      which runs *before* ``pre_fork`` -- so these are the hooks
+                      that run early enough.  A missing directory is recreated;
+                      one that cannot be used is replaced by the fallback above.
+                      Without this, deleting ``worker_tmp_dir`` (or, with the
+                      default of gunicorn 27, the directory ``TMPDIR`` named when
+                      the master started) makes the next recycle raise in the
+                      master, and the server exits.
+``post_worker_init``  each worker, after gunicorn's ``user``/``group`` switch:
+                      creates the upload temp dir if missing (mode 0700, owned by
+                      the worker's user), checks it with a write probe and points
+                      :mod:`tempfile` and ``TMPDIR`` at it, so Django, Werkzeug and
+                      any library spool there instead of the master's cached
+                      choice (gunicorn#1215).  If it cannot be used, the worker
+                      still boots: the error is logged, :mod:`tempfile` picks a
+                      working directory again, and the middleware answers uploads
+                      with 503 while the rest of the site works.
+``pre_request``       gunicorn's default (logs ``METHOD path`` at debug), plus
+                      the ``Expect: 100-continue`` fix: gunicorn answers
+                      ``100 Continue`` itself before the application runs, so a
+                      client would send a body the middleware is about to refuse.
+                      When ``Content-Length`` is over ``UPLOADGUARD_MAX_BODY_SIZE``
+                      no ``100 Continue`` is sent and the client reads the 413
+                      without sending the body.  Serve the application behind
+                      :class:`~uploadguard.UploadGuard` (or the Django
+                      middleware) with the same limit.
+``child_exit``        also calls :func:`uploadguard.metrics.child_exit`;
+                      ``on_starting`` calls :func:`uploadguard.metrics.on_starting`.
+
+Every public name in this module is a gunicorn setting: gunicorn applies
+every name of a ``python:`` config module that matches a setting and silently
+ignores the rest, so helpers and imports are private (``_``).
+"""
+
+import functools as _functools
+import logging as _logging
+import os as _os
+import tempfile as _tempfile
+from collections.abc import Callable as _Callable
+from collections.abc import Mapping as _Mapping
+from typing import Any as _Any
+from typing import ParamSpec as _ParamSpec
+from typing import Protocol as _Protocol
+
+from .config import ConfigError as _ConfigError
+from .config import Settings as _Settings
+from .config import default_temp_dir as _default_temp_dir
+from .config import parse_duration as _parse_duration
+from .tempdir import Health as _Health
+from .tempdir import ensure_temp_dir as _ensure_temp_dir
+from .tempdir import probe_write as _probe_write
+from .tempdir import use_as_tempdir as _use_as_tempdir
+
+_log = _logging.getLogger("uploadguard")
+
+_MAX_DEFAULT_WORKERS = 8
+_SHM = "/dev/shm"
+
+
+# -- reading the environment ---------------------------------------------------------
+
+
+def _whole_number(environ: _Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < minimum:
+        raise _ConfigError(f"{name}={raw!r} is not a whole number >= {minimum}")
+    return int(raw)
+
+
+def _seconds(environ: _Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    return round(_parse_duration(raw, name=name)) if raw else default
+
+
+def _bind(environ: _Mapping[str, str]) -> list[str]:
+    raw = environ.get("PORT", "").strip()
+    if not raw:
+        return ["127.0.0.1:8000"]
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 65536:
+        raise _ConfigError(f"PORT={raw!r} is not a TCP port (1-65535)")
+    return [f"0.0.0.0:{int(raw)}"]
+
+
+def _cpus() -> int:
+    try:
+        return len(_os.sched_getaffinity(0))  # honours CPU pinning (taskset, cpusets)
+    except AttributeError:  # not on Linux
+        return _os.cpu_count() or 1
+
+
+def _fallback_worker_tmp_dir(environ: _Mapping[str, str]) -> str:
+    """Where heartbeat files go without a usable ``/dev/shm``: next to the default upload dir."""
+    return str(_default_temp_dir(environ).parent / "gunicorn")
+
+
+def _worker_tmp_dir(environ: _Mapping[str, str], *, shm: str = _SHM) -> str:
+    if _os.path.isdir(shm) and _os.access(shm, _os.W_OK | _os.X_OK):
+        return shm
+    return _fallback_worker_tmp_dir(environ)
+
+
+# -- settings --------------------------------------------------------------------------
+
+bind = _bind(_os.environ)
+workers = _whole_number(_os.environ, "WEB_CONCURRENCY", min(2 * _cpus() + 1, _MAX_DEFAULT_WORKERS), minimum=1)
+max_requests = _whole_number(_os.environ, "GUNICORN_MAX_REQUESTS", 500)
+max_requests_jitter = _whole_number(_os.environ, "GUNICORN_MAX_REQUESTS_JITTER", 100)
+timeout = _seconds(_os.environ, "GUNICORN_TIMEOUT", 600)
+graceful_timeout = _seconds(_os.environ, "GUNICORN_GRACEFUL_TIMEOUT", 60)
+accesslog = "-"
+errorlog = "-"
+worker_tmp_dir = _worker_tmp_dir(_os.environ)
+
+
+# -- what the hooks are given (gunicorn's classes, described structurally) -----------
+
+
+class _Log(_Protocol):  # gunicorn.glogging.Logger
+    def debug(self, msg: str, *args: object) -> None: ...
+    def info(self, msg: str, *args: object) -> None: ...
+    def warning(self, msg: str, *args: object) -> None: ...
+    def error(self, msg: str, *args: object, exc_info: BaseException | None = None) -> None: ...
+
+
+class _Server(_Protocol):  # gunicorn.arbiter.Arbiter
+    cfg: _Any
+    log: _Log
+    pidfile: _Any
+
+
+class _Worker(_Protocol):  # gunicorn.workers.base.Worker
+    log: _Log
+
+
+class _Request(_Protocol):  # gunicorn.http.message.Request
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    _expected_100_continue: bool
+
+
+_P = _ParamSpec("_P")
+
+
+def _never_raises(hook: _Callable[_P, None]) -> _Callable[_P, None]:
+    """Log a hook's exception (to the server's or worker's log) instead of stopping gunicorn.
+
+    The signature is kept (``functools.wraps``), which gunicorn's arity check reads.
+    """
+
+    @_functools.wraps(hook)
+    def safe(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            hook(*args, **kwargs)
+        except Exception as exc:
+            message = "uploadguard: the %s hook failed; gunicorn carries on"
+            name = hook.__name__.lstrip("_")
+            try:
+                getattr(args[0], "log").error(message, name, exc_info=exc)
+            except Exception:
+                _log.error(message, name, exc_info=exc)
+
+    return safe
+
+
+# -- master: the heartbeat directory -------------------------------------------------
+
+
+def _usable_heartbeat_dir(path: str) -> _Health:
+    """What gunicorn's ``WorkerTmp`` needs: a directory it can create a file in; recreated if gone."""
+    health = _probe_write(path)
+    if health.reason == "missing":
+        health = _ensure_temp_dir(path)
+    return health
+
+
+def _ensure_worker_tmp_dir(server: _Server) -> None:
+    configured = server.cfg.worker_tmp_dir
+    if not configured:
+        return  # gunicorn's own default: tempfile's directory
+    health = _usable_heartbeat_dir(configured)
+    if health.ok:
+        if health.healed:
+            server.log.warning("uploadguard: recreated the missing worker_tmp_dir %s", configured)
+        return
+    fallback = _fallback_worker_tmp_dir(_os.environ)
+    if fallback != configured and _usable_heartbeat_dir(fallback).ok:
+        server.cfg.set("worker_tmp_dir", fallback)
+        server.log.warning("uploadguard: worker_tmp_dir %s is unusable (%s); heartbeat files go to %s now",
+                           configured, health.detail, fallback)
+        return
+    server.log.error("uploadguard: worker_tmp_dir %s is unusable (%s); gunicorn cannot start a worker "
+                     "until it is fixed", configured, health.detail)
+
+
+# -- hooks ---------------------------------------------------------------------------
+
+
+def on_starting(server: _Server) -> None:
+    """Master, once: stop on a bad ``UPLOADGUARD_*`` value, else log the settings."""
+    try:
+        settings = _Settings.from_environ()
+    except _ConfigError as exc:
+        if server.pidfile is not None:
+            server.pidfile.unlink()
+        # gunicorn prints a RuntimeError from here as one "Error: ..." line and exits 1.
+        raise RuntimeError(f"uploadguard: {exc}") from None
+    _on_starting(server, settings)
+
+
+class _ToGunicornErrorLog(_logging.Handler):
+    """Hands ``uploadguard`` records to gunicorn's error log, whatever handlers it has by then.
+
+    Forwarding (rather than copying gunicorn's handlers) keeps working when
+    gunicorn replaces its handlers on ``HUP`` or ``USR1``.
+    """
+
+    def __init__(self, log: _Log) -> None:
+        super().__init__()
+        self.log = log
+
+    def emit(self, record: _logging.LogRecord) -> None:
+        error_log = getattr(self.log, "error_log", None)
+        if isinstance(error_log, _logging.Logger) and record.levelno >= error_log.getEffectiveLevel():
+            error_log.handle(record)
+
+
+def _route_logs(server: _Server) -> None:
+    """Send the guard's log lines (heals at INFO, 413/503 at WARNING) where gunicorn's go.
+
+    Left alone when the application configured the ``uploadguard`` logger itself.
+    """
+    logger = _logging.getLogger("uploadguard")
+    if logger.handlers:
+        return
+    logger.addHandler(_ToGunicornErrorLog(server.log))
+    logger.setLevel(_logging.INFO)
+    logger.propagate = False
+
+
+@_never_raises
+def _on_starting(server: _Server, settings: _Settings) -> None:
+    from . import metrics
+
+    _route_logs(server)
+    server.log.info("uploadguard: %s", settings.describe())
+    _ensure_worker_tmp_dir(server)
+    metrics.on_starting(server)
+
+
+@_never_raises
+def nworkers_changed(server: _Server, new_value: int, old_value: int | None) -> None:
+    """Master, at startup, on reload and on TTIN/TTOU: the next workers' heartbeat dir exists."""
+    _ensure_worker_tmp_dir(server)
+
+
+@_never_raises
+def child_exit(server: _Server, worker: _Worker) -> None:
+    """Master, after a worker exited and before its replacement is made: heartbeat dir, metrics."""
+    from . import metrics
+
+    _ensure_worker_tmp_dir(server)
+    metrics.child_exit(server, worker)
+
+
+#: The worker's upload settings, read once in post_worker_init.
+_settings: _Settings | None = None
+
+
+def _worker_settings() -> _Settings:
+    global _settings
+    if _settings is None:
+        _settings = _Settings.from_environ()
+    return _settings
+
+
+@_never_raises
+def post_worker_init(worker: _Worker) -> None:
+    """Worker, after the user switch: a usable upload temp dir that tempfile and TMPDIR name."""
+    global _settings
+    _settings = _Settings.from_environ()
+    path = _settings.temp_dir
+    health = _ensure_temp_dir(path)
+    if health.ok:
+        _use_as_tempdir(path)
+        worker.log.info("uploadguard: upload temp dir %s %s; tempfile and TMPDIR point there",
+                        path, "created" if health.healed else "ready")
+    else:
+        _tempfile.tempdir = None  # drop the master's cached choice: tempfile finds a working dir again
+        worker.log.error("uploadguard: upload temp dir %s is unusable (%s): %s; uploads are answered "
+                         "503 while it stays so", path, health.reason, health.detail)
+
+
+def _content_length(headers: list[tuple[str, str]]) -> int | None:
+    for name, value in headers:
+        if name == "CONTENT-LENGTH":
+            return int(value) if value.isascii() and value.isdigit() else None
+    return None
+
+
+@_never_raises
+def pre_request(worker: _Worker, req: _Request) -> None:
+    """Worker, before each request: no ``100 Continue`` for a body the middleware refuses."""
+    worker.log.debug("%s %s", req.method, req.path)
+    if req._expected_100_continue:
+        limit = _worker_settings().max_body_size
+        length = _content_length(req.headers)
+        if limit and length is not None and length > limit:
+            req._expected_100_continue = False  # the client reads the 413 instead of sending the body
