@@ -76,7 +76,9 @@ class Gunicorn:
         if config is not None:
             command += ["-c", str(config)]
         paths = [str(TESTS), *map(str, pythonpath)]
-        command += ["--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),
+        # --no-control-socket: gunicorn 27 binds $HOME/.gunicorn/gunicorn.ctl by default,
+        # which masters running side by side would fight over.
+        command += ["--bind", f"127.0.0.1:{self.port}", "--workers", str(workers), "--no-control-socket",
                     "--pythonpath", ",".join(paths), *args, app]
         full_env = dict(os.environ)
         full_env.pop("WEB_CONCURRENCY", None)

@@ -177,21 +177,38 @@ class TestGuard:
         assert (tmp_path / "up").read_text() == "precious"
 
     def test_healthy_verdict_is_reused_within_the_interval(self, tmp_path: Path) -> None:
-        """A busy worker reuses a healthy verdict for check_interval seconds instead of two syscalls a request."""
-        guard = TempDirGuard(tmp_path / "up", check_interval=60)
+        """A busy worker reuses a healthy verdict while the inode is unchanged, skipping the statvfs."""
+        guard = TempDirGuard(tmp_path / "up", min_free_space=1, check_interval=60)
         assert guard.preflight().ok
-        (tmp_path / "up").rmdir()
-        assert guard.preflight(need=10).ok  # cached: the app's own OSError would be caught instead
-        assert guard.preflight(fresh=True).healed  # the error path asks for a fresh check
+        guard.min_free_space = 1 << 62  # a full check would now say no_space
+        assert guard.preflight(need=10).ok
+        assert guard.preflight(fresh=True).reason == "no_space"  # the error path asks for a fresh check
+
+    @pytest.mark.parametrize("change", ["delete", "replace", "chmod"])
+    def test_inode_changes_are_seen_inside_the_interval(self, tmp_path: Path, change: str) -> None:
+        """Deleting, replacing or chmod-ing the dir is noticed on the next request, cached verdict or not."""
+        path = tmp_path / "up"
+        guard = TempDirGuard(path, check_interval=60)
+        assert guard.preflight().ok
+        if change == "delete":
+            path.rmdir()
+            assert guard.preflight().healed
+        elif change == "replace":
+            path.rmdir()
+            path.write_text("x")
+            assert guard.preflight().reason == "not_a_directory"
+        else:
+            path.chmod(0o777)
+            assert guard.preflight().reason == "insecure_mode"
 
     def test_reuse_stops_when_admitted_bodies_exceed_the_space(self, tmp_path: Path) -> None:
         """Bodies admitted under a cached verdict are subtracted from its free space; past it, a fresh check."""
         guard = TempDirGuard(tmp_path / "up", check_interval=60)
         free = guard.preflight().free_bytes
         assert free is not None
-        (tmp_path / "up").rmdir()
-        assert not guard.preflight(need=free // 2).healed  # fits the cached verdict
-        assert guard.preflight(need=free // 2 + 2).healed  # does not: checked afresh
+        guard.min_free_space = 1 << 62  # a full check would now say no_space
+        assert guard.preflight(need=free // 2).ok  # fits the cached verdict
+        assert guard.preflight(need=free // 2 + 2).reason == "no_space"  # does not: checked afresh
 
     def test_interval_zero_checks_every_time(self, tmp_path: Path) -> None:
         """check_interval=0 sees a deletion on the very next request."""

@@ -45,7 +45,6 @@ import stat
 import tempfile
 import threading
 import time
-import time
 
 __all__ = [
     "Health",
@@ -224,12 +223,14 @@ def use_as_tempdir(path: str | os.PathLike[str]) -> None:
 class TempDirGuard:
     """The per-request preflight: cheap when healthy, heals a vanished directory.
 
-    A healthy verdict is reused for ``check_interval`` seconds, and only while
-    the bodies admitted meanwhile fit in the free space it measured: two
-    system calls cost ~4 us on a small VM, more than the rest of the guard,
-    and a directory that breaks inside the window is still caught when the
-    application's ``OSError`` reaches the middleware.  ``check_interval=0``
-    checks on every request.
+    A full check is two system calls (~4 us on a small VM, more than the rest
+    of the guard), so a healthy verdict is reused for ``check_interval``
+    seconds while the directory's inode is unchanged (one ``lstat``: a
+    deletion, replacement, ``chmod`` or ``chown`` is seen at once) and the
+    bodies admitted meanwhile fit in the free space it measured.  What can
+    still change inside the window (a remount read-only, space taken by
+    others) is caught when the application's ``OSError`` reaches the
+    middleware.  ``check_interval=0`` checks fully on every request.
 
     Thread-safe; healing is serialised so concurrent requests do not race to
     ``mkdir``.  A result with ``healed`` set means this call recreated the directory.
@@ -247,6 +248,7 @@ class TempDirGuard:
         self._healthy = Health(self.path)
         self._healthy_until = 0.0  # time.monotonic() deadline of the cached verdict
         self._budget = 0  # bytes that may still be admitted under the cached verdict
+        self._identity: tuple[int, int, int, int] = (0, 0, 0, 0)  # the checked inode: ino, dev, mode, uid
 
     def __repr__(self) -> str:
         return f"<TempDirGuard {self.path!r}>"
@@ -254,17 +256,28 @@ class TempDirGuard:
     def preflight(self, need: int = 0, *, fresh: bool = False) -> Health:
         """Check before a body of ``need`` bytes is read; recreate the dir if it vanished."""
         if not fresh and need <= self._budget and time.monotonic() < self._healthy_until:
-            self._budget -= need
-            return self._healthy
+            # One lstat still runs: deletion, replacement and chmod are the failures that
+            # matter most, and they show in the inode's identity and mode.
+            try:
+                st = os.lstat(self.path)
+            except OSError:
+                st = None
+            if st is not None and st.st_nlink and (st.st_ino, st.st_dev, st.st_mode, st.st_uid) == self._identity:
+                self._budget -= need
+                return self._healthy
         health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
         if health.reason == "missing":
             health = self.heal(need)
+        self._healthy_until = 0.0
         if health.ok and self.check_interval > 0 and health.free_bytes is not None:
+            try:
+                st = os.lstat(self.path)
+            except OSError:
+                return health
+            self._identity = (st.st_ino, st.st_dev, st.st_mode, st.st_uid)
             self._healthy = dataclasses.replace(health, healed=False)
             self._budget = health.free_bytes - self.min_free_space - need
             self._healthy_until = time.monotonic() + self.check_interval
-        else:
-            self._healthy_until = 0.0
         return health
 
     def heal(self, need: int = 0) -> Health:
