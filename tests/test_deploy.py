@@ -1,0 +1,299 @@
+"""The deploy files in examples/deploy/, checked by the tools that will run them.
+
+systemd units through ``systemd-analyze verify``, the tmpfiles.d rule through
+``systemd-tmpfiles --create/--clean --root=``, the nginx site through
+``nginx -t`` -- and end to end: real nginx in front of real gunicorn and the
+guard on loopback, where the 200 MB limit must agree at both layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import IS_ROOT, ROOT, Gunicorn, free_port, needs_root, wait_for_port
+from uploadguard.config import Settings, format_size
+
+DEPLOY = ROOT / "examples" / "deploy"
+SERVICE = DEPLOY / "myapp.service"
+CHECK_SERVICE = DEPLOY / "uploadguard-check-disk.service"
+CHECK_TIMER = DEPLOY / "uploadguard-check-disk.timer"
+TMPFILES = DEPLOY / "myapp.tmpfiles.conf"
+SITE = DEPLOY / "myapp.nginx.conf"
+SHIPPED_VENV_BIN = "/srv/myapp/venv/bin/"
+MiB = 1024 * 1024
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=SBIN_PATH)
+    if found is None:
+        pytest.skip(f"{name} is not installed (Debian package: {'nginx-light' if name == 'nginx' else 'systemd'})")
+    return found
+
+
+def render(text: str, replacements: dict[str, str]) -> str:
+    """Replace literal strings, each of which must occur in the file (so the test follows the file)."""
+    for old, new in replacements.items():
+        assert old in text, f"{old!r} is no longer in the file"
+        text = text.replace(old, new)
+    return text
+
+
+def unit_values(path: Path) -> dict[str, list[str]]:
+    """Key -> values of a systemd unit (keys may repeat, as Environment= does)."""
+    values: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            values.setdefault(key.strip(), []).append(value.strip())
+    return values
+
+
+def environment(path: Path) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in unit_values(path)["Environment"])
+
+
+def nginx_directive(name: str) -> str:
+    [value] = re.findall(rf"^\s*{name}\s+([^;]+);", SITE.read_text(), re.MULTILINE)
+    return value
+
+
+class TestSystemdUnits:
+    def verify(self, tmp_path: Path, texts: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        for name, text in texts.items():
+            (tmp_path / name).write_text(text)
+        return subprocess.run([tool("systemd-analyze"), "verify", *(str(tmp_path / name) for name in texts)],
+                              capture_output=True, text=True, timeout=60)
+
+    def test_units_verify_without_a_word(self, tmp_path: Path) -> None:
+        """systemd-analyze verify accepts the units without a word (ExecStart pointed at this venv's commands)."""
+        venv_bin = str(Path(sys.executable).parent) + "/"
+        texts = {path.name: render(path.read_text(), {SHIPPED_VENV_BIN: venv_bin})
+                 for path in (SERVICE, CHECK_SERVICE)}
+        texts[CHECK_TIMER.name] = CHECK_TIMER.read_text()
+        proc = self.verify(tmp_path, texts)
+        assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+
+    def test_verify_would_see_a_typo(self, tmp_path: Path) -> None:
+        """The check above can fail: verify reports a misspelled setting (with exit 0, hence the no-output rule)."""
+        venv_bin = str(Path(sys.executable).parent) + "/"
+        text = render(SERVICE.read_text(), {SHIPPED_VENV_BIN: venv_bin, "PrivateTmp=": "PrivateTemp="})
+        proc = self.verify(tmp_path, {SERVICE.name: text})
+        assert "Unknown key 'PrivateTemp'" in proc.stdout + proc.stderr
+
+    def test_the_files_agree(self) -> None:
+        """One temp dir everywhere: the unit's environment, CacheDirectory=, TMPDIR, tmpfiles.d and check-disk."""
+        unit = unit_values(SERVICE)
+        env = environment(SERVICE)
+        temp_dir = env["UPLOADGUARD_TEMP_DIR"]
+        assert temp_dir == "/var/cache/" + unit["CacheDirectory"][0] == env["TMPDIR"]
+        assert unit["CacheDirectoryMode"] == ["0700"]
+        assert env["PROMETHEUS_MULTIPROC_DIR"] == "/run/" + unit["RuntimeDirectory"][0]
+        assert unit["PrivateTmp"] == ["true"]
+        [rule] = [line.split() for line in TMPFILES.read_text().splitlines() if line and not line.startswith("#")]
+        assert rule == ["d", temp_dir, "0700", unit["User"][0], unit["Group"][0], "24h"]
+        check = unit_values(CHECK_SERVICE)["ExecStart"][0].split()
+        body_temp = nginx_directive("client_body_temp_path").split()[0]
+        assert check[1:] == ["check-disk", temp_dir, body_temp, "--max-used", "80"]
+
+    def test_gunicorn_config_module_exists(self) -> None:
+        """ExecStart's `-c python:uploadguard.gunicorn` names a module this package ships."""
+        [exec_start] = unit_values(SERVICE)["ExecStart"]
+        module = re.search(r"-c python:(\S+)", exec_start)
+        assert module is not None
+        assert (ROOT / (module.group(1).replace(".", "/") + ".py")).is_file()
+
+
+class TestTmpfiles:
+    def root(self, tmp_path: Path) -> Path:
+        """An alternate root whose passwd knows the service user."""
+        root = tmp_path / "root"
+        (root / "etc").mkdir(parents=True)
+        (root / "etc" / "passwd").write_text("myapp:x:990:990::/srv/myapp:/usr/sbin/nologin\n")
+        (root / "etc" / "group").write_text("myapp:x:990:\n")
+        return root
+
+    @needs_root  # chown to the service user
+    def test_creates_the_private_temp_dir(self, tmp_path: Path) -> None:
+        """systemd-tmpfiles --create makes the upload dir, mode 0700, owned by the service user."""
+        root = self.root(tmp_path)
+        proc = subprocess.run([tool("systemd-tmpfiles"), "--create", f"--root={root}", str(TMPFILES)],
+                              capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stderr) == (0, "")
+        st = (root / "var/cache/myapp/uploads").stat()
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o700, 990, 990)
+
+    @pytest.mark.slow
+    @needs_root  # chown to the service user
+    def test_ages_old_files(self, tmp_path: Path) -> None:
+        """systemd-tmpfiles --clean removes what is older than the age (2 s here for speed) and keeps fresh files."""
+        root = self.root(tmp_path)
+        fast = tmp_path / "fast.conf"
+        fast.write_text(render(TMPFILES.read_text(), {" 24h": " 2s"}))
+        subprocess.run([tool("systemd-tmpfiles"), "--create", f"--root={root}", str(fast)], check=True, timeout=60)
+        uploads = root / "var/cache/myapp/uploads"
+        (uploads / "left-by-a-killed-worker").write_bytes(b"x")
+        (uploads / "sub").mkdir()
+        (uploads / "sub" / "old").write_bytes(b"x")
+        time.sleep(2.5)  # ctime cannot be set back, so the files really age
+        (uploads / "fresh").write_bytes(b"x")
+        subprocess.run([tool("systemd-tmpfiles"), "--clean", f"--root={root}", str(fast)], check=True, timeout=60)
+        assert [p.name for p in uploads.iterdir()] == ["fresh"]
+
+
+class TestNginxSite:
+    def test_limits_and_timeouts_agree_with_the_guard(self) -> None:
+        """nginx's client_max_body_size is the guard's default limit, and its proxy timeouts gunicorn's 600 s."""
+        default = Settings.from_environ({}).max_body_size
+        assert nginx_directive("client_max_body_size") == format_size(default) == "200M"
+        assert environment(SERVICE)["UPLOADGUARD_MAX_BODY_SIZE"] == "200M"
+        assert nginx_directive("proxy_request_buffering") == "on"
+        import uploadguard.gunicorn
+
+        assert nginx_directive("proxy_read_timeout") == nginx_directive("proxy_send_timeout") == \
+            f"{uploadguard.gunicorn.timeout}s" == "600s"
+
+    def test_nginx_accepts_the_site(self, tmp_path: Path) -> None:
+        """nginx -t accepts the site file included from a minimal nginx.conf."""
+        conf = NginxConf(tmp_path, SITE.read_text(), listen=free_port(), upstream=8000)
+        proc = subprocess.run(conf.command("-t"), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "test is successful" in proc.stderr
+
+
+class NginxConf:
+    """The shipped site rendered for loopback ports and tmp_path, inside a minimal main nginx.conf."""
+
+    def __init__(self, tmp_path: Path, site: str, *, listen: int, upstream: int, limit: str | None = None) -> None:
+        self.prefix = tmp_path / "nginx"
+        self.prefix.mkdir()
+        self.port = listen
+        replacements = {
+            "listen 80;": f"listen 127.0.0.1:{listen};",
+            "server 127.0.0.1:8000;": f"server 127.0.0.1:{upstream};",
+            "/var/lib/nginx/myapp-body": str(self.prefix / "body"),
+        }
+        if limit is not None:
+            replacements["client_max_body_size 200M;"] = f"client_max_body_size {limit};"
+        (self.prefix / "site.conf").write_text(render(site, replacements))
+        temp_paths = "".join(f"    {kind}_temp_path {self.prefix / kind};\n"
+                             for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (self.prefix / "nginx.conf").write_text(
+            ("user root;\n" if IS_ROOT else "")  # workers must reach tmp_path (mode 0700)
+            + f"pid {self.prefix / 'nginx.pid'};\nerror_log {self.prefix / 'error.log'};\nevents {{}}\n"
+            + f"http {{\n    access_log {self.prefix / 'access.log'};\n{temp_paths}"
+            + f"    include {self.prefix / 'site.conf'};\n}}\n")
+
+    def command(self, *args: str) -> list[str]:
+        return [tool("nginx"), "-p", str(self.prefix), "-e", str(self.prefix / "error.log"),
+                "-c", str(self.prefix / "nginx.conf"), *args]
+
+
+@contextlib.contextmanager
+def running_nginx(conf: NginxConf) -> Iterator[None]:
+    proc = subprocess.Popen(conf.command("-g", "daemon off;"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for_port(conf.port, timeout=20)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def upload(port: int, size: int) -> tuple[int, dict[str, str], bytes, str]:
+    """POST ``size`` bytes, streamed with a Content-Length; returns status, headers, body, the body's sha256."""
+    digest = hashlib.sha256()
+
+    def body() -> Iterator[bytes]:
+        block = b"u" * MiB
+        left = size
+        while left:
+            part = block[: min(left, MiB)]
+            digest.update(part)
+            left -= len(part)
+            yield part
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/upload", body=body(),
+                     headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read(), digest.hexdigest()
+    finally:
+        conn.close()
+
+
+def headers_only(port: int, size: int) -> bytes:
+    """Announce a body of ``size`` bytes and read the response head without sending the body."""
+    request = (f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {size}\r\n"
+               "Content-Type: application/octet-stream\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(request)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            head += chunk
+    return head
+
+
+@contextlib.contextmanager
+def stack(tmp_path: Path, *, limit: str | None) -> Iterator[tuple[NginxConf, Gunicorn]]:
+    """gunicorn (the unit's config module) serving the guarded spool app, with the shipped nginx site in front."""
+    tool("nginx")
+    env = {"UPLOADGUARD_TEMP_DIR": str(tmp_path / "uploads"), "UPLOADGUARD_MIN_FREE_SPACE": "0"}
+    if limit is not None:
+        env["UPLOADGUARD_MAX_BODY_SIZE"] = limit
+    gunicorn = Gunicorn("wsgi_apps:guarded", tmp_path=tmp_path, config="python:uploadguard.gunicorn", env=env)
+    try:
+        conf = NginxConf(tmp_path, SITE.read_text(), listen=free_port(), upstream=gunicorn.port, limit=limit)
+        with running_nginx(conf):
+            yield conf, gunicorn
+    finally:
+        gunicorn.stop()
+
+
+@pytest.mark.slow
+class TestNginxInFront:
+    def test_limits_agree_at_both_layers(self, tmp_path: Path) -> None:
+        """Exactly the limit passes nginx and the guard; one byte more: nginx's 413, and the guard's directly."""
+        with stack(tmp_path, limit="8M") as (nginx, gunicorn):
+            status, _, body, sha = upload(nginx.port, 8 * MiB)
+            assert status == 200 and json.loads(body) == {"size": 8 * MiB, "sha256": sha}
+
+            status, headers, body, _ = upload(nginx.port, 8 * MiB + 1)
+            assert status == 413 and headers["server"].startswith("nginx")
+            status, headers, body, _ = upload(gunicorn.port, 8 * MiB + 1)
+            assert status == 413 and headers["server"].startswith("gunicorn") and b"8M" in body
+            requests_seen = gunicorn.log().count('"POST /upload HTTP/1.0"')
+        assert requests_seen == 1  # only the accepted body came through nginx
+
+    def test_shipped_200M(self, tmp_path: Path) -> None:
+        """As shipped, 200 MiB go through nginx and the guard; 200 MiB + 1 get nginx's 413 before the body is sent."""
+        with stack(tmp_path, limit=None) as (nginx, _):
+            started = time.monotonic()
+            status, _, body, sha = upload(nginx.port, 200 * MiB)
+            print(f"200 MiB through nginx and gunicorn: {time.monotonic() - started:.1f} s")
+            assert status == 200 and json.loads(body) == {"size": 200 * MiB, "sha256": sha}
+            response = headers_only(nginx.port, 200 * MiB + 1)
+        assert response.startswith(b"HTTP/1.1 413 ") and b"Server: nginx" in response

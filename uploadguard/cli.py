@@ -1,0 +1,398 @@
+"""``uploadguard``: the operations command.
+
+One tested tool instead of the seed's hand-made shell (a cron job deleting old
+upload temp files, a ``df`` check mailing above 80 %, manual greps).  Installed
+as the ``uploadguard`` console script; ``python -m uploadguard`` is the same.
+
+``uploadguard clean [DIR] --older-than AGE [--dry-run] [--json]``
+    Delete regular files and symbolic links not modified for ``AGE``
+    (``90s``, ``30m``, ``24h``, ``7d``; at least a minute, so uploads in
+    progress are safe) anywhere under ``DIR``, and old subdirectories left
+    empty.  ``DIR`` itself stays.  Links are removed, never followed; nothing
+    outside ``DIR`` or on another file system mounted below it is touched
+    (see :func:`uploadguard.tempdir.clean_old_files`).  ``DIR`` defaults to
+    the configured upload temp dir (``UPLOADGUARD_TEMP_DIR``), which is always
+    a directory of uploadguard's own.  Prints one line: files and bytes removed.
+    ``--dry-run`` removes nothing and says what it would remove.
+
+``uploadguard check-disk [PATH ...] [--max-used PCT] [--max-inodes-used PCT] [--verbose] [--json]``
+    Exit 1 and print one alert line per ``PATH`` whose file system is more
+    than ``PCT`` percent full (default 80), in blocks or in inodes
+    (``--max-inodes-used``, default: the same as ``--max-used``).  Usage is
+    counted as ``df`` counts it: ``used / (used + available)``, where blocks
+    reserved for root count as neither.  Quiet when all is well, so cron
+    mails only alerts; ``--verbose`` prints a line per path anyway.  ``PATH``
+    defaults to the configured upload temp dir.
+
+``uploadguard doctor [--temp-dir DIR] [--json]``
+    Check the upload temp dir the way gunicorn's workers will use it, one
+    line per check (``ok``, ``warn`` or ``FAIL`` with the fix): the settings
+    parse; the directory exists, is a real directory (not a symlink, not
+    deleted while mounted), has a safe owner and mode; a file can be created
+    and removed; a body of the full size limit fits above the free-space
+    floor; it lies outside ``/tmp`` and ``/var/tmp``; whether this process
+    has a private ``/tmp`` (``PrivateTmp=``) and whether its backing
+    directory was deleted; where :func:`tempfile.gettempdir` points.  Run it
+    as the service's user and with its environment -- the shipped unit runs
+    it as ``ExecStartPre=`` so the answers land in the journal.
+
+``--json`` prints one JSON object instead of the lines, for machines.
+
+Exit status: ``0`` all well; ``1`` a problem was found (a file system over
+the threshold, a failed check, files that could not be removed); ``2`` the
+command could not run (bad arguments or settings, a missing ``DIR`` or
+``PATH``).  Errors are one line on stderr, never a traceback.
+
+Crontab, for hosts without systemd (with systemd, see ``examples/deploy/``)::
+
+    UPLOADGUARD_TEMP_DIR=/var/cache/myapp/uploads
+    17 * * * *   uploadguard clean --older-than 24h
+    */5 * * * *  uploadguard check-disk /var/cache/myapp/uploads /var/lib/nginx --max-used 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from . import __version__
+from .config import ConfigError, Settings, format_size, parse_duration
+from .tempdir import (
+    DiskUsage,
+    check_temp_dir,
+    clean_old_files,
+    disk_usage,
+    is_within,
+    mount_of,
+    private_mount_namespace,
+    probe_write,
+)
+
+__all__ = ["Check", "MIN_AGE", "SHARED_TEMP_ROOTS", "doctor", "main"]
+
+#: Ages below this would delete bodies still being received.
+MIN_AGE = 60.0  # seconds
+#: Directories systemd ages (systemd-tmpfiles) and makes private per service (PrivateTmp=).
+SHARED_TEMP_ROOTS = ("/tmp", "/var/tmp")
+
+_FIXES = {
+    "missing": "create it for the service's user (install -d -m 700 -o USER {path}), or let systemd "
+               "(CacheDirectory=); uploadguard also recreates it on the next upload if its parent exists",
+    "not_a_directory": "remove what is at {path}, or point UPLOADGUARD_TEMP_DIR at a directory",
+    "symlink": "set UPLOADGUARD_TEMP_DIR to the real directory, {real}",
+    "unlinked": "the directory was deleted while mounted or in use: restart the service",
+    "wrong_owner": "chown it to the user the app runs as; if it already is, run doctor as that user "
+                   "(sudo -u USER uploadguard doctor)",
+    "insecure_mode": "chmod 700 {path}",
+    "read_only": "the file system is read-only here; under ProtectSystem= add it to ReadWritePaths= "
+                 "or use CacheDirectory=",
+    "not_writable": "give the service's user write access (chown USER {path}; chmod 700 {path}), "
+                    "or ReadWritePaths= under ProtectSystem=",
+    "no_space": "free space (uploadguard clean {path} --older-than 24h) or move the temp dir to a bigger disk",
+    "no_inodes": "remove stale files (uploadguard clean {path} --older-than 24h)",
+    "io_error": "look for disk errors in the kernel log (journalctl -k)",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``uploadguard`` command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_usage(sys.stderr)
+        print("uploadguard: error: name a command: clean, check-disk or doctor", file=sys.stderr)
+        return 2
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        return _error(str(exc))
+    except OSError as exc:  # something changed under a check (a path vanished meanwhile): still one line
+        return _error(str(exc))
+
+
+# -- clean ---------------------------------------------------------------------------
+
+
+def _clean(args: argparse.Namespace) -> int:
+    directory = args.dir or str(Settings.from_environ().temp_dir)
+    try:
+        result = clean_old_files(directory, older_than=args.older_than.seconds, dry_run=args.dry_run)
+    except FileNotFoundError:
+        return _error(f"{directory} does not exist")
+    except OSError as exc:
+        if os.path.islink(directory):
+            return _error(f"{directory} is a symbolic link; name the real directory ({os.path.realpath(directory)})")
+        if isinstance(exc, NotADirectoryError):
+            return _error(f"{directory} is not a directory")
+        return _error(f"cannot clean {directory}: {exc.strerror}")
+    except ValueError as exc:
+        return _error(str(exc))
+    if args.json:
+        _print_json({**dataclasses.asdict(result), "older_than": args.older_than.seconds, "dry_run": args.dry_run})
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        dirs = f" and {result.directories} empty director{'y' if result.directories == 1 else 'ies'}"
+        print(f"uploadguard clean: {verb} {result.files} file{'' if result.files == 1 else 's'} "
+              f"({_human(result.bytes)}){dirs if result.directories else ''} older than "
+              f"{args.older_than.text} from {result.path}")
+    for message in result.errors:
+        print(f"uploadguard clean: {message}", file=sys.stderr)
+    return 1 if result.errors else 0
+
+
+# -- check-disk ----------------------------------------------------------------------
+
+
+def _check_disk(args: argparse.Namespace) -> int:
+    paths = args.paths or [str(Settings.from_environ().temp_dir)]
+    max_inodes = args.max_used if args.max_inodes_used is None else args.max_inodes_used
+    usages: list[DiskUsage] = []
+    for path in paths:
+        try:
+            usages.append(disk_usage(path))
+        except OSError as exc:
+            return _error(f"cannot check {path}: {exc.strerror}")
+    report = []
+    alerts = 0
+    for usage in usages:
+        problems = []
+        if usage.used_percent > args.max_used:
+            problems.append(f"{math.ceil(usage.used_percent)}% full (over {args.max_used:g}%), "
+                            f"{_human(usage.free_bytes)} free of {_human(usage.total_bytes)}")
+        inodes = usage.inodes_used_percent
+        if inodes is not None and inodes > max_inodes:
+            problems.append(f"{math.ceil(inodes)}% of inodes used (over {max_inodes:g}%), {usage.inodes_free} free")
+        alerts += bool(problems)
+        report.append({**dataclasses.asdict(usage), "used_percent": round(usage.used_percent, 2),
+                       "inodes_used_percent": None if inodes is None else round(inodes, 2), "problems": problems})
+        if args.json:
+            continue
+        if problems:
+            print(f"uploadguard check-disk: ALERT {usage.path}: {'; '.join(problems)}")
+        elif args.verbose:
+            inode_text = "no inode limit" if inodes is None else f"{math.ceil(inodes)}% of inodes used"
+            print(f"uploadguard check-disk: ok {usage.path}: {math.ceil(usage.used_percent)}% full, "
+                  f"{_human(usage.free_bytes)} free of {_human(usage.total_bytes)}, {inode_text}")
+    if args.json:
+        _print_json({"ok": not alerts, "max_used": args.max_used, "max_inodes_used": max_inodes, "paths": report})
+    return 1 if alerts else 0
+
+
+# -- doctor --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One line of ``uploadguard doctor``: ``status`` is ``ok``, ``warn`` or ``FAIL``."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        return f"{self.status:<4} {self.name}: {self.detail}" + (f" Fix: {self.fix}" if self.fix else "")
+
+
+def doctor(settings: Settings) -> list[Check]:
+    """Check the upload temp dir and its surroundings for this process; see the module docs."""
+    path = str(settings.temp_dir)
+    checks = []
+    health = check_temp_dir(path)
+    if not health.ok:
+        reason = health.reason or "io_error"
+        fix = _FIXES.get(reason, "").format(path=path, real=os.path.realpath(path))
+        checks.append(Check("temp_dir", "FAIL", f"{health.detail} ({reason}).", fix))
+    else:
+        st = os.lstat(path)
+        checks.append(Check("temp_dir", "ok", f"{path} is a directory owned by uid {st.st_uid}, "
+                                              f"mode {stat.S_IMODE(st.st_mode):o}."))
+        probe = probe_write(path)
+        if probe.ok:
+            checks.append(Check("write", "ok", f"created and removed a file in {path}."))
+        else:
+            checks.append(Check("write", "FAIL", f"{probe.detail} ({probe.reason}).",
+                                _FIXES.get(probe.reason or "", "").format(path=path, real=path)))
+        checks.append(_space_check(settings))
+    checks.append(_location_check(path))
+    checks.append(_private_tmp_check(path))
+    checks.append(_tempfile_check(path))
+    return checks
+
+
+def _space_check(settings: Settings) -> Check:
+    path = str(settings.temp_dir)
+    need = settings.max_body_size
+    health = check_temp_dir(path, min_free_space=settings.min_free_space, need=need)
+    usage = disk_usage(path)
+    inodes = "no inode limit" if not usage.inodes_total else f"{usage.inodes_free} inodes free"
+    wanted = (f"a full {format_size(need)} upload" if need else "an upload (no size limit)") + \
+        f" plus the {format_size(settings.min_free_space)} floor"
+    if health.reason in ("no_space", "no_inodes"):
+        return Check("space", "FAIL", f"{_human(usage.free_bytes)} free, {inodes}: {wanted} does not fit "
+                                      f"({health.reason}).", _FIXES[health.reason].format(path=path))
+    return Check("space", "ok", f"{_human(usage.free_bytes)} free, {inodes}: {wanted} fits.")
+
+
+def _location_check(path: str) -> Check:
+    real = os.path.realpath(path)
+    for root in SHARED_TEMP_ROOTS:
+        if is_within(real, root):
+            return Check("location", "warn",
+                         f"{path} is under {root}: systemd-tmpfiles ages its files and PrivateTmp= gives each "
+                         f"service its own {root}, which can vanish under running workers.",
+                         "use a dedicated directory, e.g. CacheDirectory=myapp/uploads with "
+                         "UPLOADGUARD_TEMP_DIR=/var/cache/myapp/uploads")
+    return Check("location", "ok", f"{path} is outside {' and '.join(SHARED_TEMP_ROOTS)}.")
+
+
+def _private_tmp_check(path: str) -> Check:
+    tmp = mount_of("/tmp")
+    own_namespace = private_mount_namespace()
+    bound = tmp is not None and tmp.mount_point == "/tmp" and tmp.root != "/"
+    if tmp is not None and bound and tmp.deleted:
+        uses_tmp = is_within(os.path.realpath(path), "/tmp") or is_within(_gettempdir() or "", "/tmp")
+        return Check("private_tmp", "FAIL" if uses_tmp else "warn",
+                     f"this process's /tmp is a bind mount of {tmp.root}, deleted on the host: "
+                     "every file created in /tmp fails with ENOENT.",
+                     "restart the service; keep uploads out of /tmp (UPLOADGUARD_TEMP_DIR)")
+    if bound and tmp is not None:
+        return Check("private_tmp", "ok", f"/tmp is private to this process (a bind mount of {tmp.root}); "
+                                          "its files vanish when the service restarts.")
+    if own_namespace:
+        return Check("private_tmp", "ok", "this process has its own mount namespace; /tmp is not a bind mount.")
+    known = "unknown (PID 1's namespace is not readable)" if own_namespace is None else "no"
+    return Check("private_tmp", "ok", f"/tmp is not a bind mount; own mount namespace: {known}.")
+
+
+def _gettempdir() -> str | None:
+    try:
+        return tempfile.gettempdir()
+    except OSError:  # FileNotFoundError: no usable temporary directory at all
+        return None
+
+
+def _tempfile_check(path: str) -> Check:
+    current = _gettempdir()
+    if current is None:
+        return Check("tempfile", "FAIL", "tempfile.gettempdir() finds no usable directory "
+                                         "($TMPDIR, /tmp, /var/tmp, /usr/tmp and the working directory all fail).",
+                     f"set TMPDIR={path}")
+    if os.path.realpath(current) == os.path.realpath(path):
+        return Check("tempfile", "ok", f"tempfile.gettempdir() is the upload temp dir ({current}).")
+    return Check("tempfile", "warn",
+                 f"tempfile.gettempdir() is {current}, not {path}: libraries that spool with tempfile "
+                 "(Django, Werkzeug) write there unless the app's processes are pointed at the upload temp dir.",
+                 f"run gunicorn with uploadguard's hooks (they call use_as_tempdir), or set TMPDIR={path}")
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    checks = []
+    try:
+        settings = Settings.from_environ(temp_dir=args.temp_dir)
+        checks.append(Check("settings", "ok", f"{settings.describe()} (uid {os.geteuid()})."))
+    except ConfigError as exc:
+        fallback = args.temp_dir or os.environ.get("UPLOADGUARD_TEMP_DIR") or None
+        settings = Settings.from_environ({}, temp_dir=fallback)
+        checks.append(Check("settings", "FAIL", f"{exc}.", "fix the variable; checking with the defaults meanwhile"))
+    checks += doctor(settings)
+    failed = any(check.status == "FAIL" for check in checks)
+    if args.json:
+        _print_json({"ok": not failed, "temp_dir": str(settings.temp_dir),
+                     "checks": [dataclasses.asdict(check) for check in checks]})
+    else:
+        for check in checks:
+            print(check.line())
+    return 1 if failed else 0
+
+
+# -- plumbing ------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="uploadguard", description="Operations for uploadguard: clean old temp files, check disks, diagnose.")
+    parser.add_argument("--version", action="version", version=f"uploadguard {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    clean = commands.add_parser("clean", help="delete files older than an age under a directory",
+                                description="Delete regular files and symlinks not modified for AGE under DIR "
+                                            "(never following links), and old empty subdirectories.")
+    clean.add_argument("dir", nargs="?", metavar="DIR", help="default: the configured upload temp dir")
+    clean.add_argument("--older-than", required=True, type=_age_arg, metavar="AGE",
+                       help="e.g. 90s, 30m, 24h, 7d (at least 1m)")
+    clean.add_argument("--dry-run", action="store_true", help="remove nothing; say what would be removed")
+    clean.add_argument("--json", action="store_true", help="print one JSON object")
+    clean.set_defaults(run=_clean)
+
+    disk = commands.add_parser("check-disk", help="alert when a file system is too full",
+                               description="Exit 1 with an alert line per PATH over the threshold; quiet otherwise.")
+    disk.add_argument("paths", nargs="*", metavar="PATH", help="default: the configured upload temp dir")
+    disk.add_argument("--max-used", type=_percent_arg, default=80.0, metavar="PCT",
+                      help="highest acceptable block usage in percent (default 80)")
+    disk.add_argument("--max-inodes-used", type=_percent_arg, default=None, metavar="PCT",
+                      help="highest acceptable inode usage in percent (default: --max-used)")
+    disk.add_argument("--verbose", "-v", action="store_true", help="print a line for every path")
+    disk.add_argument("--json", action="store_true", help="print one JSON object")
+    disk.set_defaults(run=_check_disk)
+
+    doc = commands.add_parser("doctor", help="check the upload temp dir and its surroundings",
+                              description="One line per check (ok, warn, FAIL with the fix); exit 1 on any FAIL.")
+    doc.add_argument("--temp-dir", metavar="DIR", help="default: UPLOADGUARD_TEMP_DIR")
+    doc.add_argument("--json", action="store_true", help="print one JSON object")
+    doc.set_defaults(run=_doctor)
+    return parser
+
+
+class _Age(NamedTuple):
+    seconds: float
+    text: str  # as given, for the report
+
+
+def _age_arg(value: str) -> _Age:
+    try:
+        seconds = parse_duration(value, name="--older-than")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds < MIN_AGE:
+        raise argparse.ArgumentTypeError(f"--older-than={value!r} is under a minute; "
+                                         "that would delete uploads still being received")
+    return _Age(seconds, value.strip())
+
+
+def _percent_arg(value: str) -> float:
+    try:
+        percent = float(value.strip().rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a percentage") from None
+    if not 0 <= percent <= 100:
+        raise argparse.ArgumentTypeError(f"{value!r} is not between 0 and 100")
+    return percent
+
+
+def _error(message: str) -> int:
+    print(f"uploadguard: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _human(size: int) -> str:
+    """``1536`` -> ``"1.5K"``: binary units, one decimal, as ``df -h`` shows them."""
+    value, unit = float(size), "B"
+    for bigger in "KMGT":
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.0f}{unit}" if unit == "B" or value >= 100 else f"{value:.1f}{unit}"
+
