@@ -334,6 +334,9 @@ class UploadGuard:
         self.temp = TempDirGuard(self.settings.temp_dir, min_free_space=self.settings.min_free_space,
                                  check_interval=self.settings.check_interval)
         self.stats = GuardStats()
+        from . import metrics  # Prometheus counters when prometheus_client is installed; else nothing
+
+        metrics.install(self)
 
     def __repr__(self) -> str:
         return f"<UploadGuard {self.settings.describe()}>"
