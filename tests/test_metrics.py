@@ -50,8 +50,7 @@ def temp_dir(tmp_path: Path) -> Path:
 
 def guarded(app: Any, temp_dir: Path) -> webtest.TestApp:
     guard = UploadGuard(app, temp_dir=temp_dir, max_body_size=LIMIT, min_free_space=0, check_interval=0)
-    metrics.install(guard)
-    return webtest.TestApp(metrics.with_metrics(guard))
+    return webtest.TestApp(metrics.with_metrics(guard))  # UploadGuard installs the counters itself
 
 
 class TestInstall:
@@ -86,7 +85,7 @@ class TestInstall:
         assert sample("uploadguard_error_responses_total", labels) == before + 1
 
     def test_idempotent(self, temp_dir: Path) -> None:
-        """Installing twice subscribes once, so nothing is counted twice."""
+        """Installing again (UploadGuard already did) subscribes once, so nothing is counted twice."""
         guard = UploadGuard(ok_app, temp_dir=temp_dir, max_body_size=LIMIT)
         metrics.install(guard)
         metrics.install(guard)
@@ -159,7 +158,6 @@ from uploadguard import UploadGuard, metrics
 from wsgi_apps import spool
 
 _guard = UploadGuard(spool)
-metrics.install(_guard)
 _app = metrics.with_metrics(_guard)
 
 
