@@ -1,0 +1,57 @@
+"""``Sabotage``: breaks the upload temp dir after uploadguard's check and before Django parses the body.
+
+That is the race the middleware cannot prevent (the directory vanishes, fills
+up or turns read-only between the check and the spooling), made
+deterministic.  The request header ``X-Sabotage`` says how:
+
+``remove``    delete the directory
+``fill``      fill its file system (a test tmpfs) until it has no space left
+``readonly``  remount its file system (a test tmpfs) read-only
+
+Every response gets ``X-Inner-Middleware: seen``, and ``X-Process-Exception``
+names the exception if Django called ``process_exception``, so tests can see
+what happened inside.
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+from django.conf import settings
+
+
+def spool_dir() -> str:
+    return settings.FILE_UPLOAD_TEMP_DIR or tempfile.gettempdir()
+
+
+def fill(directory: str) -> None:
+    with open(os.path.join(directory, "filler"), "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+
+
+class Sabotage:
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        how = request.headers.get("X-Sabotage")
+        if how == "remove":
+            shutil.rmtree(spool_dir())
+        elif how == "fill":
+            fill(spool_dir())
+        elif how == "readonly":
+            subprocess.run(["mount", "-o", "remount,ro", spool_dir()], check=True)
+        response = self.get_response(request)
+        response["X-Inner-Middleware"] = "seen"
+        if hasattr(request, "process_exception"):
+            response["X-Process-Exception"] = request.process_exception
+        return response
+
+    def process_exception(self, request, exception):
+        request.process_exception = type(exception).__name__

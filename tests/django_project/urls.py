@@ -1,0 +1,11 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("form/", views.form),
+    path("upload/", views.upload),
+    path("upload/protected/", views.upload_protected),
+    path("raw/", views.raw),
+    path("broken/", views.broken),
+]

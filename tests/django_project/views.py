@@ -1,0 +1,59 @@
+"""Views of the test project; each answers JSON."""
+
+import hashlib
+import os
+import shutil
+
+from django.conf import settings
+from django.http import JsonResponse
+from django.middleware.csrf import get_token
+from django.views.decorators.csrf import csrf_exempt
+
+
+def form(request):
+    """The CSRF token (and its cookie), as a page with a form would hand it out."""
+    return JsonResponse({"csrf": get_token(request)})
+
+
+def _store(request):
+    stored = []
+    for upload in request.FILES.getlist("file"):
+        digest = hashlib.sha256()
+        target = os.path.join(settings.STORE_DIR, os.path.basename(upload.name))
+        os.makedirs(settings.STORE_DIR, exist_ok=True)
+        spooled = os.path.dirname(upload.temporary_file_path()) if hasattr(upload, "temporary_file_path") else None
+        with open(target, "wb") as out:
+            for chunk in upload.chunks():
+                digest.update(chunk)
+                out.write(chunk)
+        stored.append({"name": upload.name, "size": upload.size, "sha256": digest.hexdigest(), "spooled_in": spooled})
+    return JsonResponse({"stored": stored, "fields": request.POST.dict()})
+
+
+@csrf_exempt
+def upload(request):
+    """Store the files of the ``file`` field (the view is the first to read the body)."""
+    return _store(request)
+
+
+def upload_protected(request):
+    """The same behind CSRF protection: ``CsrfViewMiddleware.process_view`` reads the body first."""
+    return _store(request)
+
+
+@csrf_exempt
+def raw(request):
+    """Read ``wsgi.input`` directly, as a view taking chunked uploads must; also say what Django saw."""
+    django_body = request.body
+    stream = request.META["wsgi.input"]
+    size = 0
+    while chunk := stream.read(65536):
+        size += len(chunk)
+    return JsonResponse({"size": size, "django_body": len(django_body), "files": len(request.FILES)})
+
+
+@csrf_exempt
+def broken(request):
+    """Fail with an OSError that has nothing to do with uploads."""
+    shutil.copy("/nonexistent-uploadguard-test/settings.ini", "/nonexistent-uploadguard-test/copy.ini")
+    return JsonResponse({})

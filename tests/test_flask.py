@@ -1,0 +1,349 @@
+"""``uploadguard.flask.UploadGuard`` on a real Flask app (``tests/flask_app.py``).
+
+In-process with Flask's test client, on real directories and (as root) real
+tmpfs mounts; end to end under real gunicorn with ``gunicorn_conf.py``.
+Werkzeug spools file parts over 500 KB to ``tempfile.gettempdir()``, so the
+tests point :mod:`tempfile` at the guarded dir, as ``gunicorn_conf.py`` does,
+and upload files larger than that.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import http.client
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import wsgiref.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+
+from tests.support import GUNICORN_CONF, Gunicorn, fill, needs_root, tmpfs
+
+flask = pytest.importorskip("flask")
+
+from flask.signals import got_request_exception  # noqa: E402
+
+from tests.flask_app import create_app  # noqa: E402
+from uploadguard import ConfigError, UploadGuard as WSGIUploadGuard  # noqa: E402
+from uploadguard.flask import UploadGuard, settings_from_config  # noqa: E402
+
+KiB = 1024
+MiB = 1024 * KiB
+SPOOLED = 600 * KiB  # over Werkzeug's 500 KB in memory
+
+
+@pytest.fixture
+def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """The guarded temp dir, which tempfile points at (as under gunicorn_conf.py), and the store."""
+    temp = tmp_path / "upload-tmp"
+    temp.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    for name in [name for name in os.environ if name.startswith("UPLOADGUARD_")]:
+        monkeypatch.delenv(name)
+    return {"temp": temp, "store": tmp_path / "stored"}
+
+
+def make_app(dirs: dict[str, Path], **config: Any) -> flask.Flask:
+    return create_app(**{"UPLOADGUARD_TEMP_DIR": dirs["temp"], "UPLOADGUARD_MIN_FREE_SPACE": 0,
+                         "UPLOADGUARD_RETRY_AFTER": 2, "STORE_DIR": str(dirs["store"]), **config})
+
+
+def content(size: int, name: str = "photo.jpg") -> bytes:
+    return (hashlib.sha256(name.encode()).digest() * (size // 32 + 1))[:size]
+
+
+def upload(app: flask.Flask, size: int = SPOOLED, **headers: str) -> Any:
+    """POST a form with one file; the body is encoded here (the test client would spool it in the temp dir)."""
+    body, content_type = urllib3.encode_multipart_formdata({"note": "hi", "file": ("photo.jpg", content(size))})
+    return app.test_client().post("/upload", data=body, content_type=content_type,
+                                  headers={"Accept": "application/json", **headers})
+
+
+def chunked_environ(path: str, body: bytes) -> dict[str, Any]:
+    """A WSGI environ as gunicorn builds it for a chunked request (no Content-Length, input terminated)."""
+    environ: dict[str, Any] = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "HTTP_TRANSFER_ENCODING": "chunked",
+                               "CONTENT_TYPE": "application/octet-stream", "wsgi.input": io.BytesIO(body),
+                               "wsgi.input_terminated": True}
+    wsgiref.util.setup_testing_defaults(environ)
+    return environ
+
+
+def call(app: Any, environ: dict[str, Any]) -> tuple[int, bytes]:
+    started: list[str] = []
+    body = b"".join(app(environ, lambda status, headers, exc_info=None: started.append(status)))
+    return int(started[0].split()[0]), body
+
+
+PROPAGATE = [pytest.param(False, id="production"), pytest.param(True, id="PROPAGATE_EXCEPTIONS")]
+
+#: Werkzeug does not close the spool file of a form it failed to parse; Python warns when it is collected.
+leaves_spool_file_open = pytest.mark.filterwarnings("ignore:Unclosed file:ResourceWarning")
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Free each test's leftovers within the test, so a warning on collection is charged to it.
+
+    The log records of a caught exception (which pytest keeps after the test)
+    hold its traceback, and so the files its frames had open.
+    """
+    yield
+    for when in ("setup", "call"):
+        caplog.get_records(when).clear()
+    gc.collect()
+
+
+class TestFlaskBehaviour:
+    """What Flask and Werkzeug do on their own, which the integration is built on."""
+
+    @leaves_spool_file_open
+    def test_temp_dir_error_is_a_500_with_the_exception_in_the_signal(self, dirs: dict[str, Path]) -> None:
+        """Without uploadguard, Werkzeug spooling into a vanished tempfile dir is a 500; the signal has the error."""
+        app = create_app(guarded=False, STORE_DIR=str(dirs["store"]))
+        seen: list[BaseException] = []
+
+        def receiver(sender: object, exception: BaseException, **extra: Any) -> None:
+            seen.append(exception)
+
+        got_request_exception.connect(receiver, app)
+        try:
+            response = upload(app, **{"X-Sabotage": "remove"})
+        finally:
+            got_request_exception.disconnect(receiver, app)
+
+        assert response.status_code == 500
+        assert isinstance(seen[0], FileNotFoundError)
+        assert os.path.dirname(seen[0].filename) == str(dirs["temp"])
+
+
+class TestSettings:
+    def test_config_wins_over_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """UPLOADGUARD_* config keys override the variables; the others still come from the environment."""
+        env = {"UPLOADGUARD_MAX_BODY_SIZE": "1M", "UPLOADGUARD_DRAIN_TIMEOUT": "3", "UPLOADGUARD_TEMP_DIR": "/srv/up"}
+
+        resolved = settings_from_config({"UPLOADGUARD_MAX_BODY_SIZE": "2M", "UPLOADGUARD_RETRY_AFTER": 7}, env)
+
+        assert (resolved.max_body_size, resolved.retry_after, resolved.drain_timeout) == (2 * MiB, 7, 3.0)
+        assert str(resolved.temp_dir) == "/srv/up"
+
+    @pytest.mark.parametrize(("config", "env", "limit"), [
+        pytest.param({"MAX_CONTENT_LENGTH": 5 * MiB}, {}, 5 * MiB, id="MAX_CONTENT_LENGTH"),
+        pytest.param({"MAX_CONTENT_LENGTH": 5 * MiB}, {"UPLOADGUARD_MAX_BODY_SIZE": "1M"}, MiB, id="variable"),
+        pytest.param({"MAX_CONTENT_LENGTH": 5 * MiB, "UPLOADGUARD_MAX_BODY_SIZE": "2M"}, {}, 2 * MiB, id="config"),
+        pytest.param({"MAX_CONTENT_LENGTH": None}, {}, 200 * MiB, id="default"),
+    ])
+    def test_max_content_length_is_the_limit_unless_uploadguard_has_one(
+        self, config: dict[str, Any], env: dict[str, str], limit: int,
+    ) -> None:
+        """One limit for the app: Flask's MAX_CONTENT_LENGTH, unless UPLOADGUARD_MAX_BODY_SIZE is set somewhere."""
+        assert settings_from_config(config, env).max_body_size == limit
+
+    def test_a_bad_value_stops_init_app(self, dirs: dict[str, Path]) -> None:
+        """A bad value raises ConfigError naming the setting."""
+        with pytest.raises(ConfigError, match="UPLOADGUARD_RETRY_AFTER='soon' is not a duration"):
+            make_app(dirs, UPLOADGUARD_RETRY_AFTER="soon")
+
+    def test_init_app_for_a_factory(self, dirs: dict[str, Path]) -> None:
+        """guard.init_app(app) wraps wsgi_app and returns the app's core guard, kept in app.extensions."""
+        app = flask.Flask(__name__)
+        app.config["UPLOADGUARD_TEMP_DIR"] = dirs["temp"]
+
+        core = UploadGuard().init_app(app)
+
+        assert isinstance(core, WSGIUploadGuard)
+        assert app.extensions["uploadguard"] is core is app.wsgi_app
+        assert core.temp.path == str(dirs["temp"])
+        with pytest.raises(RuntimeError, match="already set up"):
+            UploadGuard(app)
+
+
+class TestBodyLimit:
+    def test_content_length_over_the_limit_is_413_before_flask_reads(self, dirs: dict[str, Path]) -> None:
+        """The 413 names the limit; the view never runs."""
+        app = make_app(dirs, UPLOADGUARD_MAX_BODY_SIZE=64 * KiB)
+
+        response = upload(app, 100 * KiB)
+
+        assert response.status_code == 413
+        assert response.json["limit"] == 64 * KiB
+        assert "X-Inner-Hook" not in response.headers
+        assert not dirs["store"].exists()
+
+    def test_flask_still_applies_a_smaller_max_content_length(self, dirs: dict[str, Path]) -> None:
+        """With both limits set, the smaller one wins: here Flask's, when the view reads the form."""
+        app = make_app(dirs, UPLOADGUARD_MAX_BODY_SIZE=MiB, MAX_CONTENT_LENGTH=64 * KiB)
+
+        response = upload(app, 100 * KiB)
+
+        assert response.status_code == 413
+        assert app.extensions["uploadguard"].stats.total("413") == 0
+        assert response.headers["X-Inner-Hook"] == "seen"
+
+    @pytest.mark.parametrize(("size", "status"), [
+        pytest.param(5000, 200, id="under"),
+        pytest.param(9000, 413, id="over"),
+    ])
+    def test_a_chunked_body_is_cut_at_the_limit(self, dirs: dict[str, Path], size: int, status: int) -> None:
+        """A chunked body is counted as Flask reads it and answered 413 past the limit."""
+        app = make_app(dirs, UPLOADGUARD_MAX_BODY_SIZE=8000)
+
+        code, body = call(app, chunked_environ("/raw", b"x" * size))
+
+        assert code == status
+        if status == 200:
+            assert json.loads(body) == {"size": size}
+
+
+class TestTempDir:
+    @leaves_spool_file_open
+    @pytest.mark.parametrize("propagate", PROPAGATE)
+    def test_a_dir_deleted_while_werkzeug_spools_is_503_then_healed(self, dirs: dict[str, Path],
+                                                                   propagate: bool) -> None:
+        """The error becomes a retryable 503, counted once, whatever PROPAGATE_EXCEPTIONS says; the retry is stored."""
+        app = make_app(dirs, PROPAGATE_EXCEPTIONS=propagate)
+
+        broken = upload(app, **{"X-Sabotage": "remove"})
+        retried = upload(app)
+
+        assert broken.status_code == 503
+        assert broken.json == {"error": "missing", "status": 503, "retry_after": 2,
+                               "detail": "Uploads are temporarily unavailable; please retry in 2 seconds."}
+        assert (broken.headers["Retry-After"], broken.headers["Cache-Control"]) == ("2", "no-store")
+        assert retried.status_code == 200
+        assert retried.json["fields"] == {"note": "hi"}
+        assert (dirs["store"] / "photo.jpg").read_bytes() == content(SPOOLED)
+        stats = app.extensions["uploadguard"].stats
+        assert (stats.by_reason("503"), stats.total("heal"), stats.total("guarded")) == ({"missing": 1}, 1, 2)
+
+    @leaves_spool_file_open
+    def test_headers_of_after_request_functions_are_kept(self, dirs: dict[str, Path]) -> None:
+        """The 503 replacing Flask's 500 keeps what other after_request functions added, not the 500's content."""
+        app = make_app(dirs)
+
+        response = upload(app, **{"X-Sabotage": "remove"})
+
+        assert response.headers["X-Inner-Hook"] == "seen"
+        assert response.headers["Content-Type"] == "application/json"
+        assert int(response.headers["Content-Length"]) == len(response.data)
+
+    def test_a_deleted_dir_is_recreated_before_werkzeug_spools(self, dirs: dict[str, Path]) -> None:
+        """The upload is stored; the directory is back."""
+        shutil.rmtree(dirs["temp"])
+
+        response = upload(make_app(dirs))
+
+        assert response.status_code == 200
+        assert dirs["temp"].is_dir()
+
+    def test_a_file_in_its_place_is_503_before_flask_reads(self, dirs: dict[str, Path]) -> None:
+        """An unusable dir is answered 503 before the app runs; requests without a body still work."""
+        app = make_app(dirs)
+        shutil.rmtree(dirs["temp"])
+        dirs["temp"].write_text("not a directory")
+
+        response = upload(app)
+
+        assert response.status_code == 503
+        assert response.json["error"] == "not_a_directory"
+        assert "X-Inner-Hook" not in response.headers
+        assert app.test_client().get("/").status_code == 200
+
+    def test_other_errors_keep_flasks_500(self, dirs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+        """An OSError that is not about the temp dir is Flask's 500, logged once, by Flask."""
+        app = make_app(dirs)
+
+        response = app.test_client().post("/broken", data={"field": "value"})
+
+        assert response.status_code == 500
+        assert [r.name for r in caplog.records if r.levelno >= logging.ERROR] == [app.logger.name]
+        assert not app.extensions["uploadguard"].stats.by_reason("503")
+
+    def test_uploads_spooled_outside_the_guarded_dir_are_logged(self, dirs: dict[str, Path], tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+        """A tempfile dir other than the guarded one is a WARNING, once, at the first upload."""
+        app = make_app(dirs, UPLOADGUARD_TEMP_DIR=tmp_path / "guarded")
+
+        upload(app)
+        upload(app)
+
+        assert len([r for r in caplog.records if r.getMessage().startswith("uploadguard: Werkzeug spools")]) == 1
+
+    @leaves_spool_file_open
+    @needs_root
+    @pytest.mark.parametrize("propagate", PROPAGATE)
+    @pytest.mark.parametrize(("sabotage", "size", "hook_ran"), [
+        pytest.param("full", 5 * MiB, False, id="full"),
+        pytest.param("fill", MiB, True, id="fills-up-while-spooling"),
+    ])
+    def test_tmpfs(self, dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sabotage: str,
+                   size: int, hook_ran: bool, propagate: bool) -> None:
+        """A real 2 MB tmpfs that is or becomes full: 503 no_space, whether found before or during spooling."""
+        with tmpfs(tmp_path / "tmpfs", size="2m") as mount:
+            monkeypatch.setattr(tempfile, "tempdir", str(mount))
+            app = make_app(dirs, UPLOADGUARD_TEMP_DIR=mount, PROPAGATE_EXCEPTIONS=propagate)
+            if sabotage == "full":
+                fill(mount)
+                response = upload(app, size)
+            else:
+                response = upload(app, size, **{"X-Sabotage": "fill"})
+
+        assert response.status_code == 503
+        assert response.json["error"] == "no_space"
+        assert ("X-Inner-Hook" in response.headers) is (hook_ran and not propagate)
+
+
+@pytest.mark.slow
+class TestGunicorn:
+    """tests/flask_app.py under real gunicorn with the project's gunicorn_conf.py."""
+
+    @pytest.fixture
+    def server(self, tmp_path: Path, dirs: dict[str, Path]) -> Iterator[Gunicorn]:
+        server = Gunicorn("flask_app:app", tmp_path=tmp_path, config=GUNICORN_CONF, workers=2, env={
+            "UPLOADGUARD_TEMP_DIR": str(dirs["temp"]), "UPLOADGUARD_MIN_FREE_SPACE": "0",
+            "UPLOADGUARD_RETRY_AFTER": "1", "TEST_STORE_DIR": str(dirs["store"])})
+        yield server
+        server.stop()
+
+    @staticmethod
+    def post(url: str, size: int = SPOOLED, **headers: str) -> tuple[int, dict[str, str], bytes]:
+        body, content_type = urllib3.encode_multipart_formdata({"file": ("photo.jpg", content(size))})
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request("POST", "/upload", body=body,
+                         headers={"Content-Type": content_type, "Accept": "application/json", **headers})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def test_temp_dir_deleted_while_spooling_is_503_then_stored(self, server: Gunicorn,
+                                                                dirs: dict[str, Path]) -> None:
+        """Werkzeug spools where gunicorn_conf points tempfile; a vanished dir is 503, the retry is stored."""
+        status, headers, body = self.post(server.url, **{"X-Sabotage": "remove"})
+        retried, _, _ = self.post(server.url)
+
+        assert (status, headers["Retry-After"], json.loads(body)["error"]) == (503, "1", "missing")
+        assert retried == 200
+        assert (dirs["store"] / "photo.jpg").read_bytes() == content(SPOOLED)
+
+    def test_unusable_dir_is_503_until_fixed(self, server: Gunicorn, dirs: dict[str, Path]) -> None:
+        """A file where the dir should be: 503 for uploads, pages work; once it is gone, the dir is recreated."""
+        shutil.rmtree(dirs["temp"])
+        dirs["temp"].write_text("not a directory")
+        refused, _, body = self.post(server.url)
+        page = urllib3.request("GET", server.url + "/", timeout=10).status
+        dirs["temp"].unlink()
+        healed, _, _ = self.post(server.url)
+
+        assert (refused, json.loads(body)["error"]) == (503, "not_a_directory")
+        assert (page, healed) == (200, 200)

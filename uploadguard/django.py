@@ -1,0 +1,425 @@
+# mypy: disable-error-code="import-untyped"
+"""Django integration: ``UploadGuardMiddleware``, one line in ``MIDDLEWARE``.
+
+::
+
+    MIDDLEWARE = [
+        "uploadguard.django.UploadGuardMiddleware",  # first
+        "django.middleware.security.SecurityMiddleware",
+        ...
+    ]
+
+It gives a Django site what :class:`uploadguard.UploadGuard` gives any WSGI
+application, for every request **with a body** (requests without one pass
+straight through):
+
+* **413** for a ``Content-Length`` over ``UPLOADGUARD_MAX_BODY_SIZE``, before
+  Django parses a byte.  This limit counts the whole body, files included;
+  Django's ``DATA_UPLOAD_MAX_MEMORY_SIZE`` counts only the fields that are not
+  files, so it cannot stop a 5 GB upload.
+* The upload temp dir is checked first: a vanished directory is recreated, an
+  unusable one (full, read-only, a file, ...) is answered **503** with
+  ``Retry-After`` -- see :mod:`uploadguard.wsgi`.
+* A temp-dir error raised anywhere while Django handles the request -- the
+  view reading ``request.FILES``, ``CsrfViewMiddleware`` reading
+  ``request.POST`` before the view, any middleware after this one -- is
+  answered with the same retryable **503**, never Django's 500.
+
+How the last one works: Django turns every exception into a response inside
+each middleware layer (``convert_exception_to_response``), so a middleware
+never sees the exception, only a 500, and ``process_exception`` is not called
+for exceptions raised outside the view.  Django does send
+``got_request_exception`` for each of them; this module's receiver stores the
+exception in ``request.META`` (the WSGI environ) under
+``"uploadguard.exception"``, and the middleware, seeing the 500 come back,
+asks the core whether it was about the temp dir and replaces the response.
+Headers other middleware added to the 500 (CORS, HSTS, cookies...) are kept;
+its content headers are not.  By then Django has logged the exception
+(``django.request``) and error trackers listening to the signal have seen it.
+Exceptions your own code handles (``try``/``except``, a ``process_exception``
+that returns a response) stay yours.  With ``DEBUG_PROPAGATE_EXCEPTIONS`` the
+exception reaches the middleware itself and gets the same answer.  Django's
+test ``Client`` re-raises every exception that reached the signal: pass
+``raise_request_exception=False`` to see the 503.
+
+**Settings.**  ``UPLOADGUARD_TEMP_DIR``, ``UPLOADGUARD_MAX_BODY_SIZE`` (bytes
+or ``"200M"``), ``UPLOADGUARD_RETRY_AFTER``, ``UPLOADGUARD_MIN_FREE_SPACE``,
+``UPLOADGUARD_DRAIN_MAX``, ``UPLOADGUARD_DRAIN_TIMEOUT`` and
+``UPLOADGUARD_CHECK_INTERVAL``, in Django settings, with the meanings and
+defaults of the environment variables of the same names
+(:mod:`uploadguard.config`); a Django setting wins over the environment.  A
+bad value raises ``ImproperlyConfigured`` naming it when the middleware loads.
+
+**The upload temp dir** is the directory Django spools uploads to, which the
+middleware never changes:
+
+* ``FILE_UPLOAD_TEMP_DIR`` when it is set.  ``UPLOADGUARD_TEMP_DIR`` may be
+  left unset or name the same directory; naming another one raises
+  ``ImproperlyConfigured``, since the guard would watch a directory Django
+  does not use.
+* Otherwise Django spools to :func:`tempfile.gettempdir`, and the middleware
+  guards ``UPLOADGUARD_TEMP_DIR`` (default ``~/.cache/uploadguard/tmp``).  The
+  two are the same directory under uploadguard's ``gunicorn_conf.py``, whose
+  ``post_worker_init`` points :mod:`tempfile` there; under any other server
+  they differ, and the middleware logs a WARNING at the first upload.  Setting
+  ``FILE_UPLOAD_TEMP_DIR = UPLOADGUARD_TEMP_DIR`` makes it hold everywhere.
+
+**Chunked bodies.**  Django's ``WSGIRequest`` takes the body length from
+``Content-Length`` only: a chunked request without one has an empty
+``request.body``, ``POST`` and ``FILES``, so Django itself never reads or
+spools it.  Code that reads ``request.META["wsgi.input"]`` directly does; for
+it the middleware wraps that stream, as the WSGI middleware does, when the
+server marks where the body ends (``wsgi.input_terminated``, as gunicorn
+does): it is counted as it is read and cut at the limit with a 413.
+
+**With the WSGI middleware too** (``application = UploadGuard(get_wsgi_application())``):
+the outer guard has already checked the limit and the temp dir, so the
+middleware only turns the exceptions Django caught into its answers, and
+counts them in the outer guard's :attr:`~uploadguard.UploadGuard.stats`.  If
+the outer guard watches another directory than Django's upload dir, the
+middleware checks Django's itself (and logs a WARNING once).
+
+**System checks.**  ``manage.py check`` reports a bad ``UPLOADGUARD_*`` value
+(``uploadguard.E002``), ``UPLOADGUARD_TEMP_DIR`` and ``FILE_UPLOAD_TEMP_DIR``
+disagreeing (``uploadguard.E001``), uploads spooled outside the guarded dir in
+this process (``uploadguard.W001``) and the middleware missing or not first
+(``uploadguard.W002``) -- once the checks are loaded: add
+``"uploadguard.django.UploadGuardConfig"`` to ``INSTALLED_APPS``.
+
+WSGI only: under ASGI, Django reads the whole body into a temporary file
+before any middleware runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import got_request_exception
+from django.http import HttpResponse
+from django.utils.module_loading import import_string
+
+from .config import ConfigError, Settings
+from .errors import BadRequest, BodyTooLarge, TempDirUnavailable, UploadGuardError
+from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput, UploadGuard
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+__all__ = ["UploadGuardMiddleware", "UploadGuardConfig", "settings_from_django", "ENVIRON_EXCEPTION"]
+
+log = logging.getLogger("uploadguard")
+
+#: Where the ``got_request_exception`` receiver leaves the exception for the middleware.
+ENVIRON_EXCEPTION = "uploadguard.exception"
+
+MIDDLEWARE_PATH = "uploadguard.django.UploadGuardMiddleware"
+
+_SETTING_NAMES = (
+    "UPLOADGUARD_TEMP_DIR", "UPLOADGUARD_MAX_BODY_SIZE", "UPLOADGUARD_RETRY_AFTER",
+    "UPLOADGUARD_MIN_FREE_SPACE", "UPLOADGUARD_DRAIN_MAX", "UPLOADGUARD_DRAIN_TIMEOUT",
+    "UPLOADGUARD_CHECK_INTERVAL",
+)
+
+#: Headers that describe the replaced 500's body; the others (CORS, HSTS...) stay on the answer.
+_CONTENT_HEADERS = frozenset({
+    "cache-control", "content-disposition", "content-encoding", "content-language", "content-length",
+    "content-range", "content-type", "etag", "expires", "last-modified", "retry-after", "transfer-encoding",
+})
+
+
+def settings_from_django() -> Settings:
+    """The effective settings: ``UPLOADGUARD_*`` Django settings over the environment.
+
+    The temp dir is ``FILE_UPLOAD_TEMP_DIR`` when that is set.  Raises
+    ``ImproperlyConfigured`` for a bad value, or for an ``UPLOADGUARD_TEMP_DIR``
+    that is not ``FILE_UPLOAD_TEMP_DIR``.
+    """
+    environ = dict(os.environ)
+    for name in _SETTING_NAMES:
+        value = getattr(settings, name, None)
+        if value is not None:
+            environ[name] = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    upload_dir = getattr(settings, "FILE_UPLOAD_TEMP_DIR", None)
+    if upload_dir:
+        chosen = environ.get("UPLOADGUARD_TEMP_DIR", "").strip()
+        if chosen and os.path.abspath(chosen) != os.path.abspath(os.fspath(upload_dir)):
+            raise ImproperlyConfigured(
+                f"UPLOADGUARD_TEMP_DIR={chosen!r} is not FILE_UPLOAD_TEMP_DIR={os.fspath(upload_dir)!r}: "
+                "uploadguard would guard a directory Django does not spool uploads to; "
+                "leave UPLOADGUARD_TEMP_DIR unset or make the two the same"
+            )
+        environ["UPLOADGUARD_TEMP_DIR"] = os.fspath(upload_dir)
+    try:
+        return Settings.from_environ(environ)
+    except ConfigError as exc:
+        raise ImproperlyConfigured(f"{exc} (a Django setting or an environment variable)") from exc
+
+
+def _spool_dir_problem(guarded: str) -> str | None:
+    """Why Django's uploads in this process do not go to ``guarded``, or ``None`` if they do."""
+    if getattr(settings, "FILE_UPLOAD_TEMP_DIR", None):
+        return None  # then the guarded dir is FILE_UPLOAD_TEMP_DIR (settings_from_django)
+    spool = tempfile.gettempdir()
+    if os.path.abspath(spool) == guarded:
+        return None
+    return (
+        f"Django spools uploads to {spool} (tempfile.gettempdir(), FILE_UPLOAD_TEMP_DIR being unset), "
+        f"but uploadguard guards {guarded}"
+    )
+
+
+_SPOOL_HINT = "Set FILE_UPLOAD_TEMP_DIR to the guarded directory, or serve with uploadguard's gunicorn_conf.py."
+
+
+def _served_by_django(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    """The WSGI app of the middleware's guard: Django serves, the guard only judges."""
+    raise RuntimeError(
+        "this UploadGuard belongs to UploadGuardMiddleware and serves nothing itself; "
+        "wrap get_wsgi_application() in uploadguard.UploadGuard instead"
+    )
+
+
+def _remember_exception(sender: object, request: Any = None, **kwargs: Any) -> None:
+    """``got_request_exception`` receiver: keep the first exception for the middleware.
+
+    Django sends the signal from inside its ``except`` block, without the
+    exception; :func:`sys.exc_info` has it.
+    """
+    exc = sys.exc_info()[1]
+    meta = getattr(request, "META", None)
+    if exc is not None and isinstance(meta, dict):
+        meta.setdefault(ENVIRON_EXCEPTION, exc)
+
+
+got_request_exception.connect(_remember_exception, dispatch_uid=ENVIRON_EXCEPTION)
+
+
+def _error_for(guard: UploadGuard, exc: BaseException) -> UploadGuardError | None:
+    """uploadguard's answer to an exception Django caught, or ``None`` to keep Django's 500.
+
+    Unlike :meth:`UploadGuard.error_for` there is no 500 of our own here:
+    Django has answered and logged every other error already.
+    """
+    if isinstance(exc, UploadGuardError):
+        return exc
+    if isinstance(exc, OSError):
+        return guard.temp_dir_error(exc)
+    return None
+
+
+def _length(raw: str | None) -> int | None:
+    """``Content-Length`` as a number: ``None`` if absent (chunked), -1 if invalid."""
+    if not raw:
+        return None
+    try:
+        length = int(raw)
+    except ValueError:
+        return -1
+    return length if length >= 0 else -1
+
+
+def _is_chunked(environ: WSGIEnvironment) -> bool:
+    return bool(environ.get("wsgi.input_terminated")) and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+
+
+class UploadGuardMiddleware:
+    """Django middleware; see the module documentation.
+
+    ``guard`` is the :class:`~uploadguard.UploadGuard` holding the settings,
+    the temp-dir guard and the :attr:`~uploadguard.UploadGuard.stats` of the
+    requests this middleware answers alone.
+    """
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+        self.guard = UploadGuard(_served_by_django, settings=settings_from_django())
+        self._spool_checked = False
+        self._outer_warned = False
+
+    def __repr__(self) -> str:
+        return f"<UploadGuardMiddleware {self.guard.settings.describe()}>"
+
+    def __call__(self, request: Any) -> Any:
+        environ = request.META
+        raw_length = environ.get("CONTENT_LENGTH")
+        if not raw_length and not _is_chunked(environ):
+            return self.get_response(request)  # no body: nothing to guard
+        if not self._spool_checked:
+            self._spool_checked = True
+            problem = _spool_dir_problem(self.guard.temp.path)
+            if problem:
+                log.warning("uploadguard: %s. %s", problem, _SPOOL_HINT)
+        outer = environ.get(ENVIRON_GUARD)
+        if isinstance(outer, UploadGuard) and outer.temp.path == self.guard.temp.path:
+            guard = outer  # the WSGI guard has checked the limit and the temp dir
+        else:
+            guard = self.guard
+            length = _length(raw_length)
+            if length == 0:
+                return self.get_response(request)
+            if outer is not None:
+                self._warn_outer(outer)
+            error = self._admit(environ, length, counted=outer is not None)
+            if error is not None:
+                waiting = isinstance(error, BodyTooLarge) and environ.get("HTTP_EXPECT", "").lower() == "100-continue"
+                body = None if waiting or (length is not None and length < 0) else self._body(request, length)
+                return self._answer(guard, error, request, body)
+        try:
+            response = self.get_response(request)
+        except Exception as exc:  # DEBUG_PROPAGATE_EXCEPTIONS: Django re-raised it
+            environ.pop(ENVIRON_EXCEPTION, None)
+            error = _error_for(guard, exc)
+            if error is None:
+                raise
+            self._release_spooled(request)
+            return self._answer(guard, error, request, self._body(request))
+        caught = environ.pop(ENVIRON_EXCEPTION, None)
+        if caught is None or response.status_code < 500:
+            return response
+        error = _error_for(guard, caught)
+        if error is None:
+            return response
+        answer = self._answer(guard, error, request, self._body(request), replacing=response)
+        response.close()
+        self._release_spooled(request)
+        return answer
+
+    def _warn_outer(self, outer: object) -> None:
+        if not self._outer_warned:
+            self._outer_warned = True
+            log.warning("uploadguard: the WSGI UploadGuard guards %s, but Django spools uploads to %s, which the "
+                        "middleware checks itself; set UPLOADGUARD_TEMP_DIR to it",
+                        outer.temp.path if isinstance(outer, UploadGuard) else outer, self.guard.temp.path)
+
+    def _admit(self, environ: WSGIEnvironment, length: int | None, *, counted: bool) -> UploadGuardError | None:
+        """The 400/413/503 a body deserves before Django reads it, or ``None``.
+
+        ``length`` is ``None`` for a chunked body, -1 for an invalid
+        ``Content-Length``.  ``counted``: an outer guard (with another temp
+        dir) has counted the request and checked its length already.
+        """
+        guard = self.guard
+        limit = guard.settings.max_body_size
+        if not counted:
+            if length is not None and length < 0:
+                return BadRequest(f"Invalid Content-Length {environ.get('CONTENT_LENGTH')!r}.")
+            guard.stats.record("guarded")
+            if limit and length is not None and length > limit:
+                return BodyTooLarge(limit, length=length)
+            if length is None:  # Django reads none of it; code reading wsgi.input itself gets it counted
+                stream = GuardedInput(environ["wsgi.input"], length=None, limit=limit)
+                environ["wsgi.input"] = environ[ENVIRON_INPUT] = stream
+            environ[ENVIRON_GUARD] = guard
+        health = guard.temp.preflight(length or 0)
+        if health.healed:
+            guard.stats.record("heal")
+        if health.ok:
+            return None
+        return TempDirUnavailable(health.reason or "io_error", path=guard.temp.path,
+                                  retry_after=guard.settings.retry_after, cause=health.detail)
+
+    @staticmethod
+    def _release_spooled(request: Any) -> None:
+        """Close (and so delete) the temp file a failed parse left open in its upload handler.
+
+        Django's parser closes the files it finished, not the one it was
+        writing; that one would hold its space (on a full disk, say) until the
+        garbage collector finds it.
+        """
+        for handler in request.upload_handlers:
+            file = getattr(handler, "file", None)
+            if file is not None:
+                with contextlib.suppress(OSError):  # flushing the rest may fail again: it is closed all the same
+                    file.close()
+
+    @staticmethod
+    def _body(request: Any, length: int | None = None) -> GuardedInput:
+        """The request body as a counting stream, to drain before answering early."""
+        stream = request.META.get(ENVIRON_INPUT)
+        if isinstance(stream, GuardedInput):
+            return stream  # counts every byte read: the WSGI guard's, or ours for a chunked body
+        return GuardedInput(request, length=length, limit=0)  # through Django's stream, which ends at Content-Length
+
+    @staticmethod
+    def _answer(guard: UploadGuard, error: UploadGuardError, request: Any, stream: GuardedInput | None, *,
+                replacing: Any = None) -> HttpResponse:
+        """Count and log ``error``, let the client finish sending, and build the response."""
+        environ = request.META
+        guard.note(error, environ)
+        if stream is not None:
+            stream.drain(max_bytes=guard.settings.drain_bytes, timeout=guard.settings.drain_timeout)
+        _, headers, body = error.response(environ)
+        response = HttpResponse(body, status=error.status_code, reason=error.title)
+        if replacing is not None:
+            for name, value in replacing.items():
+                if name.lower() not in _CONTENT_HEADERS:
+                    response[name] = value
+            response.cookies = replacing.cookies
+        for name, value in headers:
+            response[name] = value
+        return response
+
+
+# -- system checks ---------------------------------------------------------------------
+
+
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """uploadguard.E001 (temp dirs disagree), E002 (bad value), W001 (uploads spooled elsewhere)."""
+    try:
+        resolved = settings_from_django()
+    except ImproperlyConfigured as exc:
+        ident = "uploadguard.E002" if isinstance(exc.__cause__, ConfigError) else "uploadguard.E001"
+        return [checks.Error(str(exc), id=ident)]
+    problem = _spool_dir_problem(os.path.abspath(resolved.temp_dir))
+    if problem:
+        return [checks.Warning(f"{problem}: temp-dir errors there are not recognised.", hint=_SPOOL_HINT,
+                               id="uploadguard.W001")]
+    return []
+
+
+def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """uploadguard.W002: the middleware is missing from ``MIDDLEWARE`` or not first."""
+    middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
+    if middleware:
+        try:
+            first = import_string(middleware[0])
+        except ImportError:
+            first = None  # Django reports an unimportable middleware itself
+        if isinstance(first, type) and issubclass(first, UploadGuardMiddleware):
+            return []
+    if MIDDLEWARE_PATH in middleware:
+        problem = (f"{MIDDLEWARE_PATH} is entry {middleware.index(MIDDLEWARE_PATH) + 1} of MIDDLEWARE: the "
+                   "middleware ahead of it runs before the body limit and the temp-dir check, and temp-dir "
+                   "errors raised there are answered 500, not 503.")
+    else:
+        problem = (f"{MIDDLEWARE_PATH} is not in MIDDLEWARE: temp-dir errors Django catches are answered 500, "
+                   "not a retryable 503.")
+    return [checks.Warning(problem, hint=f'Make "{MIDDLEWARE_PATH}" the first entry of MIDDLEWARE.',
+                           id="uploadguard.W002")]
+
+
+checks.register(check_settings, checks.Tags.files)
+checks.register(check_middleware)
+
+
+class UploadGuardConfig(AppConfig):  # type: ignore[misc]  # Django ships no type hints
+    """``INSTALLED_APPS`` entry that loads uploadguard's system checks (and its static files)."""
+
+    name = "uploadguard"
+    label = "uploadguard"
+    verbose_name = "uploadguard"
