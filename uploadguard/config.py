@@ -50,11 +50,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "Settings", "parse_size", "parse_duration", "ENV_PREFIX"]
+__all__ = ["ConfigError", "Settings", "parse_size", "parse_duration", "overlay_environ", "ENV_PREFIX", "SETTING_NAMES"]
 
 ENV_PREFIX = "UPLOADGUARD_"
 
@@ -205,6 +205,25 @@ class Settings:
             f"min_free_space={format_size(self.min_free_space)} drain_max={format_size(self.drain_bytes)} "
             f"drain_timeout={self.drain_timeout:g}s check_interval={self.check_interval:g}s"
         )
+
+
+#: Every variable :meth:`Settings.from_environ` reads.
+SETTING_NAMES = tuple(ENV_PREFIX + field.name.upper() for field in dataclasses.fields(Settings))
+
+
+def overlay_environ(lookup: Callable[[str], Any], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default ``os.environ``) with each ``UPLOADGUARD_*`` name that ``lookup`` knows put over it.
+
+    How the framework integrations let Django settings or a Flask config win
+    over the environment: ``lookup(name)`` returns the framework's value or
+    ``None``; values are turned into the strings the environment would hold.
+    """
+    merged = dict(os.environ if environ is None else environ)
+    for name in SETTING_NAMES:
+        value = lookup(name)
+        if value is not None:
+            merged[name] = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    return merged
 
 
 def format_size(size: int) -> str:

@@ -108,8 +108,8 @@ from django.core.signals import got_request_exception
 from django.http import HttpResponse
 from django.utils.module_loading import import_string
 
-from .config import ConfigError, Settings
-from .errors import BadRequest, BodyTooLarge, TempDirUnavailable, UploadGuardError
+from .config import ConfigError, Settings, overlay_environ
+from .errors import CONTENT_HEADERS, BadRequest, BodyTooLarge, TempDirUnavailable, UploadGuardError
 from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput, UploadGuard
 
 if TYPE_CHECKING:
@@ -126,17 +126,7 @@ ENVIRON_EXCEPTION = "uploadguard.exception"
 
 MIDDLEWARE_PATH = "uploadguard.django.UploadGuardMiddleware"
 
-_SETTING_NAMES = (
-    "UPLOADGUARD_TEMP_DIR", "UPLOADGUARD_MAX_BODY_SIZE", "UPLOADGUARD_RETRY_AFTER",
-    "UPLOADGUARD_MIN_FREE_SPACE", "UPLOADGUARD_DRAIN_MAX", "UPLOADGUARD_DRAIN_TIMEOUT",
-    "UPLOADGUARD_CHECK_INTERVAL",
-)
 
-#: Headers that describe the replaced 500's body; the others (CORS, HSTS...) stay on the answer.
-_CONTENT_HEADERS = frozenset({
-    "cache-control", "content-disposition", "content-encoding", "content-language", "content-length",
-    "content-range", "content-type", "etag", "expires", "last-modified", "retry-after", "transfer-encoding",
-})
 
 
 def settings_from_django() -> Settings:
@@ -146,11 +136,7 @@ def settings_from_django() -> Settings:
     ``ImproperlyConfigured`` for a bad value, or for an ``UPLOADGUARD_TEMP_DIR``
     that is not ``FILE_UPLOAD_TEMP_DIR``.
     """
-    environ = dict(os.environ)
-    for name in _SETTING_NAMES:
-        value = getattr(settings, name, None)
-        if value is not None:
-            environ[name] = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    environ = overlay_environ(lambda name: getattr(settings, name, None))
     upload_dir = getattr(settings, "FILE_UPLOAD_TEMP_DIR", None)
     if upload_dir:
         chosen = environ.get("UPLOADGUARD_TEMP_DIR", "").strip()
@@ -367,7 +353,7 @@ class UploadGuardMiddleware:
         response = HttpResponse(body, status=error.status_code, reason=error.title)
         if replacing is not None:
             for name, value in replacing.items():
-                if name.lower() not in _CONTENT_HEADERS:
+                if name.lower() not in CONTENT_HEADERS:
                     response[name] = value
             response.cookies = replacing.cookies
         for name, value in headers:

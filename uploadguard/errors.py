@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-__all__ = ["UploadGuardError", "BodyTooLarge", "TempDirUnavailable", "BadRequest", "InternalError"]
+#: Headers that describe a framework response's body; when an error replaces that response,
+#: these go and the others (CORS, HSTS, cookies...) stay.
+CONTENT_HEADERS = frozenset({
+    "cache-control", "content-disposition", "content-encoding", "content-language", "content-length",
+    "content-range", "content-type", "etag", "expires", "last-modified", "retry-after", "transfer-encoding",
+})
+
+__all__ = ["CONTENT_HEADERS", "UploadGuardError", "BodyTooLarge", "TempDirUnavailable", "BadRequest", "InternalError"]
 
 
 class UploadGuardError(Exception):

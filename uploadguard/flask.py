@@ -76,8 +76,8 @@ from typing import Any
 from flask import Flask, Response, has_request_context, request
 from flask.signals import got_request_exception
 
-from .config import Settings
-from .errors import UploadGuardError
+from .config import Settings, overlay_environ
+from .errors import CONTENT_HEADERS, UploadGuardError
 from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput
 from .wsgi import UploadGuard as WSGIUploadGuard
 
@@ -88,17 +88,7 @@ log = logging.getLogger("uploadguard")
 #: Where the ``got_request_exception`` receiver leaves the exception for the ``after_request`` function.
 ENVIRON_EXCEPTION = "uploadguard.exception"
 
-_SETTING_NAMES = (
-    "UPLOADGUARD_TEMP_DIR", "UPLOADGUARD_MAX_BODY_SIZE", "UPLOADGUARD_RETRY_AFTER",
-    "UPLOADGUARD_MIN_FREE_SPACE", "UPLOADGUARD_DRAIN_MAX", "UPLOADGUARD_DRAIN_TIMEOUT",
-    "UPLOADGUARD_CHECK_INTERVAL",
-)
 
-#: Headers that describe the replaced 500's body; the others (CORS, cookies...) stay on the answer.
-_CONTENT_HEADERS = frozenset({
-    "cache-control", "content-disposition", "content-encoding", "content-language", "content-length",
-    "content-range", "content-type", "etag", "expires", "last-modified", "retry-after", "transfer-encoding",
-})
 
 
 def settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
@@ -107,11 +97,7 @@ def settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] |
     ``MAX_CONTENT_LENGTH`` is the body limit when ``UPLOADGUARD_MAX_BODY_SIZE``
     is in neither.
     """
-    merged = dict(os.environ if environ is None else environ)
-    for name in _SETTING_NAMES:
-        value = config.get(name)
-        if value is not None:
-            merged[name] = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    merged = overlay_environ(config.get, environ)
     flask_limit = config.get("MAX_CONTENT_LENGTH")
     if flask_limit is not None and not merged.get("UPLOADGUARD_MAX_BODY_SIZE", "").strip():
         merged["UPLOADGUARD_MAX_BODY_SIZE"] = str(flask_limit)
@@ -155,7 +141,7 @@ class _Answer:
         if isinstance(stream, GuardedInput):
             stream.drain(max_bytes=guard.settings.drain_bytes, timeout=guard.settings.drain_timeout)
         _, headers, body = error.response(environ)
-        for name in {key.lower() for key in response.headers.keys()} & _CONTENT_HEADERS:
+        for name in {key.lower() for key in response.headers.keys()} & CONTENT_HEADERS:
             del response.headers[name]
         response.status = error.status
         response.set_data(body)
