@@ -109,7 +109,7 @@ from django.http import HttpResponse
 from django.utils.module_loading import import_string
 
 from .config import ConfigError, Settings, overlay_environ
-from .errors import CONTENT_HEADERS, BadRequest, BodyTooLarge, TempDirUnavailable, UploadGuardError
+from .errors import CONTENT_HEADERS, BadRequest, BodyTooLarge, UploadGuardError
 from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput, UploadGuard
 
 if TYPE_CHECKING:
@@ -300,24 +300,18 @@ class UploadGuardMiddleware:
         dir) has counted the request and checked its length already.
         """
         guard = self.guard
-        limit = guard.settings.max_body_size
         if not counted:
             if length is not None and length < 0:
                 return BadRequest(f"Invalid Content-Length {environ.get('CONTENT_LENGTH')!r}.")
-            guard.stats.record("guarded")
-            if limit and length is not None and length > limit:
-                return BodyTooLarge(limit, length=length)
             if length is None:  # Django reads none of it; code reading wsgi.input itself gets it counted
-                stream = GuardedInput(environ["wsgi.input"], length=None, limit=limit)
+                stream = GuardedInput(environ["wsgi.input"], length=None, limit=guard.settings.max_body_size)
                 environ["wsgi.input"] = environ[ENVIRON_INPUT] = stream
             environ[ENVIRON_GUARD] = guard
-        health = guard.temp.preflight(length or 0)
+            return guard.admit(length)
+        health = guard.temp.preflight(length or 0)  # the outer guard counted it and checked the length
         if health.healed:
             guard.stats.record("heal")
-        if health.ok:
-            return None
-        return TempDirUnavailable(health.reason or "io_error", path=guard.temp.path,
-                                  retry_after=guard.settings.retry_after, cause=health.detail)
+        return None if health.ok else guard.unavailable(health)
 
     @staticmethod
     def _release_spooled(request: Any) -> None:

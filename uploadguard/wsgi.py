@@ -367,14 +367,9 @@ class UploadGuard:
             if length == 0:
                 return self.app(environ, start_response)
         stream = GuardedInput(environ["wsgi.input"], length=length, limit=settings.max_body_size)
-        self.stats.record("guarded")
-        if settings.max_body_size and length is not None and length > settings.max_body_size:
-            return self._reject(environ, start_response, BodyTooLarge(settings.max_body_size, length=length), stream)
-        health = self.temp.preflight(length or 0)
-        if health.healed:
-            self.stats.record("heal")
-        if not health.ok:
-            return self._reject(environ, start_response, self._unavailable(health), stream)
+        refusal = self.admit(length)
+        if refusal is not None:
+            return self._reject(environ, start_response, refusal, stream)
 
         environ[ENVIRON_GUARD] = self
         environ[ENVIRON_INPUT] = stream
@@ -412,6 +407,21 @@ class UploadGuard:
             return self._reject(environ, start_response, error, stream)
 
     # -- deciding and answering ------------------------------------------------------
+
+    def admit(self, length: int | None) -> UploadGuardError | None:
+        """The 413 or 503 a body of ``length`` bytes (``None``: chunked) gets before anyone reads it.
+
+        Counts the request as guarded and heals a vanished temp dir on the
+        way; ``None`` means go ahead.  Also used by the Django middleware.
+        """
+        self.stats.record("guarded")
+        limit = self.settings.max_body_size
+        if limit and length is not None and length > limit:
+            return BodyTooLarge(limit, length=length)
+        health = self.temp.preflight(length or 0)
+        if health.healed:
+            self.stats.record("heal")
+        return None if health.ok else self.unavailable(health)
 
     def error_for(self, exc: BaseException, environ: WSGIEnvironment) -> UploadGuardError | None:
         """The response an exception from the application deserves, or ``None`` to let it propagate.
@@ -454,11 +464,12 @@ class UploadGuard:
             self.stats.record("heal")
         if not (on_path or not health.ok or health.healed or (reason == "no_space" and exc.filename is None)):
             return None
-        unavailable = self._unavailable(health if not health.ok else None, reason=reason)
+        unavailable = self.unavailable(health if not health.ok else None, reason=reason)
         unavailable.cause = f"{type(exc).__name__}: {exc}" + (f"; now: {health.detail}" if not health.ok else "")
         return unavailable
 
-    def _unavailable(self, health: Health | None, *, reason: str = "") -> TempDirUnavailable:
+    def unavailable(self, health: Health | None, *, reason: str = "") -> TempDirUnavailable:
+        """The retryable 503 for an unhealthy temp dir (or, without ``health``, for ``reason``)."""
         return TempDirUnavailable(
             health.reason or reason if health else reason,
             path=str(self.temp.path),
