@@ -407,6 +407,15 @@ def host_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+IN_PRIVATE_TMP = """
+import subprocess, sys
+import uploadguard.cli  # imported before /tmp is covered: the checkout and its venv may live there
+subprocess.run(["mount", "--bind", sys.argv[1], "/tmp"], check=True)
+subprocess.run(["sh", "-c", sys.argv[2]], check=True)
+raise SystemExit(uploadguard.cli.main(["doctor", "--json", "--temp-dir", "/tmp"]))
+"""
+
+
 def in_private_tmp(host_dir: Path, script: str) -> dict[str, dict[str, str]]:
     """Run ``uploadguard doctor --json`` in a new mount namespace whose /tmp is a bind mount, as PrivateTmp= does."""
     if not IS_ROOT or shutil.which("unshare") is None:
@@ -414,9 +423,8 @@ def in_private_tmp(host_dir: Path, script: str) -> dict[str, dict[str, str]]:
     source = host_dir / "systemd-private-test" / "tmp"
     source.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("UPLOADGUARD_") and k != "TMPDIR"}
-    doctor = f"{sys.executable} -m uploadguard doctor --json --temp-dir /tmp"
-    command = f"mount --bind {source} /tmp && {script} && exec {doctor}"
-    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private",
+                           sys.executable, "-c", IN_PRIVATE_TMP, str(source), script],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=30)
     assert not proc.stderr, proc.stderr
     return {check["name"]: check for check in json.loads(proc.stdout)["checks"]}
