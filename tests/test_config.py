@@ -63,6 +63,12 @@ class TestSettingsFromEnviron:
         assert settings.temp_dir == tmp_path / "uploadguard" / "tmp"
         assert settings.drain_bytes == 2 * settings.max_body_size
 
+    def test_drain_bound_without_a_limit(self, tmp_path: Path) -> None:
+        """With the limit off the drain bound is 64 MiB, not 2 x 0: a 503 still reaches a client mid-upload."""
+        settings = Settings(temp_dir=tmp_path, max_body_size=0)
+        assert settings.drain_bytes == 64 * 1024**2
+        assert settings.replace(drain_max=10).drain_bytes == 10
+
     def test_default_temp_dir_is_outside_tmp(self) -> None:
         """The default lives in the user's cache, not under /tmp that PrivateTmp and tmpfiles touch."""
         path = default_temp_dir({})

@@ -461,6 +461,18 @@ class TestWsgiArrangements:
         assert not dirs["store"].exists()
         assert len(logged(caplog, "uploadguard: 413 ")) == 1
 
+    def test_with_the_wsgi_guard_a_chunked_413_is_answered_once(self, dirs: dict[str, Path],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+        """A chunked body cut at the limit while Django code reads it is one 413, counted and logged once."""
+        handler = get_wsgi_application()
+        outer = UploadGuard(handler, settings=Settings(temp_dir=dirs["temp"], max_body_size=8000, min_free_space=0))
+
+        code, _, _ = call(outer, chunked_environ("/raw/", b"x" * 9000))
+
+        assert code == 413
+        assert outer.stats.total("413") == 1
+        assert len(logged(caplog, "uploadguard: 413 ")) == 1
+
     def test_an_outer_guard_on_another_dir_does_not_stand_in_for_djangos(
         self, dirs: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
     ) -> None:

@@ -201,6 +201,11 @@ class TestBodyLimit:
         assert code == status
         if status == 200:
             assert json.loads(body) == {"size": size}
+        assert app.extensions["uploadguard"].stats.total("413") == (status == 413)  # answered and counted once
+
+    def test_a_zero_max_content_length_is_left_to_flask(self, dirs: dict[str, Path]) -> None:
+        """MAX_CONTENT_LENGTH = 0 means "no body" to Werkzeug; it must not switch uploadguard's limit off."""
+        assert settings_from_config({"MAX_CONTENT_LENGTH": 0}, {}).max_body_size == 200 * MiB
 
 
 class TestTempDir:

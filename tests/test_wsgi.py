@@ -272,7 +272,6 @@ class TestErrorsFromTheApp:
         ("error", "reason"),
         [
             pytest.param(FileNotFoundError(errno.ENOENT, "No such file", "{dir}/tmpab.upload.jpg"), "missing", id="ENOENT"),
-            pytest.param(OSError(errno.ENOSPC, "No space left on device"), "no_space", id="ENOSPC-no-filename"),
             pytest.param(OSError(errno.EDQUOT, "Disk quota exceeded", "{dir}/x"), "no_space", id="EDQUOT"),
             pytest.param(OSError(errno.EROFS, "Read-only file system", "{dir}/x"), "read_only", id="EROFS"),
             pytest.param(PermissionError(errno.EACCES, "Permission denied", "{dir}/x"), "not_writable", id="EACCES"),
@@ -318,19 +317,79 @@ class TestErrorsFromTheApp:
         assert caplog.records[-1].exc_info is not None
         assert guard.stats.total("500") == 1
 
+    @needs_root
+    def test_enospc_without_a_path_when_the_dir_cannot_hold_the_body(self, app: Recorder, tmp_path: Path) -> None:
+        """ENOSPC from writing a spooled file (no path in the error) is the 503 when the dir cannot hold what was read."""
+        with tmpfs(tmp_path / "small", size="1m") as path:
+            free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
+            guard = UploadGuard(app, temp_dir=path, min_free_space=free - 5, retry_after=7)
+            app.raise_ = OSError(errno.ENOSPC, "No space left on device")
+            status, headers, _, _ = call(guard, b"x" * 800, chunked=True)
+        assert status.startswith("503") and guard.stats.by_reason("503") == {"no_space": 1}
+
+    @pytest.mark.parametrize(
+        "error",
+        [
+            pytest.param(OSError(errno.ENOSPC, "No space left on device"), id="ENOSPC-elsewhere-eg-dev-full"),
+            pytest.param(OSError(errno.ENOENT, "No such file", "{dir}/tmp1", None, "/srv/media-not-mounted/x"),
+                         id="rename-out-of-the-dir-to-a-missing-place"),
+            pytest.param(PermissionError(errno.EPERM, "Operation not permitted", 4), id="fd-as-filename"),
+            pytest.param(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), id="backend-down"),
+            pytest.param(OSError("<urlopen error timed out>"), id="errno-None-from-the-app"),
+        ],
+    )
+    def test_the_apps_own_oserrors_are_a_500(self, guard: UploadGuard, app: Recorder, temp_dir: Path,
+                                              error: OSError) -> None:
+        """OSErrors not about a healthy temp dir (other disks, backends, fds) get a 500 response, not a retryable 503."""
+        if isinstance(error.filename, str):
+            error.filename = error.filename.format(dir=temp_dir)
+        app.raise_ = error
+        status, _, _, _ = call(guard, b"x" * 800)
+        assert status.startswith("500")
+        assert guard.stats.by_reason("503") == {} and guard.stats.total("500") == 1
+
     @pytest.mark.parametrize(
         "error",
         [
             pytest.param(OSError("No more data after: b''"), id="errno-None-like-gunicorn-NoMoreData"),
             pytest.param(ConnectionResetError(errno.ECONNRESET, "reset"), id="ECONNRESET"),
-            pytest.param(ValueError("app bug"), id="not-an-OSError"),
         ],
     )
-    def test_client_disconnects_and_other_errors_propagate(self, guard: UploadGuard, app: Recorder, error: Exception) -> None:
-        """Client disconnects and non-OSErrors are not answered by the guard: they propagate."""
-        app.raise_ = error
+    def test_client_disconnects_propagate(self, guard: UploadGuard, error: OSError) -> None:
+        """An error from reading the body (the client went away) is not answered: the server logs it."""
+        class Vanishing(io.BytesIO):
+            def read(self, size: int | None = -1) -> bytes:
+                raise error
+
         with pytest.raises(type(error)):
+            call(guard, b"", CONTENT_LENGTH="800", **{"wsgi.input": Vanishing()})
+        assert guard.stats.total("500") == 0
+
+    def test_non_oserrors_propagate(self, guard: UploadGuard, app: Recorder) -> None:
+        """An app bug that is not an OSError is the server's to report, as without the guard."""
+        app.raise_ = ValueError("app bug")
+        with pytest.raises(ValueError):
             call(guard, b"abc")
+
+    def test_propagating_error_still_closes_the_response(self, temp_dir: Path) -> None:
+        """When an error propagates, the app's iterable is closed all the same (Django's request_finished)."""
+        closed = []
+
+        class Failing:
+            def __iter__(self) -> Iterator[bytes]:
+                raise ValueError("broken stream")
+
+            def close(self) -> None:
+                closed.append(True)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            start_response("200 OK", [])
+            return Failing()
+
+        guard = UploadGuard(app, temp_dir=temp_dir, min_free_space=0)
+        with pytest.raises(ValueError):
+            call(guard, b"abc")
+        assert closed == [True]
 
     def test_error_in_the_first_chunk(self, temp_dir: Path) -> None:
         """An OSError raised while the response body starts is still answered with the 503."""

@@ -12,6 +12,7 @@ import http.client
 import json
 import re
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -101,6 +102,32 @@ class TestOversizedBodies:
         for _ in range(5):
             assert post(server.url, b"x" * (LIMIT + 1))[0] == 413
         assert post(server.url, b"ok")[0] == 200
+
+
+class TestDrainBounds:
+    def test_stalled_client_cannot_hold_the_worker(self, tmp_path: Path, upload_dir: Path) -> None:
+        """A client that announces an oversized body and stops sending gets the 413 after drain_timeout,
+        and the worker is free again (the socket gets the remaining time as its timeout)."""
+        server = serve("wsgi_apps:guarded", tmp_path, upload_dir, UPLOADGUARD_MAX_BODY_SIZE="1000",
+                       UPLOADGUARD_DRAIN_TIMEOUT="1")
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+                sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1500\r\n\r\n" + b"x" * 10)
+                head = sock.recv(65536)  # nothing more is sent: without the bound this waits for gunicorn's 600 s
+            assert head.startswith(b"HTTP/1.1 413")
+            assert post(server.url, b"ok")[0] == 200
+        finally:
+            server.stop()
+
+    def test_503_reaches_the_client_with_the_limit_off(self, tmp_path: Path, upload_dir: Path) -> None:
+        """With UPLOADGUARD_MAX_BODY_SIZE=0 an 8 MiB upload refused by the preflight still reads its 503."""
+        shutil.rmtree(upload_dir)
+        upload_dir.write_text("in the way")
+        server = serve("wsgi_apps:guarded", tmp_path, upload_dir, UPLOADGUARD_MAX_BODY_SIZE="0")
+        try:
+            assert post(server.url, b"x" * (8 * MiB))[0] == 503
+        finally:
+            server.stop()
 
 
 class TestTempDirFailures:

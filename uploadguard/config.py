@@ -25,7 +25,8 @@ Environment variables (all optional):
 ``UPLOADGUARD_DRAIN_MAX``
     How many body bytes a worker reads and discards so that a client still
     sending an oversized or failed upload reads the error instead of a
-    connection reset.  Default: twice the body limit.  ``0`` never drains.
+    connection reset.  Default: twice the body limit (64M when the limit is
+    off).  ``0`` never drains.
 ``UPLOADGUARD_DRAIN_TIMEOUT``
     Seconds a worker spends draining at most.  Default ``10``.
 ``UPLOADGUARD_CHECK_INTERVAL``
@@ -62,6 +63,9 @@ _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 _SECONDS = {"": 1.0, "S": 1.0, "M": 60.0, "H": 3600.0, "D": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([SMHD]?)\s*$", re.IGNORECASE)
+
+
+_DRAIN_WITHOUT_LIMIT = 64 * 1024**2
 
 
 class ConfigError(ValueError):
@@ -140,8 +144,10 @@ class Settings:
 
     @property
     def drain_bytes(self) -> int:
-        """The effective drain bound in bytes."""
-        return 2 * self.max_body_size if self.drain_max is None else self.drain_max
+        """The effective drain bound in bytes: ``drain_max``, else twice the limit, else 64 MiB."""
+        if self.drain_max is not None:
+            return self.drain_max
+        return 2 * self.max_body_size if self.max_body_size else _DRAIN_WITHOUT_LIMIT
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

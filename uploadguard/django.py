@@ -342,7 +342,7 @@ class UploadGuardMiddleware:
         environ = request.META
         guard.note(error, environ)
         if stream is not None:
-            stream.drain(max_bytes=guard.settings.drain_bytes, timeout=guard.settings.drain_timeout)
+            guard.drain(stream, environ)
         _, headers, body = error.response(environ)
         response = HttpResponse(body, status=error.status_code, reason=error.title)
         if replacing is not None:

@@ -99,7 +99,8 @@ def settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] |
     """
     merged = overlay_environ(config.get, environ)
     flask_limit = config.get("MAX_CONTENT_LENGTH")
-    if flask_limit is not None and not merged.get("UPLOADGUARD_MAX_BODY_SIZE", "").strip():
+    # MAX_CONTENT_LENGTH = 0 means "no body" to Werkzeug, but 0 means "no limit" here: leave that one to Flask.
+    if flask_limit and not merged.get("UPLOADGUARD_MAX_BODY_SIZE", "").strip():
         merged["UPLOADGUARD_MAX_BODY_SIZE"] = str(flask_limit)
     return Settings.from_environ(merged)
 
@@ -139,7 +140,7 @@ class _Answer:
         guard.note(error, environ)
         stream = environ.get(ENVIRON_INPUT)
         if isinstance(stream, GuardedInput):
-            stream.drain(max_bytes=guard.settings.drain_bytes, timeout=guard.settings.drain_timeout)
+            guard.drain(stream, environ)
         _, headers, body = error.response(environ)
         for name in {key.lower() for key in response.headers.keys()} & CONTENT_HEADERS:
             del response.headers[name]

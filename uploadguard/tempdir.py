@@ -84,10 +84,10 @@ def reason_for_errno(err: int | None) -> str | None:
     return _ERRNO_REASONS.get(err) if err is not None else None
 
 
-def is_within(path: str | os.PathLike[str] | bytes | None, directory: str) -> bool:
+def is_within(path: object, directory: str) -> bool:
     """Whether ``path`` names ``directory`` or something below it (lexically)."""
-    if path is None:
-        return False
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return False  # None, or a file descriptor (os.chmod(fd, ...) errors carry the int)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     path = os.path.abspath(os.fspath(path))
@@ -292,7 +292,7 @@ class TempDirGuard:
             return dataclasses.replace(health, healed=healed)
         return health
 
-    def owns(self, path: str | os.PathLike[str] | bytes | None) -> bool:
+    def owns(self, path: object) -> bool:
         """Whether an error's filename lies in the guarded directory."""
         return is_within(path, self.path)
 

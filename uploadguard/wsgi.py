@@ -61,6 +61,7 @@ Per-request state lives in namespaced environ keys: ``uploadguard.guard``
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -87,6 +88,7 @@ log = logging.getLogger("uploadguard")
 _CHUNK = 64 * 1024
 ENVIRON_GUARD = "uploadguard.guard"
 ENVIRON_INPUT = "uploadguard.input"
+ENVIRON_ANSWERED = "uploadguard.answered"
 
 
 class GuardStats:
@@ -138,7 +140,7 @@ class GuardedInput:
     cut at ``limit`` with :class:`~uploadguard.errors.BodyTooLarge`.
     """
 
-    __slots__ = ("_stream", "_length", "_limit", "consumed", "exceeded", "eof")
+    __slots__ = ("_stream", "_length", "_limit", "consumed", "exceeded", "eof", "failed")
 
     def __init__(self, stream: Any, *, length: int | None, limit: int) -> None:
         self._stream = stream
@@ -147,6 +149,8 @@ class GuardedInput:
         self.consumed = 0
         self.exceeded = False
         self.eof = False
+        #: Reading the body itself raised (the client went away): the error is the client's, not the app's.
+        self.failed = False
 
     def _cap(self, size: int | None) -> int:
         """How many bytes this read may ask the server for (-1: no cap)."""
@@ -175,7 +179,11 @@ class GuardedInput:
             if size <= 0:
                 self.eof = True
                 return b""
-            data: bytes = self._stream.read(size)
+            try:
+                data: bytes = self._stream.read(size)
+            except OSError:
+                self.failed = True
+                raise
             if not data:
                 self.eof = True
             self.consumed += len(data)
@@ -187,13 +195,20 @@ class GuardedInput:
             return b""
         if cap < 0 or (size is None or size < 0) and self._length is None:
             return self._read_all(cap)
-        return self._count(self._stream.read(cap), cap)
+        return self._count(self._raw(self._stream.read, cap), cap)
+
+    def _raw(self, method: Callable[[int], bytes], size: int) -> bytes:
+        try:
+            return method(size)
+        except OSError:
+            self.failed = True
+            raise
 
     def _read_all(self, cap: int) -> bytes:
         parts = []
         while cap != 0:
             want = _CHUNK if cap < 0 else min(_CHUNK, cap)
-            data = self._count(self._stream.read(want), want)
+            data = self._count(self._raw(self._stream.read, want), want)
             if not data:
                 break
             parts.append(data)
@@ -205,7 +220,7 @@ class GuardedInput:
         cap = self._cap(size)
         if cap == 0:
             return b""
-        return self._count(self._stream.readline(cap), cap)
+        return self._count(self._raw(self._stream.readline, cap), cap)
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
         lines: list[bytes] = []
@@ -231,22 +246,40 @@ class GuardedInput:
         """Bytes still unread (``None`` when the length is unknown)."""
         return None if self._length is None else self._length - self.consumed
 
-    def drain(self, *, max_bytes: int, timeout: float) -> bool:
-        """Read and discard the rest of the body within the bounds; ``True`` if all was read."""
+    def drain(self, *, max_bytes: int, timeout: float, sock: Any = None) -> bool:
+        """Read and discard the rest of the body within the bounds; ``True`` if all was read.
+
+        ``sock`` (gunicorn's ``environ["gunicorn.socket"]``) gets the remaining
+        time as its timeout while draining, so a client that stalls cannot hold
+        the worker past ``timeout``: a blocked read would never see the deadline.
+        """
         if self.eof or self.remaining == 0:
             return True
         if self.remaining is not None and self.remaining > max_bytes:
             return False
         deadline = time.monotonic() + timeout
-        budget = max_bytes
+        previous = sock.gettimeout() if sock is not None else None
+        try:
+            return self._drain(max_bytes, deadline, sock)
+        finally:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(previous)
+
+    def _drain(self, budget: int, deadline: float, sock: Any) -> bool:
         stream = self._stream
-        while budget > 0 and time.monotonic() < deadline:
+        while budget > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
             want = min(_CHUNK, budget) if self._length is None else min(_CHUNK, budget, self._length - self.consumed)
             if want <= 0:
                 return True
             try:
+                if sock is not None:
+                    sock.settimeout(left)
                 data = stream.read(want)
-            except Exception:  # the client went away, or the stream is broken: stop quietly
+            except Exception:  # the client went away or stalled, or the stream is broken: stop quietly
                 return False
             if not data:
                 self.eof = True
@@ -378,7 +411,8 @@ class UploadGuard:
         result: Iterable[bytes] | None = None
         try:
             result = self.app(environ, exchange.start_response)
-            if stream.exceeded:  # the app swallowed our BodyTooLarge and answered something else
+            if stream.exceeded and ENVIRON_ANSWERED not in environ:
+                # The app swallowed our BodyTooLarge and answered something else.
                 raise BodyTooLarge(settings.max_body_size)
             if isinstance(result, (list, tuple)):
                 body: Iterable[bytes] = result
@@ -392,6 +426,12 @@ class UploadGuard:
             exchange.commit()
             return body
         except Exception as exc:
+            # The server never sees ``result`` now, so closing it (Django's request_finished!) is ours.
+            if result is not None and hasattr(result, "close"):
+                try:
+                    result.close()
+                except Exception:
+                    log.exception("uploadguard: closing the application's response failed")
             if exchange.sent:
                 log.error("uploadguard: error after the response started (%s %s); cannot answer it",
                           environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), exc_info=True)
@@ -399,11 +439,6 @@ class UploadGuard:
             error = self.error_for(exc, environ)
             if error is None:
                 raise
-            if result is not None and hasattr(result, "close"):
-                try:
-                    result.close()
-                except Exception:
-                    log.exception("uploadguard: closing the application's response failed")
             return self._reject(environ, start_response, error, stream)
 
     # -- deciding and answering ------------------------------------------------------
@@ -437,33 +472,39 @@ class UploadGuard:
             return BodyTooLarge(self.settings.max_body_size)
         if not isinstance(exc, OSError):
             return None
-        unavailable = self.temp_dir_error(exc)
+        if isinstance(stream, GuardedInput) and stream.failed:
+            return None  # reading the body failed: the client went away; the server logs that itself
+        unavailable = self.temp_dir_error(exc, spooled=stream.consumed if isinstance(stream, GuardedInput) else 0)
         if unavailable is not None:
             return unavailable
-        if exc.errno is None or isinstance(exc, ConnectionError):
-            return None  # the client went away; the server logs that itself
         log.error("uploadguard: %s on %s %s; answering 500", type(exc).__name__,
                   environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), exc_info=exc)
-        self.stats.record("500", errno.errorcode.get(exc.errno, str(exc.errno)))
+        self.stats.record("500", errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__)
         return InternalError()
 
-    def temp_dir_error(self, exc: OSError) -> TempDirUnavailable | None:
+    def temp_dir_error(self, exc: OSError, *, spooled: int = 0) -> TempDirUnavailable | None:
         """A 503 for an ``OSError`` that is about the temp dir, else ``None``.
 
-        It is about the temp dir when it names a path inside it, or when it
-        is a temp-dir kind of error (ENOSPC, ENOENT, EROFS...) and the
-        directory is unhealthy right now.  A vanished directory is healed
-        on the way, so the client's retry succeeds.
+        It is about the temp dir when the directory is unhealthy right now
+        (checked afresh; a vanished one is healed on the way, so the client's
+        retry succeeds), or when the error names a path inside it (both paths,
+        for a two-path error such as a rename), or -- for an error without a
+        path, like ENOSPC from writing a spooled file -- when the directory
+        could not have held the ``spooled`` bytes of body read so far.
         """
         reason = reason_for_errno(exc.errno)
         if reason is None or isinstance(exc, ConnectionError):
             return None
-        on_path = self.temp.owns(exc.filename) or self.temp.owns(getattr(exc, "filename2", None))
         health = self.temp.preflight(fresh=True)
         if health.healed:
             self.stats.record("heal")
-        if not (on_path or not health.ok or health.healed or (reason == "no_space" and exc.filename is None)):
-            return None
+        if health.ok and not health.healed:
+            first, second = exc.filename, getattr(exc, "filename2", None)
+            if first is not None:
+                if not (self.temp.owns(first) and (second is None or self.temp.owns(second))):
+                    return None
+            elif not (reason == "no_space" and spooled and not self.temp.preflight(spooled, fresh=True).ok):
+                return None
         unavailable = self.unavailable(health if not health.ok else None, reason=reason)
         unavailable.cause = f"{type(exc).__name__}: {exc}" + (f"; now: {health.detail}" if not health.ok else "")
         return unavailable
@@ -486,11 +527,21 @@ class UploadGuard:
             isinstance(error, BodyTooLarge) and stream.consumed == 0
             and environ.get("HTTP_EXPECT", "").lower() == "100-continue"
         ):
-            stream.drain(max_bytes=self.settings.drain_bytes, timeout=self.settings.drain_timeout)
+            self.drain(stream, environ)
         return error(environ, start_response)
 
+    def drain(self, stream: GuardedInput, environ: WSGIEnvironment) -> bool:
+        """Read the rest of the body within ``drain_max``/``drain_timeout``, so the client reads our answer."""
+        return stream.drain(max_bytes=self.settings.drain_bytes, timeout=self.settings.drain_timeout,
+                            sock=environ.get("gunicorn.socket"))
+
     def note(self, error: UploadGuardError, environ: WSGIEnvironment) -> None:
-        """Log (one WARNING line) and count a 413/503/400 about to be answered."""
+        """Log (one WARNING line) and count a 413/503/400 about to be answered.
+
+        Marks the request answered (``environ["uploadguard.answered"]``), so an
+        outer guard does not answer (and count) it again.
+        """
+        environ[ENVIRON_ANSWERED] = error
         where = f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}"
         if isinstance(error, BodyTooLarge):
             self.stats.record("413")
