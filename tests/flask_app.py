@@ -14,22 +14,14 @@ import hashlib
 import os
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, jsonify, request
 from werkzeug.wrappers import Response
 
+from tests.support import fill
 from uploadguard.flask import UploadGuard
-
-
-def _fill(directory: str) -> None:
-    with open(os.path.join(directory, "filler"), "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
 
 
 def create_app(*, guarded: bool = True, **config: Any) -> Flask:
@@ -42,7 +34,7 @@ def create_app(*, guarded: bool = True, **config: Any) -> Flask:
         if how == "remove":
             shutil.rmtree(tempfile.gettempdir())
         elif how == "fill":
-            _fill(tempfile.gettempdir())
+            fill(Path(tempfile.gettempdir()))
 
     @app.after_request
     def stamp(response: Response) -> Response:

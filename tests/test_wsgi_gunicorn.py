@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, Gunicorn, fill, tmpfs
+from tests.support import ROOT, Gunicorn, tmpfs
 
 pytestmark = pytest.mark.slow
 

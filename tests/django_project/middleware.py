@@ -13,26 +13,18 @@ names the exception if Django called ``process_exception``, so tests can see
 what happened inside.
 """
 
-import os
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 from django.conf import settings
+
+from tests.support import fill
 
 
 def spool_dir() -> str:
     return settings.FILE_UPLOAD_TEMP_DIR or tempfile.gettempdir()
-
-
-def fill(directory: str) -> None:
-    with open(os.path.join(directory, "filler"), "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
 
 
 class Sabotage:
@@ -44,7 +36,7 @@ class Sabotage:
         if how == "remove":
             shutil.rmtree(spool_dir())
         elif how == "fill":
-            fill(spool_dir())
+            fill(Path(spool_dir()))
         elif how == "readonly":
             subprocess.run(["mount", "-o", "remount,ro", spool_dir()], check=True)
         response = self.get_response(request)
