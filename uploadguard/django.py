@@ -192,18 +192,6 @@ def _remember_exception(sender: object, request: Any = None, **kwargs: Any) -> N
 got_request_exception.connect(_remember_exception, dispatch_uid=ENVIRON_EXCEPTION)
 
 
-def _error_for(guard: UploadGuard, exc: BaseException) -> UploadGuardError | None:
-    """uploadguard's answer to an exception Django caught, or ``None`` to keep Django's 500.
-
-    Unlike :meth:`UploadGuard.error_for` there is no 500 of our own here:
-    Django has answered and logged every other error already.
-    """
-    if isinstance(exc, UploadGuardError):
-        return exc
-    if isinstance(exc, OSError):
-        return guard.temp_dir_error(exc)
-    return None
-
 
 def _length(raw: str | None) -> int | None:
     """``Content-Length`` as a number: ``None`` if absent (chunked), -1 if invalid."""
@@ -269,7 +257,7 @@ class UploadGuardMiddleware:
             response = self.get_response(request)
         except Exception as exc:  # DEBUG_PROPAGATE_EXCEPTIONS: Django re-raised it
             environ.pop(ENVIRON_EXCEPTION, None)
-            error = _error_for(guard, exc)
+            error = guard.caught_error(exc, environ)
             if error is None:
                 raise
             self._release_spooled(request)
@@ -277,7 +265,7 @@ class UploadGuardMiddleware:
         caught = environ.pop(ENVIRON_EXCEPTION, None)
         if caught is None or response.status_code < 500:
             return response
-        error = _error_for(guard, caught)
+        error = guard.caught_error(caught, environ)
         if error is None:
             return response
         answer = self._answer(guard, error, request, self._body(request), replacing=response)

@@ -77,7 +77,7 @@ from flask import Flask, Response, has_request_context, request
 from flask.signals import got_request_exception
 
 from .config import Settings, overlay_environ
-from .errors import CONTENT_HEADERS, UploadGuardError
+from .errors import CONTENT_HEADERS
 from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput
 from .wsgi import UploadGuard as WSGIUploadGuard
 
@@ -134,7 +134,7 @@ class _Answer:
         caught = environ.pop(ENVIRON_EXCEPTION, None)
         if caught is None or response.status_code < 500:
             return response
-        error = _error_for(guard, caught)
+        error = guard.caught_error(caught, environ)
         if error is None:
             return response
         guard.note(error, environ)
@@ -150,14 +150,6 @@ class _Answer:
             response.headers[name] = value
         return response
 
-
-def _error_for(guard: WSGIUploadGuard, exc: BaseException) -> UploadGuardError | None:
-    """uploadguard's answer to an exception Flask caught, or ``None`` to keep Flask's 500."""
-    if isinstance(exc, UploadGuardError):
-        return exc
-    if isinstance(exc, OSError):
-        return guard.temp_dir_error(exc)
-    return None
 
 
 class UploadGuard:

@@ -341,6 +341,17 @@ class _ClosingChain:
             close()
 
 
+def _spooled(environ: WSGIEnvironment) -> int:
+    """Body bytes read so far (counted by our stream), else the announced length: what may sit in the temp dir."""
+    stream = environ.get(ENVIRON_INPUT)
+    if isinstance(stream, GuardedInput) and stream.consumed:
+        return stream.consumed
+    try:
+        return max(0, int(environ.get("CONTENT_LENGTH") or 0))
+    except ValueError:
+        return 0
+
+
 class UploadGuard:
     """WSGI middleware; see the module documentation for what it guarantees."""
 
@@ -474,13 +485,26 @@ class UploadGuard:
             return None
         if isinstance(stream, GuardedInput) and stream.failed:
             return None  # reading the body failed: the client went away; the server logs that itself
-        unavailable = self.temp_dir_error(exc, spooled=stream.consumed if isinstance(stream, GuardedInput) else 0)
+        unavailable = self.temp_dir_error(exc, spooled=_spooled(environ))
         if unavailable is not None:
             return unavailable
         log.error("uploadguard: %s on %s %s; answering 500", type(exc).__name__,
                   environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), exc_info=exc)
         self.stats.record("500", errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__)
         return InternalError()
+
+    def caught_error(self, exc: BaseException, environ: WSGIEnvironment) -> UploadGuardError | None:
+        """The answer to an exception a framework caught and answered 500 itself, or ``None`` to keep that 500.
+
+        For the Django and Flask integrations: uploadguard's own errors and
+        temp-dir errors are answered; everything else the framework has
+        answered and logged already.
+        """
+        if isinstance(exc, UploadGuardError):
+            return exc
+        if isinstance(exc, OSError):
+            return self.temp_dir_error(exc, spooled=_spooled(environ))
+        return None
 
     def temp_dir_error(self, exc: OSError, *, spooled: int = 0) -> TempDirUnavailable | None:
         """A 503 for an ``OSError`` that is about the temp dir, else ``None``.
