@@ -104,8 +104,11 @@ class GuardStats:
         self.listeners: list[Callable[[str, str], None]] = []
 
     def record(self, event: str, reason: str = "") -> None:
+        key = (event, reason)
         with self._lock:
-            self.counts[(event, reason)] += 1
+            self.counts[key] = self.counts.get(key, 0) + 1
+        if not self.listeners:
+            return
         for listener in self.listeners:
             try:
                 listener(event, reason)
@@ -173,11 +176,13 @@ class GuardedInput:
 
     def read(self, size: int | None = -1) -> bytes:
         length = self._length
-        if length is not None and size is not None and 0 < size:
-            # The hot path (a multipart parser reading a known-length body): kept inline.
-            size = min(size, length - self.consumed)
+        if length is not None:
+            # The hot path (a parser reading a known-length body): kept inline.
+            remaining = length - self.consumed
+            size = remaining if size is None or size < 0 else min(size, remaining)
             if size <= 0:
-                self.eof = True
+                if remaining <= 0:
+                    self.eof = True
                 return b""
             try:
                 data: bytes = self._stream.read(size)
@@ -290,7 +295,12 @@ class GuardedInput:
 
 
 class _Exchange:
-    """Holds back ``start_response`` until the first body bytes, so a late error can still be answered."""
+    """Holds back ``start_response`` until the app has returned, so a late error can still be answered.
+
+    PEP 3333 would allow calling the server's ``start_response`` again with
+    ``exc_info`` instead, but gunicorn appends the second call's headers to
+    the first's (two ``Content-Type`` headers), so the guard never calls it twice.
+    """
 
     __slots__ = ("_start_response", "status", "headers", "exc_info", "sent", "_write")
 
