@@ -160,6 +160,19 @@ class TestClean:
         assert sorted(p.name for p in outside.iterdir()) == sorted(names)
 
     @needs_root
+    def test_bind_mounts_not_entered(self, uploads: Path, tmp_path: Path) -> None:
+        """A bind mount below DIR (same file system, same st_dev) is not entered: what it shows stays."""
+        outside = tmp_path / "outside"
+        precious = write(outside / "precious.txt", old=3 * DAY)
+        (uploads / "sub").mkdir()
+        subprocess.run(["mount", "--bind", str(outside), str(uploads / "sub")], check=True)
+        try:
+            result = clean_old_files(uploads, older_than=3600)
+        finally:
+            subprocess.run(["umount", "-l", str(uploads / "sub")], check=False)
+        assert precious.exists() and result.files == 0
+
+    @needs_root
     def test_other_file_systems_not_entered(self, uploads: Path) -> None:
         """A file system mounted below DIR is left alone, like rm --one-file-system."""
         with tmpfs(uploads / "mounted") as mounted:

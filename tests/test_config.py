@@ -25,13 +25,18 @@ class TestParseSize:
         """Sizes are bytes or binary K/M/G multiples, as nginx's client_max_body_size."""
         assert parse_size(text) == expected
 
-    @pytest.mark.parametrize("text", ["", "20X", "-1", "1.5M", "M", "twenty"])
+    @pytest.mark.parametrize("text", ["", "20X", "-1", "1.5M", "M", "twenty", "9" * 5000])
     def test_rejects_with_the_name_and_value(self, text: str) -> None:
         """A bad size names the variable and the value, and says what is allowed."""
         with pytest.raises(ConfigError) as info:
             parse_size(text, name="UPLOADGUARD_MAX_BODY_SIZE")
         assert f"UPLOADGUARD_MAX_BODY_SIZE={text!r}" in str(info.value)
         assert "K/M/G" in str(info.value)
+
+    def test_too_large(self) -> None:
+        """A size past what a file offset holds is refused with its own message."""
+        with pytest.raises(ConfigError, match="is too large"):
+            parse_size("9" * 20 + "T", name="UPLOADGUARD_MAX_BODY_SIZE")
 
     def test_format_round_trips(self) -> None:
         """format_size gives back the short form for exact multiples and bytes otherwise."""
@@ -48,10 +53,16 @@ class TestParseDuration:
         """Durations take seconds or an s/m/h/d suffix."""
         assert parse_duration(text) == seconds
 
-    def test_rejects(self) -> None:
-        """A bad duration is a ConfigError naming the variable."""
-        with pytest.raises(ConfigError, match="UPLOADGUARD_RETRY_AFTER='soon'"):
-            parse_duration("soon", name="UPLOADGUARD_RETRY_AFTER")
+    @pytest.mark.parametrize("text", ["soon", "-5", "9" * 400, "400000000d", "nan", "inf", "1e3"])
+    def test_rejects(self, text: str) -> None:
+        """A bad, huge or non-finite duration is a ConfigError naming the variable, never an OverflowError."""
+        with pytest.raises(ConfigError, match=f"UPLOADGUARD_RETRY_AFTER={text!r}"):
+            parse_duration(text, name="UPLOADGUARD_RETRY_AFTER")
+
+    def test_huge_retry_after_from_the_environment(self) -> None:
+        """A 400-digit UPLOADGUARD_RETRY_AFTER is one clear error, not an OverflowError from rounding."""
+        with pytest.raises(ConfigError, match="UPLOADGUARD_RETRY_AFTER"):
+            Settings.from_environ({"UPLOADGUARD_RETRY_AFTER": "9" * 400})
 
 
 class TestSettingsFromEnviron:

@@ -108,9 +108,13 @@ class TestSettings:
         pytest.param({"GUNICORN_MAX_REQUESTS": "-1"}, id="max_requests-negative"),
         pytest.param({"GUNICORN_MAX_REQUESTS_JITTER": "1e3"}, id="jitter-float"),
         pytest.param({"GUNICORN_TIMEOUT": "soon"}, id="timeout-word"),
+        pytest.param({"GUNICORN_TIMEOUT": "0.4"}, id="timeout-rounds-to-no-timeout"),
+        pytest.param({"GUNICORN_TIMEOUT": "400000d"}, id="timeout-overflows-select"),
+        pytest.param({"GUNICORN_GRACEFUL_TIMEOUT": "9" * 400}, id="graceful-timeout-400-digits"),
+        pytest.param({"WEB_CONCURRENCY": "9" * 5000}, id="workers-5000-digits"),
     ])
     def test_bad_value_names_the_variable(self, load: Callable[..., dict[str, Any]], env: dict[str, str]) -> None:
-        """A value that is not a number raises ConfigError naming the variable and the value."""
+        """A value that is not a usable number raises ConfigError naming the variable and the value."""
         [(name, value)] = env.items()
         with pytest.raises(ConfigError, match=f"^{name}={value!r}"):
             load(**env)

@@ -60,9 +60,11 @@ __all__ = ["ConfigError", "Settings", "parse_size", "parse_duration", "overlay_e
 ENV_PREFIX = "UPLOADGUARD_"
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d{1,20})\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_MAX_SIZE = 2**63 - 1  # bytes: what off_t holds
+_MAX_DURATION = 100 * 365 * 86400.0  # seconds: a hundred years
 _SECONDS = {"": 1.0, "S": 1.0, "M": 60.0, "H": 3600.0, "D": 86400.0}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([SMHD]?)\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,9})?)\s*([SMHD]?)\s*$", re.IGNORECASE)
 
 
 _DRAIN_WITHOUT_LIMIT = 64 * 1024**2
@@ -77,13 +79,17 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} is not a size; use bytes or a K/M/G suffix (e.g. 200M)")
     if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{name}={value!r} must not be negative")
-        return value
-    match = _SIZE_RE.match(value)
-    if not match:
-        raise ConfigError(f"{name}={value!r} is not a size; use bytes or a K/M/G suffix (e.g. 200M)")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+        size = value
+    else:
+        match = _SIZE_RE.match(value)
+        if not match:
+            raise ConfigError(f"{name}={value!r} is not a size; use bytes or a K/M/G suffix (e.g. 200M)")
+        size = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    if size < 0:
+        raise ConfigError(f"{name}={value!r} must not be negative")
+    if size > _MAX_SIZE:
+        raise ConfigError(f"{name}={value!r} is too large (at most {_MAX_SIZE} bytes)")
+    return size
 
 
 def parse_duration(value: str | float, *, name: str = "duration") -> float:
@@ -91,13 +97,17 @@ def parse_duration(value: str | float, *, name: str = "duration") -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} is not a duration; use seconds or an s/m/h/d suffix (e.g. 24h)")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ConfigError(f"{name}={value!r} must not be negative")
-        return float(value)
-    match = _DURATION_RE.match(value)
-    if not match:
-        raise ConfigError(f"{name}={value!r} is not a duration; use seconds or an s/m/h/d suffix (e.g. 24h)")
-    return float(match.group(1)) * _SECONDS[match.group(2).upper()]
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ConfigError(f"{name}={value!r} is not a duration; use seconds or an s/m/h/d suffix (e.g. 24h)")
+        seconds = float(match.group(1)) * _SECONDS[match.group(2).upper()]
+    if not seconds >= 0:  # also catches NaN
+        raise ConfigError(f"{name}={value!r} must not be negative")
+    if seconds > _MAX_DURATION:
+        raise ConfigError(f"{name}={value!r} is too long (at most 100 years)")
+    return seconds
 
 
 def default_temp_dir(environ: Mapping[str, str] | None = None) -> Path:

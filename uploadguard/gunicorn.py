@@ -111,14 +111,23 @@ def _whole_number(environ: _Mapping[str, str], name: str, default: int, *, minim
     raw = environ.get(name, "").strip()
     if not raw:
         return default
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < minimum:
-        raise _ConfigError(f"{name}={raw!r} is not a whole number >= {minimum}")
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not minimum <= int(raw) <= 2**31 - 1:
+        raise _ConfigError(f"{name}={raw!r} is not a whole number from {minimum} to {2**31 - 1}")
     return int(raw)
 
 
+_MAX_TIMEOUT = 86400  # seconds: past a day select() overflows in the workers, and no upload takes that long
+
+
 def _seconds(environ: _Mapping[str, str], name: str, default: int) -> int:
+    """Whole seconds from 1 s to a day; gunicorn would read a value rounded to 0 as "no timeout"."""
     raw = environ.get(name, "").strip()
-    return round(_parse_duration(raw, name=name)) if raw else default
+    if not raw:
+        return default
+    seconds = round(_parse_duration(raw, name=name))
+    if not 1 <= seconds <= _MAX_TIMEOUT:
+        raise _ConfigError(f"{name}={raw!r} must be between 1 second and 1 day (e.g. 600 or 10m)")
+    return seconds
 
 
 def _bind(environ: _Mapping[str, str]) -> list[str]:

@@ -332,7 +332,9 @@ def clean_old_files(
     * the walk holds a file descriptor per level and opens each subdirectory
       relative to its parent with ``O_NOFOLLOW``, checking it is the directory
       it listed, so a directory swapped for a symlink mid-walk cannot lead
-      outside; other file systems mounted below are not entered;
+      outside; nothing mounted below is entered -- other file systems (a
+      different ``st_dev``) nor bind mounts (same ``st_dev``, so they are found
+      in ``/proc/self/mountinfo``);
     * entries that vanish meanwhile are skipped; other failures are collected
       in ``errors`` and the walk goes on.
 
@@ -350,13 +352,25 @@ def clean_old_files(
     result = CleanResult(path)
     fd = os.open(path, _OPEN_DIR)
     try:
-        _clean_dir(fd, path, os.fstat(fd).st_dev, cutoff, dry_run, result, 0)
+        fence = _Fence(os.fstat(fd).st_dev, frozenset(mount.mount_point for mount in _mounts()))
+        _clean_dir(fd, path, fence, cutoff, dry_run, result, 0)
     finally:
         os.close(fd)
     return result
 
 
-def _clean_dir(fd: int, where: str, device: int, cutoff: float, dry_run: bool, result: CleanResult, depth: int) -> int:
+@dataclasses.dataclass(frozen=True)
+class _Fence:
+    """What a clean-up must not enter: another file system, or any mount point."""
+
+    device: int
+    mount_points: frozenset[str]
+
+    def keeps_out(self, path: str, st: os.stat_result) -> bool:
+        return st.st_dev != self.device or path in self.mount_points
+
+
+def _clean_dir(fd: int, where: str, fence: _Fence, cutoff: float, dry_run: bool, result: CleanResult, depth: int) -> int:
     """Clean the directory open as ``fd``; return how many entries stay in it."""
     try:
         with os.scandir(fd) as listing:
@@ -377,10 +391,11 @@ def _clean_dir(fd: int, where: str, device: int, cutoff: float, dry_run: bool, r
             continue
         old = st.st_mtime < cutoff
         if stat.S_ISDIR(st.st_mode):
-            if st.st_dev != device or depth >= _CLEAN_MAX_DEPTH:
+            sub = os.path.join(where, name)
+            if fence.keeps_out(sub, st) or depth >= _CLEAN_MAX_DEPTH:
                 remaining += 1
                 continue
-            left = _clean_subdir(fd, name, st, os.path.join(where, name), device, cutoff, dry_run, result, depth + 1)
+            left = _clean_subdir(fd, name, st, sub, fence, cutoff, dry_run, result, depth + 1)
             if left is None:
                 continue
             if left == 0 and old:
@@ -401,7 +416,7 @@ def _clean_dir(fd: int, where: str, device: int, cutoff: float, dry_run: bool, r
 
 
 def _clean_subdir(
-    parent: int, name: str, st: os.stat_result, where: str, device: int, cutoff: float, dry_run: bool,
+    parent: int, name: str, st: os.stat_result, where: str, fence: _Fence, cutoff: float, dry_run: bool,
     result: CleanResult, depth: int,
 ) -> int | None:
     """Open ``name`` below ``parent`` without following links and clean it.
@@ -423,7 +438,7 @@ def _clean_subdir(
         if not os.path.samestat(st, os.fstat(fd)):
             log.info("uploadguard: %s was replaced while being cleaned; left alone", where)
             return 1
-        return _clean_dir(fd, where, device, cutoff, dry_run, result, depth)
+        return _clean_dir(fd, where, fence, cutoff, dry_run, result, depth)
     finally:
         os.close(fd)
 
@@ -507,6 +522,23 @@ def _unescape(field: str) -> str:
     return _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
+def _mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    """Every line of ``mountinfo``, in mount order; empty if it cannot be read."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        fields = line.split(" ")
+        if "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        mounts.append(Mount(_unescape(fields[4]), _unescape(fields[3]), fields[sep + 1], _unescape(fields[sep + 2])))
+    return mounts
+
+
 def mount_of(path: str | os.PathLike[str], *, mountinfo: str = "/proc/self/mountinfo") -> Mount | None:
     """The mount ``path`` lies on in this process's mount namespace; ``None`` if unknown.
 
@@ -515,18 +547,8 @@ def mount_of(path: str | os.PathLike[str], *, mountinfo: str = "/proc/self/mount
     ``//deleted`` and every file created in ``/tmp`` fails with ``ENOENT``.
     """
     target = os.path.abspath(os.fspath(path))
-    try:
-        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
     best: Mount | None = None
-    for line in lines:
-        fields = line.split(" ")
-        if "-" not in fields[6:]:
-            continue
-        sep = fields.index("-", 6)
-        mount = Mount(_unescape(fields[4]), _unescape(fields[3]), fields[sep + 1], _unescape(fields[sep + 2]))
+    for mount in _mounts(mountinfo):
         # Later lines are mounted on top of earlier ones, so ">=" keeps the visible one.
         if is_within(target, mount.mount_point) and (best is None or len(mount.mount_point) >= len(best.mount_point)):
             best = mount
