@@ -6,14 +6,19 @@ by Playwright opens the demo under real gunicorn with the project's
 file, every upload is answered 503 + ``Retry-After``; ``upload.js`` shows
 "retrying" and sends the file again, and once the file is removed (the guard
 recreates the directory) each upload ends stored -- without a reload.
+
+The helper's own edge cases (odd ``Retry-After`` headers, an odd
+``data-uploadguard-concurrency``) run on a small page that Playwright serves
+itself, with no server process.
 """
 
 from __future__ import annotations
 
+import email.utils
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,8 @@ CHROMIUM_ARGS = [
 ]
 DEMO = ROOT / "examples" / "django_demo"
 BROKEN_FOR = 2.0  # seconds the temp dir stays unusable after the first retry is shown
+HELPER = ROOT / "uploadguard" / "static" / "uploadguard" / "upload.js"
+SITE = "http://uploadguard.test"  # answered by page.route(), never looked up
 
 
 @pytest.fixture
@@ -55,6 +62,32 @@ def serve_demo(tmp_path: Path, **env: str) -> Gunicorn:
         env={"DJANGO_SETTINGS_MODULE": "demo.settings", "UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"),
              "DEMO_STORAGE_DIR": str(tmp_path / "uploads"), "UPLOADGUARD_RETRY_AFTER": "1", **env},
     )
+
+
+def helper_page(browser: Any, answer: Callable[[Any], None], *, concurrency: str = "") -> Any:
+    """A page with a ``<form data-uploadguard>`` and upload.js, uploads answered by ``answer(route)``."""
+    attribute = f' data-uploadguard-concurrency="{concurrency}"' if concurrency else ""
+    html = (f'<!doctype html><form data-uploadguard action="/upload/" method="post"{attribute}>'
+            '<input type="file" name="file" multiple><button type="submit">Upload</button>'
+            '<ol data-uploadguard-list></ol></form><script src="/upload.js"></script>')
+
+    def site(route: Any) -> None:
+        path = route.request.url.removeprefix(SITE)
+        if path == "/upload/":
+            answer(route)
+        elif path == "/upload.js":
+            route.fulfill(path=str(HELPER), content_type="text/javascript")
+        else:
+            route.fulfill(body=html, content_type="text/html")
+
+    page = browser.new_page()
+    page.route(SITE + "/**", site)
+    page.goto(SITE + "/")
+    return page
+
+
+def stored(route: Any) -> None:
+    route.fulfill(status=200, content_type="application/json", body='{"stored": []}')
 
 
 def photo(path: Path, turn: int) -> Path:
@@ -185,3 +218,71 @@ class TestBrowserUpload:
 
         assert status == "Uploads are temporarily unavailable. (gave up after 5 attempts)"
         assert len(sent) == 5
+
+
+class TestRetryAfter:
+    def test_only_whole_seconds_or_an_http_date_set_the_wait(self, browser: Any) -> None:
+        """Retry-After is read as whole seconds or an IMF-fixdate; anything else means the backoff, and the wait is capped."""
+        in_30s = email.utils.formatdate(time.time() + 30, usegmt=True)
+        cases = {
+            "5": 5, " 7 ": 7, "0": 0, "120": 60, "99999999999999999999": 60,  # capped by maxDelay (60)
+            "1.5": 4, "+5": 4, "-1": 4, "5, 5": 4, "soon": 4, "": 4,  # the backoff for the third attempt
+            "Sun, 06 Nov 1994 08:49:37 GMT": 0, "Sunday, 06-Nov-94 08:49:37 GMT": 4,
+            "Fri, 01 Jan 2100 00:00:00 GMT": 60,
+        }
+        page = helper_page(browser, stored)
+
+        delays = page.evaluate("(headers) => headers.map((h) => UploadGuard._retryDelay(h, 3))", list(cases))
+        in_30s_delay = page.evaluate("(h) => UploadGuard._retryDelay(h, 1)", in_30s)
+        caps = page.evaluate("""[UploadGuard._retryDelay("1000", 1, 600), UploadGuard._retryDelay("1000", 1, "x"),
+                                 UploadGuard._retryDelay(null, 1, 0)]""")
+        page.close()
+
+        assert dict(zip(cases, delays)) == cases
+        assert 28 < in_30s_delay <= 30
+        assert caps == [300, 60, 0]  # maxDelay itself is capped at 300 s; an unreadable one means 60 s
+
+    def test_odd_retry_after_does_not_mean_resend_at_once(self, browser: Any) -> None:
+        """A 503 with "Retry-After: 1.5" is retried after the 1-second backoff, not at once."""
+        sent: list[float] = []
+
+        def unavailable_once(route: Any) -> None:
+            sent.append(time.monotonic())
+            if len(sent) == 1:
+                route.fulfill(status=503, headers={"Retry-After": "1.5"}, body="not now")
+            else:
+                stored(route)
+
+        page = helper_page(browser, unavailable_once)
+        page.evaluate("""window.statuses = [];
+            new MutationObserver(() => document.querySelectorAll(".uploadguard-status").forEach(
+                (status) => window.statuses.push(status.textContent)))
+              .observe(document.querySelector("[data-uploadguard-list]"), {childList: true, subtree: true})""")
+        page.set_input_files("input[type=file]", files={"name": "a.txt", "mimeType": "text/plain", "buffer": b"a"})
+        page.click("button[type=submit]")
+        page.wait_for_selector(".uploadguard-item[data-state=stored]", timeout=5_000)
+        statuses = page.evaluate("window.statuses")
+        page.close()
+
+        assert any("retrying in 1 s" in status for status in statuses), statuses
+        assert len(sent) == 2 and sent[1] - sent[0] >= 0.9
+
+
+class TestBoundForm:
+    def test_unreadable_concurrency_falls_back_to_the_default(self, browser: Any) -> None:
+        """A data-uploadguard-concurrency that is not a positive whole number still sends every file."""
+        sent: list[str] = []
+
+        def count(route: Any) -> None:
+            sent.append(route.request.url)
+            stored(route)
+
+        page = helper_page(browser, count, concurrency="abc")
+        files = [{"name": f"{n}.txt", "mimeType": "text/plain", "buffer": b"x"} for n in range(3)]
+        page.set_input_files("input[type=file]", files=files)
+        page.click("button[type=submit]")
+        page.wait_for_function("document.querySelectorAll('.uploadguard-item[data-state=stored]').length === 3",
+                               timeout=3_000)
+        page.close()
+
+        assert len(sent) == 3

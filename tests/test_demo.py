@@ -104,6 +104,8 @@ class TestDemoPages:
         pytest.param("/media/nothing.jpg", id="missing"),
         pytest.param("/media/.hidden.jpg.part", id="partial-upload"),
         pytest.param("/media/..", id="parent"),
+        pytest.param("/media/a%00b", id="nul-byte"),
+        pytest.param("/media/" + "x" * 300, id="name-too-long"),
     ])
     def test_unknown_stored_files_are_404(self, client: Client, dirs: dict[str, Path], path: str) -> None:
         """Only finished, stored files are served."""
@@ -151,6 +153,25 @@ class TestDemoUploads:
         assert stored["sha256"] == hashlib.sha256(blob).hexdigest()
         assert served["Content-Disposition"] == f'attachment; filename="{title}"'
         assert b"".join(served.streaming_content) == blob
+
+    @pytest.mark.parametrize(("name", "data"), [
+        pytest.param("漢" * 90 + ".txt", b"text", id="cjk-file"),
+        pytest.param("漢" * 90 + ".jpg", photo((32, 32)), id="cjk-photo"),
+        pytest.param("漢" * 90 + "." + "漢" * 90, b"text", id="cjk-suffix"),
+    ])
+    def test_long_multibyte_names_are_shortened_to_fit(self, client: Client, dirs: dict[str, Path], name: str,
+                                                        data: bytes) -> None:
+        """A name of many multibyte characters is cut to whole characters so the stored file name fits in 255 bytes."""
+        response = upload(client, name, data)
+        [stored] = response.json()["stored"]
+        served = client.get(stored["url"])
+        served.close()
+
+        assert response.status_code == 200
+        assert len(os.fsencode(f".{stored['name']}.part")) <= 255
+        assert stored["title"].startswith("漢" * 20)
+        assert (dirs["storage"] / stored["name"]).is_file()
+        assert served.status_code == 200
 
     def test_gallery_lists_stored_photos(self, client: Client) -> None:
         """After an upload the page shows its thumbnail, served as a JPEG."""

@@ -11,6 +11,7 @@ its sha256, so a client (or a test) can check what arrived.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
@@ -31,11 +32,21 @@ from uploadguard.images import DEFAULT_QUALITY, HIGH_QUALITY, ImageError, compre
 
 GALLERY_SIZE = 60  # newest files shown
 IMAGE_SUFFIXES = frozenset({".jpg", ".png", ".webp", ".gif"})  # what compress_image() writes
+# A stored name is "<stamp>-<stem><suffix>" (+ ".bin"), written first as ".<name>.part": 22 + 1 + 160 + 16 + 4 + 6
+# bytes stay under the 255-byte limit of a file name (NAME_MAX) however many bytes each character takes.
+MAX_STEM = 160  # bytes (UTF-8) of the original name kept, and at most 80 characters
+MAX_SUFFIX = 16  # bytes (UTF-8) of the original extension kept
+NOT_STORED = frozenset({errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG})  # open() errors that mean 404
 
 
 def _title(name: str) -> str:
     """The original file name inside a stored name."""
     return name.split("-", 3)[-1]
+
+
+def _clip(text: str, size: int) -> str:
+    """``text`` cut to at most ``size`` bytes of UTF-8, never inside a character."""
+    return text.encode()[:size].decode("utf-8", "ignore")
 
 
 def _describe(name: str, size: int) -> dict[str, Any]:
@@ -86,16 +97,17 @@ def store(upload: UploadedFile, *, quality: int) -> dict[str, Any]:
         stem, suffix = os.path.splitext(get_valid_filename(upload.name or "upload"))
     except SuspiciousFileOperation:
         stem, suffix = "upload", ""
+    stem = _clip(stem[:80], MAX_STEM)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     try:
         image = compress_image(upload, quality=quality)
     except ImageError as exc:
-        suffix = suffix[:16] + (".bin" if suffix.lower() in IMAGE_SUFFIXES else "")  # not shown as an image
-        name = f"{stamp}-{stem[:80]}{suffix}"
+        suffix = _clip(suffix, MAX_SUFFIX) + (".bin" if suffix.lower() in IMAGE_SUFFIXES else "")  # not shown as an image
+        name = f"{stamp}-{stem}{suffix}"
         size, sha256 = _write(name, upload.chunks())
         facts: dict[str, Any] = {"kind": "file", "note": str(exc)}
     else:
-        name = f"{stamp}-{stem[:80]}{image.extension}"
+        name = f"{stamp}-{stem}{image.extension}"
         size, sha256 = _write(name, [image.data])
         facts = {"kind": "image", "format": image.format, "width": image.width, "height": image.height,
                  "quality": quality, "changed": image.changed}
@@ -139,11 +151,13 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
 @require_GET
 def stored_file(request: HttpRequest, name: str) -> FileResponse:
     """A stored file: images inline, anything else as a download."""
-    if name.startswith("."):
+    if name.startswith(".") or "\0" in name:  # open() refuses a NUL with ValueError
         raise Http404("no such file")
     try:
         fh = open(settings.DEMO_STORAGE_DIR / name, "rb")  # noqa: SIM115 (FileResponse closes it)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    except OSError as exc:
+        if exc.errno not in NOT_STORED:
+            raise
         raise Http404("no such file") from None
     as_image = os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
     return FileResponse(fh, as_attachment=not as_image, filename=_title(name))

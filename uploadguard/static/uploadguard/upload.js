@@ -6,8 +6,9 @@
  * cases where sending the same request again is right:
  *
  *   503           the server could not take the upload right now; it waits
- *                 for the Retry-After header (seconds or an HTTP date; or a
- *                 backoff if the header is missing), capped by maxDelay
+ *                 for the Retry-After header (whole seconds, or an HTTP date
+ *                 such as "Sun, 06 Nov 1994 08:49:37 GMT"; a backoff if the
+ *                 header is missing or anything else), capped by maxDelay
  *   status 0      a network error (connection reset or refused, timeout):
  *                 retried after 1, 2, 4, 8... seconds, capped by maxDelay
  *
@@ -24,7 +25,7 @@
  *     csrfToken: token,         // sent as X-CSRFToken (Django's header)
  *     headers: {},              // more request headers
  *     maxAttempts: 5,           // attempts in all, the first one included
- *     maxDelay: 60,             // seconds waited at most between attempts
+ *     maxDelay: 60,             // seconds waited at most between attempts (at most 300)
  *     onProgress: function (loaded, total) {},
  *     onStatus: function (text, info) {}  // info: {state, attempt, maxAttempts, delay, status}
  *   }) -> Promise resolving to {status, data, attempts, xhr}
@@ -41,10 +42,15 @@
  * "uploadguard:stored" / "uploadguard:failed" events whose detail is
  * {file, item, result} / {file, item, error}.  Each <li> has a data-state
  * ("queued", then as info.state) to style it by.  data-uploadguard-concurrency
- * sets how many files are sent at once (default 2).
+ * sets how many files are sent at once (a positive whole number; default 2).
  */
 (function (root) {
   "use strict";
+
+  var DEFAULT_MAX_DELAY = 60;  // seconds
+  var MAX_DELAY = 300;  // seconds: no option or header makes a retry wait longer
+  var DEFAULT_CONCURRENCY = 2;  // files sent at once by a bound form
+  var HTTP_DATE = /^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d{2}:\d{2}:\d{2} GMT$/;
 
   function UploadError(message, status, data, attempts) {
     var error = new Error(message);
@@ -79,18 +85,38 @@
     return status ? "The server answered " + status + "." : "The server could not be reached.";
   }
 
-  /* Seconds a Retry-After header asks for, or null when absent or unreadable. */
+  /* ``value`` as a whole number of at least ``least``, else ``fallback``. */
+  function wholeNumber(value, least, fallback) {
+    var text = String(value === undefined || value === null ? "" : value).trim();
+    var number = /^\d+$/.test(text) ? parseInt(text, 10) : NaN;
+    return number >= least ? number : fallback;
+  }
+
+  /* Seconds a Retry-After header asks for, or null when absent or unreadable:
+   * whole seconds, or an IMF-fixdate (RFC 9110).  Date.parse alone would take
+   * "1.5", "+5", "-1" or "5, 5" for dates in the past, i.e. "now". */
   function retryAfterSeconds(value) {
-    if (!value) return null;
-    if (/^\s*\d+\s*$/.test(value)) return parseInt(value, 10);
-    var when = Date.parse(value);
+    var text = (value || "").trim();
+    if (/^\d+$/.test(text)) return parseInt(text, 10);
+    if (!HTTP_DATE.test(text)) return null;
+    var when = Date.parse(text);
     return isNaN(when) ? null : Math.max(0, (when - Date.now()) / 1000);
+  }
+
+  /* Seconds to wait before attempt ``attempt`` + 1: the Retry-After header
+   * (null for none), else a backoff of 1, 2, 4... seconds; capped by
+   * ``maxDelay`` and MAX_DELAY. */
+  function retryDelay(header, attempt, maxDelay) {
+    var wait = retryAfterSeconds(header);
+    if (wait === null) wait = Math.pow(2, Math.max(0, attempt - 1));
+    var cap = typeof maxDelay === "number" && maxDelay >= 0 ? Math.min(maxDelay, MAX_DELAY) : DEFAULT_MAX_DELAY;
+    return Math.min(wait, cap);
   }
 
   function upload(url, file, options) {
     options = options || {};
     var maxAttempts = Math.max(1, options.maxAttempts || 5);
-    var maxDelay = options.maxDelay === undefined ? 60 : options.maxDelay;
+    var maxDelay = options.maxDelay;
     var onProgress = options.onProgress || function () {};
     var onStatus = options.onStatus || function () {};
     var fields = options.fields || {};
@@ -105,14 +131,14 @@
         onStatus(text, info);
       }
 
-      function retryOrFail(httpStatus, data, delay, why) {
+      function retryOrFail(httpStatus, data, header, why) {
         if (attempt >= maxAttempts) {
           var message = messageOf(httpStatus, data) + " (gave up after " + attempt + " attempts)";
           status(message, "failed", {status: httpStatus});
           reject(UploadError(message, httpStatus, data, attempt));
           return;
         }
-        delay = Math.min(delay, maxDelay);
+        var delay = retryDelay(header, attempt, maxDelay);
         onProgress(0, file.size);  // the next attempt sends the whole file again
         var when = delay < 0.5 ? "now" : "in " + Math.round(delay) + " s";
         status(why + "; retrying " + when + "\u2026 (attempt " + (attempt + 1) + " of " + maxAttempts + ")",
@@ -140,9 +166,7 @@
             status("Stored.", "stored", {status: xhr.status});
             resolve({status: xhr.status, data: data, attempts: attempt, xhr: xhr});
           } else if (xhr.status === 503) {
-            var wait = retryAfterSeconds(xhr.getResponseHeader("Retry-After"));
-            retryOrFail(503, data, wait === null ? Math.pow(2, attempt - 1) : wait,
-                        "The server cannot take uploads right now");
+            retryOrFail(503, data, xhr.getResponseHeader("Retry-After"), "The server cannot take uploads right now");
           } else {
             var message = messageOf(xhr.status, data);
             status(message, "failed", {status: xhr.status});
@@ -150,7 +174,7 @@
           }
         };
         xhr.onerror = xhr.ontimeout = function () {
-          retryOrFail(0, null, Math.pow(2, attempt - 1), "The connection failed");
+          retryOrFail(0, null, null, "The connection failed");
         };
         status(attempt === 1 ? "Uploading\u2026" : "Uploading again\u2026", "uploading");
         onProgress(0, file.size);
@@ -194,7 +218,7 @@
       var queue = files.map(function (entry) {
         return {name: entry.name, file: entry.file, li: item(list, entry.file)};
       });
-      var concurrency = parseInt(form.dataset.uploadguardConcurrency || "2", 10);
+      var concurrency = wholeNumber(form.dataset.uploadguardConcurrency, 1, DEFAULT_CONCURRENCY);
 
       function next() {
         var job = queue.shift();
@@ -216,7 +240,7 @@
         }).then(next);
       }
 
-      for (var i = 0; i < Math.max(1, concurrency); i++) next();
+      for (var i = 0; i < concurrency; i++) next();
       form.querySelectorAll("input[type=file]").forEach(function (input) { input.value = ""; });
     });
   }
@@ -225,7 +249,8 @@
     document.querySelectorAll("form[data-uploadguard]").forEach(bind);
   }
 
-  root.UploadGuard = {upload: upload, bind: bind, UploadError: UploadError};
+  root.UploadGuard = {upload: upload, bind: bind, UploadError: UploadError,
+                      _retryDelay: retryDelay};  // internal: exported for the tests
   if (typeof document !== "undefined") {
     if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", bindAll);
     else bindAll();
