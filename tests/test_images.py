@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pathlib
 import pickle
@@ -120,6 +121,34 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
             + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b""))
+
+
+SECRET = b"GPS 52.52N 13.40E owner=alice"  # what a hidden part of a file may carry
+
+
+def with_png_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
+    """``png`` with one more chunk just before IEND."""
+    iend = png.rindex(b"IEND") - 4
+    return png[:iend] + png_chunk(kind, data) + png[iend:]
+
+
+def jpeg_segment(marker: int, data: bytes) -> bytes:
+    return bytes((0xFF, marker)) + struct.pack(">H", len(data) + 2) + data
+
+
+def riff(chunks: bytes) -> bytes:
+    """A WebP file around ``chunks``."""
+    return b"RIFF" + struct.pack("<I", len(chunks) + 4) + b"WEBP" + chunks
+
+
+def webp_chunk(kind: bytes, data: bytes) -> bytes:
+    return kind + struct.pack("<I", len(data)) + data + b"\0" * (len(data) % 2)
+
+
+# Originals that come back unchanged when clean: a re-encode would be bigger.
+PALETTE_PNG = encode(photo().convert("P"), "PNG")
+OPTIMISED_JPEG = encode(photo(), quality=75, optimize=True)
+WEBP_WITH_PROFILE = encode(photo(), "WEBP", quality=75, icc_profile=SRGB)
 
 
 def decoded(result: CompressedImage) -> Image.Image:
@@ -312,6 +341,17 @@ class TestMetadata:
         assert (sub[ExifTags.Base.ExifImageWidth], sub[ExifTags.Base.ExifImageHeight]) == (160, 120)
         assert "xmp" not in out.info
 
+    def test_keep_exif_too_big_for_jpeg_dropped(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Kept EXIF that a JPEG cannot hold (over 64 KB) is dropped, with an INFO log line."""
+        exif = Image.Exif()
+        exif[ExifTags.Base.Make] = "Canon"
+        exif[ExifTags.Base.ImageDescription] = "x" * 70_000
+        data = encode(photo(), "PNG", exif=exif.tobytes())
+        with caplog.at_level(logging.INFO, logger="uploadguard"):
+            result = compress_image(data, keep_exif=True)
+        assert result.format == "JPEG" and not decoded(result).getexif()
+        assert any(r.levelno == logging.INFO and "EXIF" in r.getMessage() for r in caplog.records)
+
     def test_png_text_dropped(self) -> None:
         """PNG text chunks (comments, XMP) are dropped; its ICC profile is kept."""
         from PIL import PngImagePlugin
@@ -381,6 +421,42 @@ class TestNeverLarger:
         """A palette PNG that would grow as RGB is handed back."""
         data = encode(quadrants().convert("P", palette=Image.Palette.ADAPTIVE, colors=4), "PNG")
         result = compress_image(data, format="PNG")
+        assert not result.changed and result.data == data
+
+    @pytest.mark.parametrize(("data", "fmt"), [
+        pytest.param(with_png_chunk(PALETTE_PNG, b"prVt", SECRET), "PNG", id="png-private-chunk"),
+        pytest.param(with_png_chunk(PALETTE_PNG, b"tIME", b"\x07\xe8\x05\x01\x0a\0\0"), "PNG",
+                     id="png-time-chunk"),
+        pytest.param(PALETTE_PNG + SECRET, "PNG", id="png-after-iend"),
+        pytest.param(OPTIMISED_JPEG + SECRET, "JPEG", id="jpeg-after-eoi"),
+        pytest.param(encode(photo(), quality=75, optimize=True, comment=SECRET), "JPEG",
+                     id="jpeg-comment"),
+        pytest.param(OPTIMISED_JPEG[:-2] + jpeg_segment(0xFE, SECRET) + OPTIMISED_JPEG[-2:], "JPEG",
+                     id="jpeg-comment-after-scan"),
+        pytest.param(OPTIMISED_JPEG[:2] + jpeg_segment(0xEF, SECRET) + OPTIMISED_JPEG[2:], "JPEG",
+                     id="jpeg-private-app-segment"),
+        pytest.param(riff(WEBP_WITH_PROFILE[12:] + webp_chunk(b"prVt", SECRET)), "WEBP",
+                     id="webp-private-chunk"),
+        pytest.param(WEBP_WITH_PROFILE + SECRET, "WEBP", id="webp-after-riff"),
+    ])
+    def test_unknown_parts_force_reencode(self, data: bytes, fmt: str) -> None:
+        """Parts Pillow does not report (private chunks, comments, trailing bytes) never return."""
+        result = compress_image(data, format=fmt, optimize=False)  # re-encode: the bigger file
+        assert result.changed and result.format == fmt and SECRET not in result.data
+
+    @pytest.mark.parametrize(("data", "options"), [
+        pytest.param(encode(photo(), quality=75, optimize=True, icc_profile=SRGB), {},
+                     id="jpeg-with-profile"),
+        pytest.param(encode(photo(), quality=75, optimize=True, progressive=True),
+                     {"optimize": False}, id="progressive-jpeg"),
+        pytest.param(encode(photo(), quality=75, optimize=True, exif=exif_with()),
+                     {"keep_exif": True}, id="jpeg-kept-exif"),
+        pytest.param(PALETTE_PNG, {"format": "PNG"}, id="palette-png"),
+        pytest.param(WEBP_WITH_PROFILE, {}, id="webp-with-profile"),
+    ])
+    def test_clean_original_handed_back(self, data: bytes, options: dict[str, Any]) -> None:
+        """A file made only of parts known to be harmless still comes back byte for byte."""
+        result = compress_image(data, **options)
         assert not result.changed and result.data == data
 
 
@@ -584,6 +660,38 @@ class TestFormats:
         assert "data=" not in repr(result) and result.size == len(result.data)
         with pytest.raises(AttributeError):
             result.width = 1  # type: ignore[misc]
+
+
+class TestEncoding:
+    @pytest.mark.parametrize(("size", "fmt", "limit"), [
+        pytest.param((70_000, 2), None, 65_500, id="jpeg"),
+        pytest.param((2, 16_384), "WEBP", 16_383, id="webp"),
+        pytest.param((32_769, 2), "AVIF", 32_768, id="avif", marks=pytest.mark.skipif(
+            not features.check("avif"), reason="Pillow built without AVIF")),
+    ])
+    def test_too_big_for_format(self, size: tuple[int, int], fmt: str | None, limit: int) -> None:
+        """A side longer than the output format allows is refused before encoding."""
+        with pytest.raises(ImageError, match=f"at most {limit} pixels a side.*max_dimension") as caught:
+            compress_image(encode(Image.new("RGB", size), "PNG"), format=fmt)
+        assert caught.value.code == "too_large"
+
+    def test_shrunk_to_fit(self) -> None:
+        """With max_dimension within the format's limit the same image is written."""
+        result = compress_image(encode(Image.new("RGB", (2, 16_384)), "PNG"), format="WEBP",
+                                max_dimension=16_383)
+        assert (result.format, result.height) == ("WEBP", 16_383)
+
+    def test_encoder_failure(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Any other encoder failure raises ImageError with code "encode_failed"."""
+        def fail(*args: Any, **kwargs: Any) -> None:
+            raise OSError("encoder error -2")
+
+        data = encode(photo(), quality=95)
+        monkeypatch.setattr(Image.Image, "save", fail)
+        with pytest.raises(ImageError, match="could not be saved as JPEG") as caught:
+            compress_image(data)
+        assert caught.value.code == "encode_failed"
+        assert isinstance(caught.value.__cause__, OSError)
 
 
 class TestSafety:

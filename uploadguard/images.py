@@ -14,9 +14,16 @@ re-encoding a q75 JPEG at q85 makes it ~10 % *bigger*. :func:`compress_image`:
   CMYK image is converted to sRGB through its profile.
 * **Never larger.** When nothing has to change - no resize, no rotation, same
   format, a single frame, no metadata to drop - and the re-encode is not smaller,
-  the original bytes come back (``changed=False``). A JPEG whose pixels are not
-  resampled is re-encoded at no more than its own quality, estimated from its
-  quantisation tables: more would only make it bigger.
+  the original bytes come back (``changed=False``), but only a JPEG, PNG or WebP
+  whose every part is known to be harmless: a walk over its segments or chunks
+  finds what Pillow does not report (private PNG chunks, JPEG comments between
+  scans, bytes after the end of the image), and any of those means the re-encode
+  is used, bigger or not. JPEG may keep JFIF without thumbnail, ICC and Adobe
+  segments; PNG IHDR, PLTE, IDAT, IEND, tRNS, gAMA, cHRM, sRGB, iCCP, cICP, sBIT,
+  pHYs and bKGD; WebP VP8, VP8L, VP8X, ALPH and ICCP; plus one EXIF block with
+  ``keep_exif``. GIF, AVIF and HEIC are always re-encoded. A JPEG whose pixels
+  are not resampled is re-encoded at no more than its own quality, estimated from
+  its quantisation tables: more would only make it bigger.
 * **Fast and lean.** With ``max_dimension`` a JPEG is decoded straight at 1/2, 1/4
   or 1/8 scale by libjpeg (``Image.draft``), so full-size pixels are never
   allocated; ``bench/README.md`` has measurements against naive Pillow and libvips.
@@ -56,6 +63,8 @@ format: str | None = None
 keep_exif: bool = False
     Keep EXIF (camera, lens, exposure, date taken) minus GPS, serial numbers, owner
     name, unique id, maker notes, thumbnail and orientation. XMP always goes.
+    EXIF the output cannot hold (a JPEG's 64 KB segment) is dropped, and logged
+    at INFO on the "uploadguard" logger.
 optimize: bool = True
     Optimised JPEG Huffman tables: ~5 % smaller, ~12 ms slower for 3 MP.
 progressive: bool = False
@@ -77,7 +86,11 @@ GIF, WebP and PNG keep their first frame.
 returns the results in order; a failure raises ImageError naming the position.
 
 Errors: :class:`ImageError`, a ``ValueError`` with a message for people and a
-``code``: "empty", "unsupported", "too_large", "corrupt", "missing_dependency".
+``code``: "empty", "unsupported", "too_large", "corrupt", "missing_dependency",
+"encode_failed". "too_large" is also raised, before encoding, for a side longer
+than the output format allows: JPEG 65500 pixels, WebP 16383, AVIF 32768 (what
+libavif reads back); ``max_dimension`` brings such an image within bounds.
+"encode_failed" is any other error of Pillow's encoder (the cause is chained).
 Bad options raise ``ValueError``; a missing path ``FileNotFoundError``. A JPEG
 damaged mid-stream (not truncated) decodes with garbled blocks: libjpeg only
 warns, and Pillow does not pass that on.
@@ -106,6 +119,7 @@ import math
 import os
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, Protocol, TypeAlias
 
@@ -138,13 +152,20 @@ _MIME = {"JPEG": ("image/jpeg", ".jpg"), "PNG": ("image/png", ".png"),
          "WEBP": ("image/webp", ".webp"), "AVIF": ("image/avif", ".avif"),
          "GIF": ("image/gif", ".gif"), "HEIF": ("image/heic", ".heic")}
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
+_NAMES = {"WEBP": "WebP", "HEIF": "HEIC"}  # format names for people, where they differ
+_MAX_SIDE = {"JPEG": 65_500, "WEBP": 16_383, "AVIF": 32_768}  # pixels; AVIF: what libavif reads
 # Image.info keys that carry nothing personal: the original may be handed back with them.
 _HARMLESS_INFO = frozenset(
     "jfif jfif_version jfif_unit jfif_density dpi adobe adobe_transform progressive"
     " progression icc_profile transparency gamma srgb chromaticity aspect interlace"
     " background version loop duration timestamp default_image".split())
-_HARMLESS_APP = (("APP0", b"JFIF\0"), ("APP1", b"Exif\0"), ("APP2", b"ICC_PROFILE\0"),
-                 ("APP14", b"Adobe"))  # JPEG segments; EXIF is judged by keep_exif
+# File parts that carry nothing personal: only a file made of these may be handed back.
+# EXIF (one block, judged tag by tag) is added when keep_exif is set.
+_PNG_CHUNKS = frozenset(b"IHDR PLTE IDAT IEND tRNS gAMA cHRM sRGB iCCP cICP sBIT pHYs bKGD".split())
+_WEBP_CHUNKS = frozenset((b"VP8 ", b"VP8L", b"VP8X", b"ALPH", b"ICCP"))
+# JPEG markers with tables or frame data: SOFn, DHT, DAC (not 0xC8: reserved); SOS, DQT, DNL, DRI
+_JPEG_TABLES = frozenset((*range(0xC0, 0xD0), 0xDA, 0xDB, 0xDC, 0xDD)) - {0xC8}
+_JPEG_APPS = {0xE2: b"ICC_PROFILE\0", 0xEE: b"Adobe"}  # APP2, APP14; APP0 JFIF is checked apart
 _IJG_LUMA_SUM = 3688  # sum of the JPEG standard (Annex K) luminance table, quality 50
 _TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM",
               5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
@@ -367,7 +388,7 @@ def _open_image(fp: IO[bytes], max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as exc:
         if webp or head.startswith(_SIGNATURES):
             raise _corrupt(exc) from exc
-        names = ", ".join({"WEBP": "WebP", "HEIF": "HEIC"}.get(f, f) for f in input_formats())
+        names = ", ".join(_NAMES.get(f, f) for f in input_formats())
         raise ImageError(f"The file is not an image in a supported format ({names}).",
                          code="unsupported") from exc
     except MemoryError:
@@ -408,7 +429,7 @@ def _compress(fp: IO[bytes], original_size: int, *, quality: int, max_dimension:
         raise
     except Exception as exc:  # truncated data, bad checksums, broken streams ...
         raise _corrupt(exc) from exc
-    info, applist = dict(im.info), list(getattr(im, "applist", []))
+    info = dict(im.info)
     source_quality = _jpeg_quality(getattr(im, "quantization", None))
     exif = _read_exif(im)
     orientation = exif.get(_ORIENTATION, 1) if exif is not None else 1
@@ -443,16 +464,36 @@ def _compress(fp: IO[bytes], original_size: int, *, quality: int, max_dimension:
     elif out_format in ("WEBP", "AVIF"):
         params["quality"] = quality
     im.info = {}  # nothing of the source's info may leak into the new file
-    buffer = io.BytesIO()
-    im.save(buffer, out_format, **params)
-    data = buffer.getvalue()
+    data = _encode(im, out_format, params)
 
     needed = resampled or orientation != 1 or out_format != src_format or animated or cmyk
-    private = _has_private_metadata(info, applist, keep_exif=keep_exif, private_exif=private_exif)
+    private = _has_private_metadata(info, keep_exif=keep_exif, private_exif=private_exif)
     if not needed and not private and len(data) >= original_size:
         fp.seek(0)  # hand back the original (a BytesIO returns its bytes without a copy)
-        return CompressedImage(fp.read(), src_format, *original, False, original_size, src_format)
+        source = fp.read()
+        if _only_harmless_parts(source, src_format, keep_exif=keep_exif):
+            return CompressedImage(source, src_format, *original, False, original_size, src_format)
     return CompressedImage(data, out_format, im.width, im.height, True, original_size, src_format)
+
+
+def _encode(im: Image.Image, out_format: str, params: dict[str, Any]) -> bytes:
+    """``im`` saved as ``out_format``; kept EXIF that cannot be written is dropped."""
+    name = _NAMES.get(out_format, out_format)
+    limit = _MAX_SIDE.get(out_format)
+    if limit is not None and max(im.size) > limit:
+        raise ImageError(f"The image is {im.width}x{im.height} pixels; {name} allows at most "
+                         f"{limit} pixels a side (shrink it with max_dimension).", code="too_large")
+    buffer = io.BytesIO()
+    try:
+        im.save(buffer, out_format, **params)
+    except (OSError, ValueError, RuntimeError) as exc:  # Pillow's encoders raise all three
+        if params.get("exif"):
+            logger.info("dropping the kept EXIF (%d bytes), which %s cannot hold: %s",
+                        len(params["exif"]), name, exc)
+            return _encode(im, out_format, {k: v for k, v in params.items() if k != "exif"})
+        logger.debug("encoding %s failed: %r", name, exc)
+        raise ImageError(f"The image could not be saved as {name}.", code="encode_failed") from exc
+    return buffer.getvalue()
 
 
 def _draft(im: Image.Image, max_dimension: int,
@@ -603,15 +644,86 @@ def _clean_exif(exif: Image.Exif, size: tuple[int, int]) -> tuple[bytes, bool]:
         return b"", True
 
 
-def _has_private_metadata(info: dict[Any, Any], applist: list[tuple[str, bytes]], *,
-                          keep_exif: bool, private_exif: bool) -> bool:
-    """Whether the original carries metadata that the re-encode drops on purpose."""
+def _has_private_metadata(info: dict[Any, Any], *, keep_exif: bool, private_exif: bool) -> bool:
+    """Whether Pillow reports metadata that the re-encode drops on purpose."""
     if "exif" in info and (not keep_exif or private_exif):
         return True
-    if any(key != "exif" and key not in _HARMLESS_INFO for key in info):
-        return True  # XMP, IPTC, comments, PNG text, multi-picture data ...
-    return any(not any(marker == m and data.startswith(p) for m, p in _HARMLESS_APP)
-               for marker, data in applist)
+    return any(key != "exif" and key not in _HARMLESS_INFO for key in info)  # XMP, IPTC, text ...
+
+
+def _only_harmless_parts(data: bytes, fmt: str, *, keep_exif: bool) -> bool:
+    """Whether every byte of ``data`` lies in a part known to carry nothing personal.
+
+    Pillow skips what it does not know - private PNG chunks, JPEG segments between
+    scans, bytes after the end of the image - so the file's own framing is walked.
+    Broken framing, an unknown part or a format without a walker gives False.
+    """
+    walk = {"JPEG": _jpeg_is_harmless, "PNG": _png_is_harmless, "WEBP": _webp_is_harmless}.get(fmt)
+    try:
+        return walk is not None and walk(data, keep_exif)
+    except (IndexError, ValueError):  # a part runs past the end of the file
+        return False
+
+
+def _png_is_harmless(data: bytes, keep_exif: bool) -> bool:
+    allowed = (_PNG_CHUNKS | {b"eXIf"}) if keep_exif else _PNG_CHUNKS
+    pos, exif_blocks = 8, 0  # after the signature
+    while True:
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        end = pos + 12 + length  # length, type, data, CRC
+        if kind not in allowed or end > len(data) or zlib.crc32(
+                memoryview(data)[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            return False
+        exif_blocks += kind == b"eXIf"
+        pos = end
+        if kind == b"IEND":
+            return pos == len(data) and exif_blocks <= 1
+
+
+def _jpeg_is_harmless(data: bytes, keep_exif: bool) -> bool:
+    pos, exif_blocks = 2, 0  # after SOI
+    while True:
+        while data[pos] == 0xFF and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes before a marker
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI
+            return pos + 2 == len(data) and exif_blocks <= 1
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        payload = data[pos + 4:pos + 2 + length]
+        if length < 2 or pos + 2 + length > len(data):
+            return False
+        prefix = _JPEG_APPS.get(marker)
+        if marker == 0xE1 and keep_exif and payload.startswith(b"Exif\0\0"):
+            exif_blocks += 1
+        elif marker == 0xE0 and payload.startswith(b"JFIF\0"):
+            if len(payload) < 14 or payload[12] * payload[13]:
+                return False  # a JFIF thumbnail
+        elif not (marker in _JPEG_TABLES or prefix is not None and payload.startswith(prefix)):
+            return False  # COM, other APPn, anything unknown
+        pos += 2 + length
+        if marker == 0xDA:  # SOS: skip the entropy-coded data to the next real marker
+            while True:
+                pos = data.index(b"\xff", pos)
+                following = data[pos + 1]
+                if following != 0 and not 0xD0 <= following <= 0xD7:  # stuffing, RSTn
+                    break
+                pos += 2
+
+
+def _webp_is_harmless(data: bytes, keep_exif: bool) -> bool:
+    allowed = (_WEBP_CHUNKS | {b"EXIF"}) if keep_exif else _WEBP_CHUNKS
+    if int.from_bytes(data[4:8], "little") + 8 != len(data):
+        return False  # bytes after the RIFF container, or a truncated one
+    pos, exif_blocks = 12, 0  # after RIFF, size, WEBP
+    while pos < len(data):
+        kind, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if kind not in allowed:
+            return False
+        exif_blocks += kind == b"EXIF"
+        pos += 8 + size + size % 2  # chunks are padded to an even length
+    return pos == len(data) and exif_blocks <= 1
 
 
 def _jpeg_quality(quantization: dict[int, Any] | None) -> int | None:
