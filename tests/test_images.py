@@ -341,6 +341,18 @@ class TestMetadata:
         assert (sub[ExifTags.Base.ExifImageWidth], sub[ExifTags.Base.ExifImageHeight]) == (160, 120)
         assert "xmp" not in out.info
 
+    def test_keep_exif_drops_the_thumbnail(self) -> None:
+        """keep_exif=True never keeps the EXIF thumbnail (IFD1), which can show what a crop removed."""
+        thumb = encode(Image.new("RGB", (8, 6), "blue"))
+        ifd0 = struct.pack("<H", 1) + struct.pack("<HHII", 0x0128, 3, 1, 2) + struct.pack("<I", 26)
+        ifd1 = (struct.pack("<H", 2) + struct.pack("<HHII", 0x0201, 4, 1, 56)
+                + struct.pack("<HHII", 0x0202, 4, 1, len(thumb)) + struct.pack("<I", 0))
+        data = encode(photo(), quality=95, exif=b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd0 + ifd1 + thumb)
+        assert Image.open(io.BytesIO(data)).getexif().get_ifd(ExifTags.IFD.IFD1)  # the fixture has one
+        result = compress_image(data, keep_exif=True)
+        assert thumb not in result.data
+        assert not decoded(result).getexif().get_ifd(ExifTags.IFD.IFD1)
+
     def test_keep_exif_too_big_for_jpeg_dropped(self, caplog: pytest.LogCaptureFixture) -> None:
         """Kept EXIF that a JPEG cannot hold (over 64 KB) is dropped, with an INFO log line."""
         exif = Image.Exif()

@@ -624,7 +624,8 @@ def _clean_exif(exif: Image.Exif, size: tuple[int, int]) -> tuple[bytes, bool]:
     from PIL import Image
 
     clean = Image.Exif()
-    private = any(tag in _PRIVATE_IFD0 for tag in exif)
+    # IFD1 is the embedded thumbnail: it can show what a crop removed, and it is never copied.
+    private = any(tag in _PRIVATE_IFD0 for tag in exif) or bool(exif.get_ifd(-1))
     for tag in list(exif):
         if tag not in _PRIVATE_IFD0 and tag not in _STALE_TAGS and tag != _EXIF_IFD:
             clean[tag] = exif[tag]
