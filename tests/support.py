@@ -89,9 +89,25 @@ class Gunicorn:
         if wait:
             try:
                 wait_for_port(self.port, proc=self.proc)
+                if config is not None and str(config) in (str(GUNICORN_CONF), "python:uploadguard.gunicorn"):
+                    self._wait_for_workers(workers, args)
             except Exception:
                 self.stop()
                 raise RuntimeError(f"gunicorn did not start:\n{self.log()}") from None
+
+    def _wait_for_workers(self, workers: int, args: Sequence[str], timeout: float = 20.0) -> None:
+        """Wait until every worker has run uploadguard's post_worker_init.
+
+        The port answers as soon as the master listens; a worker still booting
+        would recreate an upload dir that a test has just removed.
+        """
+        if "--log-level" in args and args[list(args).index("--log-level") + 1] not in ("debug", "info"):
+            return  # the hook's line is at INFO: nothing to wait for
+        deadline = time.monotonic() + timeout
+        while self.log().count("uploadguard: upload temp dir") < workers:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise TimeoutError(f"{workers} workers not ready after {timeout}s")
+            time.sleep(0.02)
 
     @property
     def pid(self) -> int:
