@@ -1,0 +1,41 @@
+"""The package as users get it: typed, importable without its optional dependencies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import uploadguard
+from tests.support import ROOT
+
+
+class TestPackage:
+    def test_public_api(self) -> None:
+        """Everything in __all__ is importable from the top level, and __all__ is sorted."""
+        assert list(uploadguard.__all__) == sorted(uploadguard.__all__)
+        for name in uploadguard.__all__:
+            assert getattr(uploadguard, name) is not None
+
+    def test_typed(self) -> None:
+        """The package ships py.typed, so type checkers use its hints."""
+        assert (Path(uploadguard.__file__).parent / "py.typed").is_file()
+
+    @pytest.mark.slow
+    def test_mypy_strict(self, tmp_path: Path) -> None:
+        """The whole package type-checks under mypy --strict."""
+        pytest.importorskip("mypy")
+        proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path), "uploadguard"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def test_core_imports_without_optional_dependencies(self) -> None:
+        """The core (middleware, settings, CLI) needs the standard library only."""
+        blocked = "import sys\nfor name in ('django', 'flask', 'PIL', 'gunicorn', 'prometheus_client', 'werkzeug'):\n" \
+                  "    sys.modules[name] = None\n" \
+                  "import uploadguard, uploadguard.cli, uploadguard.tempdir, uploadguard.metrics\n" \
+                  "uploadguard.UploadGuard(lambda e, s: [], temp_dir='/nonexistent-uploadguard')\n"
+        proc = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
