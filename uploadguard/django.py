@@ -110,19 +110,17 @@ from django.utils.module_loading import import_string
 
 from .config import ConfigError, Settings, overlay_environ
 from .errors import CONTENT_HEADERS, BadRequest, BodyTooLarge, UploadGuardError
-from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput, UploadGuard
+from .wsgi import ENVIRON_EXCEPTION, ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput, UploadGuard
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-__all__ = ["UploadGuardMiddleware", "UploadGuardConfig", "settings_from_django", "ENVIRON_EXCEPTION"]
+__all__ = ["UploadGuardMiddleware", "UploadGuardConfig", "settings_from_django"]
 
 log = logging.getLogger("uploadguard")
 
-#: Where the ``got_request_exception`` receiver leaves the exception for the middleware.
-ENVIRON_EXCEPTION = "uploadguard.exception"
 
 MIDDLEWARE_PATH = "uploadguard.django.UploadGuardMiddleware"
 
@@ -262,10 +260,7 @@ class UploadGuardMiddleware:
                 raise
             self._release_spooled(request)
             return self._answer(guard, error, request, self._body(request))
-        caught = environ.pop(ENVIRON_EXCEPTION, None)
-        if caught is None or response.status_code < 500:
-            return response
-        error = guard.caught_error(caught, environ)
+        error = guard.replacement(environ, response.status_code)
         if error is None:
             return response
         answer = self._answer(guard, error, request, self._body(request), replacing=response)

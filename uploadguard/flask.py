@@ -78,15 +78,13 @@ from flask.signals import got_request_exception
 
 from .config import Settings, overlay_environ
 from .errors import CONTENT_HEADERS
-from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput
+from .wsgi import ENVIRON_EXCEPTION, ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput
 from .wsgi import UploadGuard as WSGIUploadGuard
 
-__all__ = ["UploadGuard", "settings_from_config", "ENVIRON_EXCEPTION"]
+__all__ = ["UploadGuard", "settings_from_config"]
 
 log = logging.getLogger("uploadguard")
 
-#: Where the ``got_request_exception`` receiver leaves the exception for the ``after_request`` function.
-ENVIRON_EXCEPTION = "uploadguard.exception"
 
 
 
@@ -131,10 +129,7 @@ class _Answer:
                             "guards %s. Serve with uploadguard's gunicorn_conf.py, or call "
                             "uploadguard.tempdir.use_as_tempdir(%r) at startup.",
                             spool, self.guard.temp.path, self.guard.temp.path)
-        caught = environ.pop(ENVIRON_EXCEPTION, None)
-        if caught is None or response.status_code < 500:
-            return response
-        error = guard.caught_error(caught, environ)
+        error = guard.replacement(environ, response.status_code)
         if error is None:
             return response
         guard.note(error, environ)

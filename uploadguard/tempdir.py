@@ -74,7 +74,6 @@ _ERRNO_REASONS = {
     errno.ENFILE: "io_error",
     errno.EIO: "io_error",
 }
-TEMP_DIR_ERRNOS = frozenset(_ERRNO_REASONS)
 
 _CHECKS_ACCESS = os.access in os.supports_effective_ids
 

@@ -89,6 +89,8 @@ _CHUNK = 64 * 1024
 ENVIRON_GUARD = "uploadguard.guard"
 ENVIRON_INPUT = "uploadguard.input"
 ENVIRON_ANSWERED = "uploadguard.answered"
+#: Where the Django and Flask integrations stash an exception their framework caught and answered 500.
+ENVIRON_EXCEPTION = "uploadguard.exception"
 
 
 class GuardStats:
@@ -503,6 +505,18 @@ class UploadGuard:
         self.stats.record("500", errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__)
         return InternalError()
 
+    def replacement(self, environ: WSGIEnvironment, status_code: int) -> UploadGuardError | None:
+        """What replaces a framework's response, or ``None`` to keep it.
+
+        Takes the exception the framework caught (stashed under
+        ``environ["uploadguard.exception"]``); only a 5xx response it produced
+        for one of ours or a temp-dir error is replaced.
+        """
+        caught = environ.pop(ENVIRON_EXCEPTION, None)
+        if caught is None or status_code < 500:
+            return None
+        return self.caught_error(caught, environ)
+
     def caught_error(self, exc: BaseException, environ: WSGIEnvironment) -> UploadGuardError | None:
         """The answer to an exception a framework caught and answered 500 itself, or ``None`` to keep that 500.
 
@@ -537,7 +551,8 @@ class UploadGuard:
             if first is not None:
                 if not (self.temp.owns(first) and (second is None or self.temp.owns(second))):
                     return None
-            elif not (reason == "no_space" and spooled and not self.temp.preflight(spooled, fresh=True).ok):
+            elif not (reason == "no_space" and spooled
+                      and (health.free_bytes or 0) < spooled + self.temp.min_free_space):
                 return None
         unavailable = self.unavailable(health if not health.ok else None, reason=reason)
         unavailable.cause = f"{type(exc).__name__}: {exc}" + (f"; now: {health.detail}" if not health.ok else "")
