@@ -17,7 +17,7 @@
 #   GUNICORN_TIMEOUT              timeout, seconds or 10m (default 600)
 #   GUNICORN_GRACEFUL_TIMEOUT     graceful_timeout, seconds (default 60)
 #   UPLOADGUARD_*                 the upload settings, read by the hooks and the
-#                                 middleware alike (see uploadguard/config.py)
+#                                 middleware alike (the README's "Settings reference")
 #
 # gunicorn's precedence holds: this file < GUNICORN_CMD_ARGS < command line,
 # e.g. GUNICORN_CMD_ARGS="--worker-tmp-dir /run/myapp".
@@ -92,9 +92,9 @@ errorlog = _uploadguard.errorlog
 #       and point tempfile and TMPDIR at it; if it is unusable, log it and
 #       boot anyway (uploads get 503, everything else works).
 #
-#   pre_request - gunicorn's default (log "METHOD path" at debug), and no
-#       "100 Continue" for a Content-Length over the limit, so the client
-#       reads the 413 without sending the body.
+#   pre_request - gunicorn's default (log "METHOD path" at debug), and
+#       "100 Continue" deferred until the application reads the body, so a
+#       client refused with a 413 or 503 never sends it.
 #
 
 

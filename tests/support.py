@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 GUNICORN_CONF = ROOT / "gunicorn_conf.py"
+T = TypeVar("T")
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (mount, chown); CI runs as root")
@@ -68,11 +72,12 @@ class Gunicorn:
         pythonpath: Sequence[Path | str] = (),
         workers: int = 1,
         wait: bool = True,
+        prefix: Sequence[str] = (),  # a command gunicorn runs under, e.g. other_users_can_run_python()
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
-        command = [sys.executable, "-m", "gunicorn"]
+        command = [*prefix, sys.executable, "-m", "gunicorn"]
         if config is not None:
             command += ["-c", str(config)]
         paths = [str(TESTS), *map(str, pythonpath)]
@@ -240,3 +245,78 @@ def unlinked_dir(base: Path) -> Iterator[Path]:
         yield mountpoint
     finally:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def as_user(uid: int, call: Callable[[], T]) -> T:
+    """``call()`` in a forked child running as ``uid`` (root only); its result or exception comes back.
+
+    For checks that depend on who asks, without a second test process tree.
+    """
+    if not IS_ROOT:
+        pytest.skip("switching users needs root; CI runs as root")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 0
+        try:
+            os.close(read_end)
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                payload = pickle.dumps((True, call()))
+            except BaseException as exc:  # noqa: BLE001 - handed back to the parent
+                payload = pickle.dumps((False, exc))
+            with os.fdopen(write_end, "wb") as out:
+                out.write(payload)
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as result:
+        data = result.read()
+    os.waitpid(pid, 0)
+    ok, value = pickle.loads(data)
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def traversable_dir() -> Iterator[Path]:
+    """A fresh directory every user can reach (pytest's tmp_path sits below a 0700 one), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="uploadguard-test-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def other_users_can_run_python(stash: Path, *, setup: Sequence[str] = (), run_as: int | None = None) -> list[str]:
+    """A command prefix: run in a private mount namespace where users other than root can run this Python.
+
+    Where the interpreter lives below a directory others cannot enter
+    (``/root/.pyenv``), that directory is covered by a world-readable tmpfs
+    holding just the way to the interpreter (``stash`` is an empty directory
+    to park the original on); nothing outside the namespace changes.
+    ``setup`` adds shell lines run as root first; ``run_as`` a uid to switch to
+    (``setpriv``, gid the same, no supplementary groups) -- gunicorn's own
+    ``--user`` needs no switch here.  Root only.
+    """
+    if not IS_ROOT or not (shutil.which("unshare") and shutil.which("setpriv")):
+        pytest.skip("needs root, unshare and setpriv (util-linux)")
+    script = ["set -e"]
+    parts = Path(os.path.realpath(sys.base_prefix)).parts
+    for depth in range(1, len(parts) - 1):
+        directory = Path(*parts[:depth])
+        if not os.stat(directory).st_mode & 0o001:
+            stash.mkdir(parents=True, exist_ok=True)
+            child = parts[depth]
+            script += [f"mount --bind '{directory}' '{stash}'", f"mount -t tmpfs -o mode=755 tmpfs '{directory}'",
+                       f"mkdir '{directory}/{child}'", f"mount --bind '{stash}/{child}' '{directory}/{child}'"]
+            break
+    script += list(setup)
+    switch = f"setpriv --reuid={run_as} --regid={run_as} --clear-groups " if run_as is not None else ""
+    script.append(f'exec {switch}"$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script), "sh"]

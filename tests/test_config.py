@@ -1,10 +1,21 @@
 from __future__ import annotations
 
+import dataclasses
+import re
+
 from pathlib import Path
 
 import pytest
 
-from uploadguard.config import ConfigError, Settings, default_temp_dir, format_size, parse_duration, parse_size
+from uploadguard.config import (
+    SETTING_NAMES,
+    ConfigError,
+    Settings,
+    default_temp_dir,
+    format_size,
+    parse_duration,
+    parse_size,
+)
 
 
 class TestParseSize:
@@ -157,3 +168,18 @@ class TestSettingsValidation:
         """describe() is one line with the effective values, for startup logs."""
         line = Settings(temp_dir=tmp_path).describe()
         assert "max_body_size=200M" in line and str(tmp_path) in line and "\n" not in line
+
+
+class TestOneReferenceTable:
+    def test_the_readme_table_lists_every_setting_once(self) -> None:
+        """The README's settings reference names exactly the settings Settings reads, so it cannot drift."""
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+        section = readme.split("## Settings reference", 1)[1].split("\n## ", 1)[0]
+        rows = re.findall(r"^\| `(UPLOADGUARD_[A-Z_]+)` \|", section, re.M)
+        assert sorted(rows) == sorted(SETTING_NAMES)
+
+    def test_every_field_has_one_parser(self) -> None:
+        """Each field is parsed by one function, whatever the source (environment, framework, keyword)."""
+        from uploadguard.config import _PARSERS
+
+        assert list(_PARSERS) == [field.name for field in dataclasses.fields(Settings)]

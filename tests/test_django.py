@@ -226,7 +226,7 @@ class TestSettings:
                      "UPLOADGUARD_TEMP_DIR='/srv/elsewhere' is not FILE_UPLOAD_TEMP_DIR=", id="variable-disagrees"),
         pytest.param({"UPLOADGUARD_MAX_BODY_SIZE": "20X"}, {}, "UPLOADGUARD_MAX_BODY_SIZE='20X' is not a size",
                      id="bad-size"),
-        pytest.param({"UPLOADGUARD_RETRY_AFTER": True}, {}, "UPLOADGUARD_RETRY_AFTER='True' is not a duration",
+        pytest.param({"UPLOADGUARD_RETRY_AFTER": True}, {}, "UPLOADGUARD_RETRY_AFTER=True is not a duration",
                      id="bool"),
     ])
     def test_bad_configuration_stops_the_middleware_from_loading(
@@ -433,7 +433,30 @@ class TestWsgiArrangements:
 
         stats = middleware_of(handler).guard.stats
         assert (stats.total("guarded"), stats.by_reason("503"), stats.total("heal")) == (1, {"missing": 1}, 1)
-        assert len(logged(caplog, "uploadguard: 503 ")) == 1
+        assert len(logged(caplog, "503 ")) == 1
+
+    @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+    def test_with_the_wsgi_guard_the_smaller_django_limit_wins(self, dirs: dict[str, Path], chunked: bool) -> None:
+        """UPLOADGUARD_MAX_BODY_SIZE = "1M" in settings holds inside UploadGuard(get_wsgi_application()) too."""
+        with override_settings(UPLOADGUARD_MAX_BODY_SIZE="1M"):
+            handler = get_wsgi_application()
+            outer = UploadGuard(handler, settings=Settings(temp_dir=dirs["temp"], min_free_space=0))
+            if chunked:
+                code, _, _ = call(outer, chunked_environ("/raw/", b"x" * (3 * MiB)))
+                assert code == 413
+            else:
+                self.post(outer, size=3 * MiB, status=413)
+        assert outer.stats.total("guarded") == 1
+        assert outer.stats.total("413") + middleware_of(handler).guard.stats.total("413") == 1
+
+    def test_a_designed_answer_is_not_logged_as_a_django_error(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A 503 the middleware answers is one WARNING line of uploadguard's, not also Django's ERROR."""
+        handler = get_wsgi_application()
+        with caplog.at_level(logging.WARNING):
+            self.post(handler, **{"X-Sabotage": "remove"})
+        responses = [r for r in caplog.records if r.name == "django.request" and "Service Unavailable" in r.getMessage()]
+        assert responses == []
+        assert len(logged(caplog, "503 ")) == 1
 
     def test_with_the_wsgi_guard_counts_in_the_outer_guard(self, dirs: dict[str, Path],
                                                           caplog: pytest.LogCaptureFixture) -> None:
@@ -446,7 +469,7 @@ class TestWsgiArrangements:
         assert response.headers["Retry-After"] == "2"
         assert (outer.stats.total("guarded"), outer.stats.by_reason("503")) == (1, {"missing": 1})
         assert not middleware_of(handler).guard.stats.counts
-        assert len(logged(caplog, "uploadguard: 503 ")) == 1
+        assert len(logged(caplog, "503 ")) == 1
 
     def test_with_the_wsgi_guard_a_413_is_answered_once(self, dirs: dict[str, Path],
                                                         caplog: pytest.LogCaptureFixture) -> None:
@@ -459,7 +482,7 @@ class TestWsgiArrangements:
         assert outer.stats.total("413") == 1
         assert middleware_of(handler).guard.stats.total("413") == 0
         assert not dirs["store"].exists()
-        assert len(logged(caplog, "uploadguard: 413 ")) == 1
+        assert len(logged(caplog, "413 ")) == 1
 
     def test_with_the_wsgi_guard_a_chunked_413_is_answered_once(self, dirs: dict[str, Path],
                                                                 caplog: pytest.LogCaptureFixture) -> None:
@@ -471,7 +494,7 @@ class TestWsgiArrangements:
 
         assert code == 413
         assert outer.stats.total("413") == 1
-        assert len(logged(caplog, "uploadguard: 413 ")) == 1
+        assert len(logged(caplog, "413 ")) == 1
 
     def test_an_outer_guard_on_another_dir_does_not_stand_in_for_djangos(
         self, dirs: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
@@ -487,7 +510,7 @@ class TestWsgiArrangements:
         assert response.json["error"] == "not_a_directory"
         assert middleware_of(handler).guard.stats.by_reason("503") == {"not_a_directory": 1}
         assert outer.stats.total("guarded") == 1
-        assert len(logged(caplog, "uploadguard: the WSGI UploadGuard guards")) == 1
+        assert len(logged(caplog, "the WSGI UploadGuard guards")) == 1
 
     def test_uploads_spooled_outside_the_guarded_dir_are_logged(self, dirs: dict[str, Path],
                                                                 caplog: pytest.LogCaptureFixture,
@@ -500,7 +523,7 @@ class TestWsgiArrangements:
             self.post(handler, status=200)
 
         assert first.json["stored"][0]["spooled_in"] == str(dirs["temp"].parent)
-        assert len(logged(caplog, "uploadguard: Django spools uploads to")) == 1
+        assert len(logged(caplog, "Django spools uploads to")) == 1
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import webtest
 import urllib3
 
 from tests.support import GUNICORN_CONF, Gunicorn, fill, needs_root, tmpfs
@@ -147,6 +148,12 @@ class TestSettings:
         """One limit for the app: Flask's MAX_CONTENT_LENGTH, unless UPLOADGUARD_MAX_BODY_SIZE is set somewhere."""
         assert settings_from_config(config, env).max_body_size == limit
 
+    def test_typed_config_values_are_taken_as_they_are(self) -> None:
+        """A float, an int or a Path in app.config is used as such, never turned into a string and parsed again."""
+        resolved = settings_from_config({"UPLOADGUARD_CHECK_INTERVAL": 1e-05, "UPLOADGUARD_RETRY_AFTER": 0,
+                                         "UPLOADGUARD_DRAIN_TIMEOUT": 2.5}, {})
+        assert (resolved.check_interval, resolved.retry_after, resolved.drain_timeout) == (1e-05, 0, 2.5)
+
     def test_a_bad_value_stops_init_app(self, dirs: dict[str, Path]) -> None:
         """A bad value raises ConfigError naming the setting."""
         with pytest.raises(ConfigError, match="UPLOADGUARD_RETRY_AFTER='soon' is not a duration"):
@@ -167,6 +174,29 @@ class TestSettings:
 
 
 class TestBodyLimit:
+    @pytest.mark.parametrize("config", [
+        pytest.param({"UPLOADGUARD_MAX_BODY_SIZE": "1M"}, id="uploadguard-setting"),
+        pytest.param({"MAX_CONTENT_LENGTH": MiB}, id="MAX_CONTENT_LENGTH"),
+    ])
+    def test_an_outer_wsgi_guard_keeps_the_apps_smaller_limit(self, dirs: dict[str, Path],
+                                                              config: dict[str, Any]) -> None:
+        """UploadGuard(app) around a guarded Flask app: the app's 1 MiB limit still answers 3 MiB with a 413."""
+        app = make_app(dirs, **config)
+        outer = WSGIUploadGuard(app, temp_dir=dirs["temp"], min_free_space=0)
+        body, content_type = urllib3.encode_multipart_formdata({"file": ("photo.jpg", content(3 * MiB))})
+        response = webtest.TestApp(outer).request("/upload", method="POST", body=body, content_type=content_type,
+                                                  status="*")
+        assert response.status_int == 413
+        assert outer.stats.total("guarded") == 1
+        assert outer.stats.total("413") + app.extensions["uploadguard"].stats.total("413") == 1
+
+    def test_nested_chunked_body_is_cut_at_the_smaller_limit(self, dirs: dict[str, Path]) -> None:
+        """A chunked body through an outer 200 MiB guard is cut at the app's 1 KiB."""
+        app = make_app(dirs, UPLOADGUARD_MAX_BODY_SIZE=1024)
+        outer = WSGIUploadGuard(app, temp_dir=dirs["temp"], min_free_space=0)
+        status, _ = call(outer, chunked_environ("/raw", b"x" * 5000))
+        assert status == 413
+
     def test_content_length_over_the_limit_is_413_before_flask_reads(self, dirs: dict[str, Path]) -> None:
         """The 413 names the limit; the view never runs."""
         app = make_app(dirs, UPLOADGUARD_MAX_BODY_SIZE=64 * KiB)
@@ -280,7 +310,7 @@ class TestTempDir:
         upload(app)
         upload(app)
 
-        assert len([r for r in caplog.records if r.getMessage().startswith("uploadguard: Werkzeug spools")]) == 1
+        assert len([r for r in caplog.records if r.name == "uploadguard" and r.getMessage().startswith("Werkzeug spools")]) == 1
 
     @leaves_spool_file_open
     @needs_root

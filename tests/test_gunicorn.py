@@ -167,7 +167,6 @@ def isolated(monkeypatch: pytest.MonkeyPatch, module: types.ModuleType, tmp_path
     """Hooks run in this process may point tempfile and TMPDIR elsewhere; undone afterwards."""
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
     monkeypatch.setenv("TMPDIR", os.environ.get("TMPDIR", tempfile.gettempdir()))
-    monkeypatch.setattr(module, "_settings", None)
     monkeypatch.setenv("UPLOADGUARD_TEMP_DIR", str(tmp_path / "uploads"))
     monkeypatch.setenv("UPLOADGUARD_MAX_BODY_SIZE", "1K")
     return tmp_path / "uploads"
@@ -223,29 +222,62 @@ def parse_request(raw: bytes) -> Any:
     return next(RequestParser(Config(), iter([raw]), ("127.0.0.1", 40000)))
 
 
+@pytest.fixture
+def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair: (the server's end, the client's end)."""
+    server, client = socket.socketpair()
+    with server, client:
+        yield server, client
+
+
+def request_on(server: socket.socket, client: socket.socket, raw: bytes) -> Any:
+    """A real gunicorn Request read from a real socket, as a worker parses it."""
+    client.sendall(raw)
+    return next(RequestParser(Config(), server, ("127.0.0.1", 40000)))
+
+
 class TestPreRequest:
-    @pytest.mark.parametrize(("headers", "expected"), [
-        pytest.param(b"Content-Length: 1025\r\nExpect: 100-continue\r\n", False, id="over-the-limit"),
-        pytest.param(b"Content-Length: 1024\r\nExpect: 100-continue\r\n", True, id="at-the-limit"),
-        pytest.param(b"Content-Length: 10\r\nExpect: 100-continue\r\n", True, id="small"),
-        pytest.param(b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n", True, id="chunked-size-unknown"),
-        pytest.param(b"Content-Length: 5000\r\n", False, id="no-expect"),
-    ])
     @pytest.mark.usefixtures("isolated")
-    def test_100_continue_only_for_bodies_within_the_limit(self, module: types.ModuleType, headers: bytes,
-                                                           expected: bool) -> None:
-        """gunicorn's 100 Continue is withheld exactly when Content-Length is over UPLOADGUARD_MAX_BODY_SIZE."""
-        req = parse_request(b"POST /upload HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+    def test_100_continue_waits_for_the_first_read(self, module: types.ModuleType,
+                                                   sockets: tuple[socket.socket, socket.socket]) -> None:
+        """gunicorn's eager 100 Continue is withheld; the first read of the body sends it, once."""
+        server, client = sockets
+        req = request_on(server, client, b"POST /u HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                                         b"Expect: 100-continue\r\n\r\n")
         module.pre_request(types.SimpleNamespace(log=logging.getLogger("tests.gunicorn")), req)
-        assert req._expected_100_continue is expected
+        assert req._expected_100_continue is False and req.must_close is True
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            client.recv(100)  # nothing sent yet
+        client.setblocking(True)
+        client.sendall(b"body")
+        assert req.body.read(2) == b"bo" and req.body.read() == b"dy"
+        assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert req.must_close is False  # the body was read: the connection may be kept
 
     @pytest.mark.usefixtures("isolated")
-    def test_limit_off(self, module: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-        """With the body limit off (0) every body gets its 100 Continue."""
-        monkeypatch.setenv("UPLOADGUARD_MAX_BODY_SIZE", "0")
-        req = parse_request(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\n\r\n")
+    def test_unread_body_closes_the_connection(self, module: types.ModuleType,
+                                               sockets: tuple[socket.socket, socket.socket]) -> None:
+        """A request answered without reading its body never sends 100 Continue, and the connection closes."""
+        server, client = sockets
+        req = request_on(server, client, b"POST /u HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                                         b"Expect: 100-continue\r\n\r\n")
         module.pre_request(types.SimpleNamespace(log=logging.getLogger("tests.gunicorn")), req)
-        assert req._expected_100_continue is True
+        assert req.should_close() and req.body.pending
+
+    @pytest.mark.parametrize("headers", [
+        pytest.param(b"Content-Length: 5000\r\n", id="no-expect"),
+        pytest.param(b"", id="no-body"),
+    ])
+    @pytest.mark.usefixtures("isolated")
+    def test_other_requests_are_untouched(self, module: types.ModuleType, headers: bytes,
+                                          sockets: tuple[socket.socket, socket.socket]) -> None:
+        """Without Expect: 100-continue the request is left exactly as gunicorn made it."""
+        server, client = sockets
+        req = request_on(server, client, b"POST /u HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+        body = req.body
+        module.pre_request(types.SimpleNamespace(log=logging.getLogger("tests.gunicorn")), req)
+        assert req.body is body and req.must_close is False
 
     @pytest.mark.usefixtures("isolated")
     def test_keeps_gunicorns_debug_line(self, module: types.ModuleType, caplog: pytest.LogCaptureFixture) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import IS_ROOT, fill, needs_root, tmpfs, unlinked_dir
+from tests.support import IS_ROOT, as_user, fill, traversable_dir, needs_root, tmpfs, unlinked_dir
 from uploadguard.tempdir import (
     TempDirGuard,
     check_temp_dir,
@@ -74,9 +74,27 @@ class TestCheck:
 
     @needs_root
     def test_wrong_owner(self, upload_dir: Path) -> None:
-        """A directory owned by another (non-root) user is refused."""
+        """A non-root process refuses a directory owned by another non-root user."""
+        with traversable_dir() as base:
+            upload_dir = base / "uploads"
+            upload_dir.mkdir(mode=0o1777)
+            os.chown(upload_dir, 65533, 65533)
+            assert as_user(65534, lambda: check_temp_dir(upload_dir).reason) == "wrong_owner"
+
+    @needs_root
+    def test_root_may_use_a_directory_owned_by_the_app_user(self, upload_dir: Path) -> None:
+        """Root (gunicorn without ``user``, as in many containers) uses an app-owned volume."""
         os.chown(upload_dir, 65534, 65534)
-        assert check_temp_dir(upload_dir).reason == "wrong_owner"
+        assert check_temp_dir(upload_dir).ok
+
+    @needs_root
+    def test_the_owner_may_use_it(self, upload_dir: Path) -> None:
+        """A worker switched to the directory's owner judges it as that user: fine."""
+        with traversable_dir() as base:
+            upload_dir = base / "uploads"
+            upload_dir.mkdir(mode=0o700)
+            os.chown(upload_dir, 65534, 65534)
+            assert as_user(65534, lambda: check_temp_dir(upload_dir).reason) is None
 
     @needs_root
     def test_read_only(self, tmp_path: Path) -> None:

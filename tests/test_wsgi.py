@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import webtest
 
-from tests.support import fill, needs_root, tmpfs, unlinked_dir
+from tests.support import as_user, fill, needs_root, tmpfs, traversable_dir, unlinked_dir
 from uploadguard import BodyTooLarge, UploadGuard
 
 LIMIT = 1024
@@ -261,10 +261,27 @@ class TestTempDirPreflight:
             self.assert_503(webtest.TestApp(guard), app, "no_space", guard)
 
     @needs_root
-    def test_wrong_owner(self, client: webtest.TestApp, app: Recorder, guard: UploadGuard, temp_dir: Path) -> None:
-        """A temp dir owned by another user is a 503 'wrong_owner'."""
+    def test_wrong_owner(self) -> None:
+        """A worker running as one user answers 503 'wrong_owner' for a temp dir another user owns."""
+        with traversable_dir() as base:
+            temp_dir = base / "uploads"
+            temp_dir.mkdir(mode=0o1777)
+            os.chown(temp_dir, 65533, 65533)
+
+            def upload() -> tuple[int, str]:
+                guard = UploadGuard(Recorder(temp_dir), temp_dir=temp_dir, max_body_size=LIMIT, min_free_space=0)
+                response = webtest.TestApp(guard).post("/upload", b"abc", status="*",
+                                                       headers={"Accept": "application/json"})
+                return response.status_int, response.json["error"]
+
+            assert as_user(65534, upload) == (503, "wrong_owner")
+
+    @needs_root
+    def test_root_workers_use_a_temp_dir_owned_by_the_app_user(self, client: webtest.TestApp, app: Recorder,
+                                                                 temp_dir: Path) -> None:
+        """Workers running as root (no gunicorn ``user``) upload into a volume the app user owns."""
         os.chown(temp_dir, 65534, 65534)
-        self.assert_503(client, app, "wrong_owner", guard)
+        client.post("/upload", b"abc", status=200)
 
 
 class TestErrorsFromTheApp:
@@ -438,7 +455,8 @@ class TestLoggingAndStats:
         client.post("/upload", b"abc")
         client.post("/upload", b"x" * 2000, status=413)
         assert guard.stats.snapshot() == {
-            "guarded": 2, "rejected_413": 1, "unavailable_503": {}, "heals": 0, "errors_500": 0,
+            "guarded": 2, "rejected_413": 1, "unavailable_503": {}, "bad_requests_400": 0, "heals": 0,
+            "errors_500": 0,
         }
 
     def test_listeners_see_events_and_cannot_break_requests(self, client: webtest.TestApp, guard: UploadGuard) -> None:

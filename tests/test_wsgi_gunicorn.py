@@ -15,12 +15,12 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, Gunicorn, tmpfs
+from tests.support import GUNICORN_CONF, ROOT, Gunicorn, tmpfs
 
 pytestmark = pytest.mark.slow
 
@@ -222,3 +222,159 @@ class TestPythonClientRecipe:
             assert "503 POST /upload" in server.log()
         finally:
             server.stop()
+
+
+def drip(port: int, head: bytes, *, every: float = 0.3, patience: float = 25.0) -> tuple[bytes, float]:
+    """Send ``head``, then one body byte every ``every`` seconds; (the first response bytes, seconds they took).
+
+    The slow client of the drain bound: each byte resets a per-read timeout,
+    so only a wall-clock bound stops it.  Gives up after ``patience`` seconds.
+    """
+    stop = threading.Event()
+    with socket.create_connection(("127.0.0.1", port), timeout=patience) as sock:
+        def trickle() -> None:
+            while not stop.wait(every):
+                try:
+                    sock.sendall(b"x")
+                except OSError:
+                    return
+
+        started = time.monotonic()
+        sock.sendall(head)
+        dripper = threading.Thread(target=trickle, daemon=True)
+        dripper.start()
+        try:
+            response = sock.recv(65536)
+        except TimeoutError:
+            response = b""
+        took = time.monotonic() - started
+        stop.set()
+        dripper.join()
+    return response, took
+
+
+DRIP_PATHS = [
+    pytest.param("wsgi_apps:guarded", "/upload", (), id="wsgi-sync"),
+    pytest.param("wsgi_apps:guarded", "/upload", ("--worker-class", "gthread", "--threads", "2"), id="wsgi-gthread"),
+    pytest.param("django_project.wsgi:application", "/upload/", (), id="django"),
+    pytest.param("flask_app:app", "/upload", (), id="flask"),
+]
+
+
+class TestDrainWallClock:
+    @pytest.mark.parametrize(("app", "path", "args"), DRIP_PATHS)
+    def test_a_dripping_client_cannot_hold_the_worker(self, tmp_path: Path, upload_dir: Path, app: str, path: str,
+                                                      args: tuple[str, ...]) -> None:
+        """A client sending one byte every 0.3 s gets its 413 once drain_timeout (1 s) has passed, not when it stops."""
+        server = Gunicorn(app, tmp_path=tmp_path, args=["--log-level", "info", *args],
+                          env={"UPLOADGUARD_TEMP_DIR": str(upload_dir), "TEST_FILE_UPLOAD_TEMP_DIR": str(upload_dir),
+                               "TEST_STORE_DIR": str(tmp_path / "store"), "UPLOADGUARD_MAX_BODY_SIZE": "1000",
+                               "UPLOADGUARD_DRAIN_TIMEOUT": "1", "UPLOADGUARD_MIN_FREE_SPACE": "0"})
+        try:
+            head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+                    "Content-Length: 1500\r\n\r\n").encode()
+            response, took = drip(server.port, head)
+            assert response.startswith(b"HTTP/1.1 413"), response[:200]
+            # 1 s of drain plus start-up and scheduling on a busy machine; the drip itself would go on for 25 s.
+            assert took < 1 + 1 + 3, took
+            assert post(server.url, b"ok")[0] < 500  # the worker serves again
+        finally:
+            server.stop()
+
+
+def expect_refusal(port: int, path: str, length: int) -> bytes:
+    """Headers with ``Expect: 100-continue`` and nothing else; all the server sends until it closes."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(head)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+LIMIT_SOURCES = [
+    pytest.param("wsgi_apps:guarded", "/upload", {"UPLOADGUARD_MAX_BODY_SIZE": "1M"}, id="environment"),
+    pytest.param("wsgi_apps:guarded_keyword", "/upload", {}, id="keyword"),
+    pytest.param("wsgi_apps:nested", "/upload", {}, id="nested-guards"),
+    pytest.param("django_project.wsgi:application", "/upload/", {"TEST_DJANGO_MAX_BODY_SIZE": "1M"},
+                 id="django-settings"),
+    pytest.param("django_project.wsgi:guarded", "/upload/", {"TEST_DJANGO_MAX_BODY_SIZE": "1M"},
+                 id="django-settings-inside-wsgi-guard"),
+    pytest.param("flask_app:create_app(MAX_CONTENT_LENGTH=1048576)", "/upload", {}, id="flask-max-content-length"),
+    pytest.param("flask_app:create_app(UPLOADGUARD_MAX_BODY_SIZE='1M')", "/upload", {}, id="flask-config"),
+]
+
+
+class TestExpectContinueForEveryLimit:
+    @pytest.fixture
+    def serve_conf(self, tmp_path: Path, upload_dir: Path) -> Iterator[Callable[..., Gunicorn]]:
+        servers: list[Gunicorn] = []
+
+        def start(app: str, **env: str) -> Gunicorn:
+            server = Gunicorn(app, tmp_path=tmp_path, config=GUNICORN_CONF, args=["--log-level", "info"],
+                              env={"UPLOADGUARD_TEMP_DIR": str(upload_dir),
+                                   "TEST_FILE_UPLOAD_TEMP_DIR": str(upload_dir),
+                                   "TEST_STORE_DIR": str(tmp_path / "store"), "UPLOADGUARD_MIN_FREE_SPACE": "0",
+                                   "UPLOADGUARD_RETRY_AFTER": "1", **env})
+            servers.append(server)
+            return server
+
+        yield start
+        for server in servers:
+            server.stop()
+
+    @pytest.mark.parametrize(("app", "path", "env"), LIMIT_SOURCES)
+    def test_413_before_a_byte_is_sent(self, serve_conf: Callable[..., Gunicorn], app: str, path: str,
+                                       env: dict[str, str]) -> None:
+        """Whatever sets the 1 MiB limit, a 3 MiB body announced with Expect gets its 413 with no 100 Continue."""
+        server = serve_conf(app, **env)
+        received = expect_refusal(server.port, path, 3 * MiB)
+        assert received.startswith(b"HTTP/1.1 413 "), received[:300]
+        assert b"100 Continue" not in received
+        assert b"Connection: close" in received  # the unsent body can never be read as the next request
+
+    @pytest.mark.parametrize(("app", "path"), [
+        pytest.param("wsgi_apps:guarded", "/upload", id="wsgi"),
+        pytest.param("django_project.wsgi:application", "/upload/", id="django"),
+        pytest.param("flask_app:app", "/upload", id="flask"),
+    ])
+    def test_503_before_a_byte_is_sent(self, serve_conf: Callable[..., Gunicorn], upload_dir: Path, app: str,
+                                       path: str) -> None:
+        """An unusable temp dir answers the waiting client 503 + Retry-After: a retry does not resend the file."""
+        server = serve_conf(app)
+        shutil.rmtree(upload_dir)
+        upload_dir.write_text("in the way")
+        received = expect_refusal(server.port, path, 3 * MiB)
+        assert received.startswith(b"HTTP/1.1 503 "), received[:300]
+        assert b"Retry-After: 1" in received and b"100 Continue" not in received
+
+    @pytest.mark.parametrize(("app", "path"), [
+        pytest.param("wsgi_apps:nested", "/upload", id="wsgi-nested"),
+        pytest.param("flask_app:create_app(MAX_CONTENT_LENGTH=1048576)", "/raw", id="flask"),
+    ])
+    def test_a_body_within_the_limit_gets_100_when_read(self, serve_conf: Callable[..., Gunicorn], app: str,
+                                                        path: str) -> None:
+        """Within the limit the client gets 100 Continue (once the app reads), sends the body and gets a 200."""
+        server = serve_conf(app)
+        body = b"u" * 1000
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(head)
+            interim = b""
+            while b"\r\n\r\n" not in interim:
+                chunk = sock.recv(1)
+                assert chunk, "closed before 100 Continue"
+                interim += chunk
+            sock.sendall(body)
+            final = sock.recv(65536)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert final.startswith(b"HTTP/1.1 200 "), final[:300]
+
+    def test_an_app_that_never_reads_sends_no_100(self, serve_conf: Callable[..., Gunicorn]) -> None:
+        """An answer given without reading the body (Flask's view ignores a non-form body) comes without 100."""
+        server = serve_conf("flask_app:app")
+        received = expect_refusal(server.port, "/upload", 1000)
+        assert received.startswith(b"HTTP/1.1 200 ") and b"100 Continue" not in received

@@ -52,3 +52,9 @@ def refuse(environ, start_response):
     """A naive size check: answers 413 without reading the body (what many apps do)."""
     start_response("413 Content Too Large", [("Content-Type", "text/plain"), ("Content-Length", "9")])
     return [b"too big\r\n"]
+
+
+#: The limit given as a keyword, not the environment: the 100-continue hook must still honour it.
+guarded_keyword = UploadGuard(spool, max_body_size="1M")
+#: A guard inside a guard: the inner, smaller limit wins.
+nested = UploadGuard(UploadGuard(spool, max_body_size="1M"))

@@ -1,37 +1,18 @@
-"""One settings object for the middleware, ``gunicorn_conf.py`` and the CLI.
+"""One settings object for the middleware, the framework integrations, ``gunicorn_conf.py`` and the CLI.
 
-Every knob of uploadguard is read here and only here, so the WSGI middleware,
-the gunicorn hooks and the ``uploadguard`` command can never disagree about
-where uploads are spooled or how large they may be.
+Every knob of uploadguard is parsed and validated here and only here, so the
+WSGI middleware, the Django and Flask integrations, the gunicorn hooks and the
+``uploadguard`` command can never disagree about where uploads are spooled or
+how large they may be.  The settings, their defaults and their meaning are
+listed once, in the README's "Settings reference" table.
 
-Environment variables (all optional):
+Three sources, one parser per setting:
 
-``UPLOADGUARD_TEMP_DIR``
-    Directory that upload temp files go to.  Default:
-    ``$XDG_CACHE_HOME/uploadguard/tmp`` (``~/.cache/uploadguard/tmp``), which
-    any user can create on a fresh machine.  In production point it at a
-    dedicated directory *outside* ``/tmp`` and ``/var/tmp``: systemd's
-    ``PrivateTmp=`` gives each service its own copy of those and
-    ``systemd-tmpfiles`` ages their contents.
-``UPLOADGUARD_MAX_BODY_SIZE``
-    Largest request body accepted, inclusive.  Bytes or a binary ``K``/``M``/``G``
-    suffix as nginx's ``client_max_body_size`` (``200M`` = 200 MiB).  Default ``200M``.
-    ``0`` switches the limit off.
-``UPLOADGUARD_RETRY_AFTER``
-    Seconds sent in ``Retry-After`` with a 503.  Default ``5``.
-``UPLOADGUARD_MIN_FREE_SPACE``
-    Free space (size) the temp dir's file system must keep *after* a body of
-    the announced length is spooled; below it uploads get a 503.  Default ``16M``.
-``UPLOADGUARD_DRAIN_MAX``
-    How many body bytes a worker reads and discards so that a client still
-    sending an oversized or failed upload reads the error instead of a
-    connection reset.  Default: twice the body limit (64M when the limit is
-    off).  ``0`` never drains.
-``UPLOADGUARD_DRAIN_TIMEOUT``
-    Seconds a worker spends draining at most.  Default ``10``.
-``UPLOADGUARD_CHECK_INTERVAL``
-    Seconds a healthy temp-dir verdict is reused by a busy worker before the
-    directory is checked again (``0`` = every request).  Default ``0.1``.
+* the environment (``UPLOADGUARD_MAX_BODY_SIZE=200M``): strings;
+* framework settings (Django ``settings.UPLOADGUARD_*``, a Flask ``app.config``)
+  and keyword arguments: typed values (``200 * 1024**2``, ``0.5``, a ``Path``)
+  or the same strings as the environment;
+* what is left takes the default.
 
 Usage::
 
@@ -39,23 +20,25 @@ Usage::
 
     settings = Settings.from_environ()          # reads os.environ
     settings = Settings.from_environ({"UPLOADGUARD_MAX_BODY_SIZE": "20M"})
+    settings = Settings.from_mapping(django_settings_as_dict)   # over os.environ
     settings = settings.replace(retry_after=2)  # validated again
 
-A bad value raises :class:`ConfigError` (a ``ValueError``) naming the
-variable and the value, e.g. ``UPLOADGUARD_MAX_BODY_SIZE='20X' is not a size;
-use bytes or a K/M/G suffix (e.g. 200M)``.
+A bad value raises :class:`ConfigError` (a ``ValueError``) naming the setting
+and the value, e.g. ``UPLOADGUARD_MAX_BODY_SIZE='20X' is not a size; use bytes
+or a K/M/G suffix (e.g. 200M)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "Settings", "parse_size", "parse_duration", "overlay_environ", "ENV_PREFIX", "SETTING_NAMES"]
+__all__ = ["ConfigError", "Settings", "parse_size", "parse_duration", "ENV_PREFIX", "SETTING_NAMES"]
 
 ENV_PREFIX = "UPLOADGUARD_"
 
@@ -75,8 +58,8 @@ class ConfigError(ValueError):
 
 
 def parse_size(value: str | int, *, name: str = "size") -> int:
-    """Parse ``"200M"``-style sizes (binary multiples, as nginx does) into bytes."""
-    if isinstance(value, bool):
+    """Parse ``"200M"``-style sizes (binary multiples, as nginx does) or whole bytes."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError(f"{name}={value!r} is not a size; use bytes or a K/M/G suffix (e.g. 200M)")
     if isinstance(value, int):
         size = value
@@ -93,8 +76,8 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
 
 
 def parse_duration(value: str | float, *, name: str = "duration") -> float:
-    """Parse ``"90s"``, ``"30m"``, ``"24h"``, ``"7d"`` or plain seconds."""
-    if isinstance(value, bool):
+    """Parse ``"90s"``, ``"30m"``, ``"24h"``, ``"7d"`` or plain seconds (a number or its text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(f"{name}={value!r} is not a duration; use seconds or an s/m/h/d suffix (e.g. 24h)")
     if isinstance(value, (int, float)):
         seconds = float(value)
@@ -110,21 +93,98 @@ def parse_duration(value: str | float, *, name: str = "duration") -> float:
     return seconds
 
 
+def _parse_whole_seconds(value: str | float, *, name: str) -> int:
+    """A duration rounded *up* to whole seconds (``Retry-After`` has no fractions); 0 stays 0."""
+    return math.ceil(parse_duration(value, name=name))
+
+
+def _parse_path(value: str | os.PathLike[str], *, name: str) -> Path:
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        if isinstance(text, str) and text.strip() and "\0" not in text:
+            return Path(os.path.abspath(text))
+    raise ConfigError(f"{name}={value!r} is not a directory path")
+
+
+def _parse_optional_size(value: str | int | None, *, name: str) -> int | None:
+    return None if value is None else parse_size(value, name=name)
+
+
+#: The parser of every field: the one decision of what each setting accepts, for every source.
+_PARSERS: dict[str, Callable[..., Any]] = {
+    "temp_dir": _parse_path,
+    "max_body_size": parse_size,
+    "retry_after": _parse_whole_seconds,
+    "min_free_space": parse_size,
+    "drain_max": _parse_optional_size,
+    "drain_timeout": parse_duration,
+    "check_interval": parse_duration,
+    "resumable_storage": lambda value, *, name: None if value is None else _parse_path(value, name=name),
+    "resumable_expires_after": parse_duration,
+    "resumable_idle_timeout": parse_duration,
+}
+
+
 def default_temp_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """Where uploads spool when nobody said: a per-user cache dir.
+    """Where uploads spool when nobody said: a per-user cache dir, found without needing a home.
+
+    In order: ``$XDG_CACHE_HOME/uploadguard/tmp``; ``~/.cache/uploadguard/tmp``
+    when the home directory (``$HOME``, else the passwd entry) exists; else
+    ``/dev/shm/uploadguard-<uid>/tmp``.  A service user often has no home
+    (``HOME`` unset, a ``DynamicUser=`` uid without a passwd entry, or
+    ``/nonexistent``), and a default that needs one would make ``doctor``,
+    gunicorn and ``UploadGuard()`` fail for a setting nobody asked for.  The
+    last resort is per uid, so users never share it; outside ``/tmp`` and
+    ``/var/tmp``, so ``PrivateTmp=`` and ``systemd-tmpfiles`` leave it alone;
+    and on the world-writable sticky ``/dev/shm`` that every Linux has, so any
+    uid can create it (the guard refuses it if another user made it first,
+    as it checks owner and mode).  It is memory: ``doctor`` reports whether a
+    full-size upload fits.  Without ``/dev/shm`` either, :class:`ConfigError`
+    asks for ``UPLOADGUARD_TEMP_DIR``.
 
     Not derived from :func:`tempfile.gettempdir`, because the gunicorn hooks
     point ``tempfile`` *at* this directory; the default must not move once they have.
     """
     environ = os.environ if environ is None else environ
     cache = environ.get("XDG_CACHE_HOME") or ""
-    base = Path(cache) if os.path.isabs(cache) else Path.home() / ".cache"
-    return base / "uploadguard" / "tmp"
+    if os.path.isabs(cache):
+        return Path(cache) / "uploadguard" / "tmp"
+    home = os.path.expanduser("~")  # "~" unchanged when HOME is unset and the uid has no passwd entry
+    if os.path.isabs(home) and os.path.isdir(home):
+        return Path(home) / ".cache" / "uploadguard" / "tmp"
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return Path(shm) / f"uploadguard-{os.geteuid()}" / "tmp"
+    raise ConfigError(f"UPLOADGUARD_TEMP_DIR is not set and there is no default for uid {os.geteuid()}: "
+                      f"no XDG_CACHE_HOME, no home directory ({home!r}) and no writable /dev/shm; "
+                      "set UPLOADGUARD_TEMP_DIR to a directory for upload temp files")
+
+
+def default_resumable_storage(environ: Mapping[str, str] | None = None) -> Path:
+    """Where resumable uploads live when nobody said: persistent per-user data, never ``/tmp``.
+
+    ``$XDG_DATA_HOME/uploadguard/uploads``, else ``~/.local/share/uploadguard/uploads``
+    when the home directory exists: any user can create it on a fresh
+    machine, and no tmp cleaner ages it.  Resolved only when resumable
+    uploads are used (a ``None`` in :class:`Settings`), so a service user
+    without a home runs the rest of uploadguard; for resumable uploads it gets
+    :class:`ConfigError` asking for ``UPLOADGUARD_RESUMABLE_STORAGE`` --
+    persistent uploads must not fall back to memory or ``/tmp``.
+    """
+    environ = os.environ if environ is None else environ
+    data = environ.get("XDG_DATA_HOME") or ""
+    if os.path.isabs(data):
+        return Path(data) / "uploadguard" / "uploads"
+    home = os.path.expanduser("~")
+    if os.path.isabs(home) and os.path.isdir(home):
+        return Path(home) / ".local" / "share" / "uploadguard" / "uploads"
+    raise ConfigError(f"UPLOADGUARD_RESUMABLE_STORAGE is not set and uid {os.geteuid()} has no XDG_DATA_HOME and no "
+                      f"home directory ({home!r}); set it to a persistent directory for resumable uploads")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Effective uploadguard settings; immutable, validated on creation."""
+    """Effective uploadguard settings; immutable, validated on creation (see the README's table)."""
 
     temp_dir: Path
     max_body_size: int = 200 * 1024**2  # bytes, inclusive; 0 = no limit
@@ -133,24 +193,15 @@ class Settings:
     drain_max: int | None = None  # bytes; None = 2 x max_body_size
     drain_timeout: float = 10.0  # seconds
     check_interval: float = 0.1  # seconds
+    resumable_storage: Path | None = None  # resumable uploads' directory; None = default_resumable_storage()
+    resumable_expires_after: float = 86400.0  # seconds of inactivity before an incomplete upload expires; 0 = never
+    resumable_idle_timeout: float = 30.0  # seconds without a byte that end a resumable PATCH
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temp_dir, Path):
-            object.__setattr__(self, "temp_dir", Path(self.temp_dir))
-        if not self.temp_dir.is_absolute():
-            object.__setattr__(self, "temp_dir", Path(os.path.abspath(self.temp_dir)))
-        for name in ("max_body_size", "retry_after", "min_free_space"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name}={value!r} must be a whole number >= 0")
-        if self.drain_max is not None and (
-            isinstance(self.drain_max, bool) or not isinstance(self.drain_max, int) or self.drain_max < 0
-        ):
-            raise ConfigError(f"drain_max={self.drain_max!r} must be a whole number >= 0 or None")
-        for name in ("drain_timeout", "check_interval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{name}={value!r} must be >= 0 seconds")
+        # Direct construction goes through the same parsers as every other source.
+        for field in dataclasses.fields(self):
+            parse = _PARSERS[field.name]
+            object.__setattr__(self, field.name, parse(getattr(self, field.name), name=field.name))
 
     @property
     def drain_bytes(self) -> int:
@@ -160,61 +211,44 @@ class Settings:
         return 2 * self.max_body_size if self.max_body_size else _DRAIN_WITHOUT_LIMIT
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Build settings from ``UPLOADGUARD_*`` variables; ``overrides`` win.
+    def from_environ(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        framework: Callable[[str], Any] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Settings from keyword ``overrides``, then ``framework``, then ``UPLOADGUARD_*`` variables.
 
-        ``None`` overrides are ignored, so callers can pass their keyword
-        arguments straight through.
+        ``framework(name)`` returns a framework's value for a setting name
+        (``"UPLOADGUARD_MAX_BODY_SIZE"``) or ``None``: how Django settings and
+        a Flask config win over the environment, with their typed values
+        parsed as they are, never turned into strings and back.  ``None``
+        overrides are ignored, so callers can pass their keyword arguments
+        straight through.
         """
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-
-        def get(key: str) -> str | None:
-            raw = environ.get(ENV_PREFIX + key)
-            return raw if raw is not None and raw.strip() != "" else None
-
-        raw = get("TEMP_DIR")
-        values["temp_dir"] = Path(raw) if raw else default_temp_dir(environ)
-        for key, field in (("MAX_BODY_SIZE", "max_body_size"), ("MIN_FREE_SPACE", "min_free_space"),
-                           ("DRAIN_MAX", "drain_max")):
-            raw = get(key)
-            if raw is not None:
-                values[field] = parse_size(raw, name=ENV_PREFIX + key)
-        raw = get("RETRY_AFTER")
-        if raw is not None:
-            seconds = parse_duration(raw, name=ENV_PREFIX + "RETRY_AFTER")
-            values["retry_after"] = max(1, round(seconds))
-        for key, field in (("DRAIN_TIMEOUT", "drain_timeout"), ("CHECK_INTERVAL", "check_interval")):
-            raw = get(key)
-            if raw is not None:
-                values[field] = parse_duration(raw, name=ENV_PREFIX + key)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls._coerce(values)
+        for field, parse in _PARSERS.items():
+            name = ENV_PREFIX + field.upper()
+            value = framework(name) if framework is not None else None
+            if value is None:
+                value = environ.get(name)
+                if value is not None and not value.strip():
+                    value = None  # an empty variable means the default
+            if value is not None:
+                values[field] = parse(value, name=name)
+        values.update(_parse_overrides(overrides))
+        if "temp_dir" not in values:
+            values["temp_dir"] = default_temp_dir(environ)
+        return cls(**values)
 
     def replace(self, **overrides: Any) -> Settings:
         """A copy with some fields changed (``None`` means keep), validated again."""
-        values = dataclasses.asdict(self)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return self._coerce(values)
-
-    @classmethod
-    def _coerce(cls, values: dict[str, Any]) -> Settings:
-        # Keyword arguments may use the same spellings as the environment ("200M", "24h").
-        for field in ("max_body_size", "min_free_space", "drain_max"):
-            if isinstance(values.get(field), str):
-                values[field] = parse_size(values[field], name=field)
-        if isinstance(values.get("retry_after"), (str, float)):
-            values["retry_after"] = max(1, round(parse_duration(values["retry_after"], name="retry_after")))
-        for field in ("drain_timeout", "check_interval"):
-            if isinstance(values.get(field), str):
-                values[field] = parse_duration(values[field], name=field)
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        return cls(**values)
+        return dataclasses.replace(self, **_parse_overrides(overrides))
 
     def describe(self) -> str:
-        """One log line with the effective settings."""
+        """One log line with the effective values."""
         limit = "off" if not self.max_body_size else format_size(self.max_body_size)
         return (
             f"temp_dir={self.temp_dir} max_body_size={limit} retry_after={self.retry_after}s "
@@ -223,23 +257,15 @@ class Settings:
         )
 
 
-#: Every variable :meth:`Settings.from_environ` reads.
+def _parse_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(overrides) - set(_PARSERS)
+    if unknown:
+        raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return {field: _PARSERS[field](value, name=field) for field, value in overrides.items() if value is not None}
+
+
+#: Every variable :meth:`Settings.from_environ` reads (and every framework setting name).
 SETTING_NAMES = tuple(ENV_PREFIX + field.name.upper() for field in dataclasses.fields(Settings))
-
-
-def overlay_environ(lookup: Callable[[str], Any], environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``environ`` (default ``os.environ``) with each ``UPLOADGUARD_*`` name that ``lookup`` knows put over it.
-
-    How the framework integrations let Django settings or a Flask config win
-    over the environment: ``lookup(name)`` returns the framework's value or
-    ``None``; values are turned into the strings the environment would hold.
-    """
-    merged = dict(os.environ if environ is None else environ)
-    for name in SETTING_NAMES:
-        value = lookup(name)
-        if value is not None:
-            merged[name] = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-    return merged
 
 
 def format_size(size: int) -> str:

@@ -42,13 +42,10 @@ exception reaches the middleware itself and gets the same answer.  Django's
 test ``Client`` re-raises every exception that reached the signal: pass
 ``raise_request_exception=False`` to see the 503.
 
-**Settings.**  ``UPLOADGUARD_TEMP_DIR``, ``UPLOADGUARD_MAX_BODY_SIZE`` (bytes
-or ``"200M"``), ``UPLOADGUARD_RETRY_AFTER``, ``UPLOADGUARD_MIN_FREE_SPACE``,
-``UPLOADGUARD_DRAIN_MAX``, ``UPLOADGUARD_DRAIN_TIMEOUT`` and
-``UPLOADGUARD_CHECK_INTERVAL``, in Django settings, with the meanings and
-defaults of the environment variables of the same names
-(:mod:`uploadguard.config`); a Django setting wins over the environment.  A
-bad value raises ``ImproperlyConfigured`` naming it when the middleware loads.
+**Settings.**  The ``UPLOADGUARD_*`` settings (the README's "Settings
+reference") in Django settings, typed values taken as they are; a Django
+setting wins over the environment.  A bad value raises
+``ImproperlyConfigured`` naming it when the middleware loads.
 
 **The upload temp dir** is the directory Django spools uploads to, which the
 middleware never changes:
@@ -73,11 +70,17 @@ server marks where the body ends (``wsgi.input_terminated``, as gunicorn
 does): it is counted as it is read and cut at the limit with a 413.
 
 **With the WSGI middleware too** (``application = UploadGuard(get_wsgi_application())``):
-the outer guard has already checked the limit and the temp dir, so the
-middleware only turns the exceptions Django caught into its answers, and
-counts them in the outer guard's :attr:`~uploadguard.UploadGuard.stats`.  If
-the outer guard watches another directory than Django's upload dir, the
-middleware checks Django's itself (and logs a WARNING once).
+the outer guard counts the request and checks its limit and temp dir; the
+middleware still applies a smaller ``UPLOADGUARD_MAX_BODY_SIZE`` of its own,
+checks Django's upload dir if the outer guard watches another (logging a
+WARNING once), and turns the exceptions Django caught into its answers,
+counted in the outer guard's :attr:`~uploadguard.UploadGuard.stats` when both
+guard the same directory.
+
+**Logging.**  Each 413/503 is one WARNING line of the ``uploadguard`` logger;
+the response is marked logged, so Django does not add an ``ERROR
+django.request`` line for it.  An exception Django caught itself is logged by
+Django (with its traceback) before the middleware replaces its 500.
 
 **System checks.**  ``manage.py check`` reports a bad ``UPLOADGUARD_*`` value
 (``uploadguard.E002``), ``UPLOADGUARD_TEMP_DIR`` and ``FILE_UPLOAD_TEMP_DIR``
@@ -108,9 +111,17 @@ from django.core.signals import got_request_exception
 from django.http import HttpResponse
 from django.utils.module_loading import import_string
 
-from .config import ConfigError, Settings, overlay_environ
-from .errors import CONTENT_HEADERS, BadRequest, BodyTooLarge, UploadGuardError
-from .wsgi import ENVIRON_EXCEPTION, ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput, UploadGuard
+from .config import ConfigError, Settings
+from .errors import BadRequest, InternalError, UploadGuardError
+from .wsgi import (
+    ENVIRON_EXCEPTION,
+    ENVIRON_GUARD,
+    ENVIRON_INPUT,
+    GuardedInput,
+    UploadGuard,
+    body_length,
+    remember_exception,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -125,30 +136,35 @@ log = logging.getLogger("uploadguard")
 MIDDLEWARE_PATH = "uploadguard.django.UploadGuardMiddleware"
 
 
+def _django_setting(name: str) -> Any:
+    return getattr(settings, name, None)
 
 
 def settings_from_django() -> Settings:
-    """The effective settings: ``UPLOADGUARD_*`` Django settings over the environment.
+    """The effective settings: ``UPLOADGUARD_*`` Django settings (typed as they are) over the environment.
 
     The temp dir is ``FILE_UPLOAD_TEMP_DIR`` when that is set.  Raises
     ``ImproperlyConfigured`` for a bad value, or for an ``UPLOADGUARD_TEMP_DIR``
     that is not ``FILE_UPLOAD_TEMP_DIR``.
     """
-    environ = overlay_environ(lambda name: getattr(settings, name, None))
-    upload_dir = getattr(settings, "FILE_UPLOAD_TEMP_DIR", None)
-    if upload_dir:
-        chosen = environ.get("UPLOADGUARD_TEMP_DIR", "").strip()
-        if chosen and os.path.abspath(chosen) != os.path.abspath(os.fspath(upload_dir)):
-            raise ImproperlyConfigured(
-                f"UPLOADGUARD_TEMP_DIR={chosen!r} is not FILE_UPLOAD_TEMP_DIR={os.fspath(upload_dir)!r}: "
-                "uploadguard would guard a directory Django does not spool uploads to; "
-                "leave UPLOADGUARD_TEMP_DIR unset or make the two the same"
-            )
-        environ["UPLOADGUARD_TEMP_DIR"] = os.fspath(upload_dir)
     try:
-        return Settings.from_environ(environ)
+        resolved = Settings.from_environ(framework=_django_setting)
     except ConfigError as exc:
         raise ImproperlyConfigured(f"{exc} (a Django setting or an environment variable)") from exc
+    upload_dir = getattr(settings, "FILE_UPLOAD_TEMP_DIR", None)
+    if not upload_dir:
+        return resolved
+    chosen = _django_setting("UPLOADGUARD_TEMP_DIR") or os.environ.get("UPLOADGUARD_TEMP_DIR", "").strip()
+    if chosen and os.path.abspath(os.fspath(chosen)) != os.path.abspath(os.fspath(upload_dir)):
+        raise ImproperlyConfigured(
+            f"UPLOADGUARD_TEMP_DIR={os.fspath(chosen)!r} is not FILE_UPLOAD_TEMP_DIR={os.fspath(upload_dir)!r}: "
+            "uploadguard would guard a directory Django does not spool uploads to; "
+            "leave UPLOADGUARD_TEMP_DIR unset or make the two the same"
+        )
+    try:
+        return resolved.replace(temp_dir=upload_dir)
+    except ConfigError as exc:
+        raise ImproperlyConfigured(f"FILE_UPLOAD_TEMP_DIR: {exc}") from exc
 
 
 def _spool_dir_problem(guarded: str) -> str | None:
@@ -167,8 +183,8 @@ def _spool_dir_problem(guarded: str) -> str | None:
 _SPOOL_HINT = "Set FILE_UPLOAD_TEMP_DIR to the guarded directory, or serve with uploadguard's gunicorn_conf.py."
 
 
-def _served_by_django(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-    """The WSGI app of the middleware's guard: Django serves, the guard only judges."""
+def _django_serves_itself(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    """The WSGI app of the middleware's guard, never called: Django serves, the guard only judges."""
     raise RuntimeError(
         "this UploadGuard belongs to UploadGuardMiddleware and serves nothing itself; "
         "wrap get_wsgi_application() in uploadguard.UploadGuard instead"
@@ -176,34 +192,14 @@ def _served_by_django(environ: WSGIEnvironment, start_response: StartResponse) -
 
 
 def _remember_exception(sender: object, request: Any = None, **kwargs: Any) -> None:
-    """``got_request_exception`` receiver: keep the first exception for the middleware.
-
-    Django sends the signal from inside its ``except`` block, without the
-    exception; :func:`sys.exc_info` has it.
-    """
+    """``got_request_exception`` receiver; Django sends it from its ``except`` block, without the exception."""
     exc = sys.exc_info()[1]
     meta = getattr(request, "META", None)
     if exc is not None and isinstance(meta, dict):
-        meta.setdefault(ENVIRON_EXCEPTION, exc)
+        remember_exception(meta, exc)
 
 
 got_request_exception.connect(_remember_exception, dispatch_uid=ENVIRON_EXCEPTION)
-
-
-
-def _length(raw: str | None) -> int | None:
-    """``Content-Length`` as a number: ``None`` if absent (chunked), -1 if invalid."""
-    if not raw:
-        return None
-    try:
-        length = int(raw)
-    except ValueError:
-        return -1
-    return length if length >= 0 else -1
-
-
-def _is_chunked(environ: WSGIEnvironment) -> bool:
-    return bool(environ.get("wsgi.input_terminated")) and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
 
 
 class UploadGuardMiddleware:
@@ -219,7 +215,7 @@ class UploadGuardMiddleware:
 
     def __init__(self, get_response: Callable[[Any], Any]) -> None:
         self.get_response = get_response
-        self.guard = UploadGuard(_served_by_django, settings=settings_from_django())
+        self.guard = UploadGuard(_django_serves_itself, settings=settings_from_django())
         self._spool_checked = False
         self._outer_warned = False
 
@@ -228,39 +224,43 @@ class UploadGuardMiddleware:
 
     def __call__(self, request: Any) -> Any:
         environ = request.META
-        raw_length = environ.get("CONTENT_LENGTH")
-        if not raw_length and not _is_chunked(environ):
+        if not environ.get("CONTENT_LENGTH") and "HTTP_TRANSFER_ENCODING" not in environ:
             return self.get_response(request)  # no body: nothing to guard
-        if not self._spool_checked:
-            self._spool_checked = True
-            problem = _spool_dir_problem(self.guard.temp.path)
-            if problem:
-                log.warning("uploadguard: %s. %s", problem, _SPOOL_HINT)
         outer = environ.get(ENVIRON_GUARD)
-        if isinstance(outer, UploadGuard) and outer.temp.path == self.guard.temp.path:
-            guard = outer  # the WSGI guard has checked the limit and the temp dir
-        else:
-            guard = self.guard
-            length = _length(raw_length)
-            if length == 0:
-                return self.get_response(request)
+        try:
+            length = body_length(environ)
+        except BadRequest as malformed:
             if outer is not None:
+                return self.get_response(request)  # the outer guard has judged it
+            return self._answer(self.guard, malformed, request, None)
+        if length == 0:
+            return self.get_response(request)
+        self._check_spool_dir_once()
+        guard = self.guard
+        if outer is None:
+            if length is None:  # Django reads none of it; code reading wsgi.input itself gets it counted
+                stream = GuardedInput(environ["wsgi.input"], length=None, limit=guard.settings.max_body_size)
+                environ["wsgi.input"] = environ[ENVIRON_INPUT] = stream
+            environ[ENVIRON_GUARD] = guard
+            refusal = guard.refusal(length)
+        else:
+            if isinstance(outer, UploadGuard) and outer.temp.path == guard.temp.path:
+                guard = outer  # the outer guard counted the request: its answers are counted there too
+            else:
                 self._warn_outer(outer)
-            error = self._admit(environ, length, counted=outer is not None)
-            if error is not None:
-                waiting = isinstance(error, BodyTooLarge) and environ.get("HTTP_EXPECT", "").lower() == "100-continue"
-                body = None if waiting or (length is not None and length < 0) else self._body(request, length)
-                return self._answer(guard, error, request, body)
+            refusal = self.guard.nested_refusal(environ, length)
+        if refusal is not None:
+            return self._answer(guard, refusal, request, self._body(request, length))
         try:
             response = self.get_response(request)
         except Exception as exc:  # DEBUG_PROPAGATE_EXCEPTIONS: Django re-raised it
             environ.pop(ENVIRON_EXCEPTION, None)
-            error = guard.caught_error(exc, environ)
-            if error is None:
+            error = guard.answer_for(exc, environ)
+            if error is None or isinstance(error, InternalError):
                 raise
             self._release_spooled(request)
             return self._answer(guard, error, request, self._body(request))
-        error = guard.replacement(environ, response.status_code)
+        error = guard.answer_for_caught(environ, response.status_code)
         if error is None:
             return response
         answer = self._answer(guard, error, request, self._body(request), replacing=response)
@@ -268,33 +268,19 @@ class UploadGuardMiddleware:
         self._release_spooled(request)
         return answer
 
+    def _check_spool_dir_once(self) -> None:
+        if not self._spool_checked:
+            self._spool_checked = True
+            problem = _spool_dir_problem(self.guard.temp.path)
+            if problem:
+                log.warning("%s. %s", problem, _SPOOL_HINT)
+
     def _warn_outer(self, outer: object) -> None:
         if not self._outer_warned:
             self._outer_warned = True
-            log.warning("uploadguard: the WSGI UploadGuard guards %s, but Django spools uploads to %s, which the "
+            log.warning("the WSGI UploadGuard guards %s, but Django spools uploads to %s, which the "
                         "middleware checks itself; set UPLOADGUARD_TEMP_DIR to it",
                         outer.temp.path if isinstance(outer, UploadGuard) else outer, self.guard.temp.path)
-
-    def _admit(self, environ: WSGIEnvironment, length: int | None, *, counted: bool) -> UploadGuardError | None:
-        """The 400/413/503 a body deserves before Django reads it, or ``None``.
-
-        ``length`` is ``None`` for a chunked body, -1 for an invalid
-        ``Content-Length``.  ``counted``: an outer guard (with another temp
-        dir) has counted the request and checked its length already.
-        """
-        guard = self.guard
-        if not counted:
-            if length is not None and length < 0:
-                return BadRequest(f"Invalid Content-Length {environ.get('CONTENT_LENGTH')!r}.")
-            if length is None:  # Django reads none of it; code reading wsgi.input itself gets it counted
-                stream = GuardedInput(environ["wsgi.input"], length=None, limit=guard.settings.max_body_size)
-                environ["wsgi.input"] = environ[ENVIRON_INPUT] = stream
-            environ[ENVIRON_GUARD] = guard
-            return guard.admit(length)
-        health = guard.temp.preflight(length or 0)  # the outer guard counted it and checked the length
-        if health.healed:
-            guard.stats.record("heal")
-        return None if health.ok else guard.unavailable(health)
 
     @staticmethod
     def _release_spooled(request: Any) -> None:
@@ -312,29 +298,29 @@ class UploadGuardMiddleware:
 
     @staticmethod
     def _body(request: Any, length: int | None = None) -> GuardedInput:
-        """The request body as a counting stream, to drain before answering early."""
+        """The request body as a counting stream, to drain before answering."""
         stream = request.META.get(ENVIRON_INPUT)
         if isinstance(stream, GuardedInput):
             return stream  # counts every byte read: the WSGI guard's, or ours for a chunked body
-        return GuardedInput(request, length=length, limit=0)  # through Django's stream, which ends at Content-Length
+        # Through Django's stream, which ends at Content-Length; 100-continue state is the server's input's.
+        return GuardedInput(request.META["wsgi.input"] if length is not None else request, length=length, limit=0)
 
     @staticmethod
     def _answer(guard: UploadGuard, error: UploadGuardError, request: Any, stream: GuardedInput | None, *,
                 replacing: Any = None) -> HttpResponse:
         """Count and log ``error``, let the client finish sending, and build the response."""
         environ = request.META
-        guard.note(error, environ)
-        if stream is not None:
+        guard.record(error, environ)
+        if stream is not None and guard.should_drain(error, stream, environ):
             guard.drain(stream, environ)
-        _, headers, body = error.response(environ)
+        status, headers, body = error.replacing(environ, replacing.items() if replacing is not None else ())
         response = HttpResponse(body, status=error.status_code, reason=error.title)
-        if replacing is not None:
-            for name, value in replacing.items():
-                if name.lower() not in CONTENT_HEADERS:
-                    response[name] = value
-            response.cookies = replacing.cookies
         for name, value in headers:
-            response[name] = value
+            if name.lower() != "set-cookie":
+                response[name] = value
+        if replacing is not None:
+            response.cookies = replacing.cookies
+        response._has_been_logged = True  # one WARNING line (ours) per answer, not Django's ERROR too
         return response
 
 

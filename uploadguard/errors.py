@@ -88,6 +88,19 @@ class UploadGuardError(Exception):
         headers.extend(self.headers())
         return self.status, headers, body
 
+    def replacing(
+        self, environ: WSGIEnvironment, headers: Iterable[tuple[str, str]]
+    ) -> tuple[str, list[tuple[str, str]], bytes]:
+        """Status, headers and body that replace a framework's response with ``headers``.
+
+        The replaced response's headers that do not describe its body (CORS,
+        HSTS, ``Set-Cookie``...) stay; its :data:`CONTENT_HEADERS` go.  The one
+        rule for the Django and Flask integrations.
+        """
+        status, own, body = self.response(environ)
+        kept = [(name, value) for name, value in headers if name.lower() not in CONTENT_HEADERS]
+        return status, kept + own, body
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         status, headers, body = self.response(environ)
         start_response(status, headers)
@@ -150,11 +163,14 @@ class BadRequest(UploadGuardError):
 
 
 class InternalError(UploadGuardError):
-    """An ``OSError`` unrelated to the temp dir escaped the application."""
+    """An ``OSError`` unrelated to the temp dir escaped the application: a 500 instead of a dropped connection."""
 
     status_code = 500
     title = "Internal Server Error"
     reason = "internal_error"
 
-    def __init__(self, detail: str = "The server could not complete the request.") -> None:
+    def __init__(self, exception: BaseException | None = None,
+                 detail: str = "The server could not complete the request.") -> None:
         super().__init__(detail)
+        #: What the application raised (logged with its traceback; never sent to the client).
+        self.exception = exception

@@ -29,7 +29,9 @@ straight through):
 
 How: ``init_app`` wraps ``app.wsgi_app`` in :class:`uploadguard.UploadGuard`,
 which handles the limit, the temp-dir check and exceptions that leave Flask
-(``PROPAGATE_EXCEPTIONS`` true, as in debug and testing mode).  With it false
+(``PROPAGATE_EXCEPTIONS`` true, as in debug and testing mode).  Wrapped
+again from outside (``UploadGuard(app)`` of :mod:`uploadguard.wsgi` in a
+``wsgi.py``), the app's own, smaller limit still holds.  With it false
 (production), Flask turns an unhandled exception into its 500 itself
 (``Flask.handle_exception``) after sending ``got_request_exception``; this
 module's receiver keeps the exception in ``request.environ`` under
@@ -39,12 +41,9 @@ cookies...) are kept; the 500's content headers are not.  Flask has logged
 the exception by then.  An error handler you register for ``OSError`` or
 ``Exception`` is asked first and no signal is sent: its answer stands.
 
-**Settings** come from ``app.config`` (read by ``init_app``), then the
-environment: ``UPLOADGUARD_TEMP_DIR``, ``UPLOADGUARD_MAX_BODY_SIZE`` (bytes or
-``"200M"``), ``UPLOADGUARD_RETRY_AFTER``, ``UPLOADGUARD_MIN_FREE_SPACE``,
-``UPLOADGUARD_DRAIN_MAX``, ``UPLOADGUARD_DRAIN_TIMEOUT`` and
-``UPLOADGUARD_CHECK_INTERVAL``, meaning what they mean in
-:mod:`uploadguard.config`.  A bad value raises
+**Settings** are the ``UPLOADGUARD_*`` keys of ``app.config`` (read by
+``init_app``; typed values taken as they are), then the environment: the
+README's "Settings reference".  A bad value raises
 :class:`~uploadguard.config.ConfigError` naming it.
 
 **MAX_CONTENT_LENGTH.**  When ``UPLOADGUARD_MAX_BODY_SIZE`` is set neither in
@@ -76,9 +75,8 @@ from typing import Any
 from flask import Flask, Response, has_request_context, request
 from flask.signals import got_request_exception
 
-from .config import Settings, overlay_environ
-from .errors import CONTENT_HEADERS
-from .wsgi import ENVIRON_EXCEPTION, ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput
+from .config import Settings
+from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput, remember_exception
 from .wsgi import UploadGuard as WSGIUploadGuard
 
 __all__ = ["UploadGuard", "settings_from_config"]
@@ -86,31 +84,30 @@ __all__ = ["UploadGuard", "settings_from_config"]
 log = logging.getLogger("uploadguard")
 
 
-
-
-
 def settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    """Settings from ``UPLOADGUARD_*`` keys of a Flask config, then ``environ`` (default ``os.environ``).
+    """Settings from ``UPLOADGUARD_*`` keys of a Flask config (typed as they are), then ``environ``.
 
     ``MAX_CONTENT_LENGTH`` is the body limit when ``UPLOADGUARD_MAX_BODY_SIZE``
     is in neither.
     """
-    merged = overlay_environ(config.get, environ)
+    resolved = Settings.from_environ(environ, framework=config.get)
+    own_limit = config.get("UPLOADGUARD_MAX_BODY_SIZE") is not None or (
+        (os.environ if environ is None else environ).get("UPLOADGUARD_MAX_BODY_SIZE", "").strip())
     flask_limit = config.get("MAX_CONTENT_LENGTH")
     # MAX_CONTENT_LENGTH = 0 means "no body" to Werkzeug, but 0 means "no limit" here: leave that one to Flask.
-    if flask_limit and not merged.get("UPLOADGUARD_MAX_BODY_SIZE", "").strip():
-        merged["UPLOADGUARD_MAX_BODY_SIZE"] = str(flask_limit)
-    return Settings.from_environ(merged)
+    if flask_limit and not own_limit:
+        resolved = resolved.replace(max_body_size=flask_limit)
+    return resolved
 
 
 def _remember_exception(sender: Flask, exception: BaseException, **extra: Any) -> None:
-    """``got_request_exception`` receiver: keep the first exception for :class:`_Answer`."""
+    """``got_request_exception`` receiver: Flask is about to answer 500 itself."""
     if has_request_context():
-        request.environ.setdefault(ENVIRON_EXCEPTION, exception)
+        remember_exception(request.environ, exception)
 
 
-class _Answer:
-    """The ``after_request`` function: a 500 Flask made of a temp-dir error becomes the 503."""
+class _ReplaceServerError:
+    """The ``after_request`` function: a 500 Flask made of a temp-dir error becomes the retryable 503."""
 
     def __init__(self, guard: WSGIUploadGuard) -> None:
         self.guard = guard
@@ -125,26 +122,24 @@ class _Answer:
             self.spool_checked = True
             spool = tempfile.gettempdir()
             if os.path.abspath(spool) != self.guard.temp.path:
-                log.warning("uploadguard: Werkzeug spools uploads to %s (tempfile.gettempdir()), but uploadguard "
+                log.warning("Werkzeug spools uploads to %s (tempfile.gettempdir()), but uploadguard "
                             "guards %s. Serve with uploadguard's gunicorn_conf.py, or call "
                             "uploadguard.tempdir.use_as_tempdir(%r) at startup.",
                             spool, self.guard.temp.path, self.guard.temp.path)
-        error = guard.replacement(environ, response.status_code)
+        error = self.guard.answer_for_caught(environ, response.status_code)
         if error is None:
             return response
-        guard.note(error, environ)
+        self.guard.record(error, environ)
         stream = environ.get(ENVIRON_INPUT)
-        if isinstance(stream, GuardedInput):
-            guard.drain(stream, environ)
-        _, headers, body = error.response(environ)
-        for name in {key.lower() for key in response.headers.keys()} & CONTENT_HEADERS:
-            del response.headers[name]
-        response.status = error.status
-        response.set_data(body)
+        if isinstance(stream, GuardedInput) and self.guard.should_drain(error, stream, environ):
+            self.guard.drain(stream, environ)
+        status, headers, body = error.replacing(environ, response.headers.items())
+        response.status = status
+        response.headers.clear()
         for name, value in headers:
-            response.headers[name] = value
+            response.headers.add(name, value)
+        response.set_data(body)
         return response
-
 
 
 class UploadGuard:
@@ -162,5 +157,5 @@ class UploadGuard:
         app.wsgi_app = guard  # type: ignore[method-assign]  # Flask's documented way to add WSGI middleware
         app.extensions["uploadguard"] = guard
         got_request_exception.connect(_remember_exception, app)
-        app.after_request(_Answer(guard))
+        app.after_request(_ReplaceServerError(guard))
         return guard

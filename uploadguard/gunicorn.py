@@ -63,14 +63,14 @@ whole server when ``post_worker_init``, ``child_exit`` or
                       working directory again, and the middleware answers uploads
                       with 503 while the rest of the site works.
 ``pre_request``       gunicorn's default (logs ``METHOD path`` at debug), plus
-                      the ``Expect: 100-continue`` fix: gunicorn answers
+                      a lazy ``Expect: 100-continue``: gunicorn sends
                       ``100 Continue`` itself before the application runs, so a
-                      client would send a body the middleware is about to refuse.
-                      When ``Content-Length`` is over ``UPLOADGUARD_MAX_BODY_SIZE``
-                      no ``100 Continue`` is sent and the client reads the 413
-                      without sending the body.  Serve the application behind
-                      :class:`~uploadguard.UploadGuard` (or the Django
-                      middleware) with the same limit.
+                      client would send a body the application is about to
+                      refuse.  The hook defers it until the application first
+                      reads the body (:class:`~uploadguard.wsgi.ContinueOnRead`),
+                      so a 413 or 503 -- whatever limit or check decided it,
+                      ``UploadGuard``, Django or Flask settings -- reaches the
+                      client before it sends a byte.
 ``child_exit``        also calls :func:`uploadguard.metrics.child_exit`;
                       ``on_starting`` calls :func:`uploadguard.metrics.on_starting`.
 
@@ -97,6 +97,7 @@ from .tempdir import Health as _Health
 from .tempdir import ensure_temp_dir as _ensure_temp_dir
 from .tempdir import probe_write as _probe_write
 from .tempdir import use_as_tempdir as _use_as_tempdir
+from .wsgi import ContinueOnRead as _ContinueOnRead
 
 _log = _logging.getLogger("uploadguard")
 
@@ -146,12 +147,19 @@ def _cpus() -> int:
         return _os.cpu_count() or 1
 
 
-def _fallback_worker_tmp_dir(environ: _Mapping[str, str]) -> str:
-    """Where heartbeat files go without a usable ``/dev/shm``: next to the default upload dir."""
-    return str(_default_temp_dir(environ).parent / "gunicorn")
+def _fallback_worker_tmp_dir(environ: _Mapping[str, str]) -> str | None:
+    """Where heartbeat files go without a usable ``/dev/shm``: next to the default upload dir.
+
+    ``None`` (gunicorn's own default) when there is no default upload dir
+    either: loading this config must not fail over a directory nobody named.
+    """
+    try:
+        return str(_default_temp_dir(environ).parent / "gunicorn")
+    except _ConfigError:
+        return None
 
 
-def _worker_tmp_dir(environ: _Mapping[str, str], *, shm: str = _SHM) -> str:
+def _worker_tmp_dir(environ: _Mapping[str, str], *, shm: str = _SHM) -> str | None:
     if _os.path.isdir(shm) and _os.access(shm, _os.W_OK | _os.X_OK):
         return shm
     return _fallback_worker_tmp_dir(environ)
@@ -194,6 +202,8 @@ class _Request(_Protocol):  # gunicorn.http.message.Request
     method: str
     path: str
     headers: list[tuple[str, str]]
+    body: _Any
+    must_close: bool
     _expected_100_continue: bool
 
 
@@ -242,7 +252,7 @@ def _ensure_worker_tmp_dir(server: _Server) -> None:
             server.log.warning("uploadguard: recreated the missing worker_tmp_dir %s", configured)
         return
     fallback = _fallback_worker_tmp_dir(_os.environ)
-    if fallback != configured and _usable_heartbeat_dir(fallback).ok:
+    if fallback is not None and fallback != configured and _usable_heartbeat_dir(fallback).ok:
         server.cfg.set("worker_tmp_dir", fallback)
         server.log.warning("uploadguard: worker_tmp_dir %s is unusable (%s); heartbeat files go to %s now",
                            configured, health.detail, fallback)
@@ -280,7 +290,10 @@ class _ToGunicornErrorLog(_logging.Handler):
     def emit(self, record: _logging.LogRecord) -> None:
         error_log = getattr(self.log, "error_log", None)
         if isinstance(error_log, _logging.Logger) and record.levelno >= error_log.getEffectiveLevel():
-            error_log.handle(record)
+            # gunicorn's format has no logger name: say whose line it is, once.
+            named = _logging.makeLogRecord(record.__dict__)
+            named.msg, named.args = f"{record.name}: {record.getMessage()}", None
+            error_log.handle(named)
 
 
 def _route_logs(server: _Server) -> None:
@@ -321,23 +334,10 @@ def child_exit(server: _Server, worker: _Worker) -> None:
     metrics.child_exit(server, worker)
 
 
-#: The worker's upload settings, read once in post_worker_init.
-_settings: _Settings | None = None
-
-
-def _worker_settings() -> _Settings:
-    global _settings
-    if _settings is None:
-        _settings = _Settings.from_environ()
-    return _settings
-
-
 @_never_raises
 def post_worker_init(worker: _Worker) -> None:
     """Worker, after the user switch: a usable upload temp dir that tempfile and TMPDIR name."""
-    global _settings
-    _settings = _Settings.from_environ()
-    path = _settings.temp_dir
+    path = _Settings.from_environ().temp_dir
     health = _ensure_temp_dir(path)
     if health.ok:
         _use_as_tempdir(path)
@@ -349,19 +349,31 @@ def post_worker_init(worker: _Worker) -> None:
                          "503 while it stays so", path, health.reason, health.detail)
 
 
-def _content_length(headers: list[tuple[str, str]]) -> int | None:
-    for name, value in headers:
-        if name == "CONTENT-LENGTH":
-            return int(value) if value.isascii() and value.isdigit() else None
-    return None
-
-
 @_never_raises
 def pre_request(worker: _Worker, req: _Request) -> None:
-    """Worker, before each request: no ``100 Continue`` for a body the middleware refuses."""
+    """Worker, before each request: ``100 Continue`` only once the application reads the body."""
     worker.log.debug("%s %s", req.method, req.path)
     if req._expected_100_continue:
-        limit = _worker_settings().max_body_size
-        length = _content_length(req.headers)
-        if limit and length is not None and length > limit:
-            req._expected_100_continue = False  # the client reads the 413 instead of sending the body
+        _defer_continue(req)
+
+
+def _defer_continue(req: _Request) -> None:
+    """Replace gunicorn's eager ``100 Continue`` with :class:`~uploadguard.wsgi.ContinueOnRead`.
+
+    gunicorn builds the environ from ``req.body`` after this hook, so the
+    application reads through the wrapper.  Until the body is read the
+    connection is marked to close: a client refused without its ``100
+    Continue`` may still send the body after its own timeout, and those bytes
+    must never be parsed as the next request.
+    """
+    sock = getattr(getattr(req, "unreader", None), "sock", None)
+    if sock is None:
+        return  # not an HTTP/1 socket request gunicorn would send 100 Continue on: leave it be
+    was_closing = bool(req.must_close)
+
+    def continued() -> None:
+        req.must_close = was_closing
+
+    req._expected_100_continue = False
+    req.must_close = True
+    req.body = _ContinueOnRead(req.body, sock, continued)

@@ -16,7 +16,12 @@ and the metrics label):
 ``unlinked``         a directory that was deleted while still mounted or open
                      (``st_nlink == 0``, as when a ``PrivateTmp`` mount's source
                      was removed): it looks fine, every create fails with ENOENT
-``wrong_owner``      owned by neither this process's user nor root
+``wrong_owner``      owned by neither this process's user nor root (a process
+                     running as root -- gunicorn's workers without a ``user``
+                     setting, as in many containers -- may use a directory of
+                     any owner, e.g. a volume owned by the app user; workers
+                     that switch to ``user`` judge it as that user, since the
+                     check runs in the worker after the switch)
 ``insecure_mode``    world-writable without the sticky bit
 ``read_only``        on a read-only file system
 ``not_writable``     this process may not create files in it
@@ -37,6 +42,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import enum
 import errno
 import logging
 import os
@@ -48,6 +54,7 @@ import time
 
 __all__ = [
     "Health",
+    "Reason",
     "TempDirGuard",
     "check_temp_dir",
     "ensure_temp_dir",
@@ -59,26 +66,47 @@ __all__ = [
 
 log = logging.getLogger("uploadguard")
 
+class Reason(enum.StrEnum):
+    """Why the temp dir cannot take an upload: the module docstring's list, as one vocabulary.
+
+    The ``reason`` of a :class:`Health`, of
+    :class:`~uploadguard.errors.TempDirUnavailable`, and the metrics label; a
+    ``str`` enum, so logs and JSON read the plain word.
+    """
+
+    MISSING = "missing"
+    NOT_A_DIRECTORY = "not_a_directory"
+    SYMLINK = "symlink"
+    UNLINKED = "unlinked"
+    WRONG_OWNER = "wrong_owner"
+    INSECURE_MODE = "insecure_mode"
+    READ_ONLY = "read_only"
+    NOT_WRITABLE = "not_writable"
+    NO_SPACE = "no_space"
+    NO_INODES = "no_inodes"
+    IO_ERROR = "io_error"
+
+
 #: errno values that mean "the temp dir cannot take files", mapped to reasons.
 _ERRNO_REASONS = {
-    errno.ENOENT: "missing",
-    errno.ENOTDIR: "not_a_directory",
-    errno.ENOSPC: "no_space",
-    errno.EDQUOT: "no_space",
-    errno.EROFS: "read_only",
-    errno.EACCES: "not_writable",
-    errno.EPERM: "not_writable",
-    errno.ELOOP: "symlink",
-    errno.EFBIG: "no_space",
-    errno.EMFILE: "io_error",
-    errno.ENFILE: "io_error",
-    errno.EIO: "io_error",
+    errno.ENOENT: Reason.MISSING,
+    errno.ENOTDIR: Reason.NOT_A_DIRECTORY,
+    errno.ENOSPC: Reason.NO_SPACE,
+    errno.EDQUOT: Reason.NO_SPACE,
+    errno.EROFS: Reason.READ_ONLY,
+    errno.EACCES: Reason.NOT_WRITABLE,
+    errno.EPERM: Reason.NOT_WRITABLE,
+    errno.ELOOP: Reason.SYMLINK,
+    errno.EFBIG: Reason.NO_SPACE,
+    errno.EMFILE: Reason.IO_ERROR,
+    errno.ENFILE: Reason.IO_ERROR,
+    errno.EIO: Reason.IO_ERROR,
 }
 
 _CHECKS_ACCESS = os.access in os.supports_effective_ids
 
 
-def reason_for_errno(err: int | None) -> str | None:
+def reason_for_errno(err: int | None) -> Reason | None:
     """The temp-dir reason an errno stands for, or ``None`` if it is not one."""
     return _ERRNO_REASONS.get(err) if err is not None else None
 
@@ -98,7 +126,7 @@ class Health:
     """Outcome of a temp-dir check: ``ok``, or a ``reason`` and a ``detail`` for people."""
 
     path: str
-    reason: str | None = None
+    reason: Reason | None = None
     detail: str = "ok"
     free_bytes: int | None = None
     healed: bool = False
@@ -112,23 +140,23 @@ def _stat_problem(path: str, st: os.stat_result) -> Health | None:
     """What is wrong with a directory's own inode, judged from ``lstat``."""
     mode = st.st_mode
     if stat.S_ISLNK(mode):
-        return Health(path, "symlink", f"{path} is a symbolic link; use the real directory")
+        return Health(path, Reason.SYMLINK, f"{path} is a symbolic link; use the real directory")
     if not stat.S_ISDIR(mode):
-        return Health(path, "not_a_directory", f"{path} exists but is not a directory")
+        return Health(path, Reason.NOT_A_DIRECTORY, f"{path} exists but is not a directory")
     if st.st_nlink == 0:
-        return Health(path, "unlinked", f"{path} was deleted while in use (st_nlink == 0); restart the service")
+        return Health(path, Reason.UNLINKED, f"{path} was deleted while in use (st_nlink == 0); restart the service")
     euid = os.geteuid()
-    if st.st_uid not in (euid, 0):
-        return Health(path, "wrong_owner", f"{path} is owned by uid {st.st_uid}, not by uid {euid} or root")
+    if euid != 0 and st.st_uid not in (euid, 0):
+        return Health(path, Reason.WRONG_OWNER, f"{path} is owned by uid {st.st_uid}, not by uid {euid} or root")
     if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-        return Health(path, "insecure_mode", f"{path} is world-writable without the sticky bit (mode {mode & 0o7777:o})")
+        return Health(path, Reason.INSECURE_MODE, f"{path} is world-writable without the sticky bit (mode {mode & 0o7777:o})")
     if euid != 0:
         if st.st_uid == euid:
             writable = mode & 0o300 == 0o300
         else:  # root-owned: group or other bits decide
             writable = os.access(path, os.W_OK | os.X_OK, effective_ids=_CHECKS_ACCESS)
         if not writable:
-            return Health(path, "not_writable", f"{path} is not writable by uid {euid} (mode {mode & 0o7777:o})")
+            return Health(path, Reason.NOT_WRITABLE, f"{path} is not writable by uid {euid} (mode {mode & 0o7777:o})")
     return None
 
 
@@ -142,27 +170,27 @@ def check_temp_dir(path: str | os.PathLike[str], *, min_free_space: int = 0, nee
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return Health(path, "missing", f"{path} does not exist")
+        return Health(path, Reason.MISSING, f"{path} does not exist")
     except OSError as exc:
-        return Health(path, reason_for_errno(exc.errno) or "io_error", f"cannot stat {path}: {exc.strerror}")
+        return Health(path, reason_for_errno(exc.errno) or Reason.IO_ERROR, f"cannot stat {path}: {exc.strerror}")
     problem = _stat_problem(path, st)
     if problem is not None:
         return problem
     try:
         vfs = os.statvfs(path)
     except OSError as exc:
-        return Health(path, reason_for_errno(exc.errno) or "io_error", f"cannot statvfs {path}: {exc.strerror}")
+        return Health(path, reason_for_errno(exc.errno) or Reason.IO_ERROR, f"cannot statvfs {path}: {exc.strerror}")
     if vfs.f_flag & os.ST_RDONLY:
-        return Health(path, "read_only", f"{path} is on a read-only file system")
+        return Health(path, Reason.READ_ONLY, f"{path} is on a read-only file system")
     free = vfs.f_bavail * vfs.f_frsize
     if free == 0 or free < need + min_free_space:
         return Health(
-            path, "no_space",
+            path, Reason.NO_SPACE,
             f"{path} has {free} bytes free; {need} needed plus a floor of {min_free_space}",
             free_bytes=free,
         )
     if vfs.f_files and vfs.f_favail == 0:
-        return Health(path, "no_inodes", f"{path} has no free inodes", free_bytes=free)
+        return Health(path, Reason.NO_INODES, f"{path} has no free inodes", free_bytes=free)
     return Health(path, free_bytes=free)
 
 
@@ -172,12 +200,12 @@ def probe_write(path: str | os.PathLike[str]) -> Health:
     try:
         fd, name = tempfile.mkstemp(prefix=".uploadguard-probe-", dir=path)
     except OSError as exc:
-        return Health(path, reason_for_errno(exc.errno) or "io_error", f"cannot create a file in {path}: {exc.strerror}")
+        return Health(path, reason_for_errno(exc.errno) or Reason.IO_ERROR, f"cannot create a file in {path}: {exc.strerror}")
     try:
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        return Health(path, reason_for_errno(exc.errno) or "io_error", f"cannot remove a file in {path}: {exc.strerror}")
+        return Health(path, reason_for_errno(exc.errno) or Reason.IO_ERROR, f"cannot remove a file in {path}: {exc.strerror}")
     return Health(path)
 
 
@@ -197,7 +225,7 @@ def ensure_temp_dir(
             healed = True
         except OSError as exc:
             # ENOENT here means a parent is gone or unlinked: "missing", not healable.
-            return Health(path, reason_for_errno(exc.errno) or "io_error", f"cannot create {path}: {exc.strerror}")
+            return Health(path, reason_for_errno(exc.errno) or Reason.IO_ERROR, f"cannot create {path}: {exc.strerror}")
     health = check_temp_dir(path, min_free_space=min_free_space)
     if health.ok:
         probe = probe_write(path)
@@ -265,7 +293,7 @@ class TempDirGuard:
                 self._budget -= need
                 return self._healthy
         health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
-        if health.reason == "missing":
+        if health.reason is Reason.MISSING:
             health = self.heal(need)
         self._healthy_until = 0.0
         if health.ok and self.check_interval > 0 and health.free_bytes is not None:
@@ -284,7 +312,7 @@ class TempDirGuard:
         with self._lock:
             health = ensure_temp_dir(self.path, min_free_space=self.min_free_space, mode=self.mode)
             if health.healed and health.ok:
-                log.info("uploadguard: recreated missing upload temp dir %s", self.path)
+                log.info("recreated missing upload temp dir %s", self.path)
         if health.ok and need:
             healed = health.healed
             health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
@@ -429,13 +457,13 @@ def _clean_subdir(
         return None
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            log.info("uploadguard: %s was replaced while being cleaned; left alone", where)
+            log.info("%s was replaced while being cleaned; left alone", where)
         else:
             result.errors.append(f"cannot open {where}: {exc.strerror}")
         return 1
     try:
         if not os.path.samestat(st, os.fstat(fd)):
-            log.info("uploadguard: %s was replaced while being cleaned; left alone", where)
+            log.info("%s was replaced while being cleaned; left alone", where)
             return 1
         return _clean_dir(fd, where, fence, cutoff, dry_run, result, depth)
     finally:

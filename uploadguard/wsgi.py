@@ -5,66 +5,75 @@ Wrap any WSGI application::
     from uploadguard import UploadGuard
     application = UploadGuard(application)
 
-For every request **with a body** (a ``Content-Length`` above 0, or a chunked
-body) it:
+What it guarantees for a request **with a body** (a ``Content-Length`` above 0,
+or a chunked body the server terminates), in the README's words: a 413 the
+client can read for a body over the limit, a vanished temp dir recreated, a
+retryable 503 + ``Retry-After`` for an unusable one, and a response -- never
+gunicorn's dropped connection -- for any ``OSError`` the application raises.
+Requests without a body pass straight through (no system call, no wrapper).
+The options are the settings of :mod:`uploadguard.config` (README, "Settings
+reference"), as keyword arguments; ``None`` takes the configured value.
 
-1. Enforces the body limit.  A ``Content-Length`` over ``max_body_size`` is
-   answered **413** before the application reads a byte; a chunked body is
-   counted as it is read and cut at the limit with a 413.  The limit is
-   inclusive.  The 413 names the limit (JSON if the client asks for JSON).
-2. Preflights the upload temp dir: a vanished directory is recreated
-   (logged at INFO, counted); a directory that cannot take the body (a file,
-   a symlink, unlinked, read-only, full, wrong owner, world-writable without
-   the sticky bit) is answered **503** with ``Retry-After`` and
-   ``Cache-Control: no-store``.
-3. Turns an ``OSError`` escaping the application into a response instead of
-   gunicorn's dropped connection: errors on the temp dir (a path inside it,
-   or any ENOSPC/ENOENT/EROFS/EACCES/... while the dir is unhealthy) become
-   the same retryable 503; other ``OSError`` s a plain 500, logged with their
-   traceback.  Client disconnects (``errno`` ``None``, ``ConnectionError``)
-   propagate untouched -- the server knows how to log those.
+How each decision is made, and where:
 
-Requests without a body pass straight through (no system call, no wrapper),
-so pages keep working while uploads are unavailable.
+* :func:`body_length` -- the one reading of ``Content-Length`` and
+  ``Transfer-Encoding`` (400 for a malformed length).
+* :meth:`UploadGuard.refusal` -- the 413 or 503 a body gets before anyone reads
+  it (the Django middleware asks the same method).
+* :meth:`UploadGuard.answer_for` -- what an exception from the application
+  deserves: a 413 for a body cut at the limit, the 503 for a temp-dir error
+  (:meth:`UploadGuard.temp_dir_error`, a pure classifier), a 500 for any
+  other ``OSError`` (a ``ConnectionError`` to a backend included).  Only a
+  failure *reading the request body* propagates untouched: the client went
+  away, and the server knows how to log that.  Exceptions other than
+  ``OSError`` propagate as well.
+* :meth:`UploadGuard.answer_for_caught` -- the same for an exception a
+  framework caught and answered 500 itself (Django, Flask), stashed with
+  :func:`remember_exception`.
 
-**Draining.** A client that is still sending a body does not see a response
+**Nested guards compose.**  A guard inside another (``UploadGuard`` around a
+Django site whose middleware is a guard too, or around a Flask app with the
+extension) does not re-count the request, but still applies its own limit when
+it is smaller and checks its own temp dir when it is another: the smallest
+limit in force wins.
+
+**Draining.**  A client that is still sending a body does not read a response
 until it has sent it all; if the server closes the socket with unread data the
-kernel resets the connection and the client reads nothing.  So before an
-early 413/503 the guard reads and discards the rest of the body, bounded by
-``drain_max`` bytes (default: twice the limit) and ``drain_timeout`` seconds
-(default 10).  A body whose remainder is known to exceed ``drain_max`` is not
-drained at all.  A client that sent ``Expect: 100-continue`` is not drained
-either: it sends nothing until told to (see
-:func:`uploadguard.gunicorn.pre_request`, which stops gunicorn from sending
-``100 Continue`` for bodies over the limit).
+kernel resets the connection and the client reads nothing.  So before an early
+413/503 the guard reads and discards the rest of the body, within
+``drain_max`` bytes and ``drain_timeout`` seconds of wall-clock time.  Under
+gunicorn the time bound holds whatever the client does: a timer shuts the
+socket for reading at the deadline, so even a client that drips a byte a
+second cannot hold the worker (a per-read timeout alone would not do: the
+server's reader loops until it has the bytes it was asked for).  Under other
+servers each read is bounded only by the server's own timeouts.
+
+**Expect: 100-continue.**  gunicorn answers ``100 Continue`` before the
+application runs.  With uploadguard's ``gunicorn_conf.py`` the hook
+:func:`uploadguard.gunicorn.pre_request` defers it with :class:`ContinueOnRead`:
+``100 Continue`` goes out when the application first reads the body.  A 413
+or 503 decided before that reaches the client before it sends a byte --
+whatever the source of the limit -- and that connection is closed afterwards.
 
 If the response has already started when an error happens, nothing can be
 changed: the error is logged and re-raised, as WSGI requires.
 
-Parameters (keyword-only; ``None`` takes the value from
-:class:`~uploadguard.config.Settings`, i.e. the ``UPLOADGUARD_*`` environment):
-
-``temp_dir``        the upload temp directory
-``max_body_size``   bytes or ``"200M"``; ``0`` switches the limit off
-``retry_after``     seconds in ``Retry-After``
-``min_free_space``  bytes the file system keeps after spooling the body
-``drain_max``       bytes read to let a client see an early response
-``drain_timeout``   seconds spent draining at most
-``check_interval``  seconds a healthy temp-dir verdict is reused (0 = every request)
-``settings``        a ready :class:`~uploadguard.config.Settings` to start from
-
-Per-request state lives in namespaced environ keys: ``uploadguard.guard``
-(the guard handling the request, so nested guards do not double-handle) and
-``uploadguard.input`` (the counting input stream).
+Per-request state lives in namespaced environ keys: ``uploadguard.guard`` (the
+outermost guard, which counts the request), ``uploadguard.input`` (the
+counting input stream), ``uploadguard.answered`` (the error already answered,
+so no outer layer answers or counts it again) and ``uploadguard.exception``
+(an exception a framework caught).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import errno
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -72,7 +81,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Settings, format_size
 from .errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
-from .tempdir import Health, TempDirGuard, reason_for_errno
+from .tempdir import Health, Reason, TempDirGuard, reason_for_errno
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -81,7 +90,15 @@ if TYPE_CHECKING:
 
     ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 
-__all__ = ["UploadGuard", "GuardStats", "GuardedInput"]
+__all__ = [
+    "ContinueOnRead",
+    "Event",
+    "GuardStats",
+    "GuardedInput",
+    "UploadGuard",
+    "body_length",
+    "remember_exception",
+]
 
 log = logging.getLogger("uploadguard")
 
@@ -89,12 +106,22 @@ _CHUNK = 64 * 1024
 ENVIRON_GUARD = "uploadguard.guard"
 ENVIRON_INPUT = "uploadguard.input"
 ENVIRON_ANSWERED = "uploadguard.answered"
-#: Where the Django and Flask integrations stash an exception their framework caught and answered 500.
 ENVIRON_EXCEPTION = "uploadguard.exception"
 
 
+class Event(enum.StrEnum):
+    """What :class:`GuardStats` counts (a ``str`` enum: logs and JSON stay readable)."""
+
+    GUARDED = "guarded"  # a request with a body was checked
+    REJECTED = "413"  # body over the limit
+    UNAVAILABLE = "503"  # the temp dir could not take the body; reason = the temp-dir reason
+    BAD_REQUEST = "400"  # malformed Content-Length
+    ERROR = "500"  # another OSError; reason = its errno name
+    HEALED = "heal"  # a vanished temp dir was recreated
+
+
 class GuardStats:
-    """In-process counters: requests guarded, 413s, 503s by reason, heals, 500s.
+    """In-process counters of :class:`Event` values, by reason.
 
     ``listeners`` are called as ``listener(event, reason)`` for every count,
     which is how :mod:`uploadguard.metrics` exports them.
@@ -105,36 +132,105 @@ class GuardStats:
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self.listeners: list[Callable[[str, str], None]] = []
 
-    def record(self, event: str, reason: str = "") -> None:
-        key = (event, reason)
+    def record(self, event: Event, reason: str = "") -> None:
+        key = (event.value, str(reason))
         with self._lock:
-            self.counts[key] = self.counts.get(key, 0) + 1
-        if not self.listeners:
-            return
+            self.counts[key] += 1
         for listener in self.listeners:
             try:
-                listener(event, reason)
+                listener(event.value, str(reason))
             except Exception:  # a metrics backend must never break a request
-                log.exception("uploadguard: stats listener failed")
+                log.exception("stats listener failed")
 
-    def total(self, event: str) -> int:
-        """All counts of ``event`` (``"guarded"``, ``"413"``, ``"503"``, ``"heal"``, ``"500"``)."""
+    def total(self, event: Event | str) -> int:
+        """All counts of ``event``."""
         with self._lock:
             return sum(n for (e, _), n in self.counts.items() if e == event)
 
-    def by_reason(self, event: str) -> dict[str, int]:
+    def by_reason(self, event: Event | str) -> dict[str, int]:
         with self._lock:
             return {r: n for (e, r), n in self.counts.items() if e == event}
 
     def snapshot(self) -> dict[str, Any]:
-        """A plain dict for logs, tests and health endpoints."""
+        """A plain dict for logs, tests and health endpoints: every event."""
         return {
-            "guarded": self.total("guarded"),
-            "rejected_413": self.total("413"),
-            "unavailable_503": self.by_reason("503"),
-            "heals": self.total("heal"),
-            "errors_500": self.total("500"),
+            "guarded": self.total(Event.GUARDED),
+            "rejected_413": self.total(Event.REJECTED),
+            "unavailable_503": self.by_reason(Event.UNAVAILABLE),
+            "bad_requests_400": self.total(Event.BAD_REQUEST),
+            "heals": self.total(Event.HEALED),
+            "errors_500": self.total(Event.ERROR),
         }
+
+
+def body_length(environ: WSGIEnvironment) -> int | None:
+    """The request body's length: ``0`` for none, ``None`` for a chunked body of unknown length.
+
+    A body without ``Content-Length`` counts only where the server says it
+    ends it (``wsgi.input_terminated``, as gunicorn does for chunked bodies);
+    elsewhere it cannot be read safely and is left alone.  Raises
+    :class:`~uploadguard.errors.BadRequest` for a malformed ``Content-Length``.
+    """
+    raw = environ.get("CONTENT_LENGTH")
+    if raw:
+        if not (raw.isascii() and raw.isdigit()):
+            raise BadRequest(f"Invalid Content-Length {raw!r}.")
+        return int(raw)
+    if environ.get("wsgi.input_terminated") and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return None
+    return 0
+
+
+def remember_exception(environ: WSGIEnvironment, exc: BaseException) -> None:
+    """Keep the first exception a framework caught, for :meth:`UploadGuard.answer_for_caught`.
+
+    Called by the Django and Flask integrations' ``got_request_exception`` receivers.
+    """
+    environ.setdefault(ENVIRON_EXCEPTION, exc)
+
+
+class ContinueOnRead:
+    """A request body that sends ``100 Continue`` on its first read (deferred by the gunicorn hook).
+
+    Until then :attr:`pending` is true: the client is waiting and has sent
+    no body, so an early answer need not (and cannot) drain it.
+    ``on_continue`` runs when the interim response goes out (the gunicorn hook
+    uses it to keep the connection alive only for requests whose body was read).
+    After the first read the wrapped stream's methods are bound directly, so
+    reading costs nothing extra.
+    """
+
+    def __init__(self, body: Any, sock: socket.socket, on_continue: Callable[[], None] | None = None) -> None:
+        self._body = body
+        self._sock = sock
+        self._on_continue = on_continue
+        self.pending = True
+
+    def _send_continue(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.read = self._body.read  # type: ignore[method-assign]
+            self.readline = self._body.readline  # type: ignore[method-assign]
+            self.readlines = self._body.readlines  # type: ignore[method-assign]
+            self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self._on_continue is not None:
+                self._on_continue()
+
+    def read(self, size: int | None = None) -> bytes:
+        self._send_continue()
+        return self._body.read(size)  # type: ignore[no-any-return]
+
+    def readline(self, size: int | None = None) -> bytes:
+        self._send_continue()
+        return self._body.readline(size)  # type: ignore[no-any-return]
+
+    def readlines(self, hint: int | None = None) -> list[bytes]:
+        self._send_continue()
+        return self._body.readlines(hint)  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._send_continue()
+        return iter(self._body)
 
 
 class GuardedInput:
@@ -142,67 +238,56 @@ class GuardedInput:
 
     With a known ``Content-Length`` reads never go past it (safe on servers
     without ``wsgi.input_terminated``); without one (chunked) the stream is
-    cut at ``limit`` with :class:`~uploadguard.errors.BodyTooLarge`.
+    cut at ``limit`` with :class:`~uploadguard.errors.BodyTooLarge`.  The
+    state other layers read: ``consumed`` (bytes read), ``exceeded`` (the
+    limit cut the body), ``failed`` (reading the body itself raised: the
+    client went away) and ``eof``.
     """
 
-    __slots__ = ("_stream", "_length", "_limit", "consumed", "exceeded", "eof", "failed")
+    __slots__ = ("_stream", "_length", "limit", "consumed", "exceeded", "eof", "failed")
 
     def __init__(self, stream: Any, *, length: int | None, limit: int) -> None:
         self._stream = stream
         self._length = length
-        self._limit = limit
+        self.limit = limit  # bytes; 0 = none
         self.consumed = 0
         self.exceeded = False
         self.eof = False
-        #: Reading the body itself raised (the client went away): the error is the client's, not the app's.
         self.failed = False
 
-    def _cap(self, size: int | None) -> int:
-        """How many bytes this read may ask the server for (-1: no cap)."""
+    def tighten(self, limit: int) -> None:
+        """Apply a smaller limit (a nested guard's); a larger one or 0 changes nothing."""
+        if limit and (not self.limit or limit < self.limit):
+            self.limit = limit
+
+    @property
+    def client_waiting(self) -> bool:
+        """The client awaits ``100 Continue`` and has sent nothing: an answer now needs no drain."""
+        return self.consumed == 0 and getattr(self._stream, "pending", False) is True
+
+    @property
+    def remaining(self) -> int | None:
+        """Bytes still unread (``None`` when the length is unknown)."""
+        return None if self._length is None else self._length - self.consumed
+
+    def _room(self, size: int | None) -> int:
+        """How many bytes this read may ask the server for; -1 = as many as it likes."""
         if self._length is not None:
-            remaining = self._length - self.consumed
-            return remaining if size is None or size < 0 else min(size, remaining)
-        if self._limit:
-            room = self._limit + 1 - self.consumed  # one byte over proves the excess
-            return room if size is None or size < 0 else min(size, room)
-        return -1 if size is None else size
+            left = self._length - self.consumed
+        elif self.limit:
+            left = self.limit + 1 - self.consumed  # one byte over proves the excess
+        else:
+            return -1 if size is None or size < 0 else size
+        return left if size is None or size < 0 else min(size, left)
 
-    def _count(self, data: bytes, asked: int) -> bytes:
-        self.consumed += len(data)
-        if not data and asked != 0:
-            self.eof = True
-        if self._limit and self._length is None and self.consumed > self._limit:
-            self.exceeded = True
-            raise BodyTooLarge(self._limit)
-        return data
-
-    def read(self, size: int | None = -1) -> bytes:
-        length = self._length
-        if length is not None:
-            # The hot path (a parser reading a known-length body): kept inline.
-            remaining = length - self.consumed
-            size = remaining if size is None or size < 0 else min(size, remaining)
-            if size <= 0:
-                if remaining <= 0:
-                    self.eof = True
-                return b""
-            try:
-                data: bytes = self._stream.read(size)
-            except OSError:
-                self.failed = True
-                raise
-            if not data:
-                self.eof = True
-            self.consumed += len(data)
-            return data
-        cap = self._cap(size)
-        if cap == 0:
+    def _take(self, method: Callable[[int], bytes], size: int | None) -> bytes:
+        """The one bounded read: counted, at most to the end or one byte past the limit."""
+        room = self._room(size)
+        if room == 0:
             if size != 0:
                 self.eof = True
             return b""
-        if cap < 0 or (size is None or size < 0) and self._length is None:
-            return self._read_all(cap)
-        return self._count(self._raw(self._stream.read, cap), cap)
+        return self._count(self._raw(method, room), room)
 
     def _raw(self, method: Callable[[int], bytes], size: int) -> bytes:
         try:
@@ -211,70 +296,76 @@ class GuardedInput:
             self.failed = True
             raise
 
-    def _read_all(self, cap: int) -> bytes:
+    def _count(self, data: bytes, asked: int) -> bytes:
+        self.consumed += len(data)
+        if not data and asked != 0:
+            self.eof = True
+        if self.limit and self._length is None and self.consumed > self.limit:
+            self.exceeded = True
+            raise BodyTooLarge(self.limit)
+        return data
+
+    def _read_all(self, room: int) -> bytes:
         parts = []
-        while cap != 0:
-            want = _CHUNK if cap < 0 else min(_CHUNK, cap)
+        while room != 0:
+            want = _CHUNK if room < 0 else min(_CHUNK, room)
             data = self._count(self._raw(self._stream.read, want), want)
             if not data:
                 break
             parts.append(data)
-            if cap > 0:
-                cap -= len(data)
+            if room > 0:
+                room -= len(data)
         return b"".join(parts)
 
+    def read(self, size: int | None = -1) -> bytes:
+        if self._length is None and (size is None or size < 0):
+            return self._read_all(self._room(None))  # chunked: piecewise, so the limit cuts it in time
+        return self._take(self._stream.read, size)
+
     def readline(self, size: int | None = -1) -> bytes:
-        cap = self._cap(size)
-        if cap == 0:
-            return b""
-        return self._count(self._raw(self._stream.readline, cap), cap)
+        return self._take(self._stream.readline, size)
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
         lines: list[bytes] = []
         total = 0
-        while True:
-            line = self.readline()
-            if not line:
-                return lines
+        while line := self.readline():
             lines.append(line)
             total += len(line)
             if hint is not None and 0 < hint <= total:
-                return lines
+                break
+        return lines
 
     def __iter__(self) -> Iterator[bytes]:
-        while True:
-            line = self.readline()
-            if not line:
-                return
+        while line := self.readline():
             yield line
 
-    @property
-    def remaining(self) -> int | None:
-        """Bytes still unread (``None`` when the length is unknown)."""
-        return None if self._length is None else self._length - self.consumed
-
-    def drain(self, *, max_bytes: int, timeout: float, sock: Any = None) -> bool:
+    def drain(self, *, max_bytes: int, timeout: float, sock: socket.socket | None = None) -> bool:
         """Read and discard the rest of the body within the bounds; ``True`` if all was read.
 
-        ``sock`` (gunicorn's ``environ["gunicorn.socket"]``) gets the remaining
-        time as its timeout while draining, so a client that stalls cannot hold
-        the worker past ``timeout``: a blocked read would never see the deadline.
+        ``timeout`` is wall-clock time.  With ``sock`` (gunicorn's
+        ``environ["gunicorn.socket"]``) it holds whatever the client sends: a
+        timer shuts the socket for reading at the deadline, which wakes any
+        read blocked inside the server's body reader.
         """
         if self.eof or self.remaining == 0:
             return True
         if self.remaining is not None and self.remaining > max_bytes:
             return False
+        if timeout <= 0:
+            return False
         deadline = time.monotonic() + timeout
+        alarm = _ReadDeadline(sock, timeout) if sock is not None else None
         previous = sock.gettimeout() if sock is not None else None
         try:
             return self._drain(max_bytes, deadline, sock)
         finally:
+            if alarm is not None:
+                alarm.cancel()
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.settimeout(previous)
 
-    def _drain(self, budget: int, deadline: float, sock: Any) -> bool:
-        stream = self._stream
+    def _drain(self, budget: int, deadline: float, sock: socket.socket | None) -> bool:
         while budget > 0:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -285,15 +376,42 @@ class GuardedInput:
             try:
                 if sock is not None:
                     sock.settimeout(left)
-                data = stream.read(want)
+                data = self._stream.read(want)
             except Exception:  # the client went away or stalled, or the stream is broken: stop quietly
                 return False
             if not data:
                 self.eof = True
-                return True
+                return self._length is None or self.consumed == self._length
             self.consumed += len(data)
             budget -= len(data)
         return self.remaining == 0
+
+
+class _ReadDeadline:
+    """Shuts ``sock`` for reading after ``seconds``, unless cancelled first.
+
+    Only a shutdown wakes a ``recv`` that a server's reader keeps calling
+    for a client that sends a byte at a time; writing the response still works.
+    """
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if not self._cancelled:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RD)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+        self._timer.cancel()
 
 
 class _Exchange:
@@ -329,8 +447,8 @@ class _Exchange:
 
     def write(self, data: bytes) -> None:
         self.commit()
-        assert self._write is not None
-        self._write(data)
+        if self._write is not None:
+            self._write(data)
 
 
 class _ClosingChain:
@@ -358,21 +476,28 @@ def _spooled(environ: WSGIEnvironment) -> int:
     stream = environ.get(ENVIRON_INPUT)
     if isinstance(stream, GuardedInput) and stream.consumed:
         return stream.consumed
-    try:
-        return max(0, int(environ.get("CONTENT_LENGTH") or 0))
-    except ValueError:
-        return 0
+    raw = environ.get("CONTENT_LENGTH") or ""
+    return int(raw) if raw.isascii() and raw.isdigit() else 0
+
+
+def _close_quietly(result: Iterable[bytes] | None) -> None:
+    close = getattr(result, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.exception("closing the application's response failed")
 
 
 class UploadGuard:
-    """WSGI middleware; see the module documentation for what it guarantees."""
+    """WSGI middleware; see the module documentation for what it guarantees and how."""
 
     def __init__(
         self,
         app: WSGIApplication,
         *,
         temp_dir: str | os.PathLike[str] | None = None,
-        max_body_size: int | str | None = None,  # bytes, or "200M"
+        max_body_size: int | str | None = None,  # bytes, or "200M"; 0 = no limit
         retry_after: int | None = None,  # seconds
         min_free_space: int | str | None = None,  # bytes, or "16M"
         drain_max: int | str | None = None,  # bytes, or "400M"
@@ -400,33 +525,29 @@ class UploadGuard:
     # -- the request path ------------------------------------------------------------
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        raw_length = environ.get("CONTENT_LENGTH")
-        if not raw_length and not (
-            # A body without a length can only be read safely where the server says it ends it.
-            environ.get("wsgi.input_terminated") and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        ):
-            return self.app(environ, start_response)  # no body: nothing to guard
-        if environ.get(ENVIRON_GUARD) is not None:
-            return self.app(environ, start_response)  # an outer guard has this request
-        return self._guarded(environ, start_response, raw_length)
+        if not environ.get("CONTENT_LENGTH") and "HTTP_TRANSFER_ENCODING" not in environ:
+            return self.app(environ, start_response)  # the common case, no body: nothing to guard
+        outer = environ.get(ENVIRON_GUARD)
+        try:
+            length = body_length(environ)
+        except BadRequest as malformed:
+            if outer is not None:
+                return self.app(environ, start_response)  # the outer guard let it through: not ours to judge
+            return self._answer(environ, start_response, malformed, None)
+        if length == 0:
+            return self.app(environ, start_response)
+        if outer is not None:
+            refusal = self.nested_refusal(environ, length)
+            if refusal is not None:
+                return self._answer(environ, start_response, refusal, environ.get(ENVIRON_INPUT))
+            return self.app(environ, start_response)
+        return self._guarded(environ, start_response, length)
 
-    def _guarded(self, environ: WSGIEnvironment, start_response: StartResponse, raw_length: str | None) -> Iterable[bytes]:
-        settings = self.settings
-        length: int | None = None
-        if raw_length:
-            try:
-                length = int(raw_length)
-                if length < 0:
-                    raise ValueError(raw_length)
-            except ValueError:
-                return self._reject(environ, start_response, BadRequest(f"Invalid Content-Length {raw_length!r}."), None)
-            if length == 0:
-                return self.app(environ, start_response)
-        stream = GuardedInput(environ["wsgi.input"], length=length, limit=settings.max_body_size)
-        refusal = self.admit(length)
+    def _guarded(self, environ: WSGIEnvironment, start_response: StartResponse, length: int | None) -> Iterable[bytes]:
+        stream = GuardedInput(environ["wsgi.input"], length=length, limit=self.settings.max_body_size)
+        refusal = self.refusal(length)
         if refusal is not None:
-            return self._reject(environ, start_response, refusal, stream)
-
+            return self._answer(environ, start_response, refusal, stream)
         environ[ENVIRON_GUARD] = self
         environ[ENVIRON_INPUT] = stream
         environ["wsgi.input"] = stream
@@ -436,7 +557,7 @@ class UploadGuard:
             result = self.app(environ, exchange.start_response)
             if stream.exceeded and ENVIRON_ANSWERED not in environ:
                 # The app swallowed our BodyTooLarge and answered something else.
-                raise BodyTooLarge(settings.max_body_size)
+                raise BodyTooLarge(stream.limit)
             if isinstance(result, (list, tuple)):
                 body: Iterable[bytes] = result
             else:
@@ -450,108 +571,107 @@ class UploadGuard:
             return body
         except Exception as exc:
             # The server never sees ``result`` now, so closing it (Django's request_finished!) is ours.
-            if result is not None and hasattr(result, "close"):
-                try:
-                    result.close()
-                except Exception:
-                    log.exception("uploadguard: closing the application's response failed")
+            _close_quietly(result)
             if exchange.sent:
-                log.error("uploadguard: error after the response started (%s %s); cannot answer it",
+                log.error("error after the response started (%s %s); cannot answer it",
                           environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), exc_info=True)
                 raise
-            error = self.error_for(exc, environ)
+            error = self.answer_for(exc, environ)
             if error is None:
                 raise
-            return self._reject(environ, start_response, error, stream)
+            return self._answer(environ, start_response, error, stream)
 
-    # -- deciding and answering ------------------------------------------------------
+    # -- deciding ----------------------------------------------------------------------
 
-    def admit(self, length: int | None) -> UploadGuardError | None:
+    def refusal(self, length: int | None) -> UploadGuardError | None:
         """The 413 or 503 a body of ``length`` bytes (``None``: chunked) gets before anyone reads it.
 
         Counts the request as guarded and heals a vanished temp dir on the
         way; ``None`` means go ahead.  Also used by the Django middleware.
         """
-        self.stats.record("guarded")
+        self.stats.record(Event.GUARDED)
         limit = self.settings.max_body_size
         if limit and length is not None and length > limit:
             return BodyTooLarge(limit, length=length)
-        health = self.temp.preflight(length or 0)
-        if health.healed:
-            self.stats.record("heal")
+        return self._temp_dir_refusal(length or 0)
+
+    def nested_refusal(self, environ: WSGIEnvironment, length: int | None) -> UploadGuardError | None:
+        """For a request an outer guard has admitted: this guard's smaller limit, and its own temp dir.
+
+        The request is not counted again; a smaller limit also tightens the
+        outer guard's stream, so a chunked body is cut at the smallest limit.
+        """
+        limit = self.settings.max_body_size
+        if limit and length is not None and length > limit:
+            return BodyTooLarge(limit, length=length)
+        stream = environ.get(ENVIRON_INPUT)
+        if isinstance(stream, GuardedInput):
+            stream.tighten(limit)
+        outer = environ.get(ENVIRON_GUARD)
+        if isinstance(outer, UploadGuard) and outer.temp.path == self.temp.path:
+            return None
+        return self._temp_dir_refusal(length or 0)
+
+    def _temp_dir_refusal(self, need: int) -> TempDirUnavailable | None:
+        health = self._checked_temp_dir(need)
         return None if health.ok else self.unavailable(health)
 
-    def error_for(self, exc: BaseException, environ: WSGIEnvironment) -> UploadGuardError | None:
-        """The response an exception from the application deserves, or ``None`` to let it propagate.
+    def _checked_temp_dir(self, need: int = 0, *, fresh: bool = False) -> Health:
+        """The temp dir's health (a vanished one recreated and counted)."""
+        health = self.temp.preflight(need, fresh=fresh)
+        if health.healed:
+            self.stats.record(Event.HEALED)
+        return health
 
-        Also used by the Django and Flask integrations, which see exceptions
-        the WSGI layer never does.  Logs and counts the 500 case here; 413 and
-        503 are logged and counted when answered.
-        """
-        stream = environ.get(ENVIRON_INPUT)
+    def answer_for(self, exc: BaseException, environ: WSGIEnvironment) -> UploadGuardError | None:
+        """The response an exception from the application deserves, or ``None`` to let it propagate."""
         if isinstance(exc, UploadGuardError):
             return exc
+        stream = environ.get(ENVIRON_INPUT)
         if isinstance(stream, GuardedInput) and stream.exceeded:
-            return BodyTooLarge(self.settings.max_body_size)
+            return BodyTooLarge(stream.limit)
         if not isinstance(exc, OSError):
             return None
         if isinstance(stream, GuardedInput) and stream.failed:
             return None  # reading the body failed: the client went away; the server logs that itself
-        unavailable = self.temp_dir_error(exc, spooled=_spooled(environ))
-        if unavailable is not None:
-            return unavailable
-        log.error("uploadguard: %s on %s %s; answering 500", type(exc).__name__,
-                  environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), exc_info=exc)
-        self.stats.record("500", errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__)
-        return InternalError()
+        if reason_for_errno(exc.errno) is not None:
+            unavailable = self.temp_dir_error(exc, self._checked_temp_dir(fresh=True), spooled=_spooled(environ))
+            if unavailable is not None:
+                return unavailable
+        return InternalError(exc)
 
-    def replacement(self, environ: WSGIEnvironment, status_code: int) -> UploadGuardError | None:
-        """What replaces a framework's response, or ``None`` to keep it.
+    def answer_for_caught(self, environ: WSGIEnvironment, status_code: int) -> UploadGuardError | None:
+        """What replaces a framework's own error response, or ``None`` to keep it.
 
-        Takes the exception the framework caught (stashed under
-        ``environ["uploadguard.exception"]``); only a 5xx response it produced
-        for one of ours or a temp-dir error is replaced.
+        Takes the exception the framework caught (:func:`remember_exception`);
+        only a 5xx it produced for one of our errors or a temp-dir error is
+        replaced.  The framework has logged other exceptions itself.
         """
         caught = environ.pop(ENVIRON_EXCEPTION, None)
         if caught is None or status_code < 500:
             return None
-        return self.caught_error(caught, environ)
+        error = self.answer_for(caught, environ)
+        return None if isinstance(error, InternalError) else error
 
-    def caught_error(self, exc: BaseException, environ: WSGIEnvironment) -> UploadGuardError | None:
-        """The answer to an exception a framework caught and answered 500 itself, or ``None`` to keep that 500.
+    def temp_dir_error(self, exc: OSError, health: Health, *, spooled: int = 0) -> TempDirUnavailable | None:
+        """A 503 for an ``OSError`` that is about the temp dir, else ``None``; decides, changes nothing.
 
-        For the Django and Flask integrations: uploadguard's own errors and
-        temp-dir errors are answered; everything else the framework has
-        answered and logged already.
-        """
-        if isinstance(exc, UploadGuardError):
-            return exc
-        if isinstance(exc, OSError):
-            return self.temp_dir_error(exc, spooled=_spooled(environ))
-        return None
-
-    def temp_dir_error(self, exc: OSError, *, spooled: int = 0) -> TempDirUnavailable | None:
-        """A 503 for an ``OSError`` that is about the temp dir, else ``None``.
-
-        It is about the temp dir when the directory is unhealthy right now
-        (checked afresh; a vanished one is healed on the way, so the client's
-        retry succeeds), or when the error names a path inside it (both paths,
-        for a two-path error such as a rename), or -- for an error without a
-        path, like ENOSPC from writing a spooled file -- when the directory
-        could not have held the ``spooled`` bytes of body read so far.
+        ``health`` is the temp dir checked just now (by the caller, which heals
+        and counts).  The error is about the temp dir when the directory is
+        unhealthy (or was just recreated), when the error names a path inside
+        it (both paths, for a two-path error such as a rename), or -- for an
+        error without a path, like ENOSPC from writing a spooled file -- when
+        the directory could not have held the ``spooled`` bytes of body.
         """
         reason = reason_for_errno(exc.errno)
         if reason is None or isinstance(exc, ConnectionError):
             return None
-        health = self.temp.preflight(fresh=True)
-        if health.healed:
-            self.stats.record("heal")
         if health.ok and not health.healed:
             first, second = exc.filename, getattr(exc, "filename2", None)
             if first is not None:
                 if not (self.temp.owns(first) and (second is None or self.temp.owns(second))):
                     return None
-            elif not (reason == "no_space" and spooled
+            elif not (reason is Reason.NO_SPACE and spooled
                       and (health.free_bytes or 0) < spooled + self.temp.min_free_space):
                 return None
         unavailable = self.unavailable(health if not health.ok else None, reason=reason)
@@ -567,39 +687,61 @@ class UploadGuard:
             cause=health.detail if health else "",
         )
 
-    def _reject(
+    # -- answering ---------------------------------------------------------------------
+
+    def _answer(
         self, environ: WSGIEnvironment, start_response: StartResponse, error: UploadGuardError,
         stream: GuardedInput | None,
     ) -> Iterable[bytes]:
-        self.note(error, environ)
-        if stream is not None and not (
-            isinstance(error, BodyTooLarge) and stream.consumed == 0
-            and environ.get("HTTP_EXPECT", "").lower() == "100-continue"
-        ):
+        self.record(error, environ)
+        if stream is not None and self.should_drain(error, stream, environ):
             self.drain(stream, environ)
         return error(environ, start_response)
 
+    @staticmethod
+    def should_drain(error: UploadGuardError, stream: GuardedInput, environ: WSGIEnvironment) -> bool:
+        """Whether the client may still be sending a body it must finish before it reads ``error``.
+
+        Not a client still waiting for ``100 Continue``: it has sent nothing
+        and will not.  Without the deferring gunicorn hook, a client refused on
+        ``Content-Length`` before a byte was read is taken to be waiting too.
+        """
+        if stream.client_waiting:
+            return False
+        return not (isinstance(error, BodyTooLarge) and stream.consumed == 0
+                    and environ.get("HTTP_EXPECT", "").lower() == "100-continue")
+
     def drain(self, stream: GuardedInput, environ: WSGIEnvironment) -> bool:
-        """Read the rest of the body within ``drain_max``/``drain_timeout``, so the client reads our answer."""
+        """Read the rest of the body within ``drain_max`` and ``drain_timeout``, so the client reads our answer."""
         return stream.drain(max_bytes=self.settings.drain_bytes, timeout=self.settings.drain_timeout,
                             sock=environ.get("gunicorn.socket"))
 
-    def note(self, error: UploadGuardError, environ: WSGIEnvironment) -> None:
-        """Log (one WARNING line) and count a 413/503/400 about to be answered.
+    def record(self, error: UploadGuardError, environ: WSGIEnvironment) -> None:
+        """Log one line and count an error about to be answered, once per request.
 
         Marks the request answered (``environ["uploadguard.answered"]``), so an
-        outer guard does not answer (and count) it again.
+        outer layer does not answer or count it again.
         """
+        if environ.get(ENVIRON_ANSWERED) is error:
+            return
         environ[ENVIRON_ANSWERED] = error
         where = f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}"
         if isinstance(error, BodyTooLarge):
-            self.stats.record("413")
+            self.stats.record(Event.REJECTED)
             sent = f"Content-Length {error.length}" if error.length is not None else "chunked body"
-            log.warning("uploadguard: 413 %s: %s over the limit of %s", where, sent, format_size(error.limit))
+            log.warning("413 %s: %s over the limit of %s", where, sent, format_size(error.limit))
         elif isinstance(error, TempDirUnavailable):
-            self.stats.record("503", error.reason)
-            log.warning("uploadguard: 503 %s: upload temp dir %s unusable (%s): %s",
+            self.stats.record(Event.UNAVAILABLE, error.reason)
+            log.warning("503 %s: upload temp dir %s unusable (%s): %s",
                         where, error.path, error.reason, error.cause or error.detail)
         elif isinstance(error, BadRequest):
-            self.stats.record("400")
-            log.warning("uploadguard: 400 %s: %s", where, error.detail)
+            self.stats.record(Event.BAD_REQUEST)
+            log.warning("400 %s: %s", where, error.detail)
+        elif isinstance(error, InternalError):
+            exc = error.exception
+            if isinstance(exc, OSError) and exc.errno:
+                reason = errno.errorcode.get(exc.errno, str(exc.errno))
+            else:
+                reason = type(exc).__name__ if exc is not None else error.reason
+            self.stats.record(Event.ERROR, reason)
+            log.error("%s on %s; answering 500", reason, where, exc_info=exc)

@@ -2,7 +2,8 @@
 
 From the environment (for gunicorn): ``TEST_FILE_UPLOAD_TEMP_DIR`` becomes
 ``FILE_UPLOAD_TEMP_DIR`` (unset: Django spools to ``tempfile.gettempdir()``),
-``TEST_STORE_DIR`` is where the upload view keeps the files it receives.
+``TEST_STORE_DIR`` is where the upload view keeps the files it receives,
+``TEST_DJANGO_MAX_BODY_SIZE`` becomes ``UPLOADGUARD_MAX_BODY_SIZE``.
 """
 
 import os
@@ -26,3 +27,5 @@ USE_TZ = True
 FILE_UPLOAD_MAX_MEMORY_SIZE = 1024
 FILE_UPLOAD_TEMP_DIR = os.environ.get("TEST_FILE_UPLOAD_TEMP_DIR") or None
 STORE_DIR = os.environ.get("TEST_STORE_DIR") or None
+# A limit from Django settings (not the environment), for the 100-continue and nesting tests.
+UPLOADGUARD_MAX_BODY_SIZE = os.environ.get("TEST_DJANGO_MAX_BODY_SIZE") or None
