@@ -301,6 +301,31 @@ class TestCheckDisk:
         expected = f"uploadguard: error: cannot check {tmp_path / 'nope'}: No such file or directory\n"
         assert capsys.readouterr().err == expected
 
+    def test_unreadable_path_does_not_hide_alerts_on_the_others(self, uploads: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+        """Paths after (and before) one that cannot be checked are still checked and alerted on; exit 2."""
+        missing = tmp_path / "nope"
+        assert main(["check-disk", str(uploads), str(missing), "/", "--max-used", "0"]) == 2
+        out, err = capsys.readouterr()
+        assert [line.split()[3] for line in out.splitlines()] == [f"{uploads}:", "/:"]
+        assert err == f"uploadguard: error: cannot check {missing}: No such file or directory\n"
+
+    def test_unreadable_path_with_the_rest_fine_exit_2(self, uploads: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+        """The exit status is the worst one: a path that could not be checked beats all-clear."""
+        assert main(["check-disk", str(tmp_path / "nope"), str(uploads), "--max-used", "100", "-v"]) == 2
+        assert capsys.readouterr().out.startswith(f"uploadguard check-disk: ok {uploads}: ")
+
+    def test_unreadable_path_in_json(self, uploads: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+        """--json lists the path that could not be checked with its error, beside the checked ones."""
+        missing = tmp_path / "nope"
+        assert main(["check-disk", str(missing), str(uploads), "--max-used", "100", "--json"]) == 2
+        report = json.loads(capsys.readouterr().out)
+        assert report["ok"] is False
+        assert report["paths"][0] == {"path": str(missing), "error": "No such file or directory", "problems": []}
+        assert report["paths"][1]["path"] == str(uploads) and report["paths"][1]["problems"] == []
+
     @pytest.mark.parametrize("option", [
         pytest.param("--max-used=101", id="over-100"),
         pytest.param("--max-used=-1", id="negative"),

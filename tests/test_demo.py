@@ -12,6 +12,8 @@ import importlib
 import importlib.util
 import io
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -226,9 +228,10 @@ def load_flask_example(storage: Path) -> Any:
 
 
 class TestFlaskExample:
-    def test_upload_is_stored_and_listed(self, tmp_path: Path) -> None:
+    def test_upload_is_stored_and_listed(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """The Flask example stores an upload as-is and lists it on its page."""
         pytest.importorskip("flask")
+        monkeypatch.setenv("UPLOADGUARD_TEMP_DIR", str(tmp_path / "tmp"))  # not ~/.cache/uploadguard/tmp
         app = load_flask_example(tmp_path / "flask")
         blob = os.urandom(100_000)
 
@@ -244,3 +247,18 @@ class TestFlaskExample:
         assert "data.bin" in page and "data-uploadguard" in page
         assert script.status_code == 200 and b"UploadGuard.upload" in script.data
         script.close()
+
+    def test_writes_nothing_outside_its_tmp_dir(self, tmp_path: Path) -> None:
+        """Run in a pytest of its own with an empty HOME, the upload test leaves that home empty."""
+        pytest.importorskip("flask")
+        home = tmp_path / "home"
+        home.mkdir()
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith(("UPLOADGUARD_", "XDG_", "PYTEST_"))}
+        env.update(HOME=str(home), TMPDIR=str(tmp_path))
+        test = "tests/test_demo.py::TestFlaskExample::test_upload_is_stored_and_listed"
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               f"--basetemp={tmp_path / 'base'}", test],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert [str(path.relative_to(home)) for path in home.rglob("*")] == []

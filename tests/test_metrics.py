@@ -5,11 +5,13 @@ import errno
 import http.client
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 import uploadguard.tempdir
-from tests.support import GUNICORN_CONF, ROOT, Gunicorn
+from tests.support import GUNICORN_CONF, ROOT, Gunicorn, other_users_can_run_python
 from uploadguard import UploadGuard, metrics
 
 LIMIT = 1024
@@ -127,10 +129,11 @@ NO_PROMETHEUS = """
 import logging, sys
 logging.basicConfig(level=logging.DEBUG, format="%(message)s")
 from uploadguard import UploadGuard, metrics
+from uploadguard.wsgi import Event
 guard = UploadGuard(lambda e, s: [], temp_dir=sys.argv[1])
 metrics.install(guard)
 assert guard.stats.listeners == [], guard.stats.listeners
-guard.stats.record("413")
+guard.stats.record(Event.REJECTED)
 try:
     metrics.with_metrics(guard)
 except ImportError as exc:
@@ -168,6 +171,9 @@ def application(environ, start_response):
 """
 
 
+MULTIPROC_WARNING = "PROMETHEUS_MULTIPROC_DIR is not set: each of the 2 gunicorn workers counts its own"
+
+
 def post_too_large(port: int) -> tuple[int, str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -194,6 +200,20 @@ def rejected(values: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> fl
     return values[(REJECTED_413[0], tuple(sorted(REJECTED_413[1].items())))]
 
 
+def send_until_both_workers_answered(server: Gunicorn) -> int:
+    """Send 413-worthy uploads, 8 at a time, until both workers answered some; returns how many."""
+    pids: set[str] = set()
+    sent = 0
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        while len(pids) < 2 and sent < 400:
+            for status, pid in pool.map(post_too_large, [server.port] * 8):
+                assert status == 413
+                pids.add(pid)
+            sent += 8
+    assert len(pids) == 2, "one worker served every request"
+    return sent
+
+
 @pytest.mark.slow
 class TestMultiprocess:
     def serve(self, tmp_path: Path, multiproc: Path | None, *args: str) -> Gunicorn:
@@ -205,19 +225,6 @@ class TestMultiprocess:
         return Gunicorn("metrics_app:application", tmp_path=tmp_path, config=GUNICORN_CONF, workers=2,
                         pythonpath=[tmp_path], env=env, args=list(args))
 
-    def send_until_both_workers_answered(self, server: Gunicorn) -> int:
-        """Send 413-worthy uploads, 8 at a time, until both workers answered some; returns how many."""
-        pids: set[str] = set()
-        sent = 0
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            while len(pids) < 2 and sent < 400:
-                for status, pid in pool.map(post_too_large, [server.port] * 8):
-                    assert status == 413
-                    pids.add(pid)
-                sent += 8
-        assert len(pids) == 2, "one worker served every request"
-        return sent
-
     @pytest.mark.parametrize("preload", [pytest.param((), id="loaded-in-workers"),
                                          pytest.param(("--preload",), id="preloaded")])
     def test_scrape_sums_all_workers(self, tmp_path: Path, preload: tuple[str, ...]) -> None:
@@ -225,7 +232,7 @@ class TestMultiprocess:
         multiproc = tmp_path / "metrics"
         server = self.serve(tmp_path, multiproc, *preload)
         try:
-            sent = self.send_until_both_workers_answered(server)
+            sent = send_until_both_workers_answered(server)
             for _ in range(6):
                 assert rejected(scrape(server.port)) == sent
             victim = server.worker_pids()[0]
@@ -258,12 +265,79 @@ class TestMultiprocess:
         finally:
             second.stop()
 
+    def test_only_prometheus_files_are_removed(self, tmp_path: Path) -> None:
+        """A new run removes prometheus_client's stale files from the directory, never a user's users.db."""
+        multiproc = tmp_path / "metrics"
+        multiproc.mkdir()
+        theirs = {name: multiproc / name for name in ("users.db", "counter.db", "notes.txt", "counter_12.db.bak")}
+        for path in theirs.values():
+            path.write_bytes(b"keep me")
+        stale = [multiproc / name for name in ("counter_999999.db", "gauge_livesum_999999.db", "histogram_1.db")]
+        for path in stale:
+            path.write_bytes(b"")
+        server = self.serve(tmp_path, multiproc)
+        server.stop()
+        assert all(path.read_bytes() == b"keep me" for path in theirs.values())
+        assert not any(path.exists() for path in stale)
+
+    def test_quiet_when_the_app_serves_no_metrics(self, tmp_path: Path) -> None:
+        """With prometheus_client installed but no metrics endpoint, several workers start without the warning."""
+        server = Gunicorn("wsgi_apps:guarded", tmp_path=tmp_path, config=GUNICORN_CONF, workers=2,
+                          env={"UPLOADGUARD_TEMP_DIR": str(tmp_path / "uploads")})
+        try:
+            assert post_too_large(server.port)[0] == 200  # under the default limit: stored, counted
+        finally:
+            server.stop()
+        assert MULTIPROC_WARNING not in server.log_path.read_text()
+
     def test_warns_without_multiproc_dir(self, tmp_path: Path) -> None:
-        """Several workers without PROMETHEUS_MULTIPROC_DIR would each count alone: the master warns."""
+        """Several workers serving metrics without PROMETHEUS_MULTIPROC_DIR would each count alone: they are warned."""
         server = self.serve(tmp_path, None)
         try:
             assert post_too_large(server.port)[0] == 413
         finally:
             server.stop()
-        assert "PROMETHEUS_MULTIPROC_DIR is not set: each of the 2 gunicorn workers counts its own" in \
-            server.log_path.read_text()
+        assert MULTIPROC_WARNING in server.log_path.read_text()
+
+
+NOBODY = 65534  # the uid and gid gunicorn switches its workers to below
+
+
+@pytest.mark.slow
+class TestRootMasterSwitchingUser:
+    @pytest.fixture
+    def base(self, tmp_path: Path) -> Iterator[Path]:
+        """A directory the workers' user can enter (tmp_path's parents are root's only), removed afterwards."""
+        if os.geteuid() != 0 or not os.path.isdir("/dev/shm"):
+            pytest.skip("needs root (gunicorn --user) and /dev/shm")
+        path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="uploadguard-test-"))
+        path.chmod(0o755)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    @pytest.mark.parametrize("preload", [pytest.param((), id="loaded-in-workers"),
+                                         pytest.param(("--preload",), id="preloaded")])
+    def test_workers_of_another_user_can_count(self, tmp_path: Path, base: Path, preload: tuple[str, ...]) -> None:
+        """A root master creates the metrics dir for workers running as another user; a scrape sums both workers."""
+        (base / "metrics_app.py").write_text(APP)
+        uploads = base / "uploads"
+        uploads.mkdir(mode=0o700)
+        os.chown(uploads, NOBODY, NOBODY)
+        multiproc = base / "metrics"  # does not exist yet: the master creates it, as root
+        server = Gunicorn("metrics_app:application", tmp_path=tmp_path, config=GUNICORN_CONF, workers=2,
+                          pythonpath=[base], prefix=other_users_can_run_python(tmp_path / "stash"),
+                          args=["--user", str(NOBODY), "--group", str(NOBODY), *preload],
+                          env={"UPLOADGUARD_TEMP_DIR": str(uploads), "UPLOADGUARD_MAX_BODY_SIZE": str(LIMIT),
+                               "UPLOADGUARD_MIN_FREE_SPACE": "0", "PROMETHEUS_MULTIPROC_DIR": str(multiproc)})
+        try:
+            assert {os.stat(f"/proc/{pid}").st_uid for pid in server.worker_pids()} == {NOBODY}
+            sent = send_until_both_workers_answered(server)
+            for _ in range(4):
+                assert rejected(scrape(server.port)) == sent
+        finally:
+            server.stop()
+        assert (multiproc.stat().st_uid, multiproc.stat().st_gid) == (NOBODY, NOBODY)
+        log = server.log_path.read_text()
+        assert "Traceback" not in log and "cannot create the Prometheus metrics" not in log, log

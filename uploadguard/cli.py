@@ -22,7 +22,10 @@ as the ``uploadguard`` console script; ``python -m uploadguard`` is the same.
     counted as ``df`` counts it: ``used / (used + available)``, where blocks
     reserved for root count as neither.  Quiet when all is well, so cron
     mails only alerts; ``--verbose`` prints a line per path anyway.  ``PATH``
-    defaults to the configured upload temp dir.
+    defaults to the configured upload temp dir.  A ``PATH`` that cannot be
+    checked (missing, unreadable) gets an error line on stderr and the
+    others are still checked and alerted on; the exit status is the worst
+    one (2 over 1 over 0).
 
 ``uploadguard doctor [--temp-dir DIR] [--json]``
     Check the upload temp dir the way gunicorn's workers will use it, one
@@ -41,7 +44,8 @@ as the ``uploadguard`` console script; ``python -m uploadguard`` is the same.
 Exit status: ``0`` all well; ``1`` a problem was found (a file system over
 the threshold, a failed check, files that could not be removed); ``2`` the
 command could not run (bad arguments or settings, a missing ``DIR`` or
-``PATH``).  Errors are one line on stderr, never a traceback.
+``PATH``; ``check-disk`` still checks its other paths first).  Errors are
+one line on stderr, never a traceback.
 
 Crontab, for hosts without systemd (with systemd, see ``examples/deploy/``)::
 
@@ -64,9 +68,8 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from . import __version__
-from .config import ConfigError, Settings, format_size, parse_duration
+from .config import ConfigError, Settings, default_resumable_storage, format_size, parse_duration
 from .tempdir import (
-    DiskUsage,
     check_temp_dir,
     clean_old_files,
     disk_usage,
@@ -122,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _clean(args: argparse.Namespace) -> int:
+    resumable_errors = _clean_resumable(args)
     directory = args.dir or str(Settings.from_environ().temp_dir)
     try:
         result = clean_old_files(directory, older_than=args.older_than.seconds, dry_run=args.dry_run)
@@ -145,7 +149,33 @@ def _clean(args: argparse.Namespace) -> int:
               f"{args.older_than.text} from {result.path}")
     for message in result.errors:
         print(f"uploadguard clean: {message}", file=sys.stderr)
-    return 1 if result.errors else 0
+    return 1 if result.errors or resumable_errors else 0
+
+
+def _clean_resumable(args: argparse.Namespace) -> int:
+    """Without ``DIR``, ``clean`` also removes expired incomplete resumable uploads; returns the error count.
+
+    Each upload expires by the ``expires_after`` it was created with (not
+    ``--older-than``); an upload a request holds right now is left alone.
+    """
+    if args.dir:
+        return 0
+    try:
+        directory = Settings.from_environ().resumable_storage or default_resumable_storage()
+    except ConfigError:
+        return 0  # no resumable storage configured and no default: nothing to clean
+    if not os.path.isdir(directory):
+        return 0
+    from .resumable import LocalStore, clean_expired
+
+    result = clean_expired(LocalStore(directory), dry_run=args.dry_run)
+    if not args.json:
+        busy = f"; {result.busy} in use left alone" if result.busy else ""
+        print(f"uploadguard clean: {'would remove' if args.dry_run else 'removed'} {result.uploads} expired "
+              f"resumable upload{'' if result.uploads == 1 else 's'} ({_human(result.bytes)}) from {result.path}{busy}")
+    for message in result.errors:
+        print(f"uploadguard clean: {message}", file=sys.stderr)
+    return len(result.errors)
 
 
 # -- check-disk ----------------------------------------------------------------------
@@ -154,15 +184,18 @@ def _clean(args: argparse.Namespace) -> int:
 def _check_disk(args: argparse.Namespace) -> int:
     paths = args.paths or [str(Settings.from_environ().temp_dir)]
     max_inodes = args.max_used if args.max_inodes_used is None else args.max_inodes_used
-    usages: list[DiskUsage] = []
+    report: list[dict[str, Any]] = []
+    alerts = failures = 0
     for path in paths:
+        # A path that cannot be read must not hide an alert on the others (cron mails only stdout
+        # alerts and stderr lines): check every path, report each failure, exit with the worst status.
         try:
-            usages.append(disk_usage(path))
+            usage = disk_usage(path)
         except OSError as exc:
-            return _error(f"cannot check {path}: {exc.strerror}")
-    report = []
-    alerts = 0
-    for usage in usages:
+            failures += 1
+            _error(f"cannot check {path}: {exc.strerror}")
+            report.append({"path": path, "error": exc.strerror, "problems": []})
+            continue
         problems = []
         if usage.used_percent > args.max_used:
             problems.append(f"{math.ceil(usage.used_percent)}% full (over {args.max_used:g}%), "
@@ -182,8 +215,9 @@ def _check_disk(args: argparse.Namespace) -> int:
             print(f"uploadguard check-disk: ok {usage.path}: {math.ceil(usage.used_percent)}% full, "
                   f"{_human(usage.free_bytes)} free of {_human(usage.total_bytes)}, {inode_text}")
     if args.json:
-        _print_json({"ok": not alerts, "max_used": args.max_used, "max_inodes_used": max_inodes, "paths": report})
-    return 1 if alerts else 0
+        _print_json({"ok": not alerts and not failures, "max_used": args.max_used, "max_inodes_used": max_inodes,
+                     "paths": report})
+    return 2 if failures else 1 if alerts else 0
 
 
 # -- doctor --------------------------------------------------------------------------

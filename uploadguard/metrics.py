@@ -44,7 +44,16 @@ unit's ``Environment=``), not from Python: with ``preload_app`` the
 application (and this module) loads in the master before any hook runs.
 uploadguard therefore does not invent a setting of its own for it.  The
 directory must start empty: systemd's ``RuntimeDirectory=`` gives a fresh
-one per start, and :func:`on_starting` removes stale files otherwise.
+one per start, and :func:`on_starting` removes stale files otherwise --
+only ``prometheus_client``'s own (``counter_<pid>.db``, ``gauge_all_<pid>.db``...),
+never another file that happens to end in ``.db``.  When the master runs as
+root and gunicorn switches the workers to another ``user``/``group``, a
+directory the master created (or that a preloaded app created through
+:func:`install`) is handed to that user, or the workers could not write
+their counts and the metrics would silently stay at zero.  Without the
+variable, a master with several workers whose app serves the metrics
+(:func:`with_metrics`, :func:`metrics_app`) warns once that each worker
+counts alone; an app that never serves them hears nothing about it.
 Counts of workers that exited stay in the sum (a counter must not drop
 when gunicorn recycles a worker); :func:`child_exit` lets
 ``prometheus_client`` forget their live gauges.  Both are gunicorn hook
@@ -56,6 +65,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -81,9 +91,15 @@ TEMP_DIR_REASONS = (
 #: Reasons for the events whose guard reason is empty.
 _DEFAULT_REASONS = {"413": "body_too_large", "400": "bad_request"}
 
+#: The files prometheus_client's multiprocess mode writes: ``<type>_<pid>.db`` (see its ``values.py``).
+_OWN_FILE = re.compile(r"(?:counter|histogram|summary|gauge_(?:live)?(?:all|min|max|sum|mostrecent))_[0-9]+\.db")
+
 _lock = threading.Lock()
 _counters: _Counters | None = None
 _missing = False  # prometheus_client is not installed, or creating the counters failed
+_serving = False  # this process mounted or answered the metrics endpoint
+_gunicorn_workers = 1  # set by on_starting in the master; workers inherit it
+_warned = False
 
 
 class _Counters:
@@ -154,6 +170,7 @@ def metrics_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iter
     Raises :class:`ImportError` naming the extra when ``prometheus_client`` is missing.
     """
     prometheus_client = _require()
+    _note_serving()
     if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 
@@ -173,6 +190,7 @@ def with_metrics(app: WSGIApplication, path: str = "/metrics") -> WSGIApplicatio
     if not path.startswith("/"):
         raise ValueError(f"path={path!r} must start with '/'")
     _require()
+    _note_serving()
 
     def dispatch(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == path:
@@ -190,31 +208,69 @@ def _require() -> Any:
     return prometheus_client
 
 
+def _note_serving() -> None:
+    """This process serves the metrics: from now on a lone worker's count is worth a warning."""
+    global _serving
+    _serving = True
+    _warn_if_counting_alone()
+
+
+def _warn_if_counting_alone() -> None:
+    """Warn once when several gunicorn workers serve metrics without multiprocess mode."""
+    global _warned
+    if _serving and not _warned and _gunicorn_workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        _warned = True
+        log.warning("uploadguard: %s is not set: each of the %s gunicorn workers counts its own "
+                    "metrics and a scrape sees one of them", MULTIPROC_ENV, _gunicorn_workers)
+
+
 def on_starting(server: Any) -> None:
     """gunicorn ``on_starting`` body (master, before workers fork): prepare the multiprocess dir.
 
-    Creates ``$PROMETHEUS_MULTIPROC_DIR`` and removes files a previous run
-    left there (except this master's own, written if the app was preloaded);
-    a re-executed master (``USR2``) leaves them, as the old workers still
-    write there.  Without the variable, warns when several workers would each
-    count alone.
+    Creates ``$PROMETHEUS_MULTIPROC_DIR``, hands it to gunicorn's ``user``/``group``
+    when the master is root and they differ, and removes the files
+    ``prometheus_client`` wrote there in a previous run (except this master's
+    own, written if the app was preloaded); a re-executed master (``USR2``)
+    leaves them, as the old workers still write there.  Without the variable,
+    warns when several workers serve metrics that each counts alone (at the
+    first scrape when the app is not preloaded).
     """
+    global _gunicorn_workers
     try:
+        _gunicorn_workers = int(getattr(server.cfg, "workers", 1))
         directory = os.environ.get(MULTIPROC_ENV)
         if not directory:
-            if int(getattr(server.cfg, "workers", 1)) > 1 and importlib.util.find_spec("prometheus_client"):
-                log.warning("uploadguard: %s is not set: each of the %s gunicorn workers counts its own "
-                            "metrics and a scrape sees one of them", MULTIPROC_ENV, server.cfg.workers)
+            _warn_if_counting_alone()
             return
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        _hand_to_workers(server, directory)
         if getattr(server, "master_pid", 0):
             return
         own = f"_{os.getpid()}.db"
         for name in os.listdir(directory):
-            if name.endswith(".db") and not name.endswith(own):
+            if _OWN_FILE.fullmatch(name) and not name.endswith(own):
                 os.unlink(os.path.join(directory, name))
     except Exception:
         log.exception("uploadguard: preparing the metrics directory failed")
+
+
+def _hand_to_workers(server: Any, directory: str) -> None:
+    """Chown the directory to the workers' uid/gid when a root master made it for workers that are not root.
+
+    gunicorn switches users in each worker after the fork; a directory the
+    master created ``0700`` as root would refuse their files.  A directory
+    owned by anyone but the master is the administrator's choice and left alone.
+    """
+    uid, gid = int(getattr(server.cfg, "uid", os.geteuid())), int(getattr(server.cfg, "gid", os.getegid()))
+    if os.geteuid() != 0 or (uid, gid) == (0, 0):
+        return
+    if os.stat(directory).st_uid != os.geteuid():
+        return
+    os.chown(directory, uid, gid)
+    for name in os.listdir(directory):  # a preloaded app's files: the workers read them when they scrape
+        if _OWN_FILE.fullmatch(name):
+            os.chown(os.path.join(directory, name), uid, gid, follow_symlinks=False)
+    log.info("uploadguard: %s %s now belongs to uid %s gid %s, the workers' user", MULTIPROC_ENV, directory, uid, gid)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -1,0 +1,70 @@
+"""The README's install instructions against ``setup.cfg``: every extra it names exists, every extra is listed.
+
+``pip install "uploadguard[django]"`` alone brings no gunicorn, so the README's
+``gunicorn -c python:uploadguard.gunicorn`` would fail: every install line for
+a framework must name the ``gunicorn`` extra too.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+
+import pytest
+
+from tests.support import ROOT
+
+README = (ROOT / "README.md").read_text()
+#: ``pip install "uploadguard[a,b]"``, ``'uploadguard[a]'`` or ``".[a,b]"`` anywhere in the README.
+PIP_INSTALL = re.compile(r"""pip install (?:-e )?["'](?:uploadguard|\.)\[([^\]]*)\]["']""")
+
+
+def extras() -> dict[str, set[str]]:
+    """setup.cfg's extras, each with the distribution names it requires (lower case)."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    return {name: {re.split(r"[<>=!~ \[;]", line.strip(), maxsplit=1)[0].lower()
+                   for line in value.splitlines() if line.strip()}
+            for name, value in config["options.extras_require"].items()}
+
+
+def install_section() -> str:
+    match = re.search(r"^## Install\n(.*?)^## ", README, re.S | re.M)
+    assert match, "README.md has no '## Install' section"
+    return match.group(1)
+
+
+def named(text: str) -> list[list[str]]:
+    return [[extra.strip() for extra in group.split(",")] for group in PIP_INSTALL.findall(text)]
+
+
+class TestReadmeInstall:
+    def test_install_section_has_pip_lines(self) -> None:
+        """The Install section shows pip install lines with extras, for Django and for Flask."""
+        lines = named(install_section())
+        assert any("django" in line for line in lines) and any("flask" in line for line in lines)
+
+    def test_every_named_extra_exists(self) -> None:
+        """Every extra a pip install line anywhere in the README names is an extra of setup.cfg."""
+        known = extras()
+        for line in named(README):
+            assert set(line) <= set(known), f"{line} names an extra setup.cfg does not have: {sorted(known)}"
+
+    @pytest.mark.parametrize("framework", ["django", "flask"])
+    def test_framework_install_lines_bring_gunicorn(self, framework: str) -> None:
+        """A line installing a framework extra also installs gunicorn, which the README's serving command needs."""
+        known = extras()
+        for line in named(README):
+            if framework in line:
+                assert "gunicorn" in set().union(*(known[extra] for extra in line)), line
+
+    def test_table_lists_every_extra_with_what_it_brings(self) -> None:
+        """The extras table has one row per setup.cfg extra, naming the distributions it brings."""
+        rows = dict(re.findall(r"^\| `([a-z]+)` \| ([^|]+) \|", install_section(), re.M))
+        known = extras()
+        assert sorted(rows) == sorted(known)
+        for name, brings in rows.items():
+            if name != "test":
+                assert {word.lower() for word in re.split(r",\s*", brings.strip())} == known[name], name
+        covered = set().union(*(known[name] for name in known if name != "test"))
+        assert covered <= known["test"], "the test extra no longer brings every other extra"

@@ -1,0 +1,108 @@
+"""``scripts/test`` installs with pip only when the install is not current.
+
+The script runs for real in a copy of the repository's layout holding a tiny
+package (so pip installs in seconds): a real ``python3 -m venv``, a real
+``pip install -e '.[test]'`` (its build backend comes from PyPI, as on a fresh
+machine), then pytest.  Whether pip ran is read from pip's own log file
+(``PIP_LOG``), which pip writes only when it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+pytestmark = pytest.mark.slow
+
+SETUP_CFG = """\
+[metadata]
+name = tiny
+version = 1
+
+[options]
+packages = tiny
+
+[options.extras_require]
+test =
+"""
+PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68", "wheel"]
+build-backend = "setuptools.build_meta"
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A checkout-shaped directory with scripts/test, a tiny package and one passing test."""
+    root = tmp_path / "project"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "test", root / "scripts" / "test")
+    (root / "setup.cfg").write_text(SETUP_CFG)
+    (root / "pyproject.toml").write_text(PYPROJECT)
+    (root / "tiny").mkdir()
+    (root / "tiny" / "__init__.py").write_text("")
+    (root / "test_tiny.py").write_text("def test_imports():\n    import tiny\n")
+    return root
+
+
+def run(project: Path, pip_log: Path) -> tuple[subprocess.CompletedProcess[str], bool]:
+    """Run scripts/test -q; returns the result and whether pip ran."""
+    pip_log.unlink(missing_ok=True)
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("PIP_", "VIRTUAL_ENV"))}
+    env["PIP_LOG"] = str(pip_log)
+    proc = subprocess.run([str(project / "scripts" / "test"), "-q", "-p", "no:cacheprovider", "test_tiny.py"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    return proc, pip_log.exists()
+
+
+def lend_pytest(project: Path) -> None:
+    """Make this interpreter's pytest importable in the project's venv (the tiny test extra installs nothing)."""
+    [site] = (project / ".venv" / "lib").glob("python3*/site-packages")
+    (site / "lend_pytest.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+
+class TestInstallOnlyWhenNeeded:
+    def test_installs_on_a_fresh_machine_then_only_after_setup_cfg_changes(self, project: Path,
+                                                                            tmp_path: Path) -> None:
+        """pip runs without a .venv, not while setup.cfg and pyproject.toml stay unchanged, again after a change."""
+        pip_log = tmp_path / "pip.log"
+        first, installed = run(project, pip_log)
+        assert installed, first.stderr
+        assert (project / ".venv" / "bin" / "python").exists()
+        assert "No module named pytest" in first.stderr  # the tiny extra brings no pytest; lent below
+        lend_pytest(project)
+
+        second, installed = run(project, pip_log)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert not installed, "pip ran although the install was current"
+        assert "1 passed" in second.stdout
+
+        with open(project / "setup.cfg", "a") as fh:
+            fh.write("\n[options.package_data]\ntiny = *.txt\n")
+        third, installed = run(project, pip_log)
+        assert third.returncode == 0 and installed, third.stderr
+
+        fourth, installed = run(project, pip_log)
+        assert fourth.returncode == 0 and not installed
+
+        (project / "pyproject.toml").write_text(PYPROJECT + "\n[tool.pytest.ini_options]\naddopts = \"-ra\"\n")
+        fifth, installed = run(project, pip_log)
+        assert fifth.returncode == 0 and installed, fifth.stderr
+
+    def test_failed_install_is_retried(self, project: Path, tmp_path: Path) -> None:
+        """A pip install that fails leaves no stamp: the next run tries again instead of skipping."""
+        pip_log = tmp_path / "pip.log"
+        (project / "setup.cfg").write_text(SETUP_CFG.replace("version = 1", "version = attr: tiny.no_such_name"))
+        first, installed = run(project, pip_log)
+        assert first.returncode != 0 and installed
+        assert not (project / ".venv" / ".uploadguard-test-installed").exists()
+        second, installed = run(project, pip_log)
+        assert second.returncode != 0 and installed
