@@ -15,7 +15,7 @@ import pytest
 
 from tests.support import IS_ROOT, ROOT, fill, needs_root, tmpfs, unlinked_dir
 from uploadguard.cli import main
-from uploadguard.tempdir import clean_old_files, disk_usage, mount_of
+from uploadguard.operations import clean_old_files, disk_usage, mount_of
 
 DAY = 86400
 

@@ -10,7 +10,7 @@ as the ``uploadguard`` console script; ``python -m uploadguard`` is the same.
     progress are safe) anywhere under ``DIR``, and old subdirectories left
     empty.  ``DIR`` itself stays.  Links are removed, never followed; nothing
     outside ``DIR`` or on another file system mounted below it is touched
-    (see :func:`uploadguard.tempdir.clean_old_files`).  ``DIR`` defaults to
+    (see :func:`uploadguard.operations.clean_old_files`).  ``DIR`` defaults to
     the configured upload temp dir (``UPLOADGUARD_TEMP_DIR``), which is always
     a directory of uploadguard's own.  Prints one line: files and bytes removed.
     ``--dry-run`` removes nothing and says what it would remove.
@@ -69,15 +69,8 @@ from typing import Any, NamedTuple
 
 from . import __version__
 from .config import ConfigError, Settings, default_resumable_storage, format_size, parse_duration
-from .tempdir import (
-    check_temp_dir,
-    clean_old_files,
-    disk_usage,
-    is_within,
-    mount_of,
-    private_mount_namespace,
-    probe_write,
-)
+from .operations import clean_old_files, disk_usage, mount_of, private_mount_namespace
+from .tempdir import check_temp_dir, is_within, probe_write
 
 __all__ = ["Check", "MIN_AGE", "SHARED_TEMP_ROOTS", "doctor", "main"]
 

@@ -69,6 +69,9 @@ import re
 import threading
 from typing import TYPE_CHECKING, Any
 
+from .tempdir import Reason
+from .wsgi import Event
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -83,13 +86,11 @@ log = logging.getLogger("uploadguard")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-#: The temp-dir reasons of :mod:`uploadguard.tempdir`, pre-initialised as 503 series.
-TEMP_DIR_REASONS = (
-    "missing", "not_a_directory", "symlink", "unlinked", "wrong_owner", "insecure_mode",
-    "read_only", "not_writable", "no_space", "no_inodes", "io_error",
-)
+#: The temp-dir reasons (:class:`uploadguard.tempdir.Reason`), pre-initialised as 503 series.
+TEMP_DIR_REASONS = tuple(reason.value for reason in Reason)
 #: Reasons for the events whose guard reason is empty.
-_DEFAULT_REASONS = {"413": "body_too_large", "400": "bad_request"}
+_DEFAULT_REASONS = {Event.REJECTED: "body_too_large", Event.BAD_REQUEST: "bad_request"}
+_ERROR_EVENTS = frozenset({Event.REJECTED, Event.UNAVAILABLE, Event.ERROR, Event.BAD_REQUEST})
 
 #: The files prometheus_client's multiprocess mode writes: ``<type>_<pid>.db`` (see its ``values.py``).
 _OWN_FILE = re.compile(r"(?:counter|histogram|summary|gauge_(?:live)?(?:all|min|max|sum|mostrecent))_[0-9]+\.db")
@@ -145,12 +146,12 @@ def _record(event: str, reason: str) -> None:
     counters = _counters or _get_counters()
     if counters is None:
         return
-    if event == "guarded":
+    if event == Event.GUARDED:
         counters.guarded.inc()
-    elif event == "heal":
+    elif event == Event.HEALED:
         counters.heals.inc()
-    elif event in ("413", "503", "500", "400"):
-        counters.errors.labels(code=event, reason=reason or _DEFAULT_REASONS.get(event, "unknown")).inc()
+    elif event in _ERROR_EVENTS:
+        counters.errors.labels(code=event, reason=reason or _DEFAULT_REASONS.get(Event(event), "unknown")).inc()
 
 
 def install(guard: UploadGuard) -> None:
