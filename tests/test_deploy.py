@@ -69,8 +69,17 @@ def environment(path: Path) -> dict[str, str]:
 
 
 def nginx_directive(name: str) -> str:
-    [value] = re.findall(rf"^\s*{name}\s+([^;]+);", SITE.read_text(), re.MULTILINE)
-    return value
+    """The one value of ``name`` in the site file, wherever (and however often) it is set."""
+    values = set(re.findall(rf"^\s*{name}\s+([^;]+);", SITE.read_text(), re.MULTILINE))
+    assert len(values) == 1, f"{name}: {values}"
+    return values.pop()
+
+
+def nginx_location(path: str) -> str:
+    """The text of the site's ``location <path> { ... }`` block."""
+    match = re.search(rf"^\s*location {re.escape(path)} {{(.*?)^\s*}}", SITE.read_text(), re.MULTILINE | re.DOTALL)
+    assert match, f"no location {path}"
+    return match.group(1)
 
 
 class TestSystemdUnits:
@@ -162,7 +171,9 @@ class TestNginxSite:
         default = Settings.from_environ({}).max_body_size
         assert nginx_directive("client_max_body_size") == format_size(default) == "200M"
         assert environment(SERVICE)["UPLOADGUARD_MAX_BODY_SIZE"] == "200M"
-        assert nginx_directive("proxy_request_buffering") == "on"
+        assert "proxy_request_buffering on;" in nginx_location("/")
+        # Resumable PATCHes stream through, so the bytes of a cut connection count.
+        assert "proxy_request_buffering off;" in nginx_location("/files/")
         import uploadguard.gunicorn
 
         assert nginx_directive("proxy_read_timeout") == nginx_directive("proxy_send_timeout") == \

@@ -70,7 +70,7 @@ from typing import Any, NamedTuple
 from . import __version__
 from .config import ConfigError, Settings, default_resumable_storage, format_size, parse_duration
 from .operations import clean_old_files, disk_usage, mount_of, private_mount_namespace
-from .tempdir import check_temp_dir, is_within, probe_write
+from .tempdir import Reason, check_temp_dir, is_within, probe_write
 
 __all__ = ["Check", "MIN_AGE", "SHARED_TEMP_ROOTS", "doctor", "main"]
 
@@ -79,22 +79,22 @@ MIN_AGE = 60.0  # seconds
 #: Directories systemd ages (systemd-tmpfiles) and makes private per service (PrivateTmp=).
 SHARED_TEMP_ROOTS = ("/tmp", "/var/tmp")
 
-_FIXES = {
-    "missing": "create it for the service's user (install -d -m 700 -o USER {path}), or let systemd "
+_FIXES: dict[str, str] = {
+    Reason.MISSING: "create it for the service's user (install -d -m 700 -o USER {path}), or let systemd "
                "(CacheDirectory=); uploadguard also recreates it on the next upload if its parent exists",
-    "not_a_directory": "remove what is at {path}, or point UPLOADGUARD_TEMP_DIR at a directory",
-    "symlink": "set UPLOADGUARD_TEMP_DIR to the real directory, {real}",
-    "unlinked": "the directory was deleted while mounted or in use: restart the service",
-    "wrong_owner": "chown it to the user the app runs as; if it already is, run doctor as that user "
+    Reason.NOT_A_DIRECTORY: "remove what is at {path}, or point UPLOADGUARD_TEMP_DIR at a directory",
+    Reason.SYMLINK: "set UPLOADGUARD_TEMP_DIR to the real directory, {real}",
+    Reason.UNLINKED: "the directory was deleted while mounted or in use: restart the service",
+    Reason.WRONG_OWNER: "chown it to the user the app runs as; if it already is, run doctor as that user "
                    "(sudo -u USER uploadguard doctor)",
-    "insecure_mode": "chmod 700 {path}",
-    "read_only": "the file system is read-only here; under ProtectSystem= add it to ReadWritePaths= "
+    Reason.INSECURE_MODE: "chmod 700 {path}",
+    Reason.READ_ONLY: "the file system is read-only here; under ProtectSystem= add it to ReadWritePaths= "
                  "or use CacheDirectory=",
-    "not_writable": "give the service's user write access (chown USER {path}; chmod 700 {path}), "
+    Reason.NOT_WRITABLE: "give the service's user write access (chown USER {path}; chmod 700 {path}), "
                     "or ReadWritePaths= under ProtectSystem=",
-    "no_space": "free space (uploadguard clean {path} --older-than 24h) or move the temp dir to a bigger disk",
-    "no_inodes": "remove stale files (uploadguard clean {path} --older-than 24h)",
-    "io_error": "look for disk errors in the kernel log (journalctl -k)",
+    Reason.NO_SPACE: "free space (uploadguard clean {path} --older-than 24h) or move the temp dir to a bigger disk",
+    Reason.NO_INODES: "remove stale files (uploadguard clean {path} --older-than 24h)",
+    Reason.IO_ERROR: "look for disk errors in the kernel log (journalctl -k)",
 }
 
 
@@ -235,7 +235,7 @@ def doctor(settings: Settings) -> list[Check]:
     checks = []
     health = check_temp_dir(path)
     if not health.ok:
-        reason = health.reason or "io_error"
+        reason = health.reason or Reason.IO_ERROR
         fix = _FIXES.get(reason, "").format(path=path, real=os.path.realpath(path))
         checks.append(Check("temp_dir", "FAIL", f"{health.detail} ({reason}).", fix))
     else:
@@ -263,7 +263,7 @@ def _space_check(settings: Settings) -> Check:
     inodes = "no inode limit" if not usage.inodes_total else f"{usage.inodes_free} inodes free"
     wanted = (f"a full {format_size(need)} upload" if need else "an upload (no size limit)") + \
         f" plus the {format_size(settings.min_free_space)} floor"
-    if health.reason in ("no_space", "no_inodes"):
+    if health.reason in (Reason.NO_SPACE, Reason.NO_INODES):
         return Check("space", "FAIL", f"{_human(usage.free_bytes)} free, {inodes}: {wanted} does not fit "
                                       f"({health.reason}).", _FIXES[health.reason].format(path=path))
     return Check("space", "ok", f"{_human(usage.free_bytes)} free, {inodes}: {wanted} fits.")

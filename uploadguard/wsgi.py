@@ -133,12 +133,11 @@ class GuardStats:
         self.listeners: list[Callable[[str, str], None]] = []
 
     def record(self, event: Event, reason: str = "") -> None:
-        key = (event.value, str(reason))
         with self._lock:
-            self.counts[key] += 1
+            self.counts[event, reason] += 1
         for listener in self.listeners:
             try:
-                listener(event.value, str(reason))
+                listener(event, reason)
             except Exception:  # a metrics backend must never break a request
                 log.exception("stats listener failed")
 
@@ -270,56 +269,46 @@ class GuardedInput:
         """Bytes still unread (``None`` when the length is unknown)."""
         return None if self._length is None else self._length - self.consumed
 
-    def _room(self, size: int | None) -> int:
-        """How many bytes this read may ask the server for; -1 = as many as it likes."""
-        if self._length is not None:
-            left = self._length - self.consumed
-        elif self.limit:
-            left = self.limit + 1 - self.consumed  # one byte over proves the excess
-        else:
-            return -1 if size is None or size < 0 else size
-        return left if size is None or size < 0 else min(size, left)
-
     def _take(self, method: Callable[[int], bytes], size: int | None) -> bytes:
-        """The one bounded read: counted, at most to the end or one byte past the limit."""
-        room = self._room(size)
+        """The one bounded read: at most to the end, or one byte past the limit; counted.
+
+        One function on purpose: it is the hot path of every parser reading a body.
+        """
+        if self._length is not None:
+            room = self._length - self.consumed
+        elif self.limit:
+            room = self.limit + 1 - self.consumed  # one byte over proves the excess
+        else:
+            room = -1 if size is None or size < 0 else size
+        if size is not None and 0 <= size < room:
+            room = size
         if room == 0:
             if size != 0:
                 self.eof = True
             return b""
-        return self._count(self._raw(method, room), room)
-
-    def _raw(self, method: Callable[[int], bytes], size: int) -> bytes:
         try:
-            return method(size)
+            data = method(room)
         except OSError:
             self.failed = True
             raise
-
-    def _count(self, data: bytes, asked: int) -> bytes:
         self.consumed += len(data)
-        if not data and asked != 0:
+        if not data:
             self.eof = True
-        if self.limit and self._length is None and self.consumed > self.limit:
+        elif self.limit and self._length is None and self.consumed > self.limit:
             self.exceeded = True
             raise BodyTooLarge(self.limit)
         return data
 
-    def _read_all(self, room: int) -> bytes:
+    def _read_all(self) -> bytes:
+        """A chunked body to its end, piecewise, so the limit cuts it in time."""
         parts = []
-        while room != 0:
-            want = _CHUNK if room < 0 else min(_CHUNK, room)
-            data = self._count(self._raw(self._stream.read, want), want)
-            if not data:
-                break
+        while data := self._take(self._stream.read, _CHUNK):
             parts.append(data)
-            if room > 0:
-                room -= len(data)
         return b"".join(parts)
 
     def read(self, size: int | None = -1) -> bytes:
         if self._length is None and (size is None or size < 0):
-            return self._read_all(self._room(None))  # chunked: piecewise, so the limit cuts it in time
+            return self._read_all()
         return self._take(self._stream.read, size)
 
     def readline(self, size: int | None = -1) -> bytes:
@@ -593,7 +582,10 @@ class UploadGuard:
         limit = self.settings.max_body_size
         if limit and length is not None and length > limit:
             return BodyTooLarge(limit, length=length)
-        return self._temp_dir_refusal(length or 0)
+        health = self.temp.preflight(length or 0)
+        if health.healed:
+            self.stats.record(Event.HEALED)
+        return None if health.ok else self.unavailable(health)
 
     def nested_refusal(self, environ: WSGIEnvironment, length: int | None) -> UploadGuardError | None:
         """For a request an outer guard has admitted: this guard's smaller limit, and its own temp dir.
@@ -610,10 +602,7 @@ class UploadGuard:
         outer = environ.get(ENVIRON_GUARD)
         if isinstance(outer, UploadGuard) and outer.temp.path == self.temp.path:
             return None
-        return self._temp_dir_refusal(length or 0)
-
-    def _temp_dir_refusal(self, need: int) -> TempDirUnavailable | None:
-        health = self._checked_temp_dir(need)
+        health = self._checked_temp_dir(length or 0)
         return None if health.ok else self.unavailable(health)
 
     def _checked_temp_dir(self, need: int = 0, *, fresh: bool = False) -> Health:
