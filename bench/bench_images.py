@@ -22,10 +22,17 @@ measured against a reference computed here: the full decode, turned upright and
 LANCZOS-resized to each variant's output size (so speed is not bought with quality).
 Finally a batch of 10 photos goes through compress_images() on 1 and 2 threads.
 
+``--amplifiers`` instead times compress_image, in this process, on files built to
+cost more than their pixels (issue 9, item 4: many JPEG scans, segments, PNG chunks,
+inflating PNG text, GIF blocks, garbage, huge EXIF, many frames), each beside a
+normal file with as many pixels; run it with ``PYTHONPATH`` pointing at another
+checkout to measure that version.
+
 Usage::
 
     python bench/bench_images.py            # 5 runs, 12 and 48 MP, about a minute
     python bench/bench_images.py --quick    # 2 runs, 12 MP only (smoke test)
+    python bench/bench_images.py --amplifiers   # about 20 s
 
 This is a benchmark, not a test: it prints a Markdown table and exits 0.
 """
@@ -199,15 +206,124 @@ def machine() -> str:
             f"{PIL.__version__} (libjpeg-turbo {features.version('libjpeg_turbo')})")
 
 
+# -- amplifiers: files whose cost is not in their pixels --------------------------------
+
+
+def _encoded(im: Any, fmt: str = "JPEG", **params: Any) -> bytes:
+    buffer = io.BytesIO()
+    im.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _before_idat(png: bytes, chunks: bytes) -> bytes:
+    at = png.index(b"IDAT") - 4
+    return png[:at] + chunks + png[at:]
+
+
+def _with_empty_scans(data: bytes, extra: int) -> bytes:
+    """``extra`` more copies of the first luma AC scan (with its Huffman table): each codes nothing."""
+    import re
+
+    pos, previous = 2, (0, 0)
+    while data[pos + 1] != 0xD9:
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if data[pos + 1] == 0xDA:
+            found = re.compile(rb"\xff[^\x00\xd0-\xd7]").search(data, end)
+            assert found is not None
+            end = found.start()
+            header = data[pos + 4:pos + 10]
+            if previous[0] == 0xC4 and header[:2] == b"\x01\x01" and header[3] and not header[5] >> 4:
+                return data[:end] + data[previous[1]:end] * extra + data[end:]
+        previous, pos = (data[pos + 1], pos), end
+    raise ValueError("no luma AC scan")
+
+
+def amplifier_cases() -> list[tuple[str, bytes, dict[str, Any]]]:
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    tiny = Image.new("RGB", (64, 64), (200, 30, 30))
+    png, jpeg = _encoded(tiny, "PNG"), _encoded(tiny)
+    gif = _encoded(tiny.convert("P"), "GIF")
+    palette_end = 13 + 3 * 2 ** ((gif[10] & 7) + 1)
+    flat = _encoded(Image.new("RGB", (4000, 3000), (90, 120, 150)), quality=90, progressive=True)
+    exif = (b"Exif\0\0II*\0" + struct.pack("<IH", 8, 5000)
+            + b"".join(struct.pack("<HHI", 0x8000 + i, 3, 1) + b"\1\0\0\0" for i in range(5000))
+            + struct.pack("<I", 0))
+    frames = [Image.new("RGB", (64, 64), (i % 256, 0, 0)) for i in range(5000)]
+    small = make_photo(320, 240, 2)
+    return [
+        ("12 MP photo, progressive q90 (reference)", _encoded(make_photo(4000, 3000, 1), quality=90,
+                                                              progressive=True), {}),
+        ("12 MP flat, progressive: libjpeg's 10 scans", flat, {}),
+        ("the same + 90 empty scans (100: the limit)", _with_empty_scans(flat, 90), {}),
+        ("the same + 1,000 empty scans", _with_empty_scans(flat, 1000), {}),
+        ("64x64 PNG (reference)", png, {}),
+        ("64x64 JPEG + 200,000 empty comment segments",
+         jpeg[:2] + b"\xff\xfe\x00\x02" * 200_000 + jpeg[2:], {}),
+        ("64x64 PNG + 200,000 empty private chunks", _before_idat(png, _png_chunk(b"prVt", b"") * 200_000), {}),
+        ("64x64 PNG + 60 zTXt chunks of 1 MB text",
+         _before_idat(png, _png_chunk(b"zTXt", b"c\0\0" + zlib.compress(b"a" * 10**6, 9)) * 60), {}),
+        ("64x64 PNG, EXIF with 5,000 tags, keep_exif", _encoded(tiny, "PNG", exif=exif), {"keep_exif": True}),
+        ("64x64 GIF + 1,000,000 one-byte comment blocks",
+         gif[:palette_end] + b"\x21\xfe" + b"\x01x" * 10**6 + b"\0" + gif[palette_end:], {}),
+        ("320x240 JPEG (reference)", _encoded(small, quality=90), {}),
+        ("320x240 JPEG + 1 MB of garbage between segments",
+         (lambda d: d[:2] + b"\xff\xfe\x00\x03x" + b"\0" * 10**6 + d[2:])(_encoded(small, quality=90)), {}),
+        ("64x64 GIF, 5,000 frames", _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]), {}),
+        ("64x64 WebP, 5,000 frames", _encoded(frames[0], "WEBP", save_all=True, append_images=frames[1:]), {}),
+        ("64x64 APNG, 5,000 frames", _encoded(frames[0], "PNG", save_all=True, append_images=frames[1:]), {}),
+    ]
+
+
+def amplifiers(runs: int) -> None:
+    import uploadguard.images as images
+
+    print(f"# {machine()}; uploadguard.images from {images.__file__}")
+    print(f"# load average at start: {os.getloadavg()[0]:.2f}; median of {runs} runs, in-process")
+    print()
+    print("| file | size | time | outcome |")
+    print("|---|---:|---:|---|")
+    images.compress_image(_encoded(make_photo(320, 240, 3), quality=90))  # warm-up
+    for label, data, options in amplifier_cases():
+        seconds, outcome = [], ""
+        for _ in range(runs):
+            started = time.perf_counter()
+            try:
+                result = images.compress_image(data, **options)
+                outcome = f"{result.format} {result.width}x{result.height}"
+            except images.ImageError as exc:
+                outcome = f"ImageError {exc.code!r}"
+            seconds.append(time.perf_counter() - started)
+        size = f"{len(data) / 1024:.0f} KiB"
+        print(f"| {label} | {size} | {statistics.median(seconds) * 1000:.1f} ms | {outcome} |")
+    print()
+    print(f"# load average at end: {os.getloadavg()[0]:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="2 runs, 12 MP only")
     parser.add_argument("--runs", type=int, default=None, help="runs per variant (default 5)")
+    parser.add_argument("--amplifiers", action="store_true",
+                        help="time files built to cost more than their pixels instead")
     parser.add_argument("--child", nargs=4, metavar=("VARIANT", "PATH", "WARMUP", "OUTPUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(*args.child)
+        return 0
+    if args.amplifiers:
+        amplifiers(args.runs or 3)
         return 0
     runs = args.runs or (2 if args.quick else 5)
     sizes = {"12 MP": (4000, 3000)} if args.quick else {"12 MP": (4000, 3000), "48 MP": (8000, 6000)}

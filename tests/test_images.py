@@ -145,6 +145,59 @@ def webp_chunk(kind: bytes, data: bytes) -> bytes:
     return kind + struct.pack("<I", len(data)) + data + b"\0" * (len(data) % 2)
 
 
+def jpeg_parts(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each JPEG segment after SOI; a scan ends where its data does."""
+    import re
+
+    pos, parts = 2, []
+    while data[pos + 1] != 0xD9:
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if data[pos + 1] == 0xDA:
+            found = re.compile(rb"\xff[^\x00\xd0-\xd7]").search(data, end)
+            assert found is not None
+            end = found.start()
+        parts.append((data[pos + 1], pos, end))
+        pos = end
+    return parts
+
+
+def with_empty_scans(extra: int, size: tuple[int, int] = (1024, 768)) -> bytes:
+    """A progressive JPEG with ``extra`` more copies of a luma AC scan that codes nothing.
+
+    Each copy is ~40 bytes (its Huffman table, header, one end-of-band run) and makes
+    libjpeg visit every luma block once more: the issue's 169 KiB file with 4,000 of them
+    decoded in 5 s.
+    """
+    data = encode(Image.new("RGB", size, (90, 120, 150)), quality=90, progressive=True)
+    parts = jpeg_parts(data)
+    for (marker, start, end), (before, table, _) in zip(parts[1:], parts):
+        header = data[start + 4:start + 10]  # components, component 1, tables, Ss, Se, Ah/Al
+        if marker == 0xDA and before == 0xC4 and header[:2] == b"\x01\x01" and header[3] > 0 \
+                and header[5] >> 4 == 0:  # one luma AC band, first pass
+            return data[:end] + data[table:end] * extra + data[end:]
+    raise AssertionError("no luma AC scan found")
+
+
+def png_text_bomb(chunks: int) -> bytes:
+    """A small PNG with ``chunks`` zTXt chunks of 1 MB of text, ~1 KiB each compressed."""
+    ztxt = png_chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"a" * 1_000_000, 9))
+    png = encode(quadrants(), "PNG")
+    idat = png.index(b"IDAT") - 4
+    return png[:idat] + ztxt * chunks + png[idat:]
+
+
+def exif_with_tags(count: int) -> bytes:
+    """EXIF whose first directory lists ``count`` SHORT tags: 12 bytes each, slow to parse."""
+    entries = b"".join(struct.pack("<HHI", 0x8000 + i % 30_000, 3, 1) + b"\1\0\0\0" for i in range(count))
+    return b"Exif\0\0II*\0" + struct.pack("<IH", 8, count) + entries + struct.pack("<I", 0)
+
+
+def colour_photo(width: int = 640, height: int = 480) -> Image.Image:
+    """Like photo(), with colour noise: re-encoded at q95 without subsampling it grows."""
+    noise = Image.merge("RGB", [Image.effect_noise((width, height), 40).convert("L") for _ in range(3)])
+    return Image.blend(photo(width, height), noise, 0.3)
+
+
 # Originals that come back unchanged when clean: a re-encode would be bigger.
 PALETTE_PNG = encode(photo().convert("P"), "PNG")
 OPTIMISED_JPEG = encode(photo(), quality=75, optimize=True)
@@ -341,6 +394,32 @@ class TestMetadata:
         assert (sub[ExifTags.Base.ExifImageWidth], sub[ExifTags.Base.ExifImageHeight]) == (160, 120)
         assert "xmp" not in out.info
 
+    def test_keep_exif_is_an_allow_list(self) -> None:
+        """keep_exif keeps camera, lens, exposure and dates; who, where and which device go."""
+        exif = Image.Exif()
+        personal = {ExifTags.Base.Artist: "Alice Example", ExifTags.Base.HostComputer: "alices-macbook",
+                    ExifTags.Base.Copyright: "(c) Alice Example", ExifTags.Base.ImageDescription: "our flat",
+                    ExifTags.Base.Software: "PhotoTool 1.0 licensed to Alice",
+                    ExifTags.Base.XPAuthor: "Alice Example".encode("utf-16-le") + b"\0\0"}
+        for tag, value in {ExifTags.Base.Make: "Canon", ExifTags.Base.Model: "EOS R5", **personal}.items():
+            exif[tag] = value
+        exif[ExifTags.IFD.Exif] = {
+            ExifTags.Base.ExposureTime: 0.004, ExifTags.Base.FNumber: 2.8, ExifTags.Base.ISOSpeedRatings: 200,
+            ExifTags.Base.DateTimeOriginal: "2024:05:01 10:00:00", ExifTags.Base.FocalLength: 50.0,
+            ExifTags.Base.LensModel: "RF50mm F1.8 STM",
+            ExifTags.Base.CameraOwnerName: "Alice Example", ExifTags.Base.BodySerialNumber: "0123456789",
+            ExifTags.Base.LensSerialNumber: "9876543210", ExifTags.Base.ImageUniqueID: "a" * 32,
+            ExifTags.Base.UserComment: b"ASCII\0\0\0at Alice's home"}
+        data = encode(photo(), quality=95, exif=exif.tobytes())
+        result = compress_image(data, keep_exif=True)
+        out = decoded(result).getexif()
+        assert set(out) == {ExifTags.Base.Make, ExifTags.Base.Model, ExifTags.IFD.Exif}
+        assert set(out.get_ifd(ExifTags.IFD.Exif)) == {
+            ExifTags.Base.ExposureTime, ExifTags.Base.FNumber, ExifTags.Base.ISOSpeedRatings,
+            ExifTags.Base.DateTimeOriginal, ExifTags.Base.FocalLength, ExifTags.Base.LensModel}
+        for secret in (b"Alice", "Alice".encode("utf-16-le"), b"alices-macbook", b"0123456789", b"our flat"):
+            assert secret not in result.data
+
     def test_keep_exif_drops_the_thumbnail(self) -> None:
         """keep_exif=True never keeps the EXIF thumbnail (IFD1), which can show what a crop removed."""
         thumb = encode(Image.new("RGB", (8, 6), "blue"))
@@ -357,7 +436,7 @@ class TestMetadata:
         """Kept EXIF that a JPEG cannot hold (over 64 KB) is dropped, with an INFO log line."""
         exif = Image.Exif()
         exif[ExifTags.Base.Make] = "Canon"
-        exif[ExifTags.Base.ImageDescription] = "x" * 70_000
+        exif[ExifTags.Base.Model] = "x" * 70_000  # an allow-listed tag
         data = encode(photo(), "PNG", exif=exif.tobytes())
         with caplog.at_level(logging.INFO, logger="uploadguard"):
             result = compress_image(data, keep_exif=True)
@@ -451,9 +530,9 @@ class TestNeverLarger:
                      id="webp-private-chunk"),
         pytest.param(WEBP_WITH_PROFILE + SECRET, "WEBP", id="webp-after-riff"),
     ])
-    def test_unknown_parts_force_reencode(self, data: bytes, fmt: str) -> None:
+    def test_unknown_parts_never_come_back(self, data: bytes, fmt: str) -> None:
         """Parts Pillow does not report (private chunks, comments, trailing bytes) never return."""
-        result = compress_image(data, format=fmt, optimize=False)  # re-encode: the bigger file
+        result = compress_image(data, format=fmt, optimize=False)  # stripped (JPEG, PNG) or re-encoded
         assert result.changed and result.format == fmt and SECRET not in result.data
 
     @pytest.mark.parametrize(("data", "options"), [
@@ -470,6 +549,183 @@ class TestNeverLarger:
         """A file made only of parts known to be harmless still comes back byte for byte."""
         result = compress_image(data, **options)
         assert not result.changed and result.data == data
+
+
+class TestLosslessOriginal:
+    def phone_photo(self, quality: int = 92, **params: Any) -> tuple[Image.Image, bytes]:
+        """A photo stored sideways (orientation 6) with GPS, serial number and a comment."""
+        upright = colour_photo()
+        return upright, encode(stored_as(upright, 6), quality=quality, comment=SECRET,
+                               exif=exif_with(6, gps=True, serial=True), **params)
+
+    @pytest.mark.parametrize("quality", [90, 92])
+    def test_high_quality_never_larger(self, quality: int) -> None:
+        """At HIGH_QUALITY a phone photo whose re-encode would grow comes back no larger, stripped."""
+        upright, data = self.phone_photo(quality)
+        result = compress_image(data, quality=HIGH_QUALITY)
+        assert result.size <= len(data) and result.changed
+        out = decoded(result)
+        assert SECRET not in result.data and b"0123456789" not in result.data
+        exif = out.getexif()
+        assert dict(exif) == {ExifTags.Base.Orientation: 6} and not exif.get_ifd(ExifTags.IFD.GPSInfo)
+        from PIL import ImageChops
+
+        assert ImageChops.difference(out, Image.open(io.BytesIO(data))).getbbox() is None  # lossless
+        assert (result.format, result.width, result.height) == ("JPEG", 640, 480)
+        assert ImageOps.exif_transpose(out).size == upright.size  # upright on display
+
+    def test_stripped_original_is_upright(self) -> None:
+        """The stripped original's Orientation tag turns it upright in any viewer."""
+        upright = colour_photo(320, 240)  # detail that the q95 re-encode would grow on
+        for (x, y), color in (((40, 30), RED), ((280, 30), GREEN), ((40, 210), BLUE)):
+            upright.paste(color, (x - 20, y - 20, x + 20, y + 20))
+        data = encode(stored_as(upright, 6), quality=92, exif=exif_with(6, gps=True))
+        result = compress_image(data, quality=HIGH_QUALITY)
+        stripped = decoded(result)
+        assert result.size <= len(data) and stripped.getexif()[ExifTags.Base.Orientation] == 6
+        out = ImageOps.exif_transpose(stripped)
+        assert out.size == (320, 240) == (result.width, result.height)
+        for (x, y), color in (((40, 30), RED), ((280, 30), GREEN), ((40, 210), BLUE)):
+            assert near(out.getpixel((x, y)), color), ((x, y), out.getpixel((x, y)))
+
+    def test_keep_exif_in_stripped_original(self) -> None:
+        """With keep_exif the stripped original keeps the allow-listed tags beside the orientation."""
+        _, data = self.phone_photo()
+        result = compress_image(data, quality=HIGH_QUALITY, keep_exif=True)
+        exif = decoded(result).getexif()
+        assert result.size <= len(data) and exif[ExifTags.Base.Make] == "Canon"
+        assert exif[ExifTags.Base.Orientation] == 6
+        assert ExifTags.Base.BodySerialNumber not in exif.get_ifd(ExifTags.IFD.Exif)
+        assert not exif.get_ifd(ExifTags.IFD.GPSInfo)
+
+    def test_profile_and_jfif_kept(self) -> None:
+        """The ICC profile and JFIF density survive the strip; XMP and APPn segments do not."""
+        xmp = b"<x:xmpmeta>" + SECRET + b"</x:xmpmeta>"
+        _, data = self.phone_photo(icc_profile=SRGB, xmp=xmp, dpi=(300, 300))
+        data = data[:2] + jpeg_segment(0xEF, SECRET) + data[2:]
+        result = compress_image(data, quality=HIGH_QUALITY)
+        out = decoded(result)
+        assert result.size <= len(data) and SECRET not in result.data
+        assert out.info["icc_profile"] == SRGB and out.info["dpi"] == (300, 300)
+
+    def test_png_stripped(self) -> None:
+        """A PNG with text and private chunks comes back losslessly without them, not as a bigger re-encode."""
+        data = with_png_chunk(with_png_chunk(PALETTE_PNG, b"tEXt", b"Comment\0" + SECRET), b"prVt", SECRET)
+        result = compress_image(data, format="PNG")
+        assert result.changed and result.size < len(data) and SECRET not in result.data
+        out = decoded(result)
+        assert out.mode == "P" and out.tobytes() == Image.open(io.BytesIO(PALETTE_PNG)).tobytes()
+
+    def test_smaller_reencode_still_wins(self) -> None:
+        """When the re-encode is smaller than the stripped original, the re-encode is used."""
+        _, data = self.phone_photo(quality=98)
+        result = compress_image(data)  # q85
+        assert result.size < 0.8 * len(data) and ExifTags.Base.Orientation not in decoded(result).getexif()
+
+
+class TestBoundedWork:
+    """Issue 9, item 4: no file costs much more than a normal photo with as many pixels."""
+
+    def test_jpeg_scans(self) -> None:
+        """A progressive JPEG with 1,000 empty scans is refused before decoding: "too_many_scans"."""
+        with pytest.raises(ImageError, match="more than 100 scans") as caught:
+            compress_image(with_empty_scans(1000))
+        assert caught.value.code == "too_many_scans"
+
+    def test_jpeg_scans_up_to_the_limit(self) -> None:
+        """100 scans (libjpeg writes 10) are still decoded."""
+        data = with_empty_scans(90)
+        assert sum(marker == 0xDA for marker, _, _ in jpeg_parts(data)) == 100
+        assert compress_image(data).width == 1024
+
+    def test_jpeg_segments(self) -> None:
+        """A JPEG of 10,000 empty comment segments (parsed one by one in Python) is refused."""
+        data = OPTIMISED_JPEG[:2] + jpeg_segment(0xFE, b"") * 10_000 + OPTIMISED_JPEG[2:]
+        with pytest.raises(ImageError) as caught:
+            compress_image(data)
+        assert caught.value.code == "too_many_parts"
+
+    def test_png_chunks(self) -> None:
+        """A PNG of 10,000 empty private chunks is refused: "too_many_parts"."""
+        png = encode(quadrants(), "PNG")
+        idat = png.index(b"IDAT") - 4
+        with pytest.raises(ImageError) as caught:
+            compress_image(png[:idat] + png_chunk(b"prVt", b"") * 10_000 + png[idat:])
+        assert caught.value.code == "too_many_parts"
+
+    def test_png_chunks_after_odd_text(self) -> None:
+        """A text chunk without a keyword (Pillow reads it anyway) does not end the count."""
+        png = encode(quadrants(), "PNG")
+        idat = png.index(b"IDAT") - 4
+        data = png[:idat] + png_chunk(b"tEXt", b"no keyword") + png_chunk(b"prVt", b"") * 10_000 + png[idat:]
+        with pytest.raises(ImageError) as caught:
+            compress_image(data)
+        assert caught.value.code == "too_many_parts"
+
+    @staticmethod
+    def with_garbage(fmt: str, size: int) -> bytes:
+        if fmt == "JPEG":
+            return OPTIMISED_JPEG[:2] + jpeg_segment(0xFE, b"x") + b"\0" * size + OPTIMISED_JPEG[2:]
+        gif = encode(quadrants().convert("P"), "GIF")
+        start = 13 + 3 * 2 ** ((gif[10] & 7) + 1)  # after the header and global palette
+        return gif[:start] + b"\x07" * size + gif[start:]
+
+    @pytest.mark.parametrize("fmt", ["JPEG", "GIF"])
+    def test_garbage_between_parts(self, fmt: str) -> None:
+        """1 MB of garbage between JPEG segments or GIF blocks (skipped byte by byte by Pillow) is damage."""
+        assert compress_image(self.with_garbage(fmt, 1000)).changed  # a little is tolerated, as by Pillow
+        with pytest.raises(ImageError, match="damaged") as caught:
+            compress_image(self.with_garbage(fmt, 1_000_000))
+        assert caught.value.code == "corrupt"
+
+    def test_png_text_inflation(self) -> None:
+        """8 KiB of zTXt that inflates to 8 MB (Pillow allows 64 MB) is refused: "metadata_too_large"."""
+        data = png_text_bomb(8)
+        assert len(data) < 10_000
+        with pytest.raises(ImageError, match="larger than 4 MiB") as caught:
+            compress_image(data)
+        assert caught.value.code == "metadata_too_large"
+
+    def test_png_text_within_limit(self) -> None:
+        """3 MB of (inflated) PNG text is within the bound, and dropped."""
+        result = compress_image(png_text_bomb(3), format="PNG")
+        assert not {"Comment"} & set(decoded(result).info)
+
+    def test_gif_blocks(self) -> None:
+        """A GIF comment of 100,000 one-byte blocks (read one by one in Python) is refused."""
+        gif = encode(quadrants().convert("P"), "GIF")
+        start = 13 + 3 * 2 ** ((gif[10] & 7) + 1)  # after the header and global palette
+        with pytest.raises(ImageError) as caught:
+            compress_image(gif[:start] + b"\x21\xfe" + b"\x01x" * 100_000 + b"\0" + gif[start:])
+        assert caught.value.code == "too_many_parts"
+
+    def test_icc_profile_too_large(self) -> None:
+        """An ICC profile over 4 MiB (it would be copied into every output) is refused."""
+        data = encode(photo(), quality=90, icc_profile=SRGB + b"\0" * (5 * 2**20))
+        with pytest.raises(ImageError, match="ICC profile") as caught:
+            compress_image(data)
+        assert caught.value.code == "metadata_too_large"
+
+    @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+    def test_exif_with_too_many_tags(self, fmt: str) -> None:
+        """EXIF with 5,000 tags in one directory (0.2 s to parse and copy) is refused."""
+        data = encode(quadrants(), fmt, exif=exif_with_tags(5000))
+        with pytest.raises(ImageError, match="EXIF") as caught:
+            compress_image(data, keep_exif=True)
+        assert caught.value.code == "metadata_too_large"
+
+    def test_exif_within_limit(self) -> None:
+        """512 tags in a directory are still read."""
+        assert compress_image(encode(quadrants(), "PNG", exif=exif_with_tags(512))).changed
+
+    @pytest.mark.parametrize("fmt", ["GIF", "PNG"])
+    def test_later_frames_never_read(self, fmt: str) -> None:
+        """Only an animation's first frame is read: 500 frames, cut off in the 375th, still give it."""
+        frames = [Image.new("RGB", (40, 30), (255 - i % 200, 0, 0)) for i in range(500)]
+        data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=10)
+        result = compress_image(data[:len(data) * 3 // 4])  # a frame count costs nothing: no bound
+        assert (result.width, result.height) == (40, 30)
+        assert near(decoded(result).getpixel((20, 15)), (255, 0, 0), 20)
 
 
 class TestResize:

@@ -100,7 +100,7 @@ def store(upload: UploadedFile, *, quality: int) -> dict[str, Any]:
     stem = _clip(stem[:80], MAX_STEM)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     try:
-        image = compress_image(upload, quality=quality)
+        image = compress_image(upload, quality=quality, max_dimension=4096, max_pixels=50_000_000)  # memory: <= 17 MiB/MP
     except ImageError as exc:
         suffix = _clip(suffix, MAX_SUFFIX) + (".bin" if suffix.lower() in IMAGE_SUFFIXES else "")  # not shown as an image
         name = f"{stamp}-{stem}{suffix}"
