@@ -1,0 +1,428 @@
+"""The resumable endpoint under real gunicorn (the project's gunicorn_conf.py, 3 workers) and real clients.
+
+What only a real server shows: several workers sharing uploads, a client that
+goes silent mid-PATCH, workers killed, reloaded and recycled mid-upload,
+the 413 before the body, and tuspy (a tus client nobody here wrote).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urljoin
+
+import pytest
+import requests
+from tusclient import client as tus_client
+from tusclient.storage.filestorage import FileStorage
+
+from tests.support import GUNICORN_CONF, Gunicorn, needs_root, tmpfs
+from uploadguard.resumable.locking import FileLocker
+
+pytestmark = pytest.mark.slow
+
+TUS = {"Tus-Resumable": "1.0.0"}
+OCTETS = "application/offset+octet-stream"
+MiB = 1024 * 1024
+
+
+def wait_until(condition: Callable[[], object], *, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached after {timeout}s")
+        time.sleep(0.02)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Server:
+    """A gunicorn running tests/resumable_apps.py, with its storage and hook log."""
+
+    def __init__(self, tmp_path: Path, *, workers: int = 3, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.storage = tmp_path / "uploads"
+        self.hook_log = tmp_path / "hooks.log"
+        self.hook_fail = tmp_path / "hook-fail"
+        (tmp_path / "tmp").mkdir(exist_ok=True)
+        self.gunicorn = Gunicorn(
+            "resumable_apps:application", tmp_path=tmp_path, config=GUNICORN_CONF, workers=workers, args=args,
+            env={"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"), "RESUMABLE_TEST_STORAGE": str(self.storage),
+                 "RESUMABLE_TEST_HOOK_LOG": str(self.hook_log), "RESUMABLE_TEST_HOOK_FAIL": str(self.hook_fail),
+                 "UPLOADGUARD_MAX_BODY_SIZE": "64M", **(env or {})},
+        )
+        self.port = self.gunicorn.port
+        self.endpoint = f"{self.gunicorn.url}/files/"
+
+    def create(self, length: int) -> str:
+        response = requests.post(self.endpoint, headers={**TUS, "Upload-Length": str(length)}, timeout=30)
+        assert response.status_code == 201, response.text
+        return urljoin(self.endpoint, response.headers["Location"])
+
+    def head(self, url: str, *, timeout: float = 30) -> requests.Response:
+        return requests.head(url, headers=TUS, timeout=timeout)
+
+    def offset(self, url: str) -> int:
+        response = self.head(url)
+        assert response.status_code == 200, (response.status_code, self.gunicorn.log()[-2000:])
+        return int(response.headers["Upload-Offset"])
+
+    def patch(self, url: str, offset: int, body: bytes) -> requests.Response:
+        return requests.patch(url, data=body, headers={**TUS, "Upload-Offset": str(offset), "Content-Type": OCTETS},
+                              timeout=60)
+
+    def data_path(self, url: str) -> Path:
+        return self.storage / (url.rsplit("/", 1)[1] + ".bin")
+
+    def size(self, url: str) -> int:
+        try:
+            return self.data_path(url).stat().st_size
+        except FileNotFoundError:
+            return -1
+
+    def hooks(self) -> list[list[str]]:
+        return [line.split() for line in self.hook_log.read_text().splitlines()] if self.hook_log.exists() else []
+
+    def open_patch(self, url: str, offset: int, length: int, first: bytes) -> socket.socket:
+        """A raw PATCH that has sent its headers and ``first`` and then says nothing (a silent client)."""
+        path = url.split(str(self.port), 1)[1]
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        sock.sendall(
+            f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: {offset}\r\n"
+            f"Content-Type: {OCTETS}\r\nContent-Length: {length}\r\n\r\n".encode() + first
+        )
+        return sock
+
+    def resume_and_finish(self, url: str, data: bytes) -> None:
+        """What a tus client does after a failure: HEAD, then PATCH the rest."""
+        offset = self.offset(url)
+        assert 0 <= offset <= len(data)
+        response = self.patch(url, offset, data[offset:])
+        assert response.status_code == 204, response.text
+        assert response.headers["Upload-Offset"] == str(len(data))
+        assert sha256(self.data_path(url).read_bytes()) == sha256(data)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    made = Server(tmp_path)
+    yield made
+    made.gunicorn.stop()
+
+
+@pytest.fixture
+def data() -> bytes:
+    return os.urandom(8 * MiB)
+
+
+class TestTuspy:
+    def test_plain(self, server: Server, tmp_path: Path, data: bytes) -> None:
+        """tuspy uploads a file in 1 MiB chunks; the stored file and the hook's view are byte-identical."""
+        fh = io.BytesIO(data)
+        uploader = tus_client.TusClient(server.endpoint).uploader(file_stream=fh, chunk_size=MiB,
+                                                                  metadata={"filename": "f.bin"})
+        uploader.upload()
+        assert sha256(server.data_path(uploader.url).read_bytes()) == sha256(data)
+        assert [line[:2] for line in server.hooks()] == [[uploader.url.rsplit("/", 1)[1], sha256(data)]]
+
+    def test_checksum(self, server: Server, tmp_path: Path, data: bytes) -> None:
+        """tuspy with Upload-Checksum (sha1) on every chunk."""
+        fh = io.BytesIO(data)
+        uploader = tus_client.TusClient(server.endpoint).uploader(file_stream=fh, chunk_size=MiB,
+                                                                  upload_checksum=True)
+        uploader.upload()
+        assert sha256(server.data_path(uploader.url).read_bytes()) == sha256(data)
+
+    # tuspy's URL storage needs a file path (its fingerprint closes a stream it is given), and with a
+    # path tuspy leaves its own file handles to the garbage collector: not ours to fix.
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+    @pytest.mark.filterwarnings("ignore::ResourceWarning")
+    def test_resumed_after_an_interruption(self, server: Server, tmp_path: Path, data: bytes) -> None:
+        """A tuspy uploader that stopped part-way is resumed by a new one through its URL storage."""
+        (tmp_path / "f.bin").write_bytes(data)
+        storage = FileStorage(str(tmp_path / "urls.json"))
+        try:
+            first = tus_client.TusClient(server.endpoint).uploader(
+                str(tmp_path / "f.bin"), chunk_size=MiB, store_url=True, url_storage=storage)
+            first.upload(stop_at=3 * MiB)
+            assert server.offset(first.url) == 3 * MiB
+            second = tus_client.TusClient(server.endpoint).uploader(
+                str(tmp_path / "f.bin"), chunk_size=MiB, store_url=True, url_storage=storage)
+            assert second.url == first.url and second.offset == 3 * MiB
+            second.upload()
+        finally:
+            storage.close()
+        assert sha256(server.data_path(first.url).read_bytes()) == sha256(data)
+        assert len(server.hooks()) == 1
+
+    def test_resumed_after_worker_kills(self, server: Server, tmp_path: Path, data: bytes) -> None:
+        """tuspy's own retries carry an upload through workers SIGKILLed while it runs."""
+        fh = io.BytesIO(data)
+        uploader = tus_client.TusClient(server.endpoint).uploader(
+            file_stream=fh, chunk_size=256 * 1024, retries=20, retry_delay=0.2)
+        uploader.set_url(uploader.create_url())
+        kills = 0
+
+        def killer() -> None:
+            nonlocal kills
+            for threshold in (2 * MiB, 5 * MiB):
+                wait_until(lambda: server.size(uploader.url) >= threshold, timeout=60, what="progress")
+                for pid in server.gunicorn.worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                kills += 1
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        uploader.upload()
+        thread.join(timeout=60)
+        assert kills == 2
+        assert sha256(server.data_path(uploader.url).read_bytes()) == sha256(data)
+
+
+class TestConcurrency:
+    def test_any_worker_serves_any_request(self, server: Server, data: bytes) -> None:
+        """Chunks over fresh connections land on different workers and still make one whole file."""
+        url = server.create(len(data))
+        offset = 0
+        for start in range(0, len(data), 512 * 1024):
+            assert server.offset(url) == offset
+            response = server.patch(url, offset, data[start:start + 512 * 1024])
+            assert response.status_code == 204
+            offset = int(response.headers["Upload-Offset"])
+        assert sha256(server.data_path(url).read_bytes()) == sha256(data)
+        assert len(server.hooks()) == 1
+
+    def test_racing_patches_never_interleave(self, server: Server) -> None:
+        """Two PATCHes at offset 0 with different bodies: exactly one appends; the other is refused (409/423)
+        or, preempted before its first byte, appended nothing; the file is a prefix of one body."""
+        size = 4 * MiB
+        url = server.create(size)
+        bodies = {"a": b"a" * size, "b": b"b" * size}
+        results: dict[str, tuple[int, int]] = {}
+
+        def send(name: str) -> None:
+            response = server.patch(url, 0, bodies[name])
+            results[name] = (response.status_code, int(response.headers.get("Upload-Offset", "-1")))
+
+        threads = [threading.Thread(target=send, args=(name,)) for name in bodies]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        stored = server.data_path(url).read_bytes()
+        winner = b"a" if stored[:1] == b"a" else b"b"
+        assert stored == bodies[winner.decode()][:len(stored)]
+        appended = [name for name, (status, offset) in results.items() if status == 204 and offset > 0]
+        assert appended == [winner.decode()], results
+        loser = results["b" if winner == b"a" else "a"]
+        assert loser[0] in (409, 423) or loser == (204, 0), results
+        server.resume_and_finish(url, bodies[winner.decode()])
+
+
+class TestSilentDrop:
+    def test_head_preempts_a_silent_patch(self, server: Server, data: bytes) -> None:
+        """A client that sent half a PATCH and went silent (no FIN) does not hold the upload:
+        a new HEAD answers within 10 s with the durable offset, and a PATCH from there completes."""
+        url = server.create(len(data))
+        half = len(data) // 2
+        silent = server.open_patch(url, 0, len(data), data[:half])
+        try:
+            wait_until(lambda: server.size(url) == half, what="half the body on disk")
+            started = time.monotonic()
+            response = server.head(url, timeout=15)
+            assert response.status_code == 200 and time.monotonic() - started < 10
+            assert int(response.headers["Upload-Offset"]) == half
+            server.resume_and_finish(url, data)
+        finally:
+            silent.close()
+        assert len(server.hooks()) == 1
+
+    def test_preemption_under_threaded_workers(self, tmp_path: Path, data: bytes) -> None:
+        """With gthread workers (--threads 4) a HEAD preempts a silent PATCH just the same."""
+        server = Server(tmp_path, args=("--threads", "4"))
+        try:
+            url = server.create(len(data))
+            with server.open_patch(url, 0, len(data), data[:MiB]):
+                wait_until(lambda: server.size(url) == MiB, what="1 MiB on disk")
+                started = time.monotonic()
+                response = server.head(url, timeout=15)
+                assert response.status_code == 200 and time.monotonic() - started < 10
+                assert int(response.headers["Upload-Offset"]) == MiB
+                server.resume_and_finish(url, data)
+        finally:
+            server.gunicorn.stop()
+
+    def test_patch_preempts_a_silent_patch(self, server: Server, data: bytes) -> None:
+        """A new PATCH (the client resuming without a HEAD) also takes the upload from the silent one."""
+        url = server.create(len(data))
+        silent = server.open_patch(url, 0, len(data), data[:MiB])
+        try:
+            wait_until(lambda: server.size(url) == MiB, what="1 MiB on disk")
+            started = time.monotonic()
+            response = server.patch(url, MiB, data[MiB:])
+            assert response.status_code == 204 and time.monotonic() - started < 10
+        finally:
+            silent.close()
+        assert sha256(server.data_path(url).read_bytes()) == sha256(data)
+
+    def test_idle_timeout_releases_the_upload(self, tmp_path: Path, data: bytes) -> None:
+        """With nobody asking, a PATCH that receives nothing for the idle timeout ends and lets go."""
+        server = Server(tmp_path, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "1"})
+        try:
+            url = server.create(len(data))
+            silent = server.open_patch(url, 0, len(data), data[:MiB])
+            with silent:
+                wait_until(lambda: server.size(url) == MiB, what="1 MiB on disk")
+                locker = FileLocker(server.storage)
+                upload_id = url.rsplit("/", 1)[1]
+
+                def free() -> bool:
+                    lock = locker.try_acquire(upload_id)
+                    if lock is not None:
+                        lock.release()
+                    return lock is not None
+
+                wait_until(free, timeout=15, what="the lock released")
+                assert b"HTTP/1.1 204" in silent.recv(4096)  # the server answered and stopped reading
+            server.resume_and_finish(url, data)
+        finally:
+            server.gunicorn.stop()
+
+
+class TestWorkerLifecycle:
+    def test_sigkill_mid_patch(self, server: Server, data: bytes) -> None:
+        """Workers SIGKILLed mid-PATCH: the bytes on disk count, the client resumes, the file is identical."""
+        url = server.create(len(data))
+        sock = server.open_patch(url, 0, len(data), data[: 3 * MiB])
+        try:
+            wait_until(lambda: server.size(url) == 3 * MiB, what="3 MiB on disk")
+            for pid in server.gunicorn.worker_pids():
+                os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: server.head(url, timeout=10).status_code == 200, what="a new worker")
+            assert server.offset(url) == 3 * MiB
+            server.resume_and_finish(url, data)
+        finally:
+            sock.close()
+
+    def test_hup_mid_patch(self, server: Server, data: bytes) -> None:
+        """A HUP (reload) while a PATCH hangs: the client resumes from the durable offset on the new workers."""
+        url = server.create(len(data))
+        sock = server.open_patch(url, 0, len(data), data[:2 * MiB])
+        try:
+            wait_until(lambda: server.size(url) == 2 * MiB, what="2 MiB on disk")
+            old = set(server.gunicorn.worker_pids())
+            server.gunicorn.signal(signal.SIGHUP)
+            wait_until(lambda: len(set(server.gunicorn.worker_pids()) - old) >= 3, what="new workers")
+            started = time.monotonic()
+            assert server.offset(url) == 2 * MiB and time.monotonic() - started < 10
+            server.resume_and_finish(url, data)
+        finally:
+            sock.close()
+
+    def test_max_requests_recycling(self, tmp_path: Path, data: bytes) -> None:
+        """Workers recycled every few requests (max_requests) mid-upload: the upload completes intact."""
+        server = Server(tmp_path, args=("--max-requests", "3", "--max-requests-jitter", "0"))
+        try:
+            fh = io.BytesIO(data)
+            uploader = tus_client.TusClient(server.endpoint).uploader(file_stream=fh, chunk_size=256 * 1024,
+                                                                      retries=10, retry_delay=0.2)
+            uploader.upload()
+            assert sha256(server.data_path(uploader.url).read_bytes()) == sha256(data)
+            assert server.gunicorn.log().count("Autorestarting worker") >= 3
+        finally:
+            server.gunicorn.stop()
+
+
+class TestStorageFailures:
+    def test_deleted_storage(self, server: Server, data: bytes) -> None:
+        """The storage dir deleted with uploads in it: those are 404, new uploads work in a recreated dir."""
+        url = server.create(len(data))
+        assert server.patch(url, 0, data[:MiB]).status_code == 204
+        import shutil
+
+        shutil.rmtree(server.storage)
+        assert server.head(url).status_code == 404
+        assert server.patch(url, MiB, data[MiB:2 * MiB]).status_code == 404
+        fresh = server.create(MiB)
+        assert server.patch(fresh, 0, data[:MiB]).status_code == 204
+        assert server.storage.is_dir()
+
+    def test_file_in_place_is_503(self, server: Server) -> None:
+        """A file where the storage dir should be: 503 + Retry-After, never a 500 or a dropped connection."""
+        import shutil
+
+        server.create(10)
+        shutil.rmtree(server.storage)
+        server.storage.write_text("x")
+        response = requests.post(server.endpoint, headers={**TUS, "Upload-Length": "10"}, timeout=30)
+        assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+
+    @needs_root
+    def test_read_only_tmpfs_is_503(self, server: Server) -> None:
+        """Storage on a read-only tmpfs: 503 + Retry-After."""
+        with tmpfs(server.storage, options="ro"):
+            response = requests.post(server.endpoint, headers={**TUS, "Upload-Length": "10"}, timeout=30)
+            assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+
+
+class TestBadInputOverASocket:
+    def test_over_the_limit_is_413_before_the_body(self, server: Server) -> None:
+        """A creation-with-upload whose Upload-Length is over the limit gets its 413 before sending a byte."""
+        length = 65 * MiB
+        request = (f"POST /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\nUpload-Length: {length}\r\n"
+                   f"Content-Type: {OCTETS}\r\nContent-Length: {MiB}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(request)
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert not server.storage.exists() or os.listdir(server.storage) == []
+
+    def test_no_100_continue_for_an_upload_over_the_limit(self, server: Server) -> None:
+        """With Expect: 100-continue, an Upload-Length over the limit is a 413 and never a 100 Continue."""
+        request = (f"POST /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                   f"Upload-Length: {65 * MiB}\r\nContent-Type: {OCTETS}\r\nContent-Length: {MiB}\r\n"
+                   "Expect: 100-continue\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(request)
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+
+    def test_100_continue_for_an_upload_within_the_limit(self, server: Server) -> None:
+        """With Expect: 100-continue, a creation-with-upload within the limit gets 100 Continue, then 201."""
+        body = os.urandom(1000)
+        request = (f"POST /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                   f"Upload-Length: {len(body)}\r\nContent-Type: {OCTETS}\r\nContent-Length: {len(body)}\r\n"
+                   "Expect: 100-continue\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+            sock.sendall(body)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 201 ")
+        assert [line[1] for line in server.hooks()] == [sha256(body)]
+
+
+class TestOnComplete:
+    def test_once_and_500_then_retrievable(self, server: Server) -> None:
+        """A raising hook: the final PATCH is a 500 (a response, not a dropped connection), the data stays,
+        the next HEAD runs it again, and once it returned it never runs again."""
+        data = os.urandom(MiB)
+        url = server.create(len(data))
+        server.hook_fail.write_text("fail")
+        response = server.patch(url, 0, data)
+        assert response.status_code == 500
+        assert server.head(url).status_code == 500
+        assert sha256(server.data_path(url).read_bytes()) == sha256(data)
+        server.hook_fail.unlink()
+        assert server.offset(url) == len(data)
+        assert server.patch(url, len(data), b"").status_code == 204  # a retried final PATCH
+        assert server.offset(url) == len(data)
+        assert [line[:2] for line in server.hooks()] == [[url.rsplit("/", 1)[1], sha256(data)]]

@@ -1,0 +1,224 @@
+"""One writer per upload across every worker of a host, and a way to take the upload from a stale one.
+
+Two requests may never append to one upload at once: a PATCH holds the
+upload's lock while it reads the body.  :class:`FileLocker` uses
+``fcntl.flock`` on ``<id>.lock`` in the storage directory, which every
+gunicorn worker on the host shares and which the kernel releases when a
+worker dies, even by ``SIGKILL``.
+
+**Preemption.**  The failure this exists for is the *silent drop*: a phone
+leaves Wi-Fi mid-PATCH, no FIN and no RST ever arrive, and the worker stays
+blocked in ``recv()`` holding the lock until gunicorn's timeout (600 s) -- so
+the client, which has long reconnected, gets nothing but 423s.  As in tusd, a
+request that finds the lock held *asks* the holder to let go: it creates
+``<id>.release`` and retries for ``timeout`` seconds (default 5).  The holder
+runs a :class:`ReleaseWatcher` while it reads a PATCH body; it polls the
+release request every 0.2 s and, when asked, shuts the socket down for
+reading (``socket.shutdown(SHUT_RD)`` on gunicorn's ``environ["gunicorn.socket"]``),
+so the blocked read returns at once with what it has.  The holder keeps the
+bytes already written, releases the lock and answers.
+
+Without ``gunicorn.socket`` (other servers, in-process tests) nothing can
+interrupt a blocked read: a contender waits for the lock ``timeout`` and gets
+a 423 with ``Retry-After``; the holder lets go at the next idle timeout (see
+``resumable_idle_timeout``) or when its client goes away.
+
+Locks of one process are not re-entrant; a lock is never held across requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import threading
+import time
+from types import TracebackType
+from typing import Protocol
+
+from .protocol import UploadLocked
+
+__all__ = ["HeldLock", "Locker", "FileLocker", "UploadLock", "ReleaseWatcher"]
+
+log = logging.getLogger("uploadguard")
+
+_POLL = 0.05  # seconds between attempts on a held lock
+
+
+class HeldLock(Protocol):
+    """The locker seam, a held lock: what the handler and :class:`ReleaseWatcher` use."""
+
+    @property
+    def upload_id(self) -> str: ...
+
+    def release_requested(self) -> bool:
+        """Whether another request asked for the upload."""
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> HeldLock: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+
+class Locker(Protocol):
+    """The locker seam: one holder per upload, preemptible (see the module docstring).
+
+    A store offers its locker as ``store.locker``: :class:`FileLocker` for a
+    local directory, a lease on object storage for a store shared by hosts.
+    """
+
+    def try_acquire(self, upload_id: str) -> HeldLock | None:
+        """The lock if nobody holds it, else ``None``; never asks a holder to let go."""
+
+    def acquire(self, upload_id: str, *, timeout: float = 5.0, retry_after: int = 1) -> HeldLock:
+        """The lock, asking a holder to let go; 423 after ``timeout`` seconds."""
+
+    def remove(self, lock: HeldLock) -> None:
+        """Forget a held lock's upload for good (it was terminated)."""
+
+
+class UploadLock:
+    """A held upload lock; release it with :meth:`release` or a ``with`` block."""
+
+    def __init__(self, fd: int, upload_id: str, release_path: str) -> None:
+        self._fd: int | None = fd
+        self.upload_id = upload_id
+        self.release_path = release_path
+
+    def __repr__(self) -> str:
+        return f"<UploadLock {self.upload_id} {'held' if self.held else 'released'}>"
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release_requested(self) -> bool:
+        """Whether another request asked for this upload (``<id>.release`` exists)."""
+        return os.path.exists(self.release_path)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor drops the flock
+
+    def __enter__(self) -> UploadLock:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
+class FileLocker:
+    """``flock``-based upload locks in ``directory`` (the local store's directory)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = os.path.abspath(os.fspath(directory))
+
+    def __repr__(self) -> str:
+        return f"<FileLocker {self.directory!r}>"
+
+    def _paths(self, upload_id: str) -> tuple[str, str]:
+        base = os.path.join(self.directory, upload_id)
+        return base + ".lock", base + ".release"
+
+    def try_acquire(self, upload_id: str) -> UploadLock | None:
+        """The lock if nobody holds it, else ``None``; never asks a holder to let go."""
+        lock_path, release_path = self._paths(upload_id)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The file may have been unlinked (by clean or termination) between open and flock:
+        # a lock on an orphaned inode excludes nobody.  Then try again on the current file.
+        try:
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            current = None
+        if current is None or not os.path.samestat(current, os.fstat(fd)):
+            os.close(fd)
+            return self.try_acquire(upload_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(release_path)  # any request for the previous holder is answered now
+        return UploadLock(fd, upload_id, release_path)
+
+    def acquire(self, upload_id: str, *, timeout: float = 5.0, retry_after: int = 1) -> UploadLock:  # seconds
+        """The lock, asking a holder to let go; :class:`UploadLocked` (423) after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        _, release_path = self._paths(upload_id)
+        while True:
+            lock = self.try_acquire(upload_id)
+            if lock is not None:
+                return lock
+            if not os.path.exists(release_path):  # absent: first try, or a new holder took it since
+                self.request_release(upload_id)
+            if time.monotonic() >= deadline:
+                raise UploadLocked(
+                    f"Upload {upload_id} is in use by another request; retry in {retry_after} s.",
+                    retry_after=retry_after,
+                )
+            time.sleep(_POLL)
+
+    def request_release(self, upload_id: str) -> None:
+        """Ask the holder of ``upload_id`` to let go (create ``<id>.release``)."""
+        _, release_path = self._paths(upload_id)
+        try:
+            os.close(os.open(release_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # the directory vanished: acquire() will fail on its own
+                raise
+
+    def remove(self, lock: HeldLock) -> None:
+        """Unlink the lock and release files of a held lock (the upload is gone)."""
+        lock_path, release_path = self._paths(lock.upload_id)
+        for path in (release_path, lock_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+class ReleaseWatcher:
+    """While a PATCH body is read: end the read when another request asks for the upload.
+
+    ``sock`` is the client socket (gunicorn's ``environ["gunicorn.socket"]``);
+    without one the watcher still records the request, but a blocked read
+    cannot be interrupted.
+    """
+
+    def __init__(self, lock: HeldLock, sock: socket.socket | None, *, interval: float = 0.2) -> None:  # seconds
+        self.lock = lock
+        self.sock = sock
+        self.interval = interval
+        self.preempted = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"uploadguard-release-{lock.upload_id[:8]}",
+                                        daemon=True)
+
+    def __enter__(self) -> ReleaseWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.lock.release_requested():
+                self.preempted = True
+                log.info("uploadguard: upload %s was asked for by another request; ending this PATCH",
+                         self.lock.upload_id)
+                if self.sock is not None:
+                    with contextlib.suppress(OSError):
+                        self.sock.shutdown(socket.SHUT_RD)
+                return

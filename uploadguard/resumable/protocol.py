@@ -1,0 +1,380 @@
+"""The resumable-upload protocols as pure functions: headers in, values or error responses out.
+
+Nothing here touches a file, a socket or a clock, so every rule is a table
+test (``tests/test_resumable_protocol.py``).  Two dialects share one endpoint:
+
+* **tus 1.0.0** (``Tus-Resumable: 1.0.0``): https://tus.io/protocols/resumable-upload
+* **the IETF draft** "Resumable Uploads for HTTP" in the interop versions that
+  tus-js-client 4 speaks through its ``protocol`` option: ``ietf-draft-03``
+  sends ``Upload-Draft-Interop-Version: 5``, ``ietf-draft-05`` sends ``6``.
+  These requests carry no ``Tus-Resumable``; the draft's ``Upload-Complete``
+  (a structured-field boolean, ``?0``/``?1``) replaces tus's lengths.
+
+Where a status is chosen, it is chosen once:
+
+* :func:`check_offset` -- a client's ``Upload-Offset`` against the durable offset (409);
+* :func:`check_append` -- whether a PATCH of a given size may be appended at all (413, 400);
+* :func:`creation_too_large` -- the 413-before-any-byte decision, from headers only, so the
+  gunicorn ``pre_request`` hook can withhold ``100 Continue`` with the same rule.
+
+Errors are responses (:class:`~uploadguard.errors.UploadGuardError` subclasses).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import ClassVar
+
+from ..errors import BadRequest, BodyTooLarge, UploadGuardError
+
+__all__ = [
+    "TUS_VERSION", "TUS_EXTENSIONS", "CHECKSUM_ALGORITHMS", "INTEROP_VERSIONS", "OFFSET_CONTENT_TYPE",
+    "ResumableError", "UnsupportedVersion", "UnsupportedMediaType", "OffsetMismatch", "ChecksumMismatch",
+    "UploadLocked", "UploadNotFound", "UploadGone", "UploadIncomplete", "MethodNotAllowed", "Forbidden",
+    "HookFailed",
+    "Checksum", "Concat", "Dialect",
+    "method_of", "dialect_of", "parse_number", "parse_optional_number", "parse_metadata", "encode_metadata",
+    "parse_checksum", "parse_concat", "parse_upload_complete", "check_offset", "check_append",
+    "creation_too_large", "http_date",
+]
+
+TUS_VERSION = "1.0.0"
+TUS_EXTENSIONS = (
+    "creation", "creation-with-upload", "creation-defer-length", "expiration", "checksum", "termination",
+    "concatenation",
+)
+#: Algorithms for ``Upload-Checksum``, as tus names them, mapped to :mod:`hashlib` names.
+CHECKSUM_ALGORITHMS = {"sha1": "sha1", "md5": "md5", "sha256": "sha256"}
+#: ``Upload-Draft-Interop-Version`` values understood (tus-js-client's ietf-draft-03 and -05).
+INTEROP_VERSIONS = (5, 6)
+OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
+#: The draft-05 (interop 6) PATCH media type; interop 5 sends none.
+PARTIAL_UPLOAD_CONTENT_TYPE = "application/partial-upload"
+
+_DIGITS = re.compile(r"[0-9]{1,19}")
+_METADATA_KEY = re.compile(r"[!-+\--~]+")  # visible ASCII except "," (tus: no spaces, no commas)
+_MAX_NUMBER = 2**63 - 1  # what off_t holds
+
+
+class ResumableError(UploadGuardError):
+    """Base of the tus statuses; ``extra`` headers ride along (``Upload-Offset``, ``Tus-Version``...)."""
+
+    def __init__(self, detail: str, *, reason: str | None = None,
+                 extra: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(detail, reason=reason)
+        self.extra = extra
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [*super().headers(), *self.extra]
+
+
+class UnsupportedVersion(ResumableError):
+    """412: neither a tus version nor a draft interop version this server speaks."""
+
+    status_code = 412
+    title = "Precondition Failed"
+    reason = "unsupported_version"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, extra=(("Tus-Version", TUS_VERSION),))
+
+
+class UnsupportedMediaType(ResumableError):
+    """415: a tus PATCH whose body is not ``application/offset+octet-stream``."""
+
+    status_code = 415
+    title = "Unsupported Media Type"
+    reason = "unsupported_media_type"
+
+
+class OffsetMismatch(ResumableError):
+    """409: the client's ``Upload-Offset`` is not where the upload stands; it should HEAD and resume."""
+
+    status_code = 409
+    title = "Conflict"
+    reason = "offset_mismatch"
+
+
+class ChecksumMismatch(ResumableError):
+    """460 (tus): the chunk's checksum did not match; the chunk was discarded."""
+
+    status_code = 460
+    title = "Checksum Mismatch"
+    reason = "checksum_mismatch"
+
+
+class UploadLocked(ResumableError):
+    """423: another request holds the upload and did not let go in time; retry shortly."""
+
+    status_code = 423
+    title = "Locked"
+    reason = "locked"
+
+    def __init__(self, detail: str, *, retry_after: int = 1) -> None:
+        self.retry_after = retry_after
+        super().__init__(detail, extra=(("Retry-After", str(retry_after)),))
+
+
+class UploadNotFound(ResumableError, LookupError):
+    """404: no such upload (never created, terminated, storage lost, or someone else's)."""
+
+    status_code = 404
+    title = "Not Found"
+    reason = "upload_not_found"
+
+
+class UploadGone(UploadNotFound):
+    """410: the upload existed but expired; the client must start again."""
+
+    status_code = 410
+    title = "Gone"
+    reason = "upload_expired"
+
+
+class UploadIncomplete(ResumableError):
+    """400: an upload named in a form was not finished (for the app's own lookups, not tus)."""
+
+    status_code = 400
+    title = "Bad Request"
+    reason = "upload_incomplete"
+
+
+class MethodNotAllowed(ResumableError):
+    """405: a method the endpoint does not serve on this URL."""
+
+    status_code = 405
+    title = "Method Not Allowed"
+    reason = "method_not_allowed"
+
+    def __init__(self, detail: str, *, allow: str) -> None:
+        super().__init__(detail, extra=(("Allow", allow),))
+
+
+class Forbidden(ResumableError):
+    """403: ``authorize`` refused the requester."""
+
+    status_code = 403
+    title = "Forbidden"
+    reason = "forbidden"
+
+
+class HookFailed(ResumableError):
+    """500: the upload is stored, but the application's ``on_complete`` raised (it runs again on the next request)."""
+
+    status_code = 500
+    title = "Internal Server Error"
+    reason = "on_complete_failed"
+
+
+class Dialect:
+    """Which protocol a request speaks; ``interop`` is the draft's interop version or ``None`` for tus."""
+
+    TUS: ClassVar[str] = "tus"
+    IETF: ClassVar[str] = "ietf"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checksum:
+    """A parsed ``Upload-Checksum``: the algorithm (tus name) and the expected digest."""
+
+    algorithm: str
+    digest: bytes
+
+    def new(self) -> hashlib._Hash:
+        return hashlib.new(CHECKSUM_ALGORITHMS[self.algorithm])
+
+
+@dataclasses.dataclass(frozen=True)
+class Concat:
+    """A parsed ``Upload-Concat``: ``partial``, or ``final`` with the URLs of its parts in order."""
+
+    final: bool
+    parts: tuple[str, ...] = ()
+
+
+def method_of(environ: Mapping[str, object]) -> str:
+    """The request method, honouring ``X-HTTP-Method-Override`` (tus, for clients stuck with POST)."""
+    override = environ.get("HTTP_X_HTTP_METHOD_OVERRIDE")
+    if isinstance(override, str) and override.strip():
+        return override.strip().upper()
+    return str(environ.get("REQUEST_METHOD", "GET")).upper()
+
+
+def dialect_of(tus_resumable: str | None, interop: str | None) -> tuple[str, int | None] | None:
+    """``(Dialect.TUS, None)``, ``(Dialect.IETF, version)``, or ``None`` when the request names neither.
+
+    A ``Tus-Resumable`` other than 1.0.0 or an unknown interop version is a 412 (with
+    ``Tus-Version``, so a tus client can see what is spoken).
+    """
+    if interop is not None:
+        value = interop.strip()
+        if not _DIGITS.fullmatch(value) or int(value) not in INTEROP_VERSIONS:
+            raise UnsupportedVersion(
+                f"Upload-Draft-Interop-Version {interop!r} is not supported; "
+                f"this server speaks {', '.join(map(str, INTEROP_VERSIONS))} and tus {TUS_VERSION}."
+            )
+        return Dialect.IETF, int(value)
+    if tus_resumable is not None:
+        if tus_resumable.strip() != TUS_VERSION:
+            raise UnsupportedVersion(
+                f"Tus-Resumable {tus_resumable!r} is not supported; this server speaks {TUS_VERSION}."
+            )
+        return Dialect.TUS, None
+    return None
+
+
+def parse_number(value: str | None, name: str) -> int:
+    """A required non-negative decimal header (offsets, lengths); anything else is a 400 naming it."""
+    if value is None:
+        raise BadRequest(f"The {name} header is missing.", reason="missing_header")
+    number = value.strip()
+    if not _DIGITS.fullmatch(number) or int(number) > _MAX_NUMBER:
+        raise BadRequest(f"{name} must be a whole number of bytes >= 0, not {value[:40]!r}.", reason="bad_header")
+    return int(number)
+
+
+def parse_optional_number(value: str | None, name: str) -> int | None:
+    """As :func:`parse_number`, but an absent header is ``None``."""
+    return None if value is None else parse_number(value, name)
+
+
+def parse_metadata(value: str | None) -> dict[str, str]:
+    """``Upload-Metadata``: comma-separated ``key base64value`` (or a bare ``key``) pairs.
+
+    Values must be strict base64 of UTF-8 text (the API hands the app ``str``);
+    keys are unique.  Anything else is a 400: a malformed header must not create
+    an upload whose file name the app would then guess.
+    """
+    metadata: dict[str, str] = {}
+    if value is None or not value.strip():
+        return metadata
+    for pair in value.split(","):
+        parts = pair.strip().split(" ")
+        if len(parts) > 2 or not _METADATA_KEY.fullmatch(parts[0]):
+            raise BadRequest(f"Upload-Metadata has a malformed pair {pair.strip()[:60]!r}.", reason="bad_metadata")
+        key = parts[0]
+        if key in metadata:
+            raise BadRequest(f"Upload-Metadata names {key!r} twice.", reason="bad_metadata")
+        try:
+            metadata[key] = base64.b64decode(parts[1], validate=True).decode("utf-8") if len(parts) == 2 else ""
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise BadRequest(f"Upload-Metadata value of {key!r} is not base64 of UTF-8 text.",
+                             reason="bad_metadata") from None
+    return metadata
+
+
+def encode_metadata(metadata: Mapping[str, str]) -> str:
+    """The ``Upload-Metadata`` header for a dict (what HEAD answers)."""
+    return ",".join(
+        f"{key} {base64.b64encode(value.encode()).decode()}" if value else key for key, value in metadata.items()
+    )
+
+
+def parse_checksum(value: str | None) -> Checksum | None:
+    """``Upload-Checksum: <algorithm> <base64 digest>``; an unknown algorithm is a 400 (tus)."""
+    if value is None:
+        return None
+    parts = value.strip().split(" ")
+    if len(parts) != 2:
+        raise BadRequest("Upload-Checksum must be '<algorithm> <base64 digest>'.", reason="bad_checksum")
+    algorithm = parts[0].lower()
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise BadRequest(f"Checksum algorithm {parts[0][:20]!r} is not supported; use one of "
+                         f"{', '.join(CHECKSUM_ALGORITHMS)}.", reason="bad_checksum")
+    try:
+        digest = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("Upload-Checksum digest is not base64.", reason="bad_checksum") from None
+    if len(digest) != hashlib.new(CHECKSUM_ALGORITHMS[algorithm]).digest_size:
+        raise BadRequest(f"Upload-Checksum digest has the wrong length for {algorithm}.", reason="bad_checksum")
+    return Checksum(algorithm, digest)
+
+
+def parse_concat(value: str | None) -> Concat | None:
+    """``Upload-Concat: partial`` or ``final;<url> <url>...`` (tus concatenation)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text == "partial":
+        return Concat(final=False)
+    if text.startswith("final;"):
+        parts = tuple(part for part in text[len("final;"):].split(" ") if part)
+        if parts:
+            return Concat(final=True, parts=parts)
+    raise BadRequest("Upload-Concat must be 'partial' or 'final;<url> <url>...'.", reason="bad_concat")
+
+
+def parse_upload_complete(value: str | None) -> bool | None:
+    """The draft's ``Upload-Complete``: a structured-field boolean, ``?1`` or ``?0``."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text == "?1":
+        return True
+    if text == "?0":
+        return False
+    raise BadRequest(f"Upload-Complete must be ?0 or ?1, not {value[:20]!r}.", reason="bad_header")
+
+
+def check_offset(requested: int, current: int) -> None:
+    """A PATCH's ``Upload-Offset`` against the durable offset: anything but equal is a 409.
+
+    The 409 carries the server's offset so a client may resume without a HEAD;
+    the bytes are never appended at another position (that would corrupt the file).
+    """
+    if requested != current:
+        raise OffsetMismatch(
+            f"Upload-Offset is {requested} but the upload stands at {current}; send a HEAD and resume from there.",
+            extra=(("Upload-Offset", str(current)),),
+        )
+
+
+def check_append(*, offset: int, length: int | None, max_size: int, content_length: int | None) -> int:
+    """How many bytes a PATCH at ``offset`` may append; refuse one that cannot fit.
+
+    ``length`` is the declared ``Upload-Length`` (``None`` while deferred);
+    ``max_size`` the endpoint's limit (0: none).  A ``Content-Length`` that would
+    pass the length or the limit is a 413 before any byte is read.  Returns the
+    byte budget; a chunked body longer than it is refused after the fact.
+    """
+    if length is not None:
+        budget = length - offset
+        if content_length is not None and content_length > budget:
+            raise BodyTooLarge(budget, length=content_length)
+        return budget
+    if max_size:
+        budget = max_size - offset
+        if content_length is not None and content_length > budget:
+            raise BodyTooLarge(max_size, length=offset + content_length)
+        return budget
+    return _MAX_NUMBER - offset
+
+
+def creation_too_large(headers: Mapping[str, str], max_size: int) -> BodyTooLarge | None:
+    """The 413 an upload-creating request deserves from its headers alone, or ``None``.
+
+    ``headers`` maps lower-case names to values.  An ``Upload-Length`` over
+    ``max_size`` (0: no limit) is refused before any byte, so a server that
+    would answer ``100 Continue`` should not.
+    """
+    if not max_size:
+        return None
+    raw = headers.get("upload-length")
+    if raw is None:
+        return None
+    value = raw.strip()
+    if _DIGITS.fullmatch(value) and int(value) > max_size:
+        return BodyTooLarge(max_size, length=int(value))
+    return None
+
+
+def http_date(timestamp: float) -> str:
+    """An RFC 7231 IMF-fixdate, as ``Upload-Expires`` wants it."""
+    from email.utils import formatdate
+
+    return formatdate(timestamp, usegmt=True)

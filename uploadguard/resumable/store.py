@@ -1,0 +1,363 @@
+"""Where uploads live: a narrow, stream-based store interface and the local-disk store.
+
+The interface (:class:`Store`) is what the protocol handler needs and no
+more, so an object-storage store (S3 multipart: info as objects, conditional
+writes) can implement it too and pass the same test suite
+(``tests/test_resumable_store.py``, a class parametrised over store factories).
+
+**How an offset is made durable** (:class:`LocalStore`): each upload is a data
+file ``<id>.bin`` whose *size is the offset*.  Bytes are appended with
+``os.write`` as they arrive, so whatever reached the file before a worker was
+``SIGKILL``-ed, recycled or preempted counts, and a client resuming from the
+offset a HEAD reports gets a byte-identical file.  The data file is fsynced
+when the upload completes (:meth:`LocalStore.finish`), before anybody is told;
+a power loss may cost an *unfinished* upload's unsynced tail (pass
+``sync_writes=True`` to fsync every PATCH instead, at a throughput cost).
+
+Checksummed chunks (``Upload-Checksum``) go to a side file ``<id>.chk`` first
+and are appended only once verified; a mismatch discards them, and a crash
+meanwhile never leaves unverified bytes counted.
+
+The info (length, metadata, owner, state) is JSON in ``<id>.info``, written
+atomically: a temp file, fsync, rename, fsync of the directory.  Ids are
+:func:`secrets.token_urlsafe` strings of 144 bits and are matched against
+:data:`ID_PATTERN` before they are used in a path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, Protocol
+
+from ..errors import BodyTooLarge
+from ..tempdir import Health, TempDirGuard
+from .locking import FileLocker, Locker
+from .protocol import Checksum, ChecksumMismatch, UploadNotFound, check_offset
+
+__all__ = ["ID_PATTERN", "UploadInfo", "Store", "LocalStore", "new_upload_id", "valid_upload_id"]
+
+log = logging.getLogger("uploadguard")
+
+#: What :func:`new_upload_id` makes: 24 URL-safe base64 characters (144 random bits).
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{24}")
+_CHUNK = 1024 * 1024  # bytes read from the client per call
+_INFO_VERSION = 1
+
+Reader = Callable[[int], bytes]
+
+
+def new_upload_id() -> str:
+    """A fresh, unguessable upload id."""
+    return secrets.token_urlsafe(18)
+
+
+def valid_upload_id(upload_id: str) -> bool:
+    """Whether ``upload_id`` could have come from :func:`new_upload_id` (and is safe in a path)."""
+    return ID_PATTERN.fullmatch(upload_id) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadInfo:
+    """What the store knows about an upload.  ``offset`` and ``updated`` come from the data itself."""
+
+    id: str
+    length: int | None  # bytes; None while Upload-Defer-Length
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    owner: str | None = None
+    created: float = 0.0  # epoch seconds
+    expires_after: float | None = None  # seconds of inactivity before an incomplete upload expires
+    partial: bool = False  # a tus concatenation part
+    parts: tuple[str, ...] | None = None  # ids of the parts of a final concatenation
+    completed: bool = False  # all bytes in and fsynced
+    hook_done: bool = False  # on_complete returned
+    offset: int = 0  # bytes stored
+    updated: float = 0.0  # epoch seconds of the last write
+
+    @property
+    def expires(self) -> float | None:
+        """When the upload expires (epoch seconds), or ``None`` (completed, or no expiry).
+
+        A concatenation part expires even when complete: once the final upload
+        joined it, nobody asks for it again.
+        """
+        if (self.completed and not self.partial) or self.expires_after is None:
+            return None
+        return max(self.created, self.updated) + self.expires_after
+
+    def to_json(self) -> bytes:
+        data = dataclasses.asdict(self)
+        for derived in ("offset", "updated"):
+            del data[derived]
+        data["version"] = _INFO_VERSION
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, offset: int, updated: float) -> UploadInfo:
+        data = json.loads(raw)
+        data.pop("version", None)
+        if data.get("parts") is not None:
+            data["parts"] = tuple(data["parts"])
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known}, offset=offset, updated=updated)
+
+
+class Store(Protocol):
+    """The storage seam the handler uses; :class:`LocalStore` is the reference implementation.
+
+    Every method may raise :class:`OSError` for storage failures; lookups of an
+    unknown id raise :class:`~uploadguard.resumable.protocol.UploadNotFound`.
+    The caller holds the upload's lock (from :attr:`locker`) around
+    ``write``/``declare_length``/``finish``/``update``/``terminate``.
+    """
+
+    @property
+    def locker(self) -> Locker:
+        """The locks for this store's uploads (shared by everything that shares the store)."""
+
+    def health(self, need: int = 0) -> Health:
+        """Whether the store can take ``need`` more bytes now (recreating a vanished directory)."""
+
+    def create(self, info: UploadInfo) -> UploadInfo:
+        """Store a new, empty upload."""
+
+    def get(self, upload_id: str) -> UploadInfo:
+        """The upload's info with its current offset."""
+
+    def write(self, upload_id: str, offset: int, read: Reader, max_bytes: int, *,
+              checksum: Checksum | None = None) -> int:
+        """Append what ``read`` yields at ``offset``; return the new offset.
+
+        ``read(n)`` returns up to ``n`` bytes, ``b""`` at the end.  More than
+        ``max_bytes`` is a 413 and appends nothing; a checksum mismatch is a
+        460 and appends nothing.
+        """
+
+    def declare_length(self, upload_id: str, length: int) -> UploadInfo:
+        """Set a deferred length."""
+
+    def finish(self, upload_id: str) -> UploadInfo:
+        """Make all bytes durable and mark the upload completed."""
+
+    def update(self, info: UploadInfo) -> None:
+        """Persist changed state (e.g. ``hook_done``)."""
+
+    def terminate(self, upload_id: str) -> None:
+        """Delete the upload and its data."""
+
+    def open(self, upload_id: str) -> BinaryIO:
+        """The data, for reading."""
+
+    def local_path(self, upload_id: str) -> str | None:
+        """Where the data lies on local disk, or ``None`` for remote stores."""
+
+    def uploads(self) -> Iterator[UploadInfo]:
+        """Every upload."""
+
+    def expired(self, now: float) -> Iterator[UploadInfo]:
+        """The incomplete uploads whose expiry (``UploadInfo.expires``) is before ``now`` (epoch seconds)."""
+
+
+class LocalStore:
+    """Uploads as files in one local directory, shared by every worker of the host."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, min_free_space: int = 0,
+                 sync_writes: bool = False) -> None:
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.sync_writes = sync_writes
+        self.guard = TempDirGuard(self.directory, min_free_space=min_free_space)
+        #: ``flock`` locks in the same directory, shared by every worker of the host.
+        self.locker = FileLocker(self.directory)
+
+    def __repr__(self) -> str:
+        return f"<LocalStore {self.directory!r}>"
+
+    def _path(self, upload_id: str, suffix: str) -> str:
+        if not valid_upload_id(upload_id):
+            raise UploadNotFound(f"No upload {upload_id[:40]!r}.")
+        return os.path.join(self.directory, upload_id + suffix)
+
+    def health(self, need: int = 0) -> Health:
+        return self.guard.preflight(need)
+
+    def create(self, info: UploadInfo) -> UploadInfo:
+        data_path = self._path(info.id, ".bin")
+        os.close(os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        self._write_info(info)
+        return self.get(info.id)
+
+    def get(self, upload_id: str) -> UploadInfo:
+        info_path, data_path = self._path(upload_id, ".info"), self._path(upload_id, ".bin")
+        try:
+            with open(info_path, "rb") as fh:
+                raw = fh.read()
+                info_mtime = os.fstat(fh.fileno()).st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            raise UploadNotFound(f"No upload {upload_id}.") from None
+        try:
+            info = UploadInfo.from_json(raw, offset=0, updated=info_mtime)
+        except (ValueError, TypeError, AttributeError) as exc:
+            # Written atomically, so only outside hands get here; the client restarts cleanly on a 404.
+            log.warning("uploadguard: upload info %s is unreadable (%s); treating the upload as unknown", info_path, exc)
+            raise UploadNotFound(f"No upload {upload_id}.") from None
+        try:
+            st = os.stat(data_path)
+        except (FileNotFoundError, NotADirectoryError):
+            if info.completed and info.length is not None:
+                # on_complete moved the data away: still complete for a client that asks again
+                # (its last response may have been lost), so it never uploads the file twice.
+                return dataclasses.replace(info, offset=info.length)
+            raise UploadNotFound(f"No upload {upload_id}.") from None
+        return dataclasses.replace(info, offset=st.st_size, updated=st.st_mtime)
+
+    def write(self, upload_id: str, offset: int, read: Reader, max_bytes: int, *,
+              checksum: Checksum | None = None) -> int:
+        data_path = self._path(upload_id, ".bin")
+        try:
+            fd = os.open(data_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise UploadNotFound(f"No upload {upload_id}.") from None
+        try:
+            check_offset(offset, os.fstat(fd).st_size)
+            if checksum is None:
+                written = _copy(read, fd, max_bytes)
+                if written > max_bytes:
+                    os.ftruncate(fd, offset)  # nothing appended: the PATCH is refused as a whole
+                    raise BodyTooLarge(max_bytes, length=written)
+            else:
+                written = self._write_verified(upload_id, fd, read, max_bytes, checksum)
+            if self.sync_writes:
+                os.fdatasync(fd)
+            return offset + written
+        finally:
+            os.close(fd)
+
+    def _write_verified(self, upload_id: str, fd: int, read: Reader, max_bytes: int, checksum: Checksum) -> int:
+        side_path = self._path(upload_id, ".chk")
+        side = os.open(side_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            digest = checksum.new()
+            written = _copy(read, side, max_bytes, digest.update)
+            if written > max_bytes:
+                raise BodyTooLarge(max_bytes, length=written)
+            if digest.digest() != checksum.digest:
+                raise ChecksumMismatch(f"The chunk's {checksum.algorithm} checksum does not match; "
+                                       "it was discarded.")
+            # Verified: append it.  (sendfile and copy_file_range refuse an O_APPEND target.)
+            copied = 0
+            while copied < written:
+                block = os.pread(side, min(_CHUNK, written - copied), copied)
+                if not block:
+                    raise OSError(f"short copy from {side_path}")
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(fd, view):]
+                copied += len(block)
+            return written
+        finally:
+            os.close(side)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(side_path)
+
+    def declare_length(self, upload_id: str, length: int) -> UploadInfo:
+        info = dataclasses.replace(self.get(upload_id), length=length)
+        self._write_info(info)
+        return info
+
+    def finish(self, upload_id: str) -> UploadInfo:
+        data_path = self._path(upload_id, ".bin")
+        fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        info = dataclasses.replace(self.get(upload_id), completed=True)
+        self._write_info(info)  # fsyncs the directory too
+        return info
+
+    def update(self, info: UploadInfo) -> None:
+        self.get(info.id)  # still there?
+        self._write_info(info)
+
+    def terminate(self, upload_id: str) -> None:
+        # The info goes first: from then on the upload is unknown, whatever else remains.
+        for suffix in (".info", ".bin", ".chk"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(upload_id, suffix))
+
+    def open(self, upload_id: str) -> BinaryIO:
+        try:
+            return open(self._path(upload_id, ".bin"), "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            raise UploadNotFound(f"No data for upload {upload_id} (never stored, or moved away).") from None
+
+    def local_path(self, upload_id: str) -> str | None:
+        return self._path(upload_id, ".bin")
+
+    def uploads(self) -> Iterator[UploadInfo]:
+        try:
+            names = os.listdir(self.directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for name in names:
+            upload_id, dot, suffix = name.partition(".")
+            if suffix == "info" and dot and valid_upload_id(upload_id):
+                try:
+                    yield self.get(upload_id)
+                except UploadNotFound:
+                    continue  # vanished meanwhile, or unreadable
+
+    def expired(self, now: float) -> Iterator[UploadInfo]:
+        for info in self.uploads():
+            expires = info.expires
+            if expires is not None and expires < now:
+                yield info
+
+    def _write_info(self, info: UploadInfo) -> None:
+        path = self._path(info.id, ".info")
+        tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                os.write(fd, info.to_json())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _copy(read: Reader, fd: int, max_bytes: int, observe: Callable[[bytes], object] | None = None) -> int:
+    """Write what ``read`` yields to ``fd`` until it ends; returns the count (> ``max_bytes``: too much).
+
+    At most one byte beyond ``max_bytes`` is read, to learn whether the body is too long.
+    """
+    written = 0
+    while True:
+        want = min(_CHUNK, max_bytes - written) if written < max_bytes else 1
+        data = read(want)
+        if not data:
+            return written
+        if written >= max_bytes:
+            return written + len(data)
+        if observe is not None:
+            observe(data)
+        view = memoryview(data)
+        while view:
+            done = os.write(fd, view)
+            view = view[done:]
+        written += len(data)

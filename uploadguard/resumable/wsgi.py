@@ -1,0 +1,590 @@
+"""``ResumableUploads``: the tus 1.0 / IETF-draft endpoint as WSGI middleware.
+
+The handler is thin: headers are parsed and statuses chosen in
+:mod:`~uploadguard.resumable.protocol`, bytes are stored by a
+:class:`~uploadguard.resumable.store.Store`, one writer per upload is ensured
+by :class:`~uploadguard.resumable.locking.FileLocker`.  What is left here is
+the order of those steps and the hooks.  See :mod:`uploadguard.resumable`
+for the parameters and the rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+from urllib.parse import urlsplit
+
+from ..config import Settings, default_resumable_storage, parse_duration, parse_size
+from ..errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
+from ..tempdir import reason_for_errno
+from . import protocol as p
+from .locking import HeldLock, Locker, ReleaseWatcher
+from .store import LocalStore, Store, UploadInfo, new_upload_id, valid_upload_id
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["ResumableUploads", "Upload", "Response"]
+
+log = logging.getLogger("uploadguard")
+
+_EXPOSED = ("Location, Upload-Offset, Upload-Length, Upload-Metadata, Upload-Defer-Length, Upload-Expires, "
+            "Upload-Concat, Upload-Complete, Upload-Draft-Interop-Version, Tus-Resumable, Tus-Version, "
+            "Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, Retry-After")
+_ALLOWED_HEADERS = ("Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Offset, Upload-Metadata, "
+                    "Upload-Defer-Length, Upload-Checksum, Upload-Concat, Upload-Complete, "
+                    "Upload-Draft-Interop-Version, X-HTTP-Method-Override, X-Requested-With, X-Request-ID")
+_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
+
+
+class Response(NamedTuple):
+    """What :meth:`ResumableUploads.handle` answers: a WSGI status line, headers and body."""
+
+    status: str
+    headers: list[tuple[str, str]]
+    body: Iterable[bytes]
+
+
+class Upload:
+    """A completed (or, for the store's own use, any) upload, as ``on_complete`` and :meth:`ResumableUploads.get` give it."""
+
+    def __init__(self, info: UploadInfo, store: Store, url: str | None = None) -> None:
+        self.info = info
+        self._store = store
+        #: The upload's URL path (``/files/<id>``), as the client knows it.
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"<Upload {self.id} {self.length} bytes>"
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def length(self) -> int:
+        """Bytes stored (the declared length once complete)."""
+        return self.info.offset
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """``Upload-Metadata`` as sent, e.g. ``{"filename": "cat.jpg", "filetype": "image/jpeg"}``."""
+        return dict(self.info.metadata)
+
+    @property
+    def owner(self) -> str | None:
+        return self.info.owner
+
+    @property
+    def complete(self) -> bool:
+        return self.info.completed
+
+    @property
+    def path(self) -> str | None:
+        """The data file on local disk, or ``None`` for a remote store."""
+        return self._store.local_path(self.id)
+
+    def open(self) -> BinaryIO:
+        """The whole data, as a binary file (close it)."""
+        return self._store.open(self.id)
+
+
+class _Request:
+    """One endpoint request: environ accessors, the dialect, and the response headers collected so far."""
+
+    def __init__(self, environ: WSGIEnvironment, owner: str | None) -> None:
+        self.environ = environ
+        self.owner = owner
+        self.method = p.method_of(environ)
+        self.dialect: str | None = None
+        self.interop: int | None = None
+        self.headers: list[tuple[str, str]] = [("Cache-Control", "no-store")]
+
+    def header(self, name: str) -> str | None:
+        key = "HTTP_" + name.upper().replace("-", "_")
+        if name.lower() == "content-type":
+            key = "CONTENT_TYPE"
+        value = self.environ.get(key)
+        return value if isinstance(value, str) else None
+
+    @property
+    def ietf(self) -> bool:
+        return self.dialect == p.Dialect.IETF
+
+    def content_length(self) -> int | None:
+        raw = self.environ.get("CONTENT_LENGTH")
+        if raw in (None, ""):
+            return None if self.environ.get("wsgi.input_terminated") else 0
+        return p.parse_number(str(raw), "Content-Length")
+
+
+class _BodyReader:
+    """``read(n)`` over ``wsgi.input`` for the store; any end of the body (timeout, preemption, a
+    vanished client) is just the end of this PATCH: the bytes before it count, nothing after is read."""
+
+    def __init__(self, stream: Any, length: int | None, watcher: ReleaseWatcher | None) -> None:
+        self.stream = stream
+        self.remaining = length  # None: chunked, read to the end
+        self.watcher = watcher
+        self.cut: str | None = None  # why the body ended early: "timeout", "preempted", "disconnect"
+
+    def __call__(self, size: int) -> bytes:
+        if self.cut is not None or self.remaining == 0:
+            return b""
+        if self.watcher is not None and self.watcher.preempted:
+            self.cut = "preempted"
+            return b""
+        if self.remaining is not None:
+            size = min(size, self.remaining)
+        try:
+            data: bytes = self.stream.read(size)
+        except TimeoutError:
+            # Never read again after a timeout: the server's reader may have lost buffered bytes.
+            self.cut = "timeout"
+            return b""
+        except Exception as exc:  # the server's own errors for a cut connection (OSError, NoMoreData...)
+            log.debug("uploadguard: PATCH body ended by %r", exc)
+            self.cut = "disconnect"
+            return b""
+        if self.watcher is not None and self.watcher.preempted and not data:
+            self.cut = "preempted"
+        elif not data and self.remaining:
+            self.cut = "disconnect"
+        if self.remaining is not None:
+            self.remaining -= len(data)
+        return data
+
+
+class ResumableUploads:
+    """The resumable-upload endpoint under ``prefix``; everything else goes to ``app``."""
+
+    def __init__(
+        self,
+        app: WSGIApplication | None = None,
+        *,
+        prefix: str = "/files/",
+        storage: str | os.PathLike[str] | Store | None = None,  # a directory, or a Store
+        max_size: int | str | None = None,  # bytes per upload; None = settings.max_body_size; 0 = no limit
+        expires_after: float | str | None = None,  # seconds of inactivity; None = settings (24 h); 0 = never
+        on_complete: Callable[[Upload], object] | None = None,
+        authorize: Callable[[WSGIEnvironment], str | None] | None = None,
+        settings: Settings | None = None,
+        cors_origins: Iterable[str] | str = (),  # "*" or exact origins ("https://example.com")
+        lock_timeout: float = 5.0,  # seconds a request waits for a held upload before a 423
+        idle_timeout: float | str | None = None,  # seconds without a byte that end a PATCH; None = settings
+    ) -> None:
+        self.app = app
+        if not prefix.startswith("/"):
+            raise ValueError(f"prefix={prefix!r} must start with '/'")
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.settings = settings if settings is not None else Settings.from_environ()
+        if storage is None:
+            storage = self.settings.resumable_storage or default_resumable_storage()
+        if isinstance(storage, (str, os.PathLike)):
+            storage = LocalStore(storage, min_free_space=self.settings.min_free_space)
+        self.store: Store = storage
+        #: Where uploads live: a local directory, else the store's repr (for logs and 503s).
+        self.directory: str = str(getattr(storage, "directory", storage))
+        self.locker: Locker = storage.locker
+        self.max_size = (self.settings.max_body_size if max_size is None
+                         else parse_size(max_size, name="max_size"))
+        self.expires_after = (self.settings.resumable_expires_after if expires_after is None
+                              else parse_duration(expires_after, name="expires_after"))
+        self.idle_timeout = (self.settings.resumable_idle_timeout if idle_timeout is None
+                             else parse_duration(idle_timeout, name="idle_timeout"))
+        self.on_complete = on_complete
+        self.authorize = authorize
+        origins = (cors_origins,) if isinstance(cors_origins, str) else tuple(cors_origins)
+        self.cors_origins = frozenset(origin.rstrip("/") for origin in origins)
+        if not lock_timeout >= 0:
+            raise ValueError(f"lock_timeout={lock_timeout!r} must be >= 0 seconds")
+        self.lock_timeout = lock_timeout
+
+    def __repr__(self) -> str:
+        return f"<ResumableUploads {self.prefix} -> {self.store!r}>"
+
+    # -- WSGI ----------------------------------------------------------------------------
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "") or "/"
+        if not (path.startswith(self.prefix) or path == self.prefix.rstrip("/")):
+            if self.app is None:
+                start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "10")])
+                return [b"Not Found\n"]
+            return self.app(environ, start_response)
+        try:
+            owner = self.authorize(environ) if self.authorize is not None else None
+        except UploadGuardError as error:
+            response = self._error(_Request(environ, None), error)
+        else:
+            response = self.handle(environ, owner=owner)
+        start_response(response.status, response.headers)
+        return response.body
+
+    def handle(self, environ: WSGIEnvironment, *, owner: str | None = None) -> Response:
+        """Serve one endpoint request as ``owner`` (``None``: anonymous); never raises for the client's doing.
+
+        For framework integrations: call it with the identity the framework
+        established (session, user) and turn the result into a response.
+        """
+        request = _Request(environ, owner)
+        try:
+            return self._dispatch(request)
+        except UploadGuardError as error:
+            return self._error(request, error)
+        except OSError as exc:
+            reason = reason_for_errno(exc.errno)
+            if reason is not None:
+                log.warning("uploadguard: resumable storage %s failed (%s): %s", self.directory, reason, exc)
+                return self._error(request, TempDirUnavailable(reason, path=self.directory,
+                                                               retry_after=self.settings.retry_after, cause=str(exc)))
+            log.exception("uploadguard: resumable request failed")
+            return self._error(request, InternalError(exc))
+
+    def get(self, id_or_url: str, *, owner: str | None = None) -> Upload:
+        """A completed upload by id or URL (absolute, or a path under ``prefix``).
+
+        Raises :class:`~uploadguard.resumable.protocol.UploadNotFound` for an
+        unknown upload or one created by another owner (when uploads have
+        owners), :class:`~uploadguard.resumable.protocol.UploadIncomplete` for
+        one still being uploaded.
+        """
+        upload_id = self.upload_id(id_or_url)
+        if upload_id is None:
+            raise p.UploadNotFound(f"{id_or_url[:80]!r} does not name an upload of {self.prefix}.")
+        info = self._find(upload_id, owner)
+        if not info.completed:
+            raise p.UploadIncomplete(f"Upload {upload_id} is not complete ({info.offset} of "
+                                     f"{info.length if info.length is not None else 'unknown'} bytes).")
+        return Upload(info, self.store, self.prefix + upload_id)
+
+    def delete(self, id_or_url: str, *, owner: str | None = None) -> None:
+        """Remove an upload (data, info, lock) once the application is done with it.
+
+        Waits ``lock_timeout`` for a request that holds the upload
+        (:class:`~uploadguard.resumable.protocol.UploadLocked` after that).
+        Not from inside ``on_complete``: the upload is locked then (move
+        ``upload.path`` away there instead, or delete later).
+        """
+        upload_id = self.upload_id(id_or_url)
+        if upload_id is None:
+            raise p.UploadNotFound(f"{id_or_url[:80]!r} does not name an upload of {self.prefix}.")
+        self._find(upload_id, owner)
+        with self.locker.acquire(upload_id, timeout=self.lock_timeout) as lock:
+            self.store.terminate(upload_id)
+            self.locker.remove(lock)
+
+    def upload_id(self, id_or_url: str) -> str | None:
+        """The id in ``id_or_url`` (an id, ``/files/<id>`` or ``https://host/files/<id>``), if valid."""
+        path = urlsplit(id_or_url.strip()).path if "/" in id_or_url else id_or_url.strip()
+        if "/" in path:
+            head, _, candidate = path.rstrip("/").rpartition("/")
+            if head + "/" != self.prefix and not (head + "/").endswith(self.prefix):
+                return None
+        else:
+            candidate = path
+        return candidate if valid_upload_id(candidate) else None
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    def _dispatch(self, request: _Request) -> Response:
+        rest = str(request.environ.get("PATH_INFO", ""))[len(self.prefix):]
+        method = request.method
+        origin = request.header("Origin")
+        if method == "OPTIONS" and origin is not None and request.header("Access-Control-Request-Method"):
+            return self._preflight(request, origin)
+        if method == "OPTIONS":
+            return self._options(request)
+        found = p.dialect_of(request.header("Tus-Resumable"), request.header("Upload-Draft-Interop-Version"))
+        if found is None:
+            raise p.UnsupportedVersion(f"Send Tus-Resumable: {p.TUS_VERSION} (or Upload-Draft-Interop-Version).")
+        request.dialect, request.interop = found
+        if request.ietf:
+            request.headers.append(("Upload-Draft-Interop-Version", str(request.interop)))
+        if not rest:
+            if method != "POST":
+                raise p.MethodNotAllowed(f"{method} is not served on {self.prefix}.", allow="POST, OPTIONS")
+            return self._create(request)
+        if "/" in rest or not valid_upload_id(rest):
+            raise p.UploadNotFound(f"No upload {rest[:40]!r}.")
+        if method == "HEAD":
+            return self._head(request, rest)
+        if method == "PATCH":
+            return self._patch(request, rest)
+        if method == "DELETE":
+            return self._delete(request, rest)
+        raise p.MethodNotAllowed(f"{method} is not served on an upload.", allow="HEAD, PATCH, DELETE, OPTIONS")
+
+    def _options(self, request: _Request) -> Response:
+        headers = [*request.headers, ("Tus-Resumable", p.TUS_VERSION), ("Tus-Version", p.TUS_VERSION),
+                   ("Tus-Extension", ",".join(p.TUS_EXTENSIONS)),
+                   ("Tus-Checksum-Algorithm", ",".join(p.CHECKSUM_ALGORITHMS))]
+        if self.max_size:
+            headers.append(("Tus-Max-Size", str(self.max_size)))
+        return self._respond(request, "204 No Content", headers)
+
+    def _preflight(self, request: _Request, origin: str) -> Response:
+        headers = [("Cache-Control", "no-store"), ("Vary", "Origin")]
+        if self._origin_allowed(origin):
+            headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Methods", _METHODS),
+                        ("Access-Control-Allow-Headers", _ALLOWED_HEADERS), ("Access-Control-Max-Age", "86400")]
+        return Response("204 No Content", headers, [])
+
+    # -- creation ------------------------------------------------------------------------
+
+    def _create(self, request: _Request) -> Response:
+        content_length = request.content_length()
+        concat = p.parse_concat(request.header("Upload-Concat"))
+        metadata = p.parse_metadata(request.header("Upload-Metadata"))
+        length = p.parse_optional_number(request.header("Upload-Length"), "Upload-Length")
+        complete = p.parse_upload_complete(request.header("Upload-Complete"))
+        if request.ietf:
+            if complete is None:
+                raise BadRequest("Upload-Complete (?0 or ?1) is required.", reason="missing_header")
+            if complete and content_length is not None:
+                if length is not None and length != content_length:
+                    raise BadRequest("Upload-Length disagrees with the complete body's length.",
+                                     reason="bad_header")
+                length = content_length
+        else:
+            defer = request.header("Upload-Defer-Length")
+            if defer is not None and defer.strip() != "1":
+                raise BadRequest("Upload-Defer-Length must be 1.", reason="bad_header")
+            if concat is None or not concat.final:
+                if (length is None) == (defer is None):
+                    raise BadRequest("Send either Upload-Length or Upload-Defer-Length: 1.", reason="missing_header")
+            if request.header("Content-Type") != p.OFFSET_CONTENT_TYPE:
+                if content_length:
+                    raise p.UnsupportedMediaType(f"A creation request's body must be {p.OFFSET_CONTENT_TYPE}.")
+                content_length = 0  # no body announced as one: creation only
+        too_large = p.creation_too_large({"upload-length": str(length)} if length is not None else {}, self.max_size)
+        if too_large is not None:
+            raise too_large
+        if concat is not None and concat.final:
+            return self._concatenate(request, concat, metadata)
+        self._check_health(content_length or 0)
+        info = self.store.create(UploadInfo(
+            id=new_upload_id(), length=length, metadata=metadata, owner=request.owner, created=time.time(),
+            expires_after=self.expires_after or None, partial=concat is not None,
+        ))
+        request.headers.append(("Location", self._location(request, info.id)))
+        log.info("uploadguard: created upload %s (%s bytes)", info.id,
+                 length if length is not None else "deferred")
+        if content_length or (content_length is None) or length == 0:
+            with self.locker.acquire(info.id, timeout=self.lock_timeout) as lock:
+                info = self._append(request, lock, info, offset=0, content_length=content_length,
+                                    complete=complete)
+        return self._respond(request, "201 Created", [*request.headers, *self._state(request, info)])
+
+    def _concatenate(self, request: _Request, concat: p.Concat, metadata: dict[str, str]) -> Response:
+        parts = []
+        for url in concat.parts:
+            part_id = self.upload_id(url)
+            if part_id is None:
+                raise BadRequest(f"Upload-Concat names {url[:80]!r}, not an upload here.", reason="bad_concat")
+            part = self._find(part_id, request.owner)
+            if not part.partial or not part.completed:
+                raise BadRequest(f"Upload {part_id} is not a completed partial upload.", reason="bad_concat")
+            parts.append(part)
+        total = sum(part.offset for part in parts)
+        if self.max_size and total > self.max_size:
+            raise BodyTooLarge(self.max_size, length=total)
+        self._check_health(total)
+        info = self.store.create(UploadInfo(
+            id=new_upload_id(), length=total, metadata=metadata, owner=request.owner, created=time.time(),
+            expires_after=self.expires_after or None, parts=tuple(part.id for part in parts),
+        ))
+        with self.locker.acquire(info.id, timeout=self.lock_timeout) as lock:
+            offset = 0
+            for part in parts:
+                with self.store.open(part.id) as source:
+                    offset = self.store.write(info.id, offset, source.read, part.offset)
+            info = self._completed(request, lock, self.store.get(info.id))
+        request.headers.append(("Location", self._location(request, info.id)))
+        return self._respond(request, "201 Created", [*request.headers, *self._state(request, info)])
+
+    # -- HEAD, PATCH, DELETE -------------------------------------------------------------
+
+    def _head(self, request: _Request, upload_id: str) -> Response:
+        self._check_health(writing=False)
+        self._find(upload_id, request.owner)
+        # Taking the lock preempts a stale PATCH, so the offset answered is final.
+        with self.locker.acquire(upload_id, timeout=self.lock_timeout) as lock:
+            info = self._find(upload_id, request.owner)
+            if info.completed and not info.hook_done:
+                info = self._completed(request, lock, info)
+        status = "204 No Content" if request.ietf else "200 OK"
+        return self._respond(request, status, [*request.headers, *self._state(request, info)])
+
+    def _patch(self, request: _Request, upload_id: str) -> Response:
+        offset = p.parse_number(request.header("Upload-Offset"), "Upload-Offset")
+        content_length = request.content_length()
+        complete = p.parse_upload_complete(request.header("Upload-Complete"))
+        length = p.parse_optional_number(request.header("Upload-Length"), "Upload-Length")
+        if request.ietf:
+            if complete is None:
+                raise BadRequest("Upload-Complete (?0 or ?1) is required.", reason="missing_header")
+        elif request.header("Content-Type") != p.OFFSET_CONTENT_TYPE:
+            raise p.UnsupportedMediaType(f"A PATCH body must be {p.OFFSET_CONTENT_TYPE}.")
+        checksum = p.parse_checksum(request.header("Upload-Checksum"))
+        self._check_health(content_length or 0)
+        info = self._find(upload_id, request.owner)
+        if info.parts is not None:
+            raise p.Forbidden("A final concatenated upload cannot be patched.")
+        with self.locker.acquire(upload_id, timeout=self.lock_timeout) as lock:
+            info = self._find(upload_id, request.owner)
+            p.check_offset(offset, info.offset)
+            if length is not None and info.length is None:
+                if length < info.offset or (self.max_size and length > self.max_size):
+                    raise BodyTooLarge(self.max_size, length=length) if length >= info.offset else BadRequest(
+                        "Upload-Length is below the bytes already stored.", reason="bad_header")
+                info = self.store.declare_length(upload_id, length)
+            elif length is not None and length != info.length:
+                raise BadRequest("Upload-Length differs from the upload's length.", reason="bad_header")
+            if info.completed:
+                # A retried last PATCH: nothing more fits, and the data may have been moved away by
+                # on_complete, so answer from the info alone.
+                p.check_append(offset=offset, length=info.length, max_size=self.max_size,
+                               content_length=content_length)
+                info = self._completed(request, lock, info)
+                return self._respond(request, "204 No Content", [*request.headers, *self._state(request, info)])
+            info = self._append(request, lock, info, offset=offset, content_length=content_length,
+                                complete=complete, checksum=checksum)
+        return self._respond(request, "204 No Content", [*request.headers, *self._state(request, info)])
+
+    def _delete(self, request: _Request, upload_id: str) -> Response:
+        self._check_health(writing=False)
+        self.delete(upload_id, owner=request.owner)
+        log.info("uploadguard: terminated upload %s", upload_id)
+        return self._respond(request, "204 No Content", request.headers)
+
+    # -- the steps -----------------------------------------------------------------------
+
+    def _append(self, request: _Request, lock: HeldLock, info: UploadInfo, *, offset: int,
+                content_length: int | None, complete: bool | None,
+                checksum: p.Checksum | None = None) -> UploadInfo:
+        """Write the request body at ``offset`` under ``lock``; complete the upload when it is whole."""
+        if complete and info.length is None and content_length is not None:
+            info = self.store.declare_length(info.id, offset + content_length)
+        elif complete and info.length is not None and content_length is not None \
+                and offset + content_length != info.length:
+            raise BadRequest("Upload-Complete: ?1 but the body does not end the upload.", reason="bad_header")
+        budget = p.check_append(offset=offset, length=info.length, max_size=self.max_size,
+                                content_length=content_length)
+        sock = request.environ.get("gunicorn.socket")
+        sock = sock if isinstance(sock, socket.socket) else None
+        stream = request.environ["wsgi.input"]
+        previous_timeout = sock.gettimeout() if sock is not None else None
+        with ReleaseWatcher(lock, sock) as watcher:
+            reader = _BodyReader(stream, content_length, watcher)
+            if sock is not None and self.idle_timeout:
+                sock.settimeout(self.idle_timeout)
+            try:
+                new_offset = self.store.write(info.id, offset, reader, budget, checksum=checksum)
+            finally:
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.settimeout(previous_timeout)
+        if reader.cut is not None:
+            log.info("uploadguard: PATCH of upload %s ended early (%s) at %d bytes", info.id, reader.cut, new_offset)
+        info = self.store.get(info.id)
+        if complete and info.length is None and reader.cut is None:
+            info = self.store.declare_length(info.id, new_offset)  # a chunked final body: now we know
+        if info.length is not None and info.offset == info.length:
+            info = self._completed(request, lock, info)
+        return info
+
+    def _completed(self, request: _Request, lock: HeldLock, info: UploadInfo) -> UploadInfo:
+        """Make a whole upload durable, then run ``on_complete`` unless it already returned once."""
+        if not info.completed:
+            info = self.store.finish(info.id)
+            log.info("uploadguard: upload %s complete (%d bytes)", info.id, info.offset)
+        if info.hook_done or info.partial:
+            return info
+        if self.on_complete is not None:
+            upload = Upload(info, self.store, self.prefix + info.id)
+            try:
+                self.on_complete(upload)
+            except Exception:
+                log.exception("uploadguard: on_complete failed for upload %s; it runs again on the next "
+                              "request for the upload", info.id)
+                raise p.HookFailed("The upload is stored, but processing it failed; retry to process it again.") from None
+        info = dataclasses.replace(info, hook_done=True)
+        self.store.update(info)
+        return info
+
+    def _find(self, upload_id: str, owner: str | None) -> UploadInfo:
+        """The upload if ``owner`` may see it; 404 otherwise, 410 once expired."""
+        info = self.store.get(upload_id)
+        if info.owner is not None and info.owner != owner:
+            raise p.UploadNotFound(f"No upload {upload_id}.")
+        expires = info.expires
+        if expires is not None and expires < time.time():
+            raise p.UploadGone(f"Upload {upload_id} expired; start a new upload.")
+        return info
+
+    def _check_health(self, need: int = 0, *, writing: bool = True) -> None:
+        """503 + Retry-After unless the storage can be used; a full disk still answers HEAD and DELETE."""
+        health = self.store.health(need)
+        if not health.ok and (writing or health.reason not in ("no_space", "no_inodes")):
+            assert health.reason is not None
+            log.warning("uploadguard: resumable storage %s unusable (%s): %s", health.path, health.reason,
+                        health.detail)
+            raise TempDirUnavailable(health.reason, path=health.path, retry_after=self.settings.retry_after,
+                                     cause=health.detail)
+
+    def _state(self, request: _Request, info: UploadInfo) -> list[tuple[str, str]]:
+        """The headers that describe an upload: offset, length, expiry, metadata, completeness."""
+        headers = [("Upload-Offset", str(info.offset))]
+        if info.length is not None:
+            headers.append(("Upload-Length", str(info.length)))
+        elif not request.ietf:
+            headers.append(("Upload-Defer-Length", "1"))
+        if request.method == "HEAD" and info.metadata:
+            headers.append(("Upload-Metadata", p.encode_metadata(info.metadata)))
+        if request.method == "HEAD" and info.partial:
+            headers.append(("Upload-Concat", "partial"))
+        elif request.method == "HEAD" and info.parts is not None:
+            headers.append(("Upload-Concat", "final;" + " ".join(self.prefix + part for part in info.parts)))
+        if info.expires is not None:
+            headers.append(("Upload-Expires", p.http_date(info.expires)))
+        if request.ietf:
+            headers.append(("Upload-Complete", "?1" if info.completed else "?0"))
+        return headers
+
+    def _location(self, request: _Request, upload_id: str) -> str:
+        """The upload's URL as a path: clients resolve it against the endpoint, so it stays right
+        behind a TLS-terminating proxy that an absolute ``http://`` URL would get wrong."""
+        script = str(request.environ.get("SCRIPT_NAME", "")).rstrip("/")
+        return f"{script}{self.prefix}{upload_id}"
+
+    def _origin_allowed(self, origin: str) -> bool:
+        return "*" in self.cors_origins or origin.rstrip("/") in self.cors_origins
+
+    def _respond(self, request: _Request, status: str, headers: list[tuple[str, str]]) -> Response:
+        headers = list(headers)
+        if not any(name == "Tus-Resumable" for name, _ in headers) and not request.ietf:
+            headers.append(("Tus-Resumable", p.TUS_VERSION))
+        origin = request.header("Origin")
+        if origin is not None and self._origin_allowed(origin):
+            headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", _EXPOSED),
+                        ("Vary", "Origin")]
+        if not any(name == "Content-Length" for name, _ in headers) and request.method != "HEAD":
+            headers.append(("Content-Length", "0"))
+        return Response(status, headers, [])
+
+    def _error(self, request: _Request, error: UploadGuardError) -> Response:
+        status, headers, body = error.response(request.environ)
+        if request.ietf:
+            headers.append(("Upload-Draft-Interop-Version", str(request.interop)))
+        # An upload created before the error (e.g. on_complete raised on a creation-with-upload)
+        # is named, so the client can ask for it instead of creating it again.
+        headers.extend(item for item in request.headers if item[0] == "Location")
+        response = self._respond(request, status, headers)
+        return Response(response.status, response.headers, [] if request.method == "HEAD" else [body])
