@@ -21,7 +21,7 @@ from flask import Flask, jsonify, request
 from werkzeug.wrappers import Response
 
 from tests.support import fill
-from uploadguard.flask import UploadGuard
+from uploadguard.flask import ResumableUploads, UploadGuard, resumable_file
 
 
 def create_app(*, guarded: bool = True, **config: Any) -> Flask:
@@ -69,8 +69,25 @@ def create_app(*, guarded: bool = True, **config: Any) -> Flask:
     def index() -> str:
         return "hello\n"
 
+    @app.post("/resumable-done")
+    def resumable_done() -> Response:
+        """A form naming a finished resumable upload: store the file, answer its name and sha256."""
+        upload = resumable_file(request.form["upload"])
+        data = upload.read()
+        os.makedirs(app.config["STORE_DIR"], exist_ok=True)
+        upload.stream.close()
+        with open(os.path.join(app.config["STORE_DIR"], os.path.basename(upload.filename or "upload")), "wb") as out:
+            out.write(data)
+        return jsonify(name=upload.filename, size=len(data), content_type=upload.content_type,
+                       sha256=hashlib.sha256(data).hexdigest())
+
     if guarded:
         UploadGuard(app)
+    if app.config.get("RESUMABLE_STORAGE") or os.environ.get("TEST_RESUMABLE_STORAGE"):
+        app.config["SECRET_KEY"] = app.config.get("SECRET_KEY") or "uploadguard-tests-only"
+        app.config["UPLOADGUARD_RESUMABLE_STORAGE"] = (app.config.get("RESUMABLE_STORAGE")
+                                                       or os.environ["TEST_RESUMABLE_STORAGE"])
+        ResumableUploads(app)
     return app
 
 

@@ -383,3 +383,64 @@ class TestGunicorn:
 
         assert (refused, json.loads(body)["error"]) == (503, "not_a_directory")
         assert (page, healed) == (200, 200)
+
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def tus_metadata(**values: str) -> str:
+    import base64
+
+    return ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in values.items())
+
+
+class TestResumableUploads:
+    @pytest.fixture
+    def app(self, dirs: dict[str, Path], tmp_path: Path) -> flask.Flask:
+        return make_app(dirs, RESUMABLE_STORAGE=str(tmp_path / "tus"))
+
+    def create(self, client: Any, size: int) -> str:
+        response = client.post("/files/", headers={**TUS, "Upload-Length": str(size),
+                                                   "Upload-Metadata": tus_metadata(filename="cat.jpg",
+                                                                                   filetype="image/jpeg")})
+        assert response.status_code == 201, response.data
+        return str(response.headers["Location"])
+
+    def patch(self, client: Any, url: str, offset: int, data: bytes) -> Any:
+        return client.patch(url, data=data, headers={**TUS, "Upload-Offset": str(offset),
+                                                     "Content-Type": "application/offset+octet-stream"})
+
+    def test_upload_then_fetch_it_in_a_view(self, app: flask.Flask, dirs: dict[str, Path]) -> None:
+        """Created and sent in two PATCHes, the upload is a FileStorage in the visitor's next form post."""
+        client = app.test_client()
+        data = bytes(range(256)) * 400
+        url = self.create(client, len(data))
+        assert self.patch(client, url, 0, data[:70000]).status_code == 204
+        assert self.patch(client, url, 70000, data[70000:]).headers["Upload-Offset"] == str(len(data))
+        response = client.post("/resumable-done", data={"upload": url})
+        assert response.status_code == 200, response.data
+        assert response.json == {"name": "cat.jpg", "size": len(data), "content_type": "image/jpeg",
+                                 "sha256": hashlib.sha256(data).hexdigest()}
+
+    def test_another_visitor_sees_nothing(self, app: flask.Flask) -> None:
+        """Another session gets 404 for the upload's HEAD and from resumable_file."""
+        owner = app.test_client()
+        url = self.create(owner, 3)
+        self.patch(owner, url, 0, b"abc")
+        stranger = app.test_client()
+        assert stranger.head(url, headers=TUS).status_code == 404
+        assert stranger.post("/resumable-done", data={"upload": url}).status_code == 404
+
+    def test_options_is_the_endpoints_own(self, app: flask.Flask) -> None:
+        """OPTIONS is answered by the tus endpoint (its extensions), not Flask's automatic reply."""
+        response = app.test_client().options("/files/", headers=TUS)
+        assert response.status_code == 204 and "creation" in response.headers["Tus-Extension"]
+
+    def test_an_unusable_temp_dir_is_the_retryable_503(self, app: flask.Flask, dirs: dict[str, Path]) -> None:
+        """The guard checks the PATCH first: a temp dir replaced by a file is a 503 + Retry-After."""
+        client = app.test_client()
+        url = self.create(client, 3)
+        shutil.rmtree(dirs["temp"])
+        dirs["temp"].write_text("in the way")
+        response = self.patch(client, url, 0, b"abc")
+        assert response.status_code == 503 and response.headers["Retry-After"] == "2"

@@ -108,6 +108,7 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import got_request_exception
+from django.core.files.uploadedfile import UploadedFile
 from django.http import HttpResponse
 from django.utils.module_loading import import_string
 
@@ -128,7 +129,14 @@ if TYPE_CHECKING:
 
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-__all__ = ["UploadGuardMiddleware", "UploadGuardConfig", "settings_from_django"]
+__all__ = [
+    "ResumableUploadedFile",
+    "ResumableUploadsMiddleware",
+    "UploadGuardConfig",
+    "UploadGuardMiddleware",
+    "resumable_file",
+    "settings_from_django",
+]
 
 log = logging.getLogger("uploadguard")
 
@@ -372,3 +380,137 @@ class UploadGuardConfig(AppConfig):  # type: ignore[misc]  # Django ships no typ
     name = "uploadguard"
     label = "uploadguard"
     verbose_name = "uploadguard"
+
+
+# -- resumable uploads -------------------------------------------------------------------
+
+#: The cookie that names an anonymous visitor's uploads (signed; a logged-in user is named by its pk).
+OWNER_COOKIE = "uploadguard_owner"
+_OWNER_SALT = "uploadguard.django.owner"
+_OWNER_MAX_AGE = 30 * 86400  # seconds: longer than any upload is kept
+_endpoint: ResumableUploadsMiddleware | None = None
+
+
+def _tus_view(request: Any) -> None:  # pragma: no cover - never called: CSRF is checked against it
+    """What the CSRF check sees as the view: an ordinary, protected one."""
+
+
+class ResumableUploadsMiddleware:
+    """The resumable-upload endpoint (tus 1.0 and the IETF draft) inside Django: one line in ``MIDDLEWARE``.
+
+    ::
+
+        MIDDLEWARE = [
+            "uploadguard.django.UploadGuardMiddleware",        # first
+            "django.contrib.sessions.middleware.SessionMiddleware",
+            "django.middleware.csrf.CsrfViewMiddleware",
+            "django.contrib.auth.middleware.AuthenticationMiddleware",
+            "uploadguard.django.ResumableUploadsMiddleware",  # after those three
+            ...
+        ]
+
+    Requests under :attr:`prefix` are answered by
+    :class:`uploadguard.resumable.ResumableUploads`, inside Django, after the
+    middleware above it: the guard's limit, temp-dir check and retryable 503
+    cover them, and **CSRF protection holds** -- a POST, PATCH or DELETE must
+    carry the ``X-CSRFToken`` header like any unsafe request.  Settings are
+    the ``UPLOADGUARD_*`` ones (storage, expiry, idle timeout; the README's
+    table).  Each upload belongs to whoever created it: the logged-in user, or
+    for an anonymous visitor a signed cookie (:data:`OWNER_COOKIE`) set on the
+    creating response; anybody else gets 404.  Fetch a completed upload in a
+    view with :func:`resumable_file`.
+
+    Subclass to change :attr:`prefix`, :attr:`cors_origins` or to act on
+    completed uploads in :meth:`on_complete`.
+    """
+
+    prefix: str = "/files/"
+    cors_origins: tuple[str, ...] = ()
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        from .resumable import ResumableUploads
+
+        global _endpoint
+        self.get_response = get_response
+        self.uploads = ResumableUploads(None, prefix=self.prefix, settings=settings_from_django(),
+                                        on_complete=self.on_complete, cors_origins=self.cors_origins)
+        _endpoint = self
+        from django.middleware.csrf import CsrfViewMiddleware
+
+        self._csrf = CsrfViewMiddleware(get_response)
+
+    def __repr__(self) -> str:
+        return f"<ResumableUploadsMiddleware {self.uploads!r}>"
+
+    def on_complete(self, upload: Any) -> None:
+        """Called once per completed upload (see :mod:`uploadguard.resumable`); override it."""
+
+    def __call__(self, request: Any) -> Any:
+        path = request.path_info
+        if not (path.startswith(self.uploads.prefix) or path == self.uploads.prefix.rstrip("/")):
+            return self.get_response(request)
+        if request.method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
+            if "CSRF_COOKIE" not in request.META:
+                self._csrf.process_request(request)  # CsrfViewMiddleware is not installed above us
+            refused = self._csrf.process_view(request, _tus_view, (), {})
+            if refused is not None:
+                return refused
+        owner, new_token = _owner(request, create=True)
+        status, headers, body = self.uploads.handle(request.META, owner=owner)
+        code, _, reason = status.partition(" ")
+        response = HttpResponse(b"".join(body), status=int(code), reason=reason or None)
+        for name, value in headers:
+            response[name] = value
+        if new_token is not None and int(code) < 300:
+            response.set_signed_cookie(OWNER_COOKIE, new_token, salt=_OWNER_SALT, max_age=_OWNER_MAX_AGE,
+                                       httponly=True, samesite="Lax", secure=request.is_secure())
+        response._has_been_logged = True  # the endpoint logs what matters; a 409 on resume is routine
+        return response
+
+
+def _owner(request: Any, *, create: bool = False) -> tuple[str | None, str | None]:
+    """Who is asking: ``("user:<pk>", None)``, ``("anon:<token>", new token or None)``, or ``(None, None)``."""
+    user = getattr(request, "user", None)
+    if user is not None and getattr(user, "is_authenticated", False):
+        return f"user:{user.pk}", None
+    token = request.get_signed_cookie(OWNER_COOKIE, default=None, salt=_OWNER_SALT, max_age=_OWNER_MAX_AGE)
+    if token:
+        return f"anon:{token}", None
+    if not create:
+        return None, None
+    import secrets
+
+    token = secrets.token_urlsafe(24)
+    return f"anon:{token}", token
+
+
+class ResumableUploadedFile(UploadedFile):  # type: ignore[misc]  # Django ships no type hints
+    """A completed resumable upload as Django's ``UploadedFile``: save it to any storage, or read it.
+
+    It has no ``temporary_file_path()`` on purpose: Django's
+    ``FileSystemStorage`` would *move* that file, taking it out of the
+    upload store; the data is copied instead.
+    """
+
+    def __init__(self, upload: Any) -> None:
+        metadata = upload.metadata
+        name = os.path.basename(metadata.get("filename") or metadata.get("name") or upload.id) or upload.id
+        super().__init__(file=upload.open(), name=name,
+                         content_type=metadata.get("filetype") or metadata.get("type") or "application/octet-stream",
+                         size=upload.length, charset=None)
+        self.upload = upload
+
+
+def resumable_file(request: Any, url: str) -> ResumableUploadedFile:
+    """The completed upload ``url`` (or id) names, as an ``UploadedFile`` -- only for whoever created it.
+
+    Raises :class:`uploadguard.resumable.UploadNotFound` (a 404: unknown,
+    expired, or another user's or visitor's) or
+    :class:`uploadguard.resumable.UploadIncomplete` (still being uploaded), and
+    ``ImproperlyConfigured`` without :class:`ResumableUploadsMiddleware`.
+    """
+    if _endpoint is None:
+        raise ImproperlyConfigured("resumable_file() needs uploadguard.django.ResumableUploadsMiddleware in "
+                                   "MIDDLEWARE")
+    owner, _ = _owner(request)
+    return ResumableUploadedFile(_endpoint.uploads.get(url, owner=owner))

@@ -79,7 +79,7 @@ from .config import Settings
 from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput, remember_exception
 from .wsgi import UploadGuard as WSGIUploadGuard
 
-__all__ = ["UploadGuard", "settings_from_config"]
+__all__ = ["ResumableUploads", "UploadGuard", "resumable_file", "settings_from_config"]
 
 log = logging.getLogger("uploadguard")
 
@@ -159,3 +159,110 @@ class UploadGuard:
         got_request_exception.connect(_remember_exception, app)
         app.after_request(_ReplaceServerError(guard))
         return guard
+
+
+# -- resumable uploads -------------------------------------------------------------------
+
+#: The session key that names an anonymous visitor's uploads.
+OWNER_KEY = "uploadguard_owner"
+
+
+def _owner(*, create: bool = False) -> str | None:
+    """The requester: ``flask_login``'s user when logged in, else a token kept in Flask's signed session."""
+    from flask import session
+
+    user = _current_user()
+    if user is not None:
+        return f"user:{user}"
+    token = session.get(OWNER_KEY)
+    if token is None and create:
+        import secrets
+
+        token = session[OWNER_KEY] = secrets.token_urlsafe(24)
+    return f"anon:{token}" if token else None
+
+
+def _current_user() -> str | None:
+    try:
+        from flask_login import current_user  # type: ignore[import-not-found]  # optional: Flask-Login apps
+    except ImportError:
+        return None
+    if getattr(current_user, "is_authenticated", False):
+        return str(current_user.get_id())
+    return None
+
+
+class ResumableUploads:
+    """The resumable-upload endpoint (tus 1.0 and the IETF draft) as Flask views.
+
+    ::
+
+        from uploadguard.flask import ResumableUploads, UploadGuard, resumable_file
+
+        UploadGuard(app)                          # the guard covers the endpoint too
+        ResumableUploads(app, on_complete=done)   # /files/ (prefix=...)
+
+        @app.post("/photos")
+        def photos():
+            file = resumable_file(request.form["upload"])   # a FileStorage
+            file.save(...)
+
+    The views run inside Flask, so ``before_request`` functions, Flask-Login
+    and CSRF extensions (Flask-WTF's ``CSRFProtect`` checks every POST,
+    PATCH and DELETE) apply to them.  An upload belongs to whoever created it:
+    the Flask-Login user when there is one, else a token in Flask's signed
+    session; anybody else gets 404.  Settings are the ``UPLOADGUARD_*`` keys
+    of ``app.config`` over the environment (the README's table).
+    ``app.extensions["uploadguard.resumable"]`` is the
+    :class:`uploadguard.resumable.ResumableUploads`.
+    """
+
+    def __init__(self, app: Flask | None = None, *, prefix: str = "/files/",
+                 on_complete: Any = None, cors_origins: Any = ()) -> None:
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.on_complete = on_complete
+        self.cors_origins = cors_origins
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> Any:
+        from .resumable import ResumableUploads as Endpoint
+
+        if not app.secret_key:
+            raise RuntimeError("uploadguard.flask.ResumableUploads keeps each visitor's uploads apart in Flask's "
+                               "signed session: set app.secret_key (SECRET_KEY)")
+        endpoint = Endpoint(None, prefix=self.prefix, settings=settings_from_config(app.config),
+                            on_complete=self.on_complete, cors_origins=self.cors_origins)
+        app.extensions["uploadguard.resumable"] = endpoint
+
+        def serve(rest: str = "") -> Response:
+            status, headers, body = endpoint.handle(request.environ, owner=_owner(create=not rest))
+            return Response(b"".join(body), status=status, headers=headers)
+
+        methods = ["POST", "HEAD", "PATCH", "DELETE", "OPTIONS"]
+        app.add_url_rule(self.prefix, "uploadguard_resumable", serve, methods=methods,
+                         provide_automatic_options=False, strict_slashes=False)
+        app.add_url_rule(self.prefix + "<rest>", "uploadguard_resumable_upload", serve, methods=methods,
+                         provide_automatic_options=False)
+        return endpoint
+
+
+def resumable_file(url: str) -> Any:
+    """The completed upload ``url`` (or id) names, as a Werkzeug ``FileStorage`` -- only for whoever created it.
+
+    Raises :class:`uploadguard.resumable.UploadNotFound` (404: unknown,
+    expired, another's) or :class:`uploadguard.resumable.UploadIncomplete`;
+    both are HTTP errors Flask can answer (``app.register_error_handler``) --
+    uploadguard answers them itself for requests with a body.
+    """
+    from flask import current_app
+    from werkzeug.datastructures import FileStorage
+
+    endpoint = current_app.extensions.get("uploadguard.resumable")
+    if endpoint is None:
+        raise RuntimeError("resumable_file() needs uploadguard.flask.ResumableUploads(app)")
+    upload = endpoint.get(url, owner=_owner())
+    metadata = upload.metadata
+    return FileStorage(stream=upload.open(), filename=metadata.get("filename") or metadata.get("name") or upload.id,
+                       content_type=metadata.get("filetype") or metadata.get("type") or "application/octet-stream",
+                       content_length=upload.length)

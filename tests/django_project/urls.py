@@ -8,4 +8,5 @@ urlpatterns = [
     path("upload/protected/", views.upload_protected),
     path("raw/", views.raw),
     path("broken/", views.broken),
+    path("resumable-done/", views.resumable_done),
 ]

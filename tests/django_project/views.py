@@ -57,3 +57,19 @@ def broken(request):
     """Fail with an OSError that has nothing to do with uploads."""
     shutil.copy("/nonexistent-uploadguard-test/settings.ini", "/nonexistent-uploadguard-test/copy.ini")
     return JsonResponse({})
+
+
+def resumable_done(request):
+    """A form naming a finished resumable upload (CSRF-protected): store the file, answer its name and sha256."""
+    from uploadguard.django import resumable_file
+
+    upload = resumable_file(request, request.POST["upload"])
+    digest = hashlib.sha256()
+    os.makedirs(settings.STORE_DIR, exist_ok=True)
+    with open(os.path.join(settings.STORE_DIR, upload.name), "wb") as out:
+        for chunk in upload.chunks():
+            digest.update(chunk)
+            out.write(chunk)
+    upload.close()
+    return JsonResponse({"name": upload.name, "size": upload.size, "content_type": upload.content_type,
+                         "sha256": digest.hexdigest()})

@@ -1,0 +1,152 @@
+"""Resumable uploads inside Django: ``ResumableUploadsMiddleware`` and ``resumable_file``.
+
+The endpoint runs inside Django, after the session, CSRF and authentication
+middleware, so CSRF holds for cookie-authenticated requests and an upload
+belongs to whoever created it.  In-process with Django's test client; the
+protocol itself is specified in tests/test_resumable_wsgi.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.test import Client, override_settings
+
+from tests.test_django import dirs, project  # noqa: F401  (fixtures: the test project's settings)
+
+MIDDLEWARE = [
+    "uploadguard.django.UploadGuardMiddleware",
+    "tests.django_project.middleware.Sabotage",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "tests.test_django_resumable.FakeLogin",
+    "uploadguard.django.ResumableUploadsMiddleware",
+]
+
+
+class FakeLogin:
+    """Stands in for AuthenticationMiddleware (the test project has no database): ``X-Test-User`` logs in."""
+
+    class User:
+        is_authenticated = True
+
+        def __init__(self, pk: str) -> None:
+            self.pk = pk
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        name = request.headers.get("X-Test-User")
+        if name:
+            request.user = self.User(name)
+        return self.get_response(request)
+
+
+@pytest.fixture(autouse=True)
+def resumable(dirs: dict[str, Path]) -> Any:  # noqa: F811
+    with override_settings(MIDDLEWARE=MIDDLEWARE, UPLOADGUARD_RESUMABLE_STORAGE=str(dirs["temp"].parent / "tus")):
+        yield
+
+
+def metadata(**values: str) -> str:
+    return ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in values.items())
+
+
+TUS = {"HTTP_TUS_RESUMABLE": "1.0.0"}
+
+
+def csrf_client() -> tuple[Client, str]:
+    """A browser-like client that enforces CSRF, with the token a page would have given it."""
+    client = Client(enforce_csrf_checks=True, raise_request_exception=False)
+    token = client.get("/form/").json()["csrf"]
+    return client, token
+
+
+def create(client: Client, token: str | None, size: int, **extra: str) -> Any:
+    headers = {**TUS, "HTTP_UPLOAD_LENGTH": str(size), "HTTP_UPLOAD_METADATA": metadata(filename="cat.jpg",
+                                                                                         filetype="image/jpeg")}
+    if token is not None:
+        headers["HTTP_X_CSRFTOKEN"] = token
+    return client.generic("POST", "/files/", b"", content_type="application/offset+octet-stream", **headers, **extra)
+
+
+def patch(client: Client, token: str, url: str, offset: int, data: bytes, **extra: str) -> Any:
+    return client.patch(url, data, content_type="application/offset+octet-stream", **TUS,
+                        HTTP_UPLOAD_OFFSET=str(offset), HTTP_X_CSRFTOKEN=token, **extra)
+
+
+class TestCsrfAndOwnership:
+    def test_creation_without_the_csrf_token_is_refused(self) -> None:
+        """A cookie-authenticated creation without X-CSRFToken is Django's 403, and nothing is created."""
+        client, _ = csrf_client()
+        response = create(client, None, 10)
+        assert response.status_code == 403
+
+    def test_upload_then_fetch_it_in_a_view(self, dirs: dict[str, Path]) -> None:  # noqa: F811
+        """Created and sent in two PATCHes, the upload is an UploadedFile in the visitor's next form post."""
+        client, token = csrf_client()
+        data = bytes(range(256)) * 400
+        created = create(client, token, len(data))
+        assert created.status_code == 201, created.content
+        url = created["Location"]
+        assert patch(client, token, url, 0, data[:60000]).status_code == 204
+        done = patch(client, token, url, 60000, data[60000:])
+        assert (done.status_code, done["Upload-Offset"]) == (204, str(len(data)))
+
+        response = client.post("/resumable-done/", {"upload": url, "csrfmiddlewaretoken": token})
+
+        assert response.status_code == 200, response.content
+        assert response.json() == {"name": "cat.jpg", "size": len(data), "content_type": "image/jpeg",
+                                   "sha256": hashlib.sha256(data).hexdigest()}
+        assert (dirs["store"] / "cat.jpg").read_bytes() == data
+
+    def test_another_visitor_sees_nothing(self) -> None:
+        """Whoever did not create the upload gets 404 for its HEAD, its PATCH and resumable_file."""
+        owner, token = csrf_client()
+        url = create(owner, token, 3)["Location"]
+        patch(owner, token, url, 0, b"abc")
+
+        stranger, stranger_token = csrf_client()
+        assert stranger.head(url, **TUS).status_code == 404
+        assert patch(stranger, stranger_token, url, 3, b"d").status_code == 404
+        refused = stranger.post("/resumable-done/", {"upload": url, "csrfmiddlewaretoken": stranger_token})
+        assert refused.status_code == 404
+
+    def test_a_logged_in_user_owns_uploads_across_clients(self) -> None:
+        """A logged-in user's upload is theirs from any browser, and not another user's."""
+        first, token = csrf_client()
+        url = create(first, token, 3, HTTP_X_TEST_USER="7")["Location"]
+        second, _ = csrf_client()
+        assert second.head(url, **TUS, HTTP_X_TEST_USER="7").status_code == 200
+        assert second.head(url, **TUS, HTTP_X_TEST_USER="8").status_code == 404
+
+    def test_an_incomplete_upload_is_a_clear_error(self) -> None:
+        """resumable_file on an upload still in progress refuses with a 4xx naming it, not a 500."""
+        client, token = csrf_client()
+        url = create(client, token, 10)["Location"]
+        response = client.post("/resumable-done/", {"upload": url, "csrfmiddlewaretoken": token})
+        assert 400 <= response.status_code < 500
+        assert b"not complete" in response.content
+
+
+class TestGuardCoversIt:
+    def test_an_unusable_temp_dir_is_the_retryable_503(self, dirs: dict[str, Path]) -> None:  # noqa: F811
+        """A PATCH meets the guard first: with the temp dir replaced by a file it is a 503 + Retry-After."""
+        client, token = csrf_client()
+        url = create(client, token, 3)["Location"]
+        shutil.rmtree(dirs["temp"])
+        dirs["temp"].write_text("in the way")
+        response = patch(client, token, url, 0, b"abc")
+        assert response.status_code == 503 and response["Retry-After"] == "2"
+
+    def test_chunk_over_the_body_limit_is_413(self) -> None:
+        """A PATCH whose body is over UPLOADGUARD_MAX_BODY_SIZE is the guard's 413 before Django reads it."""
+        with override_settings(UPLOADGUARD_MAX_BODY_SIZE=1024):
+            client, token = csrf_client()
+            url = create(client, token, 1000)["Location"]
+            assert patch(client, token, url, 0, b"x" * 2000).status_code == 413
