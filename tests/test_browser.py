@@ -60,7 +60,8 @@ def serve_demo(tmp_path: Path, **env: str) -> Gunicorn:
     return Gunicorn(
         "demo.wsgi:application", tmp_path=tmp_path, config=GUNICORN_CONF, pythonpath=[DEMO], workers=2,
         env={"DJANGO_SETTINGS_MODULE": "demo.settings", "UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"),
-             "DEMO_STORAGE_DIR": str(tmp_path / "uploads"), "UPLOADGUARD_RETRY_AFTER": "1", **env},
+             "DEMO_STORAGE_DIR": str(tmp_path / "uploads"), "UPLOADGUARD_RESUMABLE_STORAGE": str(tmp_path / "tus"),
+             "UPLOADGUARD_RETRY_AFTER": "1", **env},
     )
 
 
@@ -140,7 +141,7 @@ class TestBrowserUpload:
         assert sum(status.startswith("Stored: ") for status in statuses) == 3, statuses
         assert sum(status.startswith("Stored as-is (") for status in statuses) == 1, statuses
         assert len([p for p in storage.iterdir() if not p.name.startswith(".")]) == len(files)
-        assert "503 POST /upload/" in server.log_path.read_text(errors="replace")
+        assert "503 PATCH /files/" in server.log_path.read_text(errors="replace")  # the demo sends resumably
 
     def test_too_large_upload_fails_at_once_with_the_servers_message(self, tmp_path: Path, browser: Any) -> None:
         """A file over the body limit is not sent again: its status shows the server's 413 message."""
@@ -158,8 +159,9 @@ class TestBrowserUpload:
         finally:
             server.stop()
 
-        assert status.startswith("The request body is larger than the limit of 1M (1048576 bytes)"), status
-        assert server.log_path.read_text(errors="replace").count("uploadguard: 413 POST /upload/") == 1
+        assert "The request body is larger than the limit of 1M (1048576 bytes)" in status, status
+        log = server.log_path.read_text(errors="replace")
+        assert log.count('"POST /files/ HTTP/1.1" 413') == 1 and "PATCH" not in log  # refused at creation, once
         assert not (tmp_path / "uploads").exists()
 
     def test_connection_failure_is_retried_after_a_pause(self, tmp_path: Path, browser: Any) -> None:
@@ -173,24 +175,17 @@ class TestBrowserUpload:
             if len(sent) == 1:
                 route.abort("connectionreset")
             else:
-                route.continue_()
+                stored(route)
 
-        server = serve_demo(tmp_path)
-        try:
-            page = browser.new_page()
-            page.goto(server.url + "/")
-            page.route("**/upload/", fail_first)
-            page.set_input_files("input[type=file]", str(data))
-            page.click("button[type=submit]")
-            retry_text = page.wait_for_selector(".uploadguard-item[data-state=retrying]", timeout=10_000).inner_text()
-            page.wait_for_selector(".uploadguard-item[data-state=stored]", timeout=10_000)
-            page.close()
-        finally:
-            server.stop()
+        page = helper_page(browser, fail_first)
+        page.set_input_files("input[type=file]", str(data))
+        page.click("button[type=submit]")
+        retry_text = page.wait_for_selector(".uploadguard-item[data-state=retrying]", timeout=10_000).inner_text()
+        page.wait_for_selector(".uploadguard-item[data-state=stored]", timeout=10_000)
+        page.close()
 
         assert "The connection failed; retrying in 1 s" in retry_text
         assert len(sent) == 2 and sent[1] - sent[0] >= 0.9
-        assert (tmp_path / "uploads").is_dir() and len(list((tmp_path / "uploads").iterdir())) == 1
 
     def test_gives_up_after_five_attempts(self, tmp_path: Path, browser: Any) -> None:
         """A server that keeps answering 503 gets the file five times in all; then the status says it gave up."""
@@ -203,18 +198,12 @@ class TestBrowserUpload:
             route.fulfill(status=503, headers={"Retry-After": "0"}, content_type="application/json",
                           body='{"detail": "Uploads are temporarily unavailable."}')
 
-        server = serve_demo(tmp_path)
-        try:
-            page = browser.new_page()
-            page.goto(server.url + "/")
-            page.route("**/upload/", unavailable)
-            page.set_input_files("input[type=file]", str(data))
-            page.click("button[type=submit]")
-            status = page.wait_for_selector(".uploadguard-item[data-state=failed] .uploadguard-status",
-                                            timeout=10_000).inner_text()
-            page.close()
-        finally:
-            server.stop()
+        page = helper_page(browser, unavailable)
+        page.set_input_files("input[type=file]", str(data))
+        page.click("button[type=submit]")
+        status = page.wait_for_selector(".uploadguard-item[data-state=failed] .uploadguard-status",
+                                        timeout=10_000).inner_text()
+        page.close()
 
         assert status == "Uploads are temporarily unavailable. (gave up after 5 attempts)"
         assert len(sent) == 5
@@ -286,3 +275,37 @@ class TestBoundForm:
         page.close()
 
         assert len(sent) == 3
+
+
+class TestMaxAttempts:
+    @pytest.mark.parametrize("value", ["0", "-1", "2.5", "'3'", "NaN"])
+    def test_unusable_max_attempts_rejects_and_sends_nothing(self, browser: Any, value: str) -> None:
+        """maxAttempts that is not a whole number of at least 1 (0 included) rejects with a RangeError, nothing sent."""
+        sent: list[str] = []
+
+        def count(route: Any) -> None:
+            sent.append(route.request.url)
+            stored(route)
+
+        page = helper_page(browser, count)
+        error = page.evaluate(f"""UploadGuard.upload("/upload/", new File(["x"], "a.txt"), {{maxAttempts: {value}}})
+                                    .then(() => "resolved", (error) => error.name + ": " + error.message)""")
+        page.close()
+
+        assert error.startswith("RangeError: UploadGuard.upload: maxAttempts must be a whole number of at least 1")
+        assert sent == []
+
+    def test_max_attempts_is_honoured(self, browser: Any) -> None:
+        """maxAttempts: 1 sends the file once against a server that keeps answering 503, then gives up."""
+        sent: list[str] = []
+
+        def unavailable(route: Any) -> None:
+            sent.append(route.request.url)
+            route.fulfill(status=503, headers={"Retry-After": "0"}, body="not now")
+
+        page = helper_page(browser, unavailable)
+        attempts = page.evaluate("""UploadGuard.upload("/upload/", new File(["x"], "a.txt"), {maxAttempts: 1})
+                                      .then(() => "resolved", (error) => error.attempts)""")
+        page.close()
+
+        assert attempts == 1 and len(sent) == 1

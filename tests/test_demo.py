@@ -62,6 +62,7 @@ def demo_settings(dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Ite
         DEMO_STORAGE_DIR=dirs["storage"],
         UPLOADGUARD_TEMP_DIR=dirs["temp"],
         FILE_UPLOAD_TEMP_DIR=str(dirs["temp"]),
+        UPLOADGUARD_RESUMABLE_STORAGE=str(dirs["storage"].parent / "resumable"),
     )
     with override_settings(**values):
         yield
@@ -186,6 +187,36 @@ class TestDemoUploads:
         assert '<p id="empty" hidden>' in page
         assert (image.status_code, image["Content-Type"]) == (200, "image/jpeg")
         image.close()
+
+    def test_a_resumable_upload_is_stored_like_a_form_upload(self, client: Client, dirs: dict[str, Path]) -> None:
+        """A photo sent to /files/ in two PATCHes, then named to /resumable/, is stored re-compressed."""
+        import base64
+
+        data = photo()
+        token = client.cookies["csrftoken"].value
+        tus = {"HTTP_TUS_RESUMABLE": "1.0.0", "HTTP_X_CSRFTOKEN": token}
+        name = base64.b64encode(b"cat.jpg").decode()
+        created = client.generic("POST", "/files/", b"", content_type="application/offset+octet-stream",
+                                 HTTP_UPLOAD_LENGTH=str(len(data)), HTTP_UPLOAD_METADATA=f"filename {name}", **tus)
+        assert created.status_code == 201, created.content
+        url = created["Location"]
+        half = len(data) // 2
+        for offset, chunk in ((0, data[:half]), (half, data[half:])):
+            response = client.patch(url, chunk, content_type="application/offset+octet-stream",
+                                    HTTP_UPLOAD_OFFSET=str(offset), **tus)
+            assert response.status_code == 204, response.content
+        stored = client.post("/resumable/", {"upload": url}, headers={"Accept": "application/json",
+                                                                       "X-CSRFToken": token})
+        assert stored.status_code == 200, stored.content
+        [entry] = stored.json()["stored"]
+        assert entry["kind"] == "image" and entry["original_size"] == len(data) and entry["title"] == "cat.jpg"
+        assert (dirs["storage"] / entry["name"]).stat().st_size == entry["size"] < len(data)
+
+    def test_a_resumable_upload_of_someone_else_is_404(self, client: Client, demo_settings: None) -> None:
+        """Naming an upload URL this visitor did not create is a 404 JSON answer, not a 500."""
+        response = client.post("/resumable/", {"upload": "/files/" + "A" * 24},
+                               headers={"Accept": "application/json", "X-CSRFToken": client.cookies["csrftoken"].value})
+        assert response.status_code == 404 and response.json()["error"]
 
     def test_csrf_token_is_required(self, client: Client, dirs: dict[str, Path]) -> None:
         """An upload without the CSRF token is refused with a message to show, and nothing is stored."""

@@ -150,3 +150,20 @@ class TestGuardCoversIt:
             client, token = csrf_client()
             url = create(client, token, 1000)["Location"]
             assert patch(client, token, url, 0, b"x" * 2000).status_code == 413
+
+
+class TestAnonymousOwnership:
+    def test_uploads_started_at_once_all_stay_the_visitors(self) -> None:
+        """Creations racing before any response came back name the same owner: no upload is orphaned."""
+        client, token = csrf_client()
+        cookie = client.cookies["csrftoken"].value
+        urls = []
+        for _ in range(2):  # each as if sent before the other's response (same cookies, nothing new kept)
+            racer = Client(enforce_csrf_checks=True, raise_request_exception=False)
+            racer.cookies["csrftoken"] = cookie
+            response = create(racer, token, 3)
+            assert response.status_code == 201
+            assert "Set-Cookie" not in response.headers or "csrftoken" not in response.headers["Set-Cookie"]
+            urls.append(response["Location"])
+        for url in urls:
+            assert client.head(url, **TUS).status_code == 200

@@ -384,10 +384,6 @@ class UploadGuardConfig(AppConfig):  # type: ignore[misc]  # Django ships no typ
 
 # -- resumable uploads -------------------------------------------------------------------
 
-#: The cookie that names an anonymous visitor's uploads (signed; a logged-in user is named by its pk).
-OWNER_COOKIE = "uploadguard_owner"
-_OWNER_SALT = "uploadguard.django.owner"
-_OWNER_MAX_AGE = 30 * 86400  # seconds: longer than any upload is kept
 _endpoint: ResumableUploadsMiddleware | None = None
 
 
@@ -416,8 +412,8 @@ class ResumableUploadsMiddleware:
     carry the ``X-CSRFToken`` header like any unsafe request.  Settings are
     the ``UPLOADGUARD_*`` ones (storage, expiry, idle timeout; the README's
     table).  Each upload belongs to whoever created it: the logged-in user, or
-    for an anonymous visitor a signed cookie (:data:`OWNER_COOKIE`) set on the
-    creating response; anybody else gets 404.  Fetch a completed upload in a
+    an anonymous visitor's browser, named by its CSRF secret; anybody else
+    gets 404.  Fetch a completed upload in a
     view with :func:`resumable_file`.
 
     Subclass to change :attr:`prefix`, :attr:`cors_origins` or to act on
@@ -455,33 +451,35 @@ class ResumableUploadsMiddleware:
             refused = self._csrf.process_view(request, _tus_view, (), {})
             if refused is not None:
                 return refused
-        owner, new_token = _owner(request, create=True)
-        status, headers, body = self.uploads.handle(request.META, owner=owner)
+        elif "CSRF_COOKIE" not in request.META:
+            self._csrf.process_request(request)  # the CSRF secret names an anonymous visitor's uploads
+        status, headers, body = self.uploads.handle(request.META, owner=_owner(request))
         code, _, reason = status.partition(" ")
         response = HttpResponse(b"".join(body), status=int(code), reason=reason or None)
         for name, value in headers:
             response[name] = value
-        if new_token is not None and int(code) < 300:
-            response.set_signed_cookie(OWNER_COOKIE, new_token, salt=_OWNER_SALT, max_age=_OWNER_MAX_AGE,
-                                       httponly=True, samesite="Lax", secure=request.is_secure())
         response._has_been_logged = True  # the endpoint logs what matters; a 409 on resume is routine
         return response
 
 
-def _owner(request: Any, *, create: bool = False) -> tuple[str | None, str | None]:
-    """Who is asking: ``("user:<pk>", None)``, ``("anon:<token>", new token or None)``, or ``(None, None)``."""
+def _owner(request: Any) -> str | None:
+    """Who is asking: ``"user:<pk>"`` when logged in, else ``"anon:<digest of the CSRF secret>"``, else ``None``.
+
+    An anonymous visitor is named by the CSRF secret its browser already
+    holds (the cookie every unsafe request needs anyway): stable across the
+    visitor's concurrent requests, unlike a new cookie handed out by each
+    creation, and never sent anywhere -- only a keyed digest is stored.
+    """
     user = getattr(request, "user", None)
     if user is not None and getattr(user, "is_authenticated", False):
-        return f"user:{user.pk}", None
-    token = request.get_signed_cookie(OWNER_COOKIE, default=None, salt=_OWNER_SALT, max_age=_OWNER_MAX_AGE)
-    if token:
-        return f"anon:{token}", None
-    if not create:
-        return None, None
-    import secrets
+        return f"user:{user.pk}"
+    secret = request.META.get("CSRF_COOKIE")
+    if not secret:
+        return None
+    from django.utils.crypto import salted_hmac
 
-    token = secrets.token_urlsafe(24)
-    return f"anon:{token}", token
+    digest: str = salted_hmac("uploadguard.django.owner", secret, algorithm="sha256").hexdigest()
+    return "anon:" + digest[:32]
 
 
 class ResumableUploadedFile(UploadedFile):  # type: ignore[misc]  # Django ships no type hints
@@ -512,5 +510,4 @@ def resumable_file(request: Any, url: str) -> ResumableUploadedFile:
     if _endpoint is None:
         raise ImproperlyConfigured("resumable_file() needs uploadguard.django.ResumableUploadsMiddleware in "
                                    "MIDDLEWARE")
-    owner, _ = _owner(request)
-    return ResumableUploadedFile(_endpoint.uploads.get(url, owner=owner))
+    return ResumableUploadedFile(_endpoint.uploads.get(url, owner=_owner(request)))

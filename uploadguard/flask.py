@@ -167,19 +167,29 @@ class UploadGuard:
 OWNER_KEY = "uploadguard_owner"
 
 
-def _owner(*, create: bool = False) -> str | None:
-    """The requester: ``flask_login``'s user when logged in, else a token kept in Flask's signed session."""
+def _owner() -> str | None:
+    """The requester: ``flask_login``'s user when logged in, else the token in Flask's signed session."""
     from flask import session
 
     user = _current_user()
     if user is not None:
         return f"user:{user}"
     token = session.get(OWNER_KEY)
-    if token is None and create:
+    return f"anon:{token}" if token else None
+
+
+def _give_owner_token() -> None:
+    """``before_request``: a visitor's token goes into its session on its first request (the page).
+
+    Handed out by the endpoint instead, two uploads started at once would
+    each make one, and the session cookie of one would orphan the other.
+    """
+    from flask import session
+
+    if OWNER_KEY not in session:
         import secrets
 
-        token = session[OWNER_KEY] = secrets.token_urlsafe(24)
-    return f"anon:{token}" if token else None
+        session[OWNER_KEY] = secrets.token_urlsafe(24)
 
 
 def _current_user() -> str | None:
@@ -210,8 +220,8 @@ class ResumableUploads:
     The views run inside Flask, so ``before_request`` functions, Flask-Login
     and CSRF extensions (Flask-WTF's ``CSRFProtect`` checks every POST,
     PATCH and DELETE) apply to them.  An upload belongs to whoever created it:
-    the Flask-Login user when there is one, else a token in Flask's signed
-    session; anybody else gets 404.  Settings are the ``UPLOADGUARD_*`` keys
+    the Flask-Login user when there is one, else a token put in Flask's signed
+    session on the visitor's first request; anybody else gets 404.  Settings are the ``UPLOADGUARD_*`` keys
     of ``app.config`` over the environment (the README's table).
     ``app.extensions["uploadguard.resumable"]`` is the
     :class:`uploadguard.resumable.ResumableUploads`.
@@ -236,9 +246,10 @@ class ResumableUploads:
         app.extensions["uploadguard.resumable"] = endpoint
 
         def serve(rest: str = "") -> Response:
-            status, headers, body = endpoint.handle(request.environ, owner=_owner(create=not rest))
+            status, headers, body = endpoint.handle(request.environ, owner=_owner())
             return Response(b"".join(body), status=status, headers=headers)
 
+        app.before_request(_give_owner_token)
         methods = ["POST", "HEAD", "PATCH", "DELETE", "OPTIONS"]
         app.add_url_rule(self.prefix, "uploadguard_resumable", serve, methods=methods,
                          provide_automatic_options=False, strict_slashes=False)

@@ -23,6 +23,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Resumable uploads (tus) under /files/, after CSRF: upload.js resumes a cut upload where it stopped.
+    "uploadguard.django.ResumableUploadsMiddleware",
 ]
 CSRF_FAILURE_VIEW = "demo.views.csrf_failure"
 ROOT_URLCONF = "demo.urls"
@@ -43,6 +45,8 @@ TIME_ZONE = "UTC"  # Django sets the process time zone: keep gunicorn's log time
 # guards: it follows FILE_UPLOAD_TEMP_DIR) and where the demo keeps them afterwards.
 FILE_UPLOAD_TEMP_DIR = os.environ.get("UPLOADGUARD_TEMP_DIR") or str(VAR / "tmp")
 DEMO_STORAGE_DIR = Path(os.environ.get("DEMO_STORAGE_DIR") or VAR / "uploads")
+# Where resumable uploads are assembled (persistent, like the storage dir: a resumed upload survives a restart).
+UPLOADGUARD_RESUMABLE_STORAGE = os.environ.get("UPLOADGUARD_RESUMABLE_STORAGE") or str(VAR / "resumable")
 
 LOGGING = {
     "version": 1,

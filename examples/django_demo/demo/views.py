@@ -140,6 +140,22 @@ def upload(request: HttpRequest) -> HttpResponse:
     return HttpResponseRedirect(reverse("index"), status=303)
 
 
+@require_POST
+def resumable(request: HttpRequest) -> HttpResponse:
+    """Store a finished resumable upload named by its URL (the ``upload`` field), like :func:`upload` does a file."""
+    from uploadguard.django import resumable_file
+    from uploadguard.resumable import UploadIncomplete, UploadNotFound
+
+    try:
+        upload = resumable_file(request, request.POST.get("upload", ""))
+    except (UploadNotFound, UploadIncomplete) as exc:
+        return JsonResponse({"error": exc.reason, "detail": exc.detail}, status=exc.status_code)
+    quality = HIGH_QUALITY if request.POST.get("quality") == "high" else DEFAULT_QUALITY
+    with upload:
+        stored = store(upload, quality=quality)
+    return JsonResponse({"stored": [stored]})
+
+
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     """``CSRF_FAILURE_VIEW``: a message the upload status line can show."""
     detail = "The page's security token (CSRF) is missing or out of date: reload the page and try again."
