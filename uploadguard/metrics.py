@@ -128,7 +128,7 @@ def _get_counters() -> _Counters | None:
         if _counters is None and not _missing:
             if importlib.util.find_spec("prometheus_client") is None:
                 _missing = True
-                log.debug("uploadguard: prometheus_client is not installed; no metrics")
+                log.debug("prometheus_client is not installed; no metrics")
                 return None
             try:
                 directory = os.environ.get(MULTIPROC_ENV)
@@ -137,7 +137,7 @@ def _get_counters() -> _Counters | None:
                 _counters = _Counters()
             except Exception:
                 _missing = True
-                log.warning("uploadguard: cannot create the Prometheus metrics; continuing without them",
+                log.warning("cannot create the Prometheus metrics; continuing without them",
                             exc_info=True)
         return _counters
 
@@ -221,7 +221,7 @@ def _warn_if_counting_alone() -> None:
     global _warned
     if _serving and not _warned and _gunicorn_workers > 1 and not os.environ.get(MULTIPROC_ENV):
         _warned = True
-        log.warning("uploadguard: %s is not set: each of the %s gunicorn workers counts its own "
+        log.warning("%s is not set: each of the %s gunicorn workers counts its own "
                     "metrics and a scrape sees one of them", MULTIPROC_ENV, _gunicorn_workers)
 
 
@@ -252,7 +252,7 @@ def on_starting(server: Any) -> None:
             if _OWN_FILE.fullmatch(name) and not name.endswith(own):
                 os.unlink(os.path.join(directory, name))
     except Exception:
-        log.exception("uploadguard: preparing the metrics directory failed")
+        log.exception("preparing the metrics directory failed")
 
 
 def _hand_to_workers(server: Any, directory: str) -> None:
@@ -271,7 +271,7 @@ def _hand_to_workers(server: Any, directory: str) -> None:
     for name in os.listdir(directory):  # a preloaded app's files: the workers read them when they scrape
         if _OWN_FILE.fullmatch(name):
             os.chown(os.path.join(directory, name), uid, gid, follow_symlinks=False)
-    log.info("uploadguard: %s %s now belongs to uid %s gid %s, the workers' user", MULTIPROC_ENV, directory, uid, gid)
+    log.info("%s %s now belongs to uid %s gid %s, the workers' user", MULTIPROC_ENV, directory, uid, gid)
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -282,4 +282,4 @@ def child_exit(server: Any, worker: Any) -> None:
 
             multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
     except Exception:
-        log.exception("uploadguard: marking worker %s dead for the metrics failed", getattr(worker, "pid", "?"))
+        log.exception("marking worker %s dead for the metrics failed", getattr(worker, "pid", "?"))

@@ -24,7 +24,7 @@
  *     fields: {quality: "85"},  // other form fields
  *     csrfToken: token,         // sent as X-CSRFToken (Django's header)
  *     headers: {},              // more request headers
- *     maxAttempts: 5,           // attempts in all, the first one included
+ *     maxAttempts: 5,           // attempts in all, the first one included (a whole number >= 1)
  *     maxDelay: 60,             // seconds waited at most between attempts (at most 300)
  *     onProgress: function (loaded, total) {},
  *     onStatus: function (text, info) {}  // info: {state, attempt, maxAttempts, delay, status}
@@ -32,7 +32,9 @@
  *
  *   info.state is "uploading", "retrying", "stored" or "failed".  The
  *   promise rejects with an UploadGuard.UploadError (.status, .data,
- *   .attempts).  Cross-origin uploads need the server to send
+ *   .attempts), or at once with a RangeError, sending nothing, when
+ *   maxAttempts is given but is not a whole number of at least 1 (0 would
+ *   otherwise silently mean 5, "3" or 2.5 something unintended).  Cross-origin uploads need the server to send
  *   "Access-Control-Expose-Headers: Retry-After".
  *
  * Auto-binding: a form marked <form data-uploadguard> uploads each chosen
@@ -43,6 +45,9 @@
  * {file, item, result} / {file, item, error}.  Each <li> has a data-state
  * ("queued", then as info.state) to style it by.  data-uploadguard-concurrency
  * sets how many files are sent at once (a positive whole number; default 2).
+ * With data-uploadguard-resumable="/files/" each file goes to that tus
+ * endpoint through resumableUpload instead (see below) and the "stored"
+ * event's detail.result is {url, size, requests}: submit the url to the app.
  */
 (function (root) {
   "use strict";
@@ -115,7 +120,12 @@
 
   function upload(url, file, options) {
     options = options || {};
-    var maxAttempts = Math.max(1, options.maxAttempts || 5);
+    var maxAttempts = options.maxAttempts === undefined || options.maxAttempts === null ? 5 : options.maxAttempts;
+    if (typeof maxAttempts !== "number" || !Number.isInteger(maxAttempts) || maxAttempts < 1) {
+      // Rejected like fetch() rejects bad arguments: the caller's .catch sees it, nothing is sent.
+      return Promise.reject(new RangeError("UploadGuard.upload: maxAttempts must be a whole number of at least 1, not " +
+        (typeof maxAttempts === "string" ? JSON.stringify(maxAttempts) : String(maxAttempts))));
+    }
     var maxDelay = options.maxDelay;
     var onProgress = options.onProgress || function () {};
     var onStatus = options.onStatus || function () {};
@@ -185,6 +195,365 @@
     });
   }
 
+  /* -- resumable mode: tus 1.0 ------------------------------------------------ */
+  /*
+   * A large upload over a flaky link should cost a retry of one chunk, not of
+   * the whole file.  resumableUpload speaks tus 1.0 (creation, core PATCHes,
+   * termination) to an endpoint such as uploadguard.resumable.ResumableUploads:
+   *
+   *   UploadGuard.resumableUpload(file, {
+   *     endpoint: "/files/",       // the tus creation URL (relative to the page)
+   *     chunkSize: 8388608,        // bytes per PATCH (keep under nginx's client_max_body_size)
+   *     metadata: {filename, filetype},  // Upload-Metadata (default: the file's name and type)
+   *     csrfToken: token,          // sent as X-CSRFToken (Django's header)
+   *     headers: {},               // more request headers
+   *     maxAttempts: 10,           // failures in a row (no byte stored in between) before giving up
+   *     maxDelay: 60,              // seconds waited at most between attempts (at most 300)
+   *     stallTimeout: 30,          // seconds without upload progress before a request counts as cut
+   *     storage: localStorage,     // where upload URLs are remembered for a reload; null: nowhere
+   *     signal: abortSignal,       // aborting it cancels, as .cancel() does
+   *     onProgress: function (loaded, total) {},
+   *     onStatus: function (text, info) {}  // info: {state, attempt, maxAttempts, delay, status, offset, url}
+   *   }) -> Promise resolving to {url, size, requests}, with .cancel() -> Promise
+   *
+   * After a network error or a stall the helper asks the server (HEAD) how
+   * many bytes it kept and sends only the rest: the progress never goes back
+   * by more than the chunk in flight.  503, 429 and 423 are retried after
+   * their Retry-After; 404 or 410 (the server lost the upload) start a fresh
+   * one; any other status rejects with an UploadError.  The upload URL is kept
+   * in localStorage under a fingerprint of the file (name, size,
+   * lastModified, endpoint), so choosing the same file after a reload resumes
+   * it.  cancel() stops and sends a DELETE.  info.state is "uploading",
+   * "retrying", "stored", "failed" or "cancelled".  Cross-origin endpoints
+   * must expose Location, Upload-Offset, Upload-Length and Retry-After.
+   * A chunkSize, maxAttempts or stallTimeout that is given but not a number
+   * above 0 (whole for the first two) rejects at once with a RangeError,
+   * sending nothing.
+   */
+
+  var TUS_VERSION = "1.0.0";
+  var DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024;  // bytes per PATCH
+  var DEFAULT_RESUMABLE_ATTEMPTS = 10;  // failures in a row, with no byte stored in between
+  var DEFAULT_STALL_TIMEOUT = 30;  // seconds without upload progress before a request counts as cut
+  var STORAGE_PREFIX = "uploadguard:tus:";
+
+  /* Base64 of the UTF-8 bytes of ``text`` (btoa alone takes Latin-1 only). */
+  function base64(text) {
+    var bytes = new TextEncoder().encode(text);
+    var binary = "";
+    for (var i = 0; i < bytes.length; i++) binary += String.fromCharCode(bytes[i]);
+    return btoa(binary);
+  }
+
+  function tusMetadata(metadata) {
+    return Object.keys(metadata).map(function (key) {
+      var value = metadata[key];
+      return value === null || value === undefined || value === "" ? key : key + " " + base64(String(value));
+    }).join(",");
+  }
+
+  /* The key an upload URL is remembered under: the same file (name, size,
+   * lastModified) sent to the same endpoint finds it again after a reload. */
+  function fingerprint(file, endpoint) {
+    return STORAGE_PREFIX + JSON.stringify([endpoint, file.name, file.size, file.lastModified]);
+  }
+
+  function defaultStorage() {
+    try {
+      return root.localStorage || null;
+    } catch (ignored) {
+      return null;  // storage disabled (e.g. cookies blocked): uploads still resume within the page
+    }
+  }
+
+  function remember(storage, key, value) {
+    if (!storage) return;
+    try {
+      if (value === null) storage.removeItem(key);
+      else storage.setItem(key, value);
+    } catch (ignored) {
+      // quota or privacy mode: resuming after a reload is lost, nothing else
+    }
+  }
+
+  function recall(storage, key) {
+    if (!storage) return null;
+    try {
+      return storage.getItem(key);
+    } catch (ignored) {
+      return null;
+    }
+  }
+
+  /* A whole number of bytes from a response header, or null. */
+  function headerNumber(xhr, name) {
+    var text = (xhr.getResponseHeader(name) || "").trim();
+    return /^\d+$/.test(text) ? parseInt(text, 10) : null;
+  }
+
+  /* options[name] if it is a number above 0 (a whole one if ``whole``),
+   * ``fallback`` if it is not given, else a RangeError naming it: a typo must
+   * not silently mean the default. */
+  function positiveOption(options, name, fallback, whole) {
+    var value = options[name];
+    if (value === undefined || value === null) return fallback;
+    if (typeof value !== "number" || !(value > 0) || !isFinite(value) || (whole && !Number.isInteger(value))) {
+      throw new RangeError("UploadGuard.resumableUpload: " + name + " must be " +
+        (whole ? "a whole number of at least 1" : "a number of seconds above 0") + ", not " +
+        (typeof value === "string" ? JSON.stringify(value) : String(value)));
+    }
+    return value;
+  }
+
+  function resumableUpload(file, options) {
+    options = options || {};
+    var endpoint = new URL(options.endpoint || "/files/", root.document ? document.baseURI : undefined).href;
+    var chunkSize, maxAttempts, stallTimeout;
+    try {
+      chunkSize = positiveOption(options, "chunkSize", DEFAULT_CHUNK_SIZE, true);
+      maxAttempts = positiveOption(options, "maxAttempts", DEFAULT_RESUMABLE_ATTEMPTS, true);
+      stallTimeout = positiveOption(options, "stallTimeout", DEFAULT_STALL_TIMEOUT, false);
+    } catch (error) {
+      var refused = Promise.reject(error);  // nothing sent
+      refused.cancel = function () { return Promise.resolve(); };
+      return refused;
+    }
+    var storage = options.storage === undefined ? defaultStorage() : options.storage;
+    var metadata = options.metadata || {filename: file.name, filetype: file.type || "application/octet-stream"};
+    var headers = options.headers || {};
+    var onProgress = options.onProgress || function () {};
+    var onStatus = options.onStatus || function () {};
+    var key = fingerprint(file, endpoint);
+    var url = recall(storage, key);
+    var offset = 0;
+    var failures = 0;  // in a row, reset whenever the server stores more bytes
+    var requests = 0;
+    var current = null;  // the request in flight
+    var timer = null;  // the pending retry
+    var over = false;
+    var resumed = false;  // the next PATCH continues after a retry or a reload: say so
+    var settle = {};
+    var promise = new Promise(function (resolve, reject) { settle.resolve = resolve; settle.reject = reject; });
+
+    function status(text, state, extra) {
+      var info = {state: state, attempt: failures + 1, maxAttempts: maxAttempts, delay: 0, status: null,
+                  offset: offset, url: url};
+      for (var name in extra) info[name] = extra[name];
+      onStatus(text, info);
+    }
+
+    function finish(error) {
+      over = true;
+      if (error) {
+        status(error.message, error.cancelled ? "cancelled" : "failed", {status: error.status});
+        settle.reject(error);
+        return;
+      }
+      remember(storage, key, null);
+      onProgress(file.size, file.size);
+      status("Stored.", "stored", {status: 204});
+      settle.resolve({url: url, size: file.size, requests: requests});
+    }
+
+    function fail(httpStatus, xhr) {
+      var data = xhr ? parseBody(xhr) : null;
+      finish(UploadError(messageOf(httpStatus, data), httpStatus, data, requests));
+    }
+
+    /* One request; ``done(status, xhr)`` once, with status 0 for a network
+     * error or a request that made no progress for ``stallTimeout`` seconds
+     * (a link that vanished without a FIN or RST never errors by itself). */
+    function send(method, target, extra, body, progress, done) {
+      var xhr = new XMLHttpRequest();
+      var stall = null;
+      var ended = false;
+      function end(code) {
+        if (ended) return;
+        ended = true;
+        clearTimeout(stall);
+        current = null;
+        if (!over) done(code, xhr);
+      }
+      function watch() {
+        clearTimeout(stall);
+        stall = setTimeout(function () { end(0); xhr.abort(); }, stallTimeout * 1000);
+      }
+      requests += 1;
+      current = xhr;
+      xhr.open(method, target);
+      xhr.setRequestHeader("Tus-Resumable", TUS_VERSION);
+      if (options.csrfToken) xhr.setRequestHeader("X-CSRFToken", options.csrfToken);
+      Object.keys(headers).forEach(function (name) { xhr.setRequestHeader(name, headers[name]); });
+      Object.keys(extra).forEach(function (name) { xhr.setRequestHeader(name, extra[name]); });
+      xhr.upload.onprogress = function (event) {
+        watch();
+        if (progress) progress(event.loaded);
+      };
+      xhr.onload = function () { end(xhr.status); };
+      xhr.onerror = xhr.onabort = function () { end(0); };
+      watch();
+      xhr.send(body === undefined ? null : body);
+    }
+
+    /* Try again later: after Retry-After on 503, 429 and 423, else after a
+     * backoff of 1, 2, 4... seconds; asking the server for the offset first
+     * whenever an upload URL is known, since a cut PATCH may have stored
+     * part of its bytes. */
+    function retry(httpStatus, xhr, why) {
+      failures += 1;
+      if (failures >= maxAttempts) {
+        var message = (httpStatus ? messageOf(httpStatus, parseBody(xhr)) : "The server could not be reached.") +
+          " (gave up after " + failures + " failed attempts in a row)";
+        finish(UploadError(message, httpStatus, xhr && httpStatus ? parseBody(xhr) : null, requests));
+        return;
+      }
+      var header = xhr && (httpStatus === 503 || httpStatus === 429 || httpStatus === 423)
+        ? xhr.getResponseHeader("Retry-After") : null;
+      var delay = retryDelay(header, failures, options.maxDelay);
+      var when = delay < 0.5 ? "now" : "in " + Math.round(delay) + " s";
+      status(why + "; retrying " + when + "\u2026 (attempt " + (failures + 1) + " of " + maxAttempts + ")",
+             "retrying", {delay: delay, status: httpStatus});
+      timer = setTimeout(function () {
+        timer = null;
+        if (url) locate();
+        else create();
+      }, delay * 1000);
+    }
+
+    function retryable(httpStatus) {
+      return httpStatus === 0 || httpStatus === 503 || httpStatus === 429 || httpStatus === 423;
+    }
+
+    function why(httpStatus) {
+      if (httpStatus === 0) return "The connection failed";
+      if (httpStatus === 429) return "Too many requests";
+      if (httpStatus === 423) return "The upload is busy";
+      return "The server cannot take uploads right now";
+    }
+
+    /* The server lost the upload (expired, storage replaced): start again. */
+    function forget() {
+      remember(storage, key, null);
+      url = null;
+      offset = 0;
+      onProgress(0, file.size);
+    }
+
+    function create() {
+      status("Uploading\u2026", "uploading");
+      var extra = {"Upload-Length": String(file.size)};
+      var meta = tusMetadata(metadata);
+      if (meta) extra["Upload-Metadata"] = meta;
+      send("POST", endpoint, extra, undefined, null, function (code, xhr) {
+        var location = xhr.getResponseHeader("Location");
+        if (code === 201 && location) {
+          url = new URL(location, endpoint).href;
+          remember(storage, key, url);
+          offset = 0;
+          next();
+        } else if (retryable(code)) {
+          retry(code, xhr, why(code));
+        } else {
+          fail(code, xhr);
+        }
+      });
+    }
+
+    /* HEAD: where does the server stand? */
+    function locate() {
+      send("HEAD", url, {}, undefined, null, function (code, xhr) {
+        var stored = headerNumber(xhr, "Upload-Offset");
+        var length = headerNumber(xhr, "Upload-Length");
+        if ((code === 200 || code === 204) && stored !== null && (length === null || length === file.size) &&
+            stored <= file.size) {
+          if (stored > offset) failures = 0;
+          offset = stored;
+          resumed = true;
+          onProgress(offset, file.size);
+          next();
+        } else if (code === 404 || code === 410 || code === 403 || (code >= 200 && code < 300)) {
+          forget();  // unknown here, or a different file: a fresh upload
+          create();
+        } else if (retryable(code)) {
+          retry(code, xhr, why(code));
+        } else {
+          fail(code, xhr);
+        }
+      });
+    }
+
+    function next() {
+      if (offset >= file.size) {
+        finish(null);
+        return;
+      }
+      if (resumed) {
+        resumed = false;
+        status("Uploading from " + Math.floor(100 * offset / file.size) + " %\u2026", "uploading");
+      }
+      var start = offset;
+      var end = Math.min(file.size, start + chunkSize);
+      var extra = {"Upload-Offset": String(start), "Content-Type": "application/offset+octet-stream"};
+      send("PATCH", url, extra, file.slice(start, end), function (loaded) {
+        onProgress(start + Math.min(loaded, end - start), file.size);
+      }, function (code, xhr) {
+        var stored = headerNumber(xhr, "Upload-Offset");
+        if ((code === 204 || code === 200) && stored !== null && stored > start && stored <= file.size) {
+          failures = 0;
+          offset = stored;
+          onProgress(offset, file.size);
+          next();
+        } else if (code === 404 || code === 410) {
+          forget();
+          retry(code, xhr, "The server lost the upload");
+        } else if (code === 409 || code === 0 || retryable(code) || code === 204) {
+          retry(code, xhr, code === 409 ? "The server is at another offset" : why(code));
+        } else {
+          fail(code, xhr);
+        }
+      });
+    }
+
+    /* Stop, and delete the upload on the server (tus termination); resolves
+     * when the server has answered the DELETE, whatever it answered. */
+    function cancel() {
+      if (over) return Promise.resolve();
+      over = true;
+      clearTimeout(timer);
+      if (current) current.abort();
+      remember(storage, key, null);
+      var error = UploadError("Cancelled.", 0, null, requests);
+      error.cancelled = true;
+      status("Cancelled.", "cancelled");
+      settle.reject(error);
+      if (!url) return Promise.resolve();
+      return new Promise(function (resolve) {
+        var xhr = new XMLHttpRequest();
+        xhr.open("DELETE", url);
+        xhr.setRequestHeader("Tus-Resumable", TUS_VERSION);
+        if (options.csrfToken) xhr.setRequestHeader("X-CSRFToken", options.csrfToken);
+        Object.keys(headers).forEach(function (name) { xhr.setRequestHeader(name, headers[name]); });
+        xhr.onloadend = function () { resolve(); };
+        xhr.send();
+      });
+    }
+
+    if (options.signal) {
+      if (options.signal.aborted) setTimeout(cancel, 0);
+      else options.signal.addEventListener("abort", cancel);
+    }
+    if (url) {
+      resumed = true;
+      status("Resuming\u2026", "uploading");
+      locate();  // progress starts where the server stands, not at 0
+    } else {
+      onProgress(0, file.size);
+      create();
+    }
+    promise.cancel = cancel;
+    return promise;
+  }
+
   /* -- auto-binding: <form data-uploadguard> ---------------------------------- */
 
   function item(list, file) {
@@ -225,13 +594,17 @@
         if (!job) return Promise.resolve();
         var bar = job.li.querySelector("progress");
         var text = job.li.querySelector(".uploadguard-status");
-        return upload(form.action, job.file, {
+        var options = {
           fieldName: job.name,
           fields: fields,
           csrfToken: fields.csrfmiddlewaretoken,
           onProgress: function (loaded, total) { bar.value = total ? loaded / total : 1; },
           onStatus: function (message, info) { text.textContent = message; job.li.dataset.state = info.state; }
-        }).then(function (result) {
+        };
+        var endpoint = form.dataset.uploadguardResumable;  // <form data-uploadguard-resumable="/files/">
+        if (endpoint !== undefined) options.endpoint = endpoint || "/files/";
+        return (endpoint === undefined ? upload(form.action, job.file, options) : resumableUpload(job.file, options))
+        .then(function (result) {
           form.dispatchEvent(new CustomEvent("uploadguard:stored",
             {bubbles: true, detail: {file: job.file, item: job.li, result: result}}));
         }, function (error) {
@@ -249,7 +622,7 @@
     document.querySelectorAll("form[data-uploadguard]").forEach(bind);
   }
 
-  root.UploadGuard = {upload: upload, bind: bind, UploadError: UploadError,
+  root.UploadGuard = {upload: upload, resumableUpload: resumableUpload, bind: bind, UploadError: UploadError,
                       _retryDelay: retryDelay};  // internal: exported for the tests
   if (typeof document !== "undefined") {
     if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", bindAll);
