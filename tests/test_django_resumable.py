@@ -167,3 +167,29 @@ class TestAnonymousOwnership:
             urls.append(response["Location"])
         for url in urls:
             assert client.head(url, **TUS).status_code == 200
+
+
+class TestSaveResumable:
+    def test_saves_into_a_django_storage_for_the_owner_only(self, tmp_path: Path) -> None:
+        """save_resumable copies a finished upload into any storage under its filename; a stranger gets 404."""
+        from django.core.files.storage import FileSystemStorage
+        from django.test import RequestFactory
+
+        from uploadguard.django import save_resumable
+        from uploadguard.resumable import UploadNotFound
+
+        client, token = csrf_client()
+        data = b"resumed bytes" * 1000
+        url = create(client, token, len(data))["Location"]
+        assert patch(client, token, url, 0, data).status_code == 204
+        request = RequestFactory().post("/photos/")
+        request.META["CSRF_COOKIE"] = client.cookies["csrftoken"].value
+        storage = FileSystemStorage(location=tmp_path / "media")
+
+        name = save_resumable(request, url, storage=storage)
+
+        assert name == "cat.jpg" and (tmp_path / "media" / "cat.jpg").read_bytes() == data
+        stranger = RequestFactory().post("/photos/")
+        stranger.META["CSRF_COOKIE"] = "x" * 32
+        with pytest.raises(UploadNotFound):
+            save_resumable(stranger, url, storage=storage)

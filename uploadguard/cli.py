@@ -69,6 +69,7 @@ from typing import Any, NamedTuple
 
 from . import __version__
 from .config import ConfigError, Settings, default_resumable_storage, format_size, parse_duration
+from .errors import UploadGuardError
 from .operations import clean_old_files, disk_usage, mount_of, private_mount_namespace
 from .tempdir import Reason, check_temp_dir, is_within, probe_write
 
@@ -157,11 +158,21 @@ def _clean_resumable(args: argparse.Namespace) -> int:
         directory = Settings.from_environ().resumable_storage or default_resumable_storage()
     except ConfigError:
         return 0  # no resumable storage configured and no default: nothing to clean
-    if not os.path.isdir(directory):
-        return 0
-    from .resumable import LocalStore, clean_expired
+    from .resumable import LocalStore, S3Store, Store, clean_expired
+    from .resumable.s3 import is_s3_url
 
-    result = clean_expired(LocalStore(directory), dry_run=args.dry_run)
+    store: Store
+    if is_s3_url(directory):
+        store = S3Store(str(directory))
+    elif os.path.isdir(directory):
+        store = LocalStore(directory)
+    else:
+        return 0
+    try:
+        result = clean_expired(store, dry_run=args.dry_run)
+    except UploadGuardError as exc:  # the object storage failed (S3Unavailable)
+        print(f"uploadguard clean: cannot clean {directory}: {getattr(exc, 'cause', '') or exc}", file=sys.stderr)
+        return 1
     if not args.json:
         busy = f"; {result.busy} in use left alone" if result.busy else ""
         print(f"uploadguard clean: {'would remove' if args.dry_run else 'removed'} {result.uploads} expired "

@@ -106,6 +106,19 @@ def _parse_path(value: str | os.PathLike[str], *, name: str) -> Path:
     raise ConfigError(f"{name}={value!r} is not a directory path")
 
 
+def _parse_storage(value: str | os.PathLike[str], *, name: str) -> Path | str:
+    """A directory, or an ``s3://bucket/prefix`` URL kept as it is (``uploadguard.resumable.s3``)."""
+    if isinstance(value, str) and value.strip().startswith("s3://"):
+        from .resumable.s3 import parse_s3_url
+
+        try:
+            parse_s3_url(value.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{name}={value!r}: {exc}") from None
+        return value.strip()
+    return _parse_path(value, name=name)
+
+
 def _parse_optional_size(value: str | int | None, *, name: str) -> int | None:
     return None if value is None else parse_size(value, name=name)
 
@@ -119,7 +132,7 @@ _PARSERS: dict[str, Callable[..., Any]] = {
     "drain_max": _parse_optional_size,
     "drain_timeout": parse_duration,
     "check_interval": parse_duration,
-    "resumable_storage": lambda value, *, name: None if value is None else _parse_path(value, name=name),
+    "resumable_storage": lambda value, *, name: None if value is None else _parse_storage(value, name=name),
     "resumable_expires_after": parse_duration,
     "resumable_idle_timeout": parse_duration,
 }
@@ -193,7 +206,7 @@ class Settings:
     drain_max: int | None = None  # bytes; None = 2 x max_body_size
     drain_timeout: float = 10.0  # seconds
     check_interval: float = 0.1  # seconds
-    resumable_storage: Path | None = None  # resumable uploads' directory; None = default_resumable_storage()
+    resumable_storage: Path | str | None = None  # directory or s3://bucket/prefix; None = default_resumable_storage()
     resumable_expires_after: float = 86400.0  # seconds of inactivity before an incomplete upload expires; 0 = never
     resumable_idle_timeout: float = 30.0  # seconds without a byte that end a resumable PATCH
 

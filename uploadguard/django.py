@@ -135,6 +135,7 @@ __all__ = [
     "UploadGuardConfig",
     "UploadGuardMiddleware",
     "resumable_file",
+    "save_resumable",
     "settings_from_django",
 ]
 
@@ -511,3 +512,28 @@ def resumable_file(request: Any, url: str) -> ResumableUploadedFile:
         raise ImproperlyConfigured("resumable_file() needs uploadguard.django.ResumableUploadsMiddleware in "
                                    "MIDDLEWARE")
     return ResumableUploadedFile(_endpoint.uploads.get(url, owner=_owner(request)))
+
+
+def save_resumable(request: Any, url: str, name: str | None = None, storage: Any = None) -> str:
+    """Save the completed upload ``url`` names into a Django ``storage``; return the name it got there.
+
+    Only for whoever created the upload (as :func:`resumable_file`).
+    ``storage`` defaults to ``default_storage`` and ``name`` to the upload's
+    ``filename`` metadata.  When the upload lives on S3 (``s3://`` storage)
+    and ``storage`` is django-storages' S3 storage on the same endpoint, the
+    copy is server-side -- the bytes never pass through this host; any other
+    pair streams the data into ``storage.save``.
+    """
+    if _endpoint is None:
+        raise ImproperlyConfigured("save_resumable() needs uploadguard.django.ResumableUploadsMiddleware in "
+                                   "MIDDLEWARE")
+    from .resumable.s3 import save_to_storage
+
+    upload = _endpoint.uploads.get(url, owner=_owner(request))
+    if storage is None:
+        from django.core.files.storage import default_storage
+
+        storage = default_storage
+    if name is None:
+        name = os.path.basename(upload.metadata.get("filename") or upload.metadata.get("name") or upload.id)
+    return save_to_storage(upload, storage, name or upload.id)

@@ -23,7 +23,9 @@ value from :class:`~uploadguard.config.Settings`, i.e. ``UPLOADGUARD_*``):
                    are the endpoint, everything else goes to the wrapped app.
 ``storage``        directory of the uploads (``UPLOADGUARD_RESUMABLE_STORAGE``, default
                    ``~/.local/share/uploadguard/uploads``): persistent storage shared by
-                   every worker, not ``/tmp``.  Or a :class:`Store`.
+                   every worker, not ``/tmp``.  Or ``s3://bucket/prefix`` for several
+                   hosts (:mod:`uploadguard.resumable.s3`, ``pip install uploadguard[s3]``),
+                   or a :class:`Store` (e.g. an :class:`S3Store` with its own options).
 ``max_size``       largest upload in bytes or ``"200M"`` (default: ``UPLOADGUARD_MAX_BODY_SIZE``);
                    ``0`` = no limit.
 ``expires_after``  seconds (or ``"24h"``) of inactivity after which an *incomplete*
@@ -114,6 +116,7 @@ from __future__ import annotations
 from .expiry import CleanExpiredResult, clean_expired
 from .locking import FileLocker
 from .protocol import UploadIncomplete, UploadNotFound
+from .s3 import S3Store
 from .store import LocalStore, Store, UploadInfo
 from .wsgi import ResumableUploads, Upload
 
@@ -122,6 +125,7 @@ __all__ = [
     "FileLocker",
     "LocalStore",
     "ResumableUploads",
+    "S3Store",
     "Store",
     "Upload",
     "UploadIncomplete",

@@ -65,7 +65,7 @@ def clean_expired(store: Store, *, now: float | None = None, dry_run: bool = Fal
                 except OSError as exc:
                     result.errors.append(f"cannot remove upload {info.id}: {exc.strerror}")
                     continue
-                log.info("uploadguard: removed expired upload %s (%d bytes)", info.id, current.offset)
+                log.info("removed expired upload %s (%d bytes)", info.id, current.offset)
             result.uploads += 1
             result.bytes += current.offset
     return result

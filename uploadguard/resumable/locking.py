@@ -216,7 +216,7 @@ class ReleaseWatcher:
         while not self._stop.wait(self.interval):
             if self.lock.release_requested():
                 self.preempted = True
-                log.info("uploadguard: upload %s was asked for by another request; ending this PATCH",
+                log.info("upload %s was asked for by another request; ending this PATCH",
                          self.lock.upload_id)
                 if self.sock is not None:
                     with contextlib.suppress(OSError):

@@ -25,6 +25,7 @@ from ..errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable
 from ..tempdir import reason_for_errno
 from . import protocol as p
 from .locking import HeldLock, Locker, ReleaseWatcher
+from .s3 import S3Store, is_s3_url
 from .store import LocalStore, Store, UploadInfo, new_upload_id, valid_upload_id
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ class _BodyReader:
             self.cut = "timeout"
             return b""
         except Exception as exc:  # the server's own errors for a cut connection (OSError, NoMoreData...)
-            log.debug("uploadguard: PATCH body ended by %r", exc)
+            log.debug("PATCH body ended by %r", exc)
             self.cut = "disconnect"
             return b""
         if self.watcher is not None and self.watcher.preempted and not data:
@@ -169,7 +170,7 @@ class ResumableUploads:
         app: WSGIApplication | None = None,
         *,
         prefix: str = "/files/",
-        storage: str | os.PathLike[str] | Store | None = None,  # a directory, or a Store
+        storage: str | os.PathLike[str] | Store | None = None,  # a directory, "s3://bucket/prefix", or a Store
         max_size: int | str | None = None,  # bytes per upload; None = settings.max_body_size; 0 = no limit
         expires_after: float | str | None = None,  # seconds of inactivity; None = settings (24 h); 0 = never
         on_complete: Callable[[Upload], object] | None = None,
@@ -186,7 +187,9 @@ class ResumableUploads:
         self.settings = settings if settings is not None else Settings.from_environ()
         if storage is None:
             storage = self.settings.resumable_storage or default_resumable_storage()
-        if isinstance(storage, (str, os.PathLike)):
+        if is_s3_url(storage):
+            storage = S3Store(str(storage), temp_dir=self.settings.temp_dir, retry_after=self.settings.retry_after)
+        elif isinstance(storage, (str, os.PathLike)):
             storage = LocalStore(storage, min_free_space=self.settings.min_free_space)
         self.store: Store = storage
         #: Where uploads live: a local directory, else the store's repr (for logs and 503s).
@@ -241,10 +244,10 @@ class ResumableUploads:
         except OSError as exc:
             reason = reason_for_errno(exc.errno)
             if reason is not None:
-                log.warning("uploadguard: resumable storage %s failed (%s): %s", self.directory, reason, exc)
+                log.warning("resumable storage %s failed (%s): %s", self.directory, reason, exc)
                 return self._error(request, TempDirUnavailable(reason, path=self.directory,
                                                                retry_after=self.settings.retry_after, cause=str(exc)))
-            log.exception("uploadguard: resumable request failed")
+            log.exception("resumable request failed")
             return self._error(request, InternalError(exc))
 
     def get(self, id_or_url: str, *, owner: str | None = None) -> Upload:
@@ -374,7 +377,7 @@ class ResumableUploads:
             expires_after=self.expires_after or None, partial=concat is not None,
         ))
         request.headers.append(("Location", self._location(request, info.id)))
-        log.info("uploadguard: created upload %s (%s bytes)", info.id,
+        log.info("created upload %s (%s bytes)", info.id,
                  length if length is not None else "deferred")
         if content_length or (content_length is None) or length == 0:
             with self.locker.acquire(info.id, timeout=self.lock_timeout) as lock:
@@ -461,7 +464,7 @@ class ResumableUploads:
     def _delete(self, request: _Request, upload_id: str) -> Response:
         self._check_health(writing=False)
         self.delete(upload_id, owner=request.owner)
-        log.info("uploadguard: terminated upload %s", upload_id)
+        log.info("terminated upload %s", upload_id)
         return self._respond(request, "204 No Content", request.headers)
 
     # -- the steps -----------------------------------------------------------------------
@@ -492,7 +495,7 @@ class ResumableUploads:
                     with contextlib.suppress(OSError):
                         sock.settimeout(previous_timeout)
         if reader.cut is not None:
-            log.info("uploadguard: PATCH of upload %s ended early (%s) at %d bytes", info.id, reader.cut, new_offset)
+            log.info("PATCH of upload %s ended early (%s) at %d bytes", info.id, reader.cut, new_offset)
         info = self.store.get(info.id)
         if complete and info.length is None and reader.cut is None:
             info = self.store.declare_length(info.id, new_offset)  # a chunked final body: now we know
@@ -504,7 +507,7 @@ class ResumableUploads:
         """Make a whole upload durable, then run ``on_complete`` unless it already returned once."""
         if not info.completed:
             info = self.store.finish(info.id)
-            log.info("uploadguard: upload %s complete (%d bytes)", info.id, info.offset)
+            log.info("upload %s complete (%d bytes)", info.id, info.offset)
         if info.hook_done or info.partial:
             return info
         if self.on_complete is not None:
@@ -512,7 +515,7 @@ class ResumableUploads:
             try:
                 self.on_complete(upload)
             except Exception:
-                log.exception("uploadguard: on_complete failed for upload %s; it runs again on the next "
+                log.exception("on_complete failed for upload %s; it runs again on the next "
                               "request for the upload", info.id)
                 raise p.HookFailed("The upload is stored, but processing it failed; retry to process it again.") from None
         info = dataclasses.replace(info, hook_done=True)
@@ -534,7 +537,7 @@ class ResumableUploads:
         health = self.store.health(need)
         if not health.ok and (writing or health.reason not in ("no_space", "no_inodes")):
             assert health.reason is not None
-            log.warning("uploadguard: resumable storage %s unusable (%s): %s", health.path, health.reason,
+            log.warning("resumable storage %s unusable (%s): %s", health.path, health.reason,
                         health.detail)
             raise TempDirUnavailable(health.reason, path=health.path, retry_after=self.settings.retry_after,
                                      cause=health.detail)

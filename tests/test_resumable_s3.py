@@ -1,0 +1,566 @@
+"""The S3 store and locker against a real SeaweedFS: the shared store suite, conditional writes, locks
+across hosts, storage failures, expiry and the server-side copy into Django storages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.seaweed import SeaweedFS
+from tests.support import free_port
+from tests.test_resumable_store import TestStoreContract as _StoreContract
+from tests.test_resumable_store import data_of, new_info, reader
+from uploadguard.errors import BodyTooLarge
+from uploadguard.resumable import clean_expired
+from uploadguard.resumable.locking import ReleaseWatcher
+from uploadguard.resumable.protocol import UploadLocked, UploadNotFound
+from uploadguard.resumable.s3 import MIN_PART, S3Store, S3Unavailable, is_s3_url, parse_s3_url, save_to_storage
+from uploadguard.resumable.store import Store, new_upload_id
+
+pytest.importorskip("boto3")
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
+@pytest.fixture
+def aws_env(seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """boto3's standard configuration pointed at SeaweedFS, as an app host would have it."""
+    env = seaweed.env()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def bucket(seaweed: SeaweedFS) -> str:
+    return seaweed.new_bucket()
+
+
+def make_store(bucket: str, **options: Any) -> S3Store:
+    return S3Store(f"s3://{bucket}/uploads", **options)
+
+
+def patterned(size: int, seed: int = 0) -> bytes:
+    """``size`` bytes that differ at every MiB, so a misplaced part shows."""
+    block = hashlib.sha256(str(seed).encode()).digest() * (MiB // 32)
+    return b"".join(bytes([i % 251]) + block[1:] for i in range(size // MiB + 1))[:size]
+
+
+class TestConditionalWrites:
+    """What the locker builds on, checked on the real service (issue #11: verify, then rely on it)."""
+
+    def test_seaweedfs_honours_if_none_match_and_if_match(self, seaweed: SeaweedFS, bucket: str) -> None:
+        """If-None-Match: * refuses an existing key; If-Match refuses a wrong, stale or missing ETag with 412."""
+        from botocore.exceptions import ClientError
+
+        client = seaweed.client()
+
+        def status(**kwargs: Any) -> int:
+            try:
+                client.put_object(Bucket=bucket, **kwargs)
+            except ClientError as exc:
+                return int(exc.response["ResponseMetadata"]["HTTPStatusCode"])
+            return 200
+
+        first = client.put_object(Bucket=bucket, Key="lock", Body=b"1", IfNoneMatch="*")["ETag"]
+        assert status(Key="lock", Body=b"2", IfNoneMatch="*") == 412
+        assert status(Key="lock", Body=b"3", IfMatch='"0123456789abcdef0123456789abcdef"') == 412
+        second = client.put_object(Bucket=bucket, Key="lock", Body=b"4", IfMatch=first)["ETag"]
+        assert status(Key="lock", Body=b"5", IfMatch=first) == 412  # stale
+        assert status(Key="missing", Body=b"6", IfMatch=second) == 412
+        assert client.get_object(Bucket=bucket, Key="lock")["Body"].read() == b"4"
+
+
+def finished_data_of(store: Store, upload_id: str) -> bytes:
+    """The suite's ``data_of`` for S3: S3 cannot read the parts of an unfinished multipart upload, so the
+    upload is finished (as it stands) first; the suite reads data only at the end of a test."""
+    if not store.get(upload_id).completed:
+        store.finish(upload_id)
+    return data_of(store, upload_id)
+
+
+class TestS3StoreContract(_StoreContract):
+    """The shared store suite (tests/test_resumable_store.py), on SeaweedFS."""
+
+    @pytest.fixture
+    def store(self, aws_env: dict[str, str], bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
+        import tests.test_resumable_store as suite
+
+        monkeypatch.setattr(suite, "data_of", finished_data_of)
+        made = make_store(bucket)
+        assert made.health().ok
+        yield made
+
+
+class TestStorageUrl:
+    @pytest.mark.parametrize(("url", "expected"), [
+        pytest.param("s3://bucket/uploads", ("bucket", "uploads/"), id="prefix"),
+        pytest.param("s3://my.bucket-1/a/b/", ("my.bucket-1", "a/b/"), id="nested"),
+        pytest.param("s3://bucket", ("bucket", ""), id="no-prefix"),
+    ])
+    def test_parses(self, url: str, expected: tuple[str, str]) -> None:
+        """An s3:// URL names a bucket and a key prefix ending in '/'."""
+        assert parse_s3_url(url) == expected and is_s3_url(url)
+
+    @pytest.mark.parametrize("url", [
+        pytest.param("s3://", id="no-bucket"), pytest.param("s3://Bucket/x", id="uppercase"),
+        pytest.param("s3://ab/x", id="too-short"), pytest.param("http://bucket/x", id="scheme"),
+        pytest.param("s3://bucket:9000/x", id="port"), pytest.param("s3://-bucket/x", id="hyphen-first"),
+    ])
+    def test_refuses(self, url: str) -> None:
+        """Anything but a valid bucket name in an s3:// URL is a ValueError naming the URL."""
+        with pytest.raises(ValueError, match="s3://|bucket"):
+            parse_s3_url(url)
+
+    def test_part_size_bounds(self) -> None:
+        """Parts below S3's 5 MiB minimum are refused at construction."""
+        with pytest.raises(ValueError, match="part_size"):
+            S3Store("s3://bucket/x", part_size=MIN_PART - 1)
+
+
+class TestS3Store:
+    def test_small_patches_are_kept_as_an_incomplete_part(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                                                          bucket: str) -> None:
+        """PATCHes below 5 MiB live in one incomplete-part object (no multipart part yet) and count in the offset."""
+        store = make_store(bucket)
+        info = store.create(new_info(3 * MiB))
+        store.write(info.id, 0, reader(b"a" * 1000), 3 * MiB)
+        store.write(info.id, 1000, reader(b"b" * 1000), 3 * MiB - 1000)
+        client = seaweed.client()
+        [(key, upload_id)] = store.multipart_uploads()
+        assert client.list_parts(Bucket=bucket, Key=key, UploadId=upload_id).get("Parts", []) == []
+        tails = [k for k in (o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]) if ".tail." in k]
+        assert len(tails) == 1 and store.get(info.id).offset == 2000  # the old incomplete part is deleted
+
+    def test_parts_and_tail_make_a_byte_identical_file(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                                                       bucket: str) -> None:
+        """Writes of odd sizes across part boundaries complete into the exact bytes, in parts >= 5 MiB."""
+        store = make_store(bucket, part_size=5 * MiB)
+        data = patterned(17 * MiB + 123)
+        info = store.create(new_info(len(data)))
+        offset = 0
+        for size in (3 * MiB, 1, 7 * MiB + 5, 4 * MiB, len(data)):
+            chunk = data[offset:offset + size]
+            if not chunk:
+                break
+            offset = store.write(info.id, offset, reader(chunk, step=300_000), len(data) - offset)
+            assert store.get(info.id).offset == offset
+        key, upload_id = store.multipart_uploads()[0]
+        parts = seaweed.client().list_parts(Bucket=bucket, Key=key, UploadId=upload_id)["Parts"]
+        assert all(part["Size"] >= MIN_PART for part in parts)
+        store.finish(info.id)
+        assert data_of(store, info.id) == data and store.multipart_uploads() == []
+
+    def test_open_streams_and_seeks(self, aws_env: dict[str, str], bucket: str) -> None:
+        """upload.open() is a seekable file over GetObject; the path is None."""
+        store = make_store(bucket)
+        data = patterned(6 * MiB + 7)
+        info = store.create(new_info(len(data)))
+        store.write(info.id, 0, reader(data), len(data))
+        store.finish(info.id)
+        assert store.local_path(info.id) is None
+        with store.open(info.id) as fh:
+            assert fh.read(10) == data[:10]
+            fh.seek(5 * MiB)
+            assert fh.read(100) == data[5 * MiB:5 * MiB + 100]
+            fh.seek(-3, io.SEEK_END)
+            assert fh.read() == data[-3:]
+            fh.seek(0)
+            assert hashlib.sha256(fh.read()).digest() == hashlib.sha256(data).digest()
+
+    def test_open_of_an_incomplete_upload_is_not_found(self, aws_env: dict[str, str], bucket: str) -> None:
+        """Only a completed upload is one object to read."""
+        store = make_store(bucket)
+        info = store.create(new_info(10))
+        with pytest.raises(UploadNotFound):
+            store.open(info.id)
+
+    def test_empty_upload_completes(self, aws_env: dict[str, str], bucket: str) -> None:
+        """A zero-byte upload completes into an empty object (S3 completes no multipart upload without parts)."""
+        store = make_store(bucket)
+        info = store.create(new_info(0))
+        assert store.finish(info.id).completed and data_of(store, info.id) == b""
+        assert store.multipart_uploads() == []
+
+    def test_a_long_chunked_body_appends_nothing_even_after_parts(self, aws_env: dict[str, str], bucket: str) -> None:
+        """A body longer than the budget is refused whole even when parts were uploaded before the overrun."""
+        store = make_store(bucket, part_size=5 * MiB)
+        data = patterned(12 * MiB)
+        info = store.create(new_info(12 * MiB))
+        store.write(info.id, 0, reader(data[:MiB]), 12 * MiB)
+        with pytest.raises(BodyTooLarge):
+            store.write(info.id, MiB, reader(patterned(11 * MiB + 1, seed=1)), 11 * MiB)
+        assert store.get(info.id).offset == MiB
+        store.write(info.id, MiB, reader(data[MiB:]), 11 * MiB)
+        store.finish(info.id)
+        assert data_of(store, info.id) == data
+
+    def test_finish_again_after_a_completion_that_was_not_recorded(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                                                                   bucket: str) -> None:
+        """A finish that died after CompleteMultipartUpload but before recording it is finished again cleanly."""
+        store = make_store(bucket)
+        data = patterned(9 * MiB)
+        info = store.create(new_info(len(data)))
+        store.write(info.id, 0, reader(data), len(data))  # one part and an incomplete part
+        state = store._load(info.id)
+        assert state.tail is not None
+        tail = seaweed.client().get_object(Bucket=bucket, Key=state.tail[0])["Body"].read()
+        last = seaweed.client().upload_part(Bucket=bucket, Key=f"uploads/{info.id}", UploadId=state.multipart,
+                                            PartNumber=2, Body=tail)
+        seaweed.client().complete_multipart_upload(
+            Bucket=bucket, Key=f"uploads/{info.id}", UploadId=state.multipart, MultipartUpload={"Parts": [
+                {"PartNumber": 1, "ETag": state.parts[0][2]}, {"PartNumber": 2, "ETag": last["ETag"]}]})
+        assert store.finish(info.id).completed  # the died try's work is recognised, not a 404
+        assert data_of(store, info.id) == data
+
+    def test_memory_stays_within_one_part(self, aws_env: dict[str, str], bucket: str) -> None:
+        """A 40 MiB PATCH allocates about one part (8 MiB, the reads kept as they came) plus a read, never the body
+        or a second copy of the part."""
+        store = make_store(bucket)
+        info = store.create(new_info(40 * MiB))
+        block = b"m" * MiB
+        left = [40]
+
+        def read(n: int) -> bytes:
+            if not left[0]:
+                return b""
+            left[0] -= 1
+            return block[:n]
+
+        store.get(info.id)  # the client and its connections exist before measuring
+        tracemalloc.start()
+        try:
+            assert store.write(info.id, 0, read, 40 * MiB) == 40 * MiB
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * MiB + 4 * MiB, f"peak {peak / MiB:.1f} MiB"
+
+    def test_s3_down_is_a_503_with_retry_after(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Nothing listening at the endpoint: health is not ok and every call is a fast S3Unavailable (503)."""
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        store = S3Store("s3://bucket/uploads", retry_after=7)
+        started = time.monotonic()
+        assert not store.health().ok
+        with pytest.raises(S3Unavailable) as caught:
+            store.get(new_upload_id())
+        assert time.monotonic() - started < 20
+        assert caught.value.status_code == 503 and ("Retry-After", "7") in caught.value.headers()
+
+    def test_boto3_missing_names_the_extra(self, tmp_path: Path) -> None:
+        """Without boto3 the error says which extra to install."""
+        code = ("import sys; sys.modules['boto3'] = None\n"
+                "from uploadguard.resumable.s3 import S3Store\n"
+                "try:\n    S3Store('s3://bucket/x').client\nexcept ImportError as e:\n    print(e)\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+        assert "uploadguard[s3]" in out
+
+
+class TestS3Locking:
+    def test_exclusive_then_free(self, aws_env: dict[str, str], bucket: str) -> None:
+        """While one holds an upload, try_acquire gets nothing; after release it does (the lock object stays, free)."""
+        store = make_store(bucket)
+        upload_id = new_upload_id()
+        lock = store.locker.try_acquire(upload_id)
+        assert lock is not None and store.locker.try_acquire(upload_id) is None
+        lock.release()
+        again = store.locker.try_acquire(upload_id)
+        assert again is not None
+        again.release()
+
+    def test_acquire_times_out_with_423(self, aws_env: dict[str, str], bucket: str) -> None:
+        """A holder that never lets go makes acquire() a 423 with Retry-After after the timeout."""
+        store = make_store(bucket)
+        upload_id = new_upload_id()
+        with store.locker.try_acquire(upload_id) or pytest.fail("not acquired"):
+            with pytest.raises(UploadLocked) as caught:
+                store.locker.acquire(upload_id, timeout=0.5, retry_after=3)
+        assert ("Retry-After", "3") in caught.value.headers()
+
+    @pytest.mark.slow
+    def test_lease_of_a_killed_holder_lapses(self, aws_env: dict[str, str], bucket: str) -> None:
+        """A lock whose holder process was SIGKILLed is taken over once its lease lapsed (S3's clock), not before."""
+        upload_id = new_upload_id()
+        code = ("from uploadguard.resumable.s3 import S3Store; import time\n"
+                f"lock = S3Store('s3://{bucket}/uploads', lease=3).locker.try_acquire({upload_id!r})\n"
+                "print('held' if lock else 'busy', flush=True); time.sleep(120)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+            store = make_store(bucket, lease=3)
+            time.sleep(4)  # several renewals happen meanwhile: the lease is alive
+            assert store.locker.try_acquire(upload_id) is None
+            proc.kill()
+            proc.wait(timeout=10)
+            killed = time.monotonic()
+            lock = store.locker.acquire(upload_id, timeout=30)
+            assert time.monotonic() - killed >= 1  # the lease had to lapse first
+            lock.release()
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def test_contender_preempts_a_blocked_read(self, aws_env: dict[str, str], bucket: str) -> None:
+        """A contender's release object makes the holder's watcher shut the socket, so a read blocked on a
+        silent client returns and the contender gets the lock within seconds."""
+        store = make_store(bucket)
+        other_host = make_store(bucket)
+        upload_id = new_upload_id()
+        server, client = socket.socketpair()
+        got: list[bytes] = []
+        lock = store.locker.try_acquire(upload_id)
+        assert lock is not None
+
+        def holder() -> None:
+            with ReleaseWatcher(lock, server, interval=0.05):  # type: ignore[arg-type]
+                got.append(server.recv(10))
+            lock.release()
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        try:
+            started = time.monotonic()
+            contender = other_host.locker.acquire(upload_id, timeout=10)
+            assert time.monotonic() - started < 5
+            contender.release()
+            thread.join(timeout=10)
+            assert got == [b""]
+        finally:
+            server.close()
+            client.close()
+            thread.join(timeout=10)
+
+    def test_a_holder_that_lost_its_lease_cannot_commit(self, aws_env: dict[str, str], bucket: str) -> None:
+        """Every info commit is conditional: a writer whose state another request changed gets a 423, not a merge."""
+        store = make_store(bucket)
+        info = store.create(new_info(10))
+        stale = store._load(info.id)
+        store.write(info.id, 0, reader(b"abc"), 10)  # the "new holder"
+        stale.info = stale.info.__class__(**{**stale.info.__dict__, "length": 99})
+        with pytest.raises(UploadLocked):
+            store._commit(stale)
+        assert (store.get(info.id).length, store.get(info.id).offset) == (10, 3)
+
+
+class TestS3Expiry:
+    def test_clean_aborts_multipart_uploads_and_deletes_every_object(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                                                                     bucket: str) -> None:
+        """clean_expired() on an S3 store aborts the expired uploads' multipart uploads and deletes their objects;
+        fresh and completed uploads stay."""
+        store = make_store(bucket, part_size=5 * MiB)
+        old = store.create(new_info(20 * MiB, expires_after=60.0, created=time.time() - 3600))
+        store.write(old.id, 0, reader(patterned(6 * MiB)), 20 * MiB)  # a part and an incomplete part
+        store.locker.try_acquire(old.id).release()  # type: ignore[union-attr]  # leaves a lock object
+        state = store._load(old.id)
+        state.updated = time.time() - 3600
+        store._commit(state, touch=False)
+        fresh = store.create(new_info(10, expires_after=60.0))
+        done = store.create(new_info(3, expires_after=60.0, created=time.time() - 3600))
+        store.write(done.id, 0, reader(b"abc"), 3)
+        store.finish(done.id)
+        result = clean_expired(store)
+        assert result.uploads == 1 and result.bytes == 6 * MiB
+        assert {info.id for info in store.uploads()} == {fresh.id, done.id}
+        keys = [o["Key"] for o in seaweed.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert not [key for key in keys if old.id in key]
+        assert [key for key, _ in store.multipart_uploads()] == [f"uploads/{fresh.id}"]
+
+    def test_clean_leaves_a_locked_upload(self, aws_env: dict[str, str], bucket: str) -> None:
+        """An expired upload whose lock another host holds is left alone and counted busy."""
+        store = make_store(bucket)
+        old = store.create(new_info(10, expires_after=1.0, created=time.time() - 3600))
+        state = store._load(old.id)
+        state.updated = time.time() - 3600
+        store._commit(state, touch=False)
+        with make_store(bucket).locker.try_acquire(old.id) or pytest.fail("not acquired"):
+            result = clean_expired(store)
+        assert (result.uploads, result.busy) == (0, 1) and store.get(old.id)
+
+
+class TestSaveToStorage:
+    def finished(self, store: S3Store, data: bytes) -> Any:
+        from uploadguard.resumable import Upload
+
+        info = store.create(new_info(len(data), metadata={"filename": "x.bin", "filetype": "application/x-test"}))
+        store.write(info.id, 0, reader(data), len(data))
+        return Upload(store.finish(info.id), store, f"/files/{info.id}")
+
+    @pytest.fixture
+    def django_settings(self) -> None:
+        from django.conf import settings
+
+        if not settings.configured:
+            settings.configure()
+
+    def test_server_side_copy_into_django_storages_s3(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                                                      bucket: str, django_settings: None) -> None:
+        """Into django-storages' S3Storage on the same endpoint the upload is copied by CopyObject, not streamed."""
+        from storages.backends.s3 import S3Storage
+
+        store = make_store(bucket)
+        data = patterned(6 * MiB + 1)
+        upload = self.finished(store, data)
+        media = seaweed.new_bucket("media")
+        storage = S3Storage(bucket_name=media, location="media", endpoint_url=seaweed.endpoint,
+                            access_key=aws_env["AWS_ACCESS_KEY_ID"], secret_key=aws_env["AWS_SECRET_ACCESS_KEY"],
+                            region_name="us-east-1")
+        calls: list[str] = []
+        storage.connection.meta.client.meta.events.register(
+            "before-call.s3.*", lambda model, **_: calls.append(model.name))
+        name = save_to_storage(upload, storage, "docs/x.bin")
+        assert calls == ["CopyObject"]
+        head = seaweed.client().head_object(Bucket=media, Key="media/docs/x.bin")
+        assert head["ContentLength"] == len(data) and head["ContentType"] == "application/x-test"
+        with storage.open(name) as fh:
+            assert fh.read() == data
+
+    def test_other_storages_get_a_stream(self, aws_env: dict[str, str], bucket: str, tmp_path: Path,
+                                         django_settings: None) -> None:
+        """Any other Django storage gets upload.open() streamed into storage.save()."""
+        from django.core.files.storage import FileSystemStorage
+
+        store = make_store(bucket)
+        upload = self.finished(store, b"hello world")
+        storage = FileSystemStorage(location=str(tmp_path / "media"))
+        name = save_to_storage(upload, storage, "a/hello.txt")
+        assert (tmp_path / "media" / name).read_bytes() == b"hello world"
+
+
+def fallback(environ: dict[str, Any], start_response: Any) -> Any:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"app"]
+
+
+TUS = {"Tus-Resumable": "1.0.0"}
+OCTETS = "application/offset+octet-stream"
+
+
+class TestStorageSelection:
+    def test_an_s3_url_selects_the_s3_store_and_its_locker(self, aws_env: dict[str, str], bucket: str,
+                                                           tmp_path: Path) -> None:
+        """storage="s3://bucket/prefix" makes the endpoint use an S3Store and the S3 locker."""
+        from uploadguard.config import Settings
+        from uploadguard.resumable import ResumableUploads
+        from uploadguard.resumable.s3 import S3Locker
+
+        settings = Settings.from_environ({"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp")})
+        app = ResumableUploads(fallback, storage=f"s3://{bucket}/uploads", settings=settings)
+        assert isinstance(app.store, S3Store) and app.store.prefix == "uploads/"
+        assert isinstance(app.locker, S3Locker)
+
+    def test_the_setting_selects_it_too(self, aws_env: dict[str, str], bucket: str, tmp_path: Path) -> None:
+        """UPLOADGUARD_RESUMABLE_STORAGE=s3://... is kept as a URL (not made a path) and selects the S3 store."""
+        from uploadguard.config import Settings
+        from uploadguard.resumable import ResumableUploads
+
+        settings = Settings.from_environ({"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"),
+                                          "UPLOADGUARD_RESUMABLE_STORAGE": f"s3://{bucket}/up"})
+        assert str(settings.resumable_storage) == f"s3://{bucket}/up"
+        app = ResumableUploads(fallback, settings=settings)
+        assert isinstance(app.store, S3Store) and app.store.bucket == bucket
+        assert not (Path.cwd() / "s3:").exists()
+
+    def test_a_bad_s3_url_is_a_config_error(self, tmp_path: Path) -> None:
+        """An invalid bucket name in the setting is refused with the setting's name."""
+        from uploadguard.config import ConfigError, Settings
+
+        with pytest.raises(ConfigError, match="UPLOADGUARD_RESUMABLE_STORAGE"):
+            Settings.from_environ({"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"),
+                                   "UPLOADGUARD_RESUMABLE_STORAGE": "s3://No_Such/x"})
+
+
+class TestEndpointOnS3:
+    """The tus endpoint in-process (webtest) on the S3 store."""
+
+    def app(self, url: str, tmp_path: Path, completed: list[bytes] | None = None, **options: Any) -> Any:
+        import webtest
+
+        from uploadguard.config import Settings
+        from uploadguard.resumable import ResumableUploads
+
+        def on_complete(upload: Any) -> None:
+            assert upload.path is None
+            with upload.open() as fh:
+                (completed if completed is not None else []).append(fh.read())
+
+        settings = Settings.from_environ({"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp")})
+        self.endpoint = ResumableUploads(fallback, storage=url, settings=settings, on_complete=on_complete,
+                                         **options)
+        return webtest.TestApp(self.endpoint)
+
+    def test_create_patch_head_complete(self, aws_env: dict[str, str], bucket: str, tmp_path: Path) -> None:
+        """A tus upload in three PATCHes completes; on_complete reads it from S3; get() returns it."""
+        completed: list[bytes] = []
+        app = self.app(f"s3://{bucket}/uploads", tmp_path, completed)
+        data = patterned(7 * MiB + 3)
+        created = app.post("/files/", headers={**TUS, "Upload-Length": str(len(data))}, status=201)
+        path = created.headers["Location"].split("localhost:80", 1)[-1]
+        offset = 0
+        for size in (MiB, 5 * MiB, len(data)):
+            response = app.request(path, method="PATCH", body=data[offset:offset + size], status=204,
+                                   headers={**TUS, "Upload-Offset": str(offset), "Content-Type": OCTETS})
+            offset = int(response.headers["Upload-Offset"])
+            if offset == len(data):
+                break
+        assert app.head(path, headers=TUS, status=200).headers["Upload-Offset"] == str(len(data))
+        assert completed == [data]
+        with self.endpoint.get(path).open() as fh:
+            assert fh.read() == data
+
+    def test_s3_down_is_503_with_retry_after(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """With nothing listening at AWS_ENDPOINT_URL, creation and HEAD answer 503 + Retry-After, never 500."""
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        app = self.app("s3://bucket/uploads", tmp_path)
+        response = app.post("/files/", headers={**TUS, "Upload-Length": "10"}, status=503)
+        assert int(response.headers["Retry-After"]) > 0
+        response = app.head(f"/files/{new_upload_id()}", headers=TUS, status=503)
+        assert int(response.headers["Retry-After"]) > 0
+
+    def test_cli_clean_on_s3(self, aws_env: dict[str, str], bucket: str, tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        """`uploadguard clean` with UPLOADGUARD_RESUMABLE_STORAGE=s3://... removes expired uploads there."""
+        from uploadguard.cli import main
+
+        store = make_store(bucket)
+        old = store.create(new_info(10, expires_after=60.0, created=time.time() - 3600))
+        state = store._load(old.id)
+        state.updated = time.time() - 3600
+        store._commit(state, touch=False)
+        fresh = store.create(new_info(10, expires_after=60.0))
+        (tmp_path / "tmp").mkdir()
+        monkeypatch.setenv("UPLOADGUARD_TEMP_DIR", str(tmp_path / "tmp"))
+        monkeypatch.setenv("UPLOADGUARD_RESUMABLE_STORAGE", f"s3://{bucket}/uploads")
+        assert main(["clean", "--older-than", "24h"]) == 0
+        assert "removed 1 expired resumable upload " in capsys.readouterr().out
+        assert [info.id for info in store.uploads()] == [fresh.id]
+        assert [key for key, _ in store.multipart_uploads()] == [f"uploads/{fresh.id}"]
