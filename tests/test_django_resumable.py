@@ -126,12 +126,21 @@ class TestCsrfAndOwnership:
         assert second.head(url, **TUS, HTTP_X_TEST_USER="8").status_code == 404
 
     def test_an_incomplete_upload_is_a_clear_error(self) -> None:
-        """resumable_file on an upload still in progress refuses with a 4xx naming it, not a 500."""
+        """resumable_file on an upload still in progress is Django's 400 in any view, not a 500."""
+        from uploadguard.resumable import UploadIncomplete
+
         client, token = csrf_client()
         url = create(client, token, 10)["Location"]
         response = client.post("/resumable-done/", {"upload": url, "csrfmiddlewaretoken": token})
-        assert 400 <= response.status_code < 500
-        assert b"not complete" in response.content
+        assert response.status_code == 400
+        with pytest.raises(UploadIncomplete, match="not complete"):
+            from django.test import RequestFactory
+
+            from uploadguard.django import resumable_file
+
+            request = RequestFactory().get("/")
+            request.META["CSRF_COOKIE"] = client.cookies["csrftoken"].value
+            resumable_file(request, url)
 
 
 class TestGuardCoversIt:

@@ -444,3 +444,14 @@ class TestResumableUploads:
         dirs["temp"].write_text("in the way")
         response = self.patch(client, url, 0, b"abc")
         assert response.status_code == 503 and response.headers["Retry-After"] == "2"
+
+    def test_resumable_file_errors_are_flasks_own(self, app: flask.Flask) -> None:
+        """An unknown upload is Werkzeug's NotFound (Flask's 404 in any view), still an UploadNotFound."""
+        from werkzeug.exceptions import NotFound
+
+        from uploadguard.flask import resumable_file
+        from uploadguard.resumable import UploadNotFound
+
+        with app.test_request_context("/photos"), pytest.raises(NotFound) as caught:
+            resumable_file("/files/" + "A" * 24)
+        assert isinstance(caught.value, UploadNotFound) and caught.value.code == 404

@@ -8,6 +8,7 @@ the 413 before the body, and tuspy (a tus client nobody here wrote).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import signal
@@ -408,6 +409,23 @@ class TestBadInputOverASocket:
             sock.sendall(body)
             assert sock.recv(65536).startswith(b"HTTP/1.1 201 ")
         assert [line[1] for line in server.hooks()] == [sha256(body)]
+
+
+class TestRefusalsReachTheClient:
+    @pytest.mark.parametrize("headers", [
+        pytest.param({"Tus-Resumable": "1.0.0"}, id="unknown-upload-404"),
+        pytest.param({}, id="no-tus-resumable-412"),
+    ])
+    def test_a_refused_patch_body_is_drained(self, server: Server, headers: dict[str, str]) -> None:
+        """A client streaming 20 MiB to a PATCH the endpoint refuses reads the refusal, not a broken pipe."""
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        try:
+            conn.request("PATCH", "/files/" + "A" * 24, body=b"x" * (20 * MiB), headers={
+                **headers, "Upload-Offset": "0", "Content-Type": OCTETS})
+            status = conn.getresponse().status
+        finally:
+            conn.close()
+        assert status in (404, 412)
 
 
 class TestOnComplete:

@@ -168,16 +168,6 @@ def read_status(sock: socket.socket) -> int:
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
 
 
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(kill=True)
-
-
 @pytest.fixture
 def cluster(tmp_path: Path, seaweed: SeaweedFS) -> Iterator[Cluster]:
     made = Cluster(tmp_path, seaweed)

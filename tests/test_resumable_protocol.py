@@ -48,9 +48,11 @@ class TestMethod:
         pytest.param({"REQUEST_METHOD": "PATCH"}, "PATCH", id="plain"),
         pytest.param({"REQUEST_METHOD": "POST", "HTTP_X_HTTP_METHOD_OVERRIDE": "patch"}, "PATCH", id="override"),
         pytest.param({"REQUEST_METHOD": "POST", "HTTP_X_HTTP_METHOD_OVERRIDE": " "}, "POST", id="blank-override"),
+        pytest.param({"REQUEST_METHOD": "GET", "HTTP_X_HTTP_METHOD_OVERRIDE": "DELETE"}, "GET", id="get-stays-safe"),
+        pytest.param({"REQUEST_METHOD": "HEAD", "HTTP_X_HTTP_METHOD_OVERRIDE": "PATCH"}, "HEAD", id="head-stays-safe"),
     ])
     def test_method_override(self, environ: dict[str, str], expected: str) -> None:
-        """X-HTTP-Method-Override replaces the method (for clients that can only POST)."""
+        """X-HTTP-Method-Override replaces the method of a POST only (for clients that can only POST)."""
         assert p.method_of(environ) == expected
 
 

@@ -34,16 +34,6 @@ pytest.importorskip("boto3")
 MiB = 1024 * 1024
 
 
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(kill=True)
-
-
 @pytest.fixture
 def aws_env(seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """boto3's standard configuration pointed at SeaweedFS, as an app host would have it."""

@@ -613,3 +613,91 @@ class TestStorage:
             assert status.startswith("503 ") and ("Retry-After", "5") in headers
             offset = int(client.head(url, headers=TUS).headers["Upload-Offset"])
             assert 0 < offset < 200_000
+
+
+IETF = {"Upload-Draft-Interop-Version": "6"}
+
+
+class TestReviewFindings:
+    """Each pinned by a reproduction from a hostile review."""
+
+    def test_upload_complete_cannot_declare_past_max_size(self, app: webtest.TestApp, storage: Path) -> None:
+        """A deferred-length upload closed with Upload-Complete: ?1 and a body over max_size is a 413, nothing kept."""
+        url = path_of(create(app, None, **{"Upload-Defer-Length": "1"}))
+        patch(app, url, 0, b"x" * 900)
+        app.patch(url, params=b"y" * 4000, headers={**IETF, "Upload-Offset": "900", "Upload-Complete": "?1",
+                                                    "Content-Type": OCTETS}, status=413)
+        assert len(stored(storage, url)) == 900
+
+    def test_upload_complete_is_ignored_on_tus_requests(self, app: webtest.TestApp, storage: Path) -> None:
+        """The draft's Upload-Complete on a tus creation does not declare a length past max_size."""
+        response = app.post("/files/", params=b"z" * 5000, status="*", headers={
+            **TUS, "Upload-Defer-Length": "1", "Upload-Complete": "?1", "Content-Type": OCTETS})
+        assert response.status_int == 413 or int(response.headers.get("Upload-Offset", "0")) <= LIMIT
+
+    def test_a_whole_but_unfinished_upload_is_finished_on_the_next_head(
+            self, endpoint: ResumableUploads, app: webtest.TestApp, hooks: Hooks) -> None:
+        """Every byte stored but finish never ran (a worker killed in between): HEAD completes it, hook included."""
+        url = path_of(create(app, 5))
+        upload_id = url.rsplit("/", 1)[1]
+        pieces = iter([b"abcde", b""])
+        endpoint.store.write(upload_id, 0, lambda size: next(pieces), 5)  # as if the worker died here
+        app.head(url, headers=TUS, status=200)
+        assert [c[3] for c in hooks.calls] == [b"abcde"]
+        assert endpoint.get(url).length == 5
+
+    @pytest.mark.parametrize("method", ["GET", "HEAD"])
+    def test_only_a_post_may_be_overridden(self, app: webtest.TestApp, storage: Path, method: str) -> None:
+        """X-HTTP-Method-Override on a GET or HEAD never deletes or writes (CSRF and CORS treat those as safe)."""
+        url = path_of(create(app, 10))
+        app.request(url, method=method, headers={**TUS, "X-HTTP-Method-Override": "DELETE"}, status="*")
+        assert app.head(url, headers=TUS, status=200)
+
+    def test_a_malformed_concat_url_is_a_400(self, app: webtest.TestApp, endpoint: ResumableUploads) -> None:
+        """Upload-Concat naming 'http://[' is a 400, not a 500; get() of it is UploadNotFound."""
+        create(app, None, status=400, **{"Upload-Concat": "final;http://[/files/x"})
+        with pytest.raises(UploadNotFound):
+            endpoint.get("http://[/files/x")
+
+    def test_creation_with_upload_checks_the_checksum(self, app: webtest.TestApp, storage: Path) -> None:
+        """A creation-with-upload body with a wrong Upload-Checksum is a 460 and nothing is kept."""
+        wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+        response = app.post("/files/", params=b"abc", status="*", headers={
+            **TUS, "Upload-Length": "5", "Content-Type": OCTETS, "Upload-Checksum": f"sha1 {wrong}"})
+        assert response.status_int == 460
+
+    def test_concat_parts_carry_the_script_name(self, app: webtest.TestApp) -> None:
+        """HEAD of a final upload lists its parts with SCRIPT_NAME, as Location does."""
+        extra = {"SCRIPT_NAME": "/app"}
+        parts = []
+        for body in (b"ab", b"cd"):
+            response = app.post("/files/", headers={**TUS, "Upload-Length": "2", "Upload-Concat": "partial"},
+                                extra_environ=extra, status=201)
+            location = response.headers["Location"]
+            assert location.startswith("/app/files/")
+            app.patch(location.removeprefix("/app"), params=body, extra_environ=extra,
+                      headers={**TUS, "Upload-Offset": "0", "Content-Type": OCTETS}, status=204)
+            parts.append(location)
+        final = app.post("/files/", headers={**TUS, "Upload-Concat": "final;" + " ".join(parts)},
+                         extra_environ=extra, status=201)
+        head = app.head(final.headers["Location"].removeprefix("/app"), headers=TUS, extra_environ=extra)
+        assert head.headers["Upload-Concat"] == "final;" + " ".join(parts)
+
+
+class TestRateFloor:
+    def test_a_dripping_body_ends_after_a_window(self) -> None:
+        """A body bringing less than the floor in an idle_timeout window is cut ('slow'); what came counts."""
+        from uploadguard.resumable.wsgi import _BodyReader
+
+        class Drip:
+            def read(self, size: int) -> bytes:
+                time.sleep(0.05)
+                return b"x"
+
+        reader = _BodyReader(Drip(), 10_000, None, window=0.3)
+        received = b""
+        started = time.monotonic()
+        while chunk := reader(1024):
+            received += chunk
+            assert time.monotonic() - started < 30, "never cut"
+        assert reader.cut == "slow" and 0 < len(received) < 10_000

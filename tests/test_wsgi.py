@@ -15,6 +15,7 @@ import webtest
 
 from tests.support import as_user, fill, needs_root, tmpfs, traversable_dir, unlinked_dir
 from uploadguard import BodyTooLarge, UploadGuard
+from uploadguard.wsgi import ContinueOnRead
 
 LIMIT = 1024
 
@@ -172,11 +173,46 @@ class TestBodyLimit:
         client = webtest.TestApp(UploadGuard(app, temp_dir=temp_dir, max_body_size=0, min_free_space=0))
         assert client.post("/upload", b"x" * 5000).text == "stored 5000"
 
-    def test_expect_continue_is_not_drained(self, guard: UploadGuard) -> None:
-        """A 100-continue client refused on Content-Length is not drained: it sends nothing more."""
-        status, _, _, environ = call(guard, b"x" * 5000, HTTP_EXPECT="100-continue")
+    def test_a_client_still_waiting_for_100_is_not_drained(self, guard: UploadGuard) -> None:
+        """Refused while its deferred 100 Continue is unsent, the client has sent nothing: no 100, no drain."""
+        import socket
+
+        server, client = socket.socketpair()
+        with server, client:
+            body = io.BytesIO(b"x" * 1500)
+            waiting = ContinueOnRead(body, server)
+            status, _, _, _ = call(guard, b"", HTTP_EXPECT="100-continue", CONTENT_LENGTH="1500",
+                                   **{"wsgi.input": waiting})
+            client.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                client.recv(100)  # no 100 Continue was sent
+        assert status.startswith("413") and body.tell() == 0 and waiting.pending
+
+    def test_expect_without_the_deferring_hook_is_drained(self, guard: UploadGuard) -> None:
+        """Without the hook the server sent 100 Continue itself, so the client is sending: it is drained."""
+        status, _, _, environ = call(guard, b"x" * 1500, HTTP_EXPECT="100-continue")
         assert status.startswith("413")
-        assert environ["wsgi.input"].tell() == 0
+        assert environ["wsgi.input"].tell() == 1500
+
+    def test_no_100_continue_once_the_response_started(self, temp_dir: Path) -> None:
+        """An app that starts streaming its answer, then reads the body, gets no interim 100 inside it."""
+        import socket
+
+        def streams_then_reads(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"working..."
+            yield environ["wsgi.input"].read()
+
+        guard = UploadGuard(streams_then_reads, temp_dir=temp_dir, min_free_space=0)
+        server, client = socket.socketpair()
+        with server, client:
+            waiting = ContinueOnRead(io.BytesIO(b"body"), server)
+            _, _, body, _ = call(guard, b"", HTTP_EXPECT="100-continue", CONTENT_LENGTH="4",
+                                 **{"wsgi.input": waiting})
+            client.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                client.recv(100)
+        assert body == b"working...body"
 
     def test_oversized_body_is_drained_within_the_bound(self, guard: UploadGuard) -> None:
         """Without Expect, the rest of an oversized body is read so the client can read the 413."""
@@ -479,3 +515,23 @@ class TestNesting:
     def test_repr(self, guard: UploadGuard) -> None:
         """The guard's repr shows its effective settings."""
         assert "max_body_size=1K" in repr(guard)
+
+
+class TestReviewFindings:
+    def test_a_path_cannot_forge_log_lines(self, guard: UploadGuard, caplog: pytest.LogCaptureFixture) -> None:
+        """A newline in the request path is escaped in the 413 line, so no second log line is made."""
+        with caplog.at_level(logging.WARNING, logger="uploadguard"):
+            call(guard, b"x" * 2000, PATH_INFO="/x\n[2026-11-29 00:00:00 +0000] [1] [ERROR] forged")
+        [line] = [r.getMessage() for r in caplog.records if r.name == "uploadguard"]
+        assert "\n" not in line and "\\n[2026" in line
+
+    def test_the_deferred_input_shows_the_servers_state(self) -> None:
+        """ContinueOnRead hides nothing of the server's body: gunicorn reads its ``failed`` flag after a bad body."""
+        import socket
+
+        class Body(io.BytesIO):
+            failed = True
+
+        server, client = socket.socketpair()
+        with server, client:
+            assert ContinueOnRead(Body(b""), server).failed is True

@@ -8,9 +8,11 @@ bare app and show the guarded app answering instead.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
+import select
 import shutil
 import socket
 import threading
@@ -378,3 +380,85 @@ class TestExpectContinueForEveryLimit:
         server = serve_conf("flask_app:app")
         received = expect_refusal(server.port, "/upload", 1000)
         assert received.startswith(b"HTTP/1.1 200 ") and b"100 Continue" not in received
+
+
+class TestDrainOverTls:
+    def test_the_answer_after_a_cut_drain_is_never_clear_text(self, tmp_path: Path, upload_dir: Path) -> None:
+        """Over TLS, the drain deadline frees the worker and what follows stays encrypted on the wire.
+
+        Shutting reading mid-record breaks the TLS stream for a client that
+        drips (it gets an alert, as any client that keeps a server waiting may),
+        but ``ssl.SSLSocket.shutdown`` would also drop the TLS layer and send the
+        413 in clear text: the bytes on the wire are checked, not what the client
+        made of them.
+        """
+        import ssl
+        import subprocess
+
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("needs the openssl command (Debian package: openssl)")
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+        server = Gunicorn("wsgi_apps:guarded", tmp_path=tmp_path,
+                          args=["--log-level", "info", "--certfile", str(cert), "--keyfile", str(key)],
+                          env={"UPLOADGUARD_TEMP_DIR": str(upload_dir), "UPLOADGUARD_MAX_BODY_SIZE": "1000",
+                               "UPLOADGUARD_DRAIN_TIMEOUT": "1", "UPLOADGUARD_MIN_FREE_SPACE": "0"})
+        wire = bytearray()  # what the server sent, as a network sniffer sees it
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def relay() -> None:
+            client, _ = listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+
+            def pump(source: socket.socket, target: socket.socket, record: bool) -> None:
+                while True:
+                    try:
+                        data = source.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        with contextlib.suppress(OSError):
+                            target.shutdown(socket.SHUT_WR)
+                        return
+                    if record:
+                        wire.extend(data)
+                    with contextlib.suppress(OSError):
+                        target.sendall(data)
+
+            upward = threading.Thread(target=pump, args=(client, upstream, False), daemon=True)
+            upward.start()
+            pump(upstream, client, True)
+            upward.join(5)
+            client.close()
+            upstream.close()
+
+        relayer = threading.Thread(target=relay, daemon=True)
+        relayer.start()
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            started = time.monotonic()
+            with socket.create_connection(listener.getsockname(), timeout=20) as raw, \
+                    context.wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1500\r\n\r\n")
+                answered = False
+                while not answered and time.monotonic() - started < 25:  # one thread: a TLS socket is not shareable
+                    readable, _, _ = select.select([sock], [], [], 0.3)
+                    if readable or sock.pending():
+                        with contextlib.suppress(ssl.SSLError, OSError):
+                            sock.recv(65536)
+                        answered = True
+                    else:
+                        with contextlib.suppress(OSError):
+                            sock.sendall(b"x")
+                took = time.monotonic() - started
+            relayer.join(10)
+        finally:
+            listener.close()
+            server.stop()
+        assert answered and took < 1 + 1 + 3, took  # the drain ended at its deadline, not when the drip stopped
+        assert b"413" not in wire and b"Content Too Large" not in wire  # nothing in clear text
+        assert "413 POST /upload" in server.log()

@@ -57,8 +57,10 @@ middleware never changes:
 * Otherwise Django spools to :func:`tempfile.gettempdir`, and the middleware
   guards ``UPLOADGUARD_TEMP_DIR`` (default ``~/.cache/uploadguard/tmp``).  The
   two are the same directory under uploadguard's ``gunicorn_conf.py``, whose
-  ``post_worker_init`` points :mod:`tempfile` there; under any other server
-  they differ, and the middleware logs a WARNING at the first upload.  Setting
+  ``post_worker_init`` points :mod:`tempfile` at ``UPLOADGUARD_TEMP_DIR`` *from
+  the environment* (the hook runs before Django's settings are read); a value
+  set only in Django settings, or any other server, makes them differ, and the
+  middleware logs a WARNING at the first upload.  Setting
   ``FILE_UPLOAD_TEMP_DIR = UPLOADGUARD_TEMP_DIR`` makes it hold everywhere.
 
 **Chunked bodies.**  Django's ``WSGIRequest`` takes the body length from
@@ -500,18 +502,48 @@ class ResumableUploadedFile(UploadedFile):  # type: ignore[misc]  # Django ships
         self.upload = upload
 
 
+def _framework_errors() -> tuple[type[Exception], type[Exception]]:
+    """UploadNotFound and UploadIncomplete that Django also answers itself (404 and 400) in any view."""
+    from django.core.exceptions import BadRequest as DjangoBadRequest
+    from django.http import Http404
+
+    from .resumable import UploadIncomplete, UploadNotFound
+
+    class NotFound(UploadNotFound, Http404):  # type: ignore[misc]
+        pass
+
+    class Incomplete(UploadIncomplete, DjangoBadRequest):  # type: ignore[misc]
+        pass
+
+    return NotFound, Incomplete
+
+
+_NotFound, _Incomplete = _framework_errors()
+
+
+def _get_upload(request: Any, url: str) -> Any:
+    from .resumable import UploadIncomplete, UploadNotFound
+
+    if _endpoint is None:
+        raise ImproperlyConfigured("uploadguard.django.ResumableUploadsMiddleware is not in MIDDLEWARE")
+    try:
+        return _endpoint.uploads.get(url, owner=_owner(request))
+    except UploadNotFound as exc:
+        raise _NotFound(exc.detail) from None
+    except UploadIncomplete as exc:
+        raise _Incomplete(exc.detail) from None
+
+
 def resumable_file(request: Any, url: str) -> ResumableUploadedFile:
     """The completed upload ``url`` (or id) names, as an ``UploadedFile`` -- only for whoever created it.
 
-    Raises :class:`uploadguard.resumable.UploadNotFound` (a 404: unknown,
-    expired, or another user's or visitor's) or
-    :class:`uploadguard.resumable.UploadIncomplete` (still being uploaded), and
+    Raises :class:`uploadguard.resumable.UploadNotFound` (unknown, expired, or
+    another user's or visitor's) or :class:`uploadguard.resumable.UploadIncomplete`
+    (still being uploaded); both are also Django's ``Http404`` and
+    ``BadRequest``, so an uncaught one is a 404 or 400 in any view.
     ``ImproperlyConfigured`` without :class:`ResumableUploadsMiddleware`.
     """
-    if _endpoint is None:
-        raise ImproperlyConfigured("resumable_file() needs uploadguard.django.ResumableUploadsMiddleware in "
-                                   "MIDDLEWARE")
-    return ResumableUploadedFile(_endpoint.uploads.get(url, owner=_owner(request)))
+    return ResumableUploadedFile(_get_upload(request, url))
 
 
 def save_resumable(request: Any, url: str, name: str | None = None, storage: Any = None) -> str:
@@ -524,12 +556,9 @@ def save_resumable(request: Any, url: str, name: str | None = None, storage: Any
     copy is server-side -- the bytes never pass through this host; any other
     pair streams the data into ``storage.save``.
     """
-    if _endpoint is None:
-        raise ImproperlyConfigured("save_resumable() needs uploadguard.django.ResumableUploadsMiddleware in "
-                                   "MIDDLEWARE")
     from .resumable.s3 import save_to_storage
 
-    upload = _endpoint.uploads.get(url, owner=_owner(request))
+    upload = _get_upload(request, url)
     if storage is None:
         from django.core.files.storage import default_storage
 

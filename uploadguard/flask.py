@@ -55,10 +55,11 @@ form -- including a ``request.max_content_length`` a view sets for itself.
 
 **The upload temp dir.**  Werkzeug spools file parts larger than 500 KB to
 :func:`tempfile.gettempdir`; Flask has no setting for it.  Under uploadguard's
-``gunicorn_conf.py`` that is ``UPLOADGUARD_TEMP_DIR`` (its
-``post_worker_init`` points :mod:`tempfile` there).  Under another server,
-call :func:`uploadguard.tempdir.use_as_tempdir` with it at startup; otherwise
-the two differ and a WARNING says so at the first upload.
+``gunicorn_conf.py`` that is ``UPLOADGUARD_TEMP_DIR`` *from the environment*
+(its ``post_worker_init`` points :mod:`tempfile` there before the app's
+config exists).  With the setting only in ``app.config``, or under another
+server, call :func:`uploadguard.tempdir.use_as_tempdir` with it at startup;
+otherwise the two differ and a WARNING says so at the first upload.
 
 ``app.extensions["uploadguard"]`` is the app's :class:`uploadguard.UploadGuard`
 (``.settings``, ``.stats``); ``init_app`` also returns it.
@@ -261,18 +262,27 @@ class ResumableUploads:
 def resumable_file(url: str) -> Any:
     """The completed upload ``url`` (or id) names, as a Werkzeug ``FileStorage`` -- only for whoever created it.
 
-    Raises :class:`uploadguard.resumable.UploadNotFound` (404: unknown,
-    expired, another's) or :class:`uploadguard.resumable.UploadIncomplete`;
-    both are HTTP errors Flask can answer (``app.register_error_handler``) --
-    uploadguard answers them itself for requests with a body.
+    Raises :class:`uploadguard.resumable.UploadNotFound` (unknown, expired,
+    another's) or :class:`uploadguard.resumable.UploadIncomplete`; both are
+    also Werkzeug's ``NotFound`` and ``BadRequest``, so Flask answers an
+    uncaught one with a 404 or 400 in any view.
     """
     from flask import current_app
     from werkzeug.datastructures import FileStorage
 
+    from werkzeug.exceptions import BadRequest, NotFound
+
+    from .resumable import UploadIncomplete, UploadNotFound
+
     endpoint = current_app.extensions.get("uploadguard.resumable")
     if endpoint is None:
         raise RuntimeError("resumable_file() needs uploadguard.flask.ResumableUploads(app)")
-    upload = endpoint.get(url, owner=_owner())
+    try:
+        upload = endpoint.get(url, owner=_owner())
+    except UploadNotFound as exc:
+        raise type("UploadNotFound", (UploadNotFound, NotFound), {})(exc.detail) from None
+    except UploadIncomplete as exc:
+        raise type("UploadIncomplete", (UploadIncomplete, BadRequest), {})(exc.detail) from None
     metadata = upload.metadata
     return FileStorage(stream=upload.open(), filename=metadata.get("filename") or metadata.get("name") or upload.id,
                        content_type=metadata.get("filetype") or metadata.get("type") or "application/octet-stream",

@@ -98,6 +98,8 @@ __all__ = [
     "UploadGuard",
     "body_length",
     "remember_exception",
+    "shut_reading",
+    "waiting_for_continue",
 ]
 
 log = logging.getLogger("uploadguard")
@@ -180,6 +182,25 @@ def body_length(environ: WSGIEnvironment) -> int | None:
     return 0
 
 
+def shut_reading(sock: socket.socket) -> None:
+    """Wake any read blocked on ``sock`` (it returns EOF) while the response can still be written.
+
+    ``ssl.SSLSocket.shutdown`` would also drop the TLS layer, and what is
+    written afterwards would go out in clear text: the plain socket's
+    ``shutdown`` is called for TLS sockets too.
+    """
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RD)
+
+
+def _printable(text: object) -> str:
+    """``text`` for a log line: control characters escaped, so a request path cannot forge lines."""
+    value = str(text)
+    if value.isprintable():
+        return value
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in value)
+
+
 def remember_exception(environ: WSGIEnvironment, exc: BaseException) -> None:
     """Keep the first exception a framework caught, for :meth:`UploadGuard.answer_for_caught`.
 
@@ -204,6 +225,14 @@ class ContinueOnRead:
         self._sock = sock
         self._on_continue = on_continue
         self.pending = True
+        self._answered = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._body, name)  # the server's own state (gunicorn's ``failed``...) stays visible
+
+    def response_started(self) -> None:
+        """The final response has begun: no ``100 Continue`` may follow it (RFC 9110, 15.2)."""
+        self._answered = True
 
     def _send_continue(self) -> None:
         if self.pending:
@@ -211,6 +240,8 @@ class ContinueOnRead:
             self.read = self._body.read  # type: ignore[method-assign]
             self.readline = self._body.readline  # type: ignore[method-assign]
             self.readlines = self._body.readlines  # type: ignore[method-assign]
+            if self._answered:
+                return  # reading after the answer began: the client decides when to send
             self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             if self._on_continue is not None:
                 self._on_continue()
@@ -394,8 +425,7 @@ class _ReadDeadline:
     def _expire(self) -> None:
         with self._lock:
             if not self._cancelled:
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RD)
+                shut_reading(self._sock)
 
     def cancel(self) -> None:
         with self._lock:
@@ -411,10 +441,11 @@ class _Exchange:
     the first's (two ``Content-Type`` headers), so the guard never calls it twice.
     """
 
-    __slots__ = ("_start_response", "status", "headers", "exc_info", "sent", "_write")
+    __slots__ = ("_start_response", "status", "headers", "exc_info", "sent", "_write", "_continue")
 
-    def __init__(self, start_response: StartResponse) -> None:
+    def __init__(self, start_response: StartResponse, continue_input: ContinueOnRead | None = None) -> None:
         self._start_response = start_response
+        self._continue = continue_input
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
         self.exc_info: Any = None
@@ -432,6 +463,8 @@ class _Exchange:
             if self.status is None:
                 raise RuntimeError("the application did not call start_response")
             self.sent = True
+            if self._continue is not None:
+                self._continue.response_started()
             self._write = self._start_response(self.status, self.headers, self.exc_info)
 
     def write(self, data: bytes) -> None:
@@ -467,6 +500,14 @@ def _spooled(environ: WSGIEnvironment) -> int:
         return stream.consumed
     raw = environ.get("CONTENT_LENGTH") or ""
     return int(raw) if raw.isascii() and raw.isdigit() else 0
+
+
+def waiting_for_continue(environ: WSGIEnvironment) -> bool:
+    """Whether the server's input is a :class:`ContinueOnRead` that has not sent its ``100 Continue``."""
+    raw = environ.get("wsgi.input")
+    while isinstance(raw, GuardedInput):
+        raw = raw._stream
+    return isinstance(raw, ContinueOnRead) and raw.pending
 
 
 def _close_quietly(result: Iterable[bytes] | None) -> None:
@@ -533,14 +574,15 @@ class UploadGuard:
         return self._guarded(environ, start_response, length)
 
     def _guarded(self, environ: WSGIEnvironment, start_response: StartResponse, length: int | None) -> Iterable[bytes]:
-        stream = GuardedInput(environ["wsgi.input"], length=length, limit=self.settings.max_body_size)
+        raw = environ["wsgi.input"]
+        stream = GuardedInput(raw, length=length, limit=self.settings.max_body_size)
         refusal = self.refusal(length)
         if refusal is not None:
             return self._answer(environ, start_response, refusal, stream)
         environ[ENVIRON_GUARD] = self
         environ[ENVIRON_INPUT] = stream
         environ["wsgi.input"] = stream
-        exchange = _Exchange(start_response)
+        exchange = _Exchange(start_response, raw if isinstance(raw, ContinueOnRead) else None)
         result: Iterable[bytes] | None = None
         try:
             result = self.app(environ, exchange.start_response)
@@ -563,7 +605,7 @@ class UploadGuard:
             _close_quietly(result)
             if exchange.sent:
                 log.error("error after the response started (%s %s); cannot answer it",
-                          environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), exc_info=True)
+                          _printable(environ.get("REQUEST_METHOD")), _printable(environ.get("PATH_INFO")), exc_info=True)
                 raise
             error = self.answer_for(exc, environ)
             if error is None:
@@ -691,14 +733,11 @@ class UploadGuard:
     def should_drain(error: UploadGuardError, stream: GuardedInput, environ: WSGIEnvironment) -> bool:
         """Whether the client may still be sending a body it must finish before it reads ``error``.
 
-        Not a client still waiting for ``100 Continue``: it has sent nothing
-        and will not.  Without the deferring gunicorn hook, a client refused on
-        ``Content-Length`` before a byte was read is taken to be waiting too.
+        Not a client still waiting for a ``100 Continue`` the deferring gunicorn
+        hook has not sent: it has sent nothing and will not.  Any other client
+        may be sending (a server without the hook sent ``100 Continue`` itself).
         """
-        if stream.client_waiting:
-            return False
-        return not (isinstance(error, BodyTooLarge) and stream.consumed == 0
-                    and environ.get("HTTP_EXPECT", "").lower() == "100-continue")
+        return not (stream.client_waiting or waiting_for_continue(environ))
 
     def drain(self, stream: GuardedInput, environ: WSGIEnvironment) -> bool:
         """Read the rest of the body within ``drain_max`` and ``drain_timeout``, so the client reads our answer."""
@@ -714,7 +753,7 @@ class UploadGuard:
         if environ.get(ENVIRON_ANSWERED) is error:
             return
         environ[ENVIRON_ANSWERED] = error
-        where = f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}"
+        where = _printable(f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}")
         if isinstance(error, BodyTooLarge):
             self.stats.record(Event.REJECTED)
             sent = f"Content-Length {error.length}" if error.length is not None else "chunked body"

@@ -104,8 +104,9 @@ checked like the temp dir: recreated if it vanished (the uploads in it are
 404 then, so clients start again cleanly), 503 + ``Retry-After`` if unusable.
 
 **Bad input changes nothing**: an ``Upload-Length`` over ``max_size`` is a 413
-before any byte (:func:`~uploadguard.resumable.protocol.creation_too_large`
-is the same rule for the gunicorn ``pre_request`` hook); a PATCH that would
+before any byte is read (:func:`~uploadguard.resumable.protocol.creation_too_large`;
+with uploadguard's gunicorn hooks ``100 Continue`` waits for the first read,
+so an ``Expect`` client never sends it); a PATCH that would
 pass ``Upload-Length`` is refused whole; malformed offsets, lengths and
 metadata are 400; unknown uploads 404; ids are 144 random bits checked
 against a strict pattern before they reach a path.

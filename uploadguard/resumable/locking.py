@@ -39,6 +39,7 @@ import time
 from types import TracebackType
 from typing import Protocol
 
+from ..wsgi import shut_reading
 from .protocol import UploadLocked
 
 __all__ = ["HeldLock", "Locker", "FileLocker", "UploadLock", "ReleaseWatcher"]
@@ -219,6 +220,5 @@ class ReleaseWatcher:
                 log.info("upload %s was asked for by another request; ending this PATCH",
                          self.lock.upload_id)
                 if self.sock is not None:
-                    with contextlib.suppress(OSError):
-                        self.sock.shutdown(socket.SHUT_RD)
+                    shut_reading(self.sock)  # TLS too: the plain socket's shutdown keeps the TLS layer
                 return

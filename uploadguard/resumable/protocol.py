@@ -14,8 +14,8 @@ Where a status is chosen, it is chosen once:
 
 * :func:`check_offset` -- a client's ``Upload-Offset`` against the durable offset (409);
 * :func:`check_append` -- whether a PATCH of a given size may be appended at all (413, 400);
-* :func:`creation_too_large` -- the 413-before-any-byte decision, from headers only, so the
-  gunicorn ``pre_request`` hook can withhold ``100 Continue`` with the same rule.
+* :func:`creation_too_large` -- the 413-before-any-byte decision, from headers only (made before
+  the body is read, so with the gunicorn hook's deferred ``100 Continue`` the client sends none of it).
 
 Errors are responses (:class:`~uploadguard.errors.UploadGuardError` subclasses).
 """
@@ -198,11 +198,16 @@ class Concat:
 
 
 def method_of(environ: Mapping[str, object]) -> str:
-    """The request method, honouring ``X-HTTP-Method-Override`` (tus, for clients stuck with POST)."""
+    """The request method, honouring ``X-HTTP-Method-Override`` on a POST (tus, for clients stuck with POST).
+
+    Only a POST may become another method: a GET or HEAD turned into a DELETE
+    or PATCH would pass CSRF checks and CORS rules made for safe methods.
+    """
+    method = str(environ.get("REQUEST_METHOD", "GET")).upper()
     override = environ.get("HTTP_X_HTTP_METHOD_OVERRIDE")
-    if isinstance(override, str) and override.strip():
+    if method == "POST" and isinstance(override, str) and override.strip():
         return override.strip().upper()
-    return str(environ.get("REQUEST_METHOD", "GET")).upper()
+    return method
 
 
 def dialect_of(tus_resumable: str | None, interop: str | None) -> tuple[str, int | None] | None:

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol
 
@@ -228,7 +230,13 @@ class LocalStore:
         try:
             check_offset(offset, os.fstat(fd).st_size)
             if checksum is None:
-                written = _copy(read, fd, max_bytes, writeback=_Writeback(fd))
+                writeback = _Writeback(fd)
+                written = _copy(read, fd, max_bytes, writeback=writeback)
+                writeback.wait()
+                if writeback.failed is not None:
+                    os.ftruncate(fd, offset)  # this PATCH's bytes may not be on disk: not counted
+                    raise OSError(writeback.failed.errno or errno.EIO,
+                                  f"writing upload {upload_id} to disk failed: {writeback.failed.strerror}")
                 if written > max_bytes:
                     os.ftruncate(fd, offset)  # nothing appended: the PATCH is refused as a whole
                     raise BodyTooLarge(max_bytes, length=written)
@@ -355,12 +363,15 @@ class _Writeback:
     waits for these: they only make the durable state arrive sooner.
     """
 
-    __slots__ = ("_fd", "_since", "_busy")
+    __slots__ = ("_fd", "_since", "_busy", "failed")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._since = 0
         self._busy = threading.Event()
+        #: A background flush failed.  Linux reports a writeback error once per open file, so
+        #: the fsync at completion (on another descriptor) might never see it: the writer must.
+        self.failed: OSError | None = None
 
     def wrote(self, size: int) -> None:
         self._since += size
@@ -370,11 +381,16 @@ class _Writeback:
             copy = os.dup(self._fd)
             threading.Thread(target=self._sync, args=(copy,), name="uploadguard-writeback", daemon=True).start()
 
+    def wait(self) -> None:
+        """Let a flush still running finish (its outcome decides whether this PATCH counts)."""
+        while self._busy.is_set():
+            time.sleep(0.001)
+
     def _sync(self, fd: int) -> None:
         try:
             os.fdatasync(fd)
-        except OSError:
-            pass  # the final fsync reports what matters
+        except OSError as exc:
+            self.failed = exc
         finally:
             os.close(fd)
             self._busy.clear()

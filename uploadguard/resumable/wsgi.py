@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from ..config import Settings, default_resumable_storage, parse_duration, parse_size
 from ..errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
 from ..tempdir import reason_for_errno
+from ..wsgi import GuardedInput, waiting_for_continue, body_length
 from . import protocol as p
 from .locking import HeldLock, Locker, ReleaseWatcher
 from .s3 import S3Store, is_s3_url
@@ -103,6 +104,7 @@ class _Request:
         self.environ = environ
         self.owner = owner
         self.method = p.method_of(environ)
+        self.reader: _BodyReader | None = None  # the PATCH body being read, once it is
         self.dialect: str | None = None
         self.interop: int | None = None
         self.headers: list[tuple[str, str]] = [("Cache-Control", "no-store")]
@@ -125,19 +127,38 @@ class _Request:
         return p.parse_number(str(raw), "Content-Length")
 
 
+#: Bytes a PATCH must bring in each ``idle_timeout`` window (0.5 KiB/s at the default 30 s).
+_RATE_FLOOR = 16 * 1024
+
+
 class _BodyReader:
     """``read(n)`` over ``wsgi.input`` for the store; any end of the body (timeout, preemption, a
     vanished client) is just the end of this PATCH: the bytes before it count, nothing after is read."""
 
-    def __init__(self, stream: Any, length: int | None, watcher: ReleaseWatcher | None) -> None:
+    def __init__(self, stream: Any, length: int | None, watcher: ReleaseWatcher | None,
+                 window: float = 0.0) -> None:
         self.stream = stream
         self.remaining = length  # None: chunked, read to the end
         self.watcher = watcher
-        self.cut: str | None = None  # why the body ended early: "timeout", "preempted", "disconnect"
+        #: why the body ended early: "timeout", "slow", "preempted", "disconnect"
+        self.cut: str | None = None
+        self._window = window  # seconds; 0 = no rate floor
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
 
     def __call__(self, size: int) -> bytes:
         if self.cut is not None or self.remaining == 0:
             return b""
+        if self._window:
+            # A per-read timeout alone lets a client dripping a byte a second hold a worker for
+            # gunicorn's whole timeout: each window of ``idle_timeout`` seconds must bring a floor of
+            # bytes.  Ending the PATCH keeps what arrived; the client resumes from there.
+            now = time.monotonic()
+            if now - self._window_start >= self._window:
+                if self._window_bytes < _RATE_FLOOR:
+                    self.cut = "slow"
+                    return b""
+                self._window_start, self._window_bytes = now, 0
         if self.watcher is not None and self.watcher.preempted:
             self.cut = "preempted"
             return b""
@@ -159,6 +180,7 @@ class _BodyReader:
             self.cut = "disconnect"
         if self.remaining is not None:
             self.remaining -= len(data)
+        self._window_bytes += len(data)
         return data
 
 
@@ -240,15 +262,43 @@ class ResumableUploads:
         try:
             return self._dispatch(request)
         except UploadGuardError as error:
-            return self._error(request, error)
+            answer = error
         except OSError as exc:
             reason = reason_for_errno(exc.errno)
             if reason is not None:
                 log.warning("resumable storage %s failed (%s): %s", self.directory, reason, exc)
-                return self._error(request, TempDirUnavailable(reason, path=self.directory,
-                                                               retry_after=self.settings.retry_after, cause=str(exc)))
-            log.exception("resumable request failed")
-            return self._error(request, InternalError(exc))
+                answer = TempDirUnavailable(reason, path=self.directory, retry_after=self.settings.retry_after,
+                                            cause=str(exc))
+            else:
+                log.exception("resumable request failed")
+                answer = InternalError(exc)
+        self._drain(request)
+        return self._error(request, answer)
+
+    def _drain(self, request: _Request) -> None:
+        """Read the rest of a refused body (bounded like the guard's drain), so the client reads the answer.
+
+        A client still waiting for its ``100 Continue`` sent nothing; a body
+        whose reading was cut (idle, too slow, preempted, gone) is not read again.
+        """
+        reader = request.reader
+        if reader is not None and (reader.cut is not None or reader.remaining == 0):
+            return
+        environ = request.environ
+        stream = environ.get("wsgi.input")
+        if stream is None or waiting_for_continue(environ):
+            return
+        if not isinstance(stream, GuardedInput):
+            try:
+                length = body_length(environ)
+            except BadRequest:
+                return
+            if length == 0:
+                return
+            left = reader.remaining if reader is not None else length
+            stream = GuardedInput(stream, length=left, limit=0)
+        stream.drain(max_bytes=self.settings.drain_bytes, timeout=self.settings.drain_timeout,
+                     sock=environ.get("gunicorn.socket"))
 
     def get(self, id_or_url: str, *, owner: str | None = None) -> Upload:
         """A completed upload by id or URL (absolute, or a path under ``prefix``).
@@ -285,7 +335,10 @@ class ResumableUploads:
 
     def upload_id(self, id_or_url: str) -> str | None:
         """The id in ``id_or_url`` (an id, ``/files/<id>`` or ``https://host/files/<id>``), if valid."""
-        path = urlsplit(id_or_url.strip()).path if "/" in id_or_url else id_or_url.strip()
+        try:
+            path = urlsplit(id_or_url.strip()).path if "/" in id_or_url else id_or_url.strip()
+        except ValueError:  # e.g. "http://[" -- not a URL of ours
+            return None
         if "/" in path:
             head, _, candidate = path.rstrip("/").rpartition("/")
             if head + "/" != self.prefix and not (head + "/").endswith(self.prefix):
@@ -380,9 +433,10 @@ class ResumableUploads:
         log.info("created upload %s (%s bytes)", info.id,
                  length if length is not None else "deferred")
         if content_length or (content_length is None) or length == 0:
+            checksum = p.parse_checksum(request.header("Upload-Checksum"))
             with self.locker.acquire(info.id, timeout=self.lock_timeout) as lock:
                 info = self._append(request, lock, info, offset=0, content_length=content_length,
-                                    complete=complete)
+                                    complete=complete, checksum=checksum)
         return self._respond(request, "201 Created", [*request.headers, *self._state(request, info)])
 
     def _concatenate(self, request: _Request, concat: p.Concat, metadata: dict[str, str]) -> Response:
@@ -420,7 +474,7 @@ class ResumableUploads:
         # Taking the lock preempts a stale PATCH, so the offset answered is final.
         with self.locker.acquire(upload_id, timeout=self.lock_timeout) as lock:
             info = self._find(upload_id, request.owner)
-            if info.completed and not info.hook_done:
+            if self._whole(info) and not info.hook_done:
                 info = self._completed(request, lock, info)
         status = "204 No Content" if request.ietf else "200 OK"
         return self._respond(request, status, [*request.headers, *self._state(request, info)])
@@ -450,9 +504,10 @@ class ResumableUploads:
                 info = self.store.declare_length(upload_id, length)
             elif length is not None and length != info.length:
                 raise BadRequest("Upload-Length differs from the upload's length.", reason="bad_header")
-            if info.completed:
-                # A retried last PATCH: nothing more fits, and the data may have been moved away by
-                # on_complete, so answer from the info alone.
+            if self._whole(info):
+                # A retried last PATCH (or one after a crash between the last byte and finish):
+                # nothing more fits, and the data may have been moved away by on_complete, so
+                # answer from the info alone.
                 p.check_append(offset=offset, length=info.length, max_size=self.max_size,
                                content_length=content_length)
                 info = self._completed(request, lock, info)
@@ -473,7 +528,11 @@ class ResumableUploads:
                 content_length: int | None, complete: bool | None,
                 checksum: p.Checksum | None = None) -> UploadInfo:
         """Write the request body at ``offset`` under ``lock``; complete the upload when it is whole."""
+        if not request.ietf:
+            complete = None  # Upload-Complete is the draft's; a tus request declares lengths with Upload-Length
         if complete and info.length is None and content_length is not None:
+            if self.max_size and offset + content_length > self.max_size:
+                raise BodyTooLarge(self.max_size, length=offset + content_length)
             info = self.store.declare_length(info.id, offset + content_length)
         elif complete and info.length is not None and content_length is not None \
                 and offset + content_length != info.length:
@@ -485,7 +544,7 @@ class ResumableUploads:
         stream = request.environ["wsgi.input"]
         previous_timeout = sock.gettimeout() if sock is not None else None
         with ReleaseWatcher(lock, sock) as watcher:
-            reader = _BodyReader(stream, content_length, watcher)
+            reader = request.reader = _BodyReader(stream, content_length, watcher, self.idle_timeout)
             if sock is not None and self.idle_timeout:
                 sock.settimeout(self.idle_timeout)
             try:
@@ -502,6 +561,11 @@ class ResumableUploads:
         if info.length is not None and info.offset == info.length:
             info = self._completed(request, lock, info)
         return info
+
+    @staticmethod
+    def _whole(info: UploadInfo) -> bool:
+        """Every byte is stored: completed, or only not yet marked so (the worker died, or finish failed)."""
+        return info.completed or (info.length is not None and info.offset == info.length)
 
     def _completed(self, request: _Request, lock: HeldLock, info: UploadInfo) -> UploadInfo:
         """Make a whole upload durable, then run ``on_complete`` unless it already returned once."""
@@ -554,7 +618,7 @@ class ResumableUploads:
         if request.method == "HEAD" and info.partial:
             headers.append(("Upload-Concat", "partial"))
         elif request.method == "HEAD" and info.parts is not None:
-            headers.append(("Upload-Concat", "final;" + " ".join(self.prefix + part for part in info.parts)))
+            headers.append(("Upload-Concat", "final;" + " ".join(self._location(request, part) for part in info.parts)))
         if info.expires is not None:
             headers.append(("Upload-Expires", p.http_date(info.expires)))
         if request.ietf:
