@@ -535,3 +535,20 @@ class TestReviewFindings:
         server, client = socket.socketpair()
         with server, client:
             assert ContinueOnRead(Body(b""), server).failed is True
+
+
+class TestHttp2:
+    def test_an_http2_stream_never_times_out_or_shuts_the_shared_socket(self, guard: UploadGuard) -> None:
+        """Under HTTP/2 the connection's socket carries other streams: the drain leaves it alone."""
+        import socket
+
+        from uploadguard.wsgi import request_socket
+
+        server, client = socket.socketpair()
+        with server, client:
+            assert request_socket({"gunicorn.socket": server, "HTTP_VERSION": "2"}) is None
+            assert request_socket({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.1"}) is server
+            call(guard, b"x" * 1500, **{"gunicorn.socket": server, "HTTP_VERSION": "2"})
+            assert server.gettimeout() is None
+            client.sendall(b"still open")
+            assert server.recv(100) == b"still open"

@@ -98,6 +98,7 @@ __all__ = [
     "UploadGuard",
     "body_length",
     "remember_exception",
+    "request_socket",
     "shut_reading",
     "waiting_for_continue",
 ]
@@ -181,6 +182,19 @@ def body_length(environ: WSGIEnvironment) -> int | None:
     if environ.get("wsgi.input_terminated") and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return None
     return 0
+
+
+def request_socket(environ: WSGIEnvironment) -> socket.socket | None:
+    """This request's own client socket (gunicorn's ``environ["gunicorn.socket"]``), to time out or shut.
+
+    ``None`` where there is none, and under HTTP/2: there the socket carries
+    every stream of the connection, and a timeout or shutdown meant for one
+    request would cut the others.
+    """
+    if environ.get("HTTP_VERSION") == "2" or str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/2"):
+        return None
+    sock = environ.get("gunicorn.socket")
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def shut_reading(sock: socket.socket) -> None:
@@ -743,7 +757,7 @@ class UploadGuard:
     def drain(self, stream: GuardedInput, environ: WSGIEnvironment) -> bool:
         """Read the rest of the body within ``drain_max`` and ``drain_timeout``, so the client reads our answer."""
         return stream.drain(max_bytes=self.settings.drain_bytes, timeout=self.settings.drain_timeout,
-                            sock=environ.get("gunicorn.socket"))
+                            sock=request_socket(environ))
 
     def record(self, error: UploadGuardError, environ: WSGIEnvironment) -> None:
         """Log one line and count an error about to be answered, once per request.

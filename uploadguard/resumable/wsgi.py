@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
@@ -23,7 +22,7 @@ from urllib.parse import urlsplit
 from ..config import Settings, default_resumable_storage, parse_duration, parse_size
 from ..errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
 from ..tempdir import reason_for_errno
-from ..wsgi import GuardedInput, waiting_for_continue, body_length
+from ..wsgi import GuardedInput, body_length, request_socket, waiting_for_continue
 from . import protocol as p
 from .locking import HeldLock, Locker, ReleaseWatcher
 from .s3 import S3Store, is_s3_url
@@ -298,7 +297,7 @@ class ResumableUploads:
             left = reader.remaining if reader is not None else length
             stream = GuardedInput(stream, length=left, limit=0)
         stream.drain(max_bytes=self.settings.drain_bytes, timeout=self.settings.drain_timeout,
-                     sock=environ.get("gunicorn.socket"))
+                     sock=request_socket(environ))
 
     def get(self, id_or_url: str, *, owner: str | None = None) -> Upload:
         """A completed upload by id or URL (absolute, or a path under ``prefix``).
@@ -539,8 +538,7 @@ class ResumableUploads:
             raise BadRequest("Upload-Complete: ?1 but the body does not end the upload.", reason="bad_header")
         budget = p.check_append(offset=offset, length=info.length, max_size=self.max_size,
                                 content_length=content_length)
-        sock = request.environ.get("gunicorn.socket")
-        sock = sock if isinstance(sock, socket.socket) else None
+        sock = request_socket(request.environ)
         stream = request.environ["wsgi.input"]
         previous_timeout = sock.gettimeout() if sock is not None else None
         with ReleaseWatcher(lock, sock) as watcher:
