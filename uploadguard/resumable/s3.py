@@ -640,16 +640,11 @@ class _PartBuffer:
             self._file.close()
 
 
-class _ChunksFile(io.RawIOBase):
-    """A seekable read-only file over a list of ``bytes``, without joining them."""
+class _SeekableReader(io.RawIOBase):
+    """A read-only binary file of ``size`` bytes whose subclasses fetch them in ``readinto``."""
 
-    def __init__(self, chunks: list[bytes]) -> None:
-        super().__init__()
-        self._chunks = chunks
-        self._size = sum(len(chunk) for chunk in chunks)
-        self._position = 0
-        self._index = 0  # the chunk holding _position
-        self._within = 0  # _position's offset in that chunk
+    size = 0
+    _position = 0
 
     def readable(self) -> bool:
         return True
@@ -660,9 +655,25 @@ class _ChunksFile(io.RawIOBase):
     def tell(self) -> int:
         return self._position
 
+    def _target(self, offset: int, whence: int) -> int:
+        """Where a ``seek(offset, whence)`` lands (never before 0)."""
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        return max(0, base + offset)
+
+
+class _ChunksFile(_SeekableReader):
+    """A seekable read-only file over a list of ``bytes``, without joining them."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self.size = sum(len(chunk) for chunk in chunks)
+        self._position = 0
+        self._index = 0  # the chunk holding _position
+        self._within = 0  # _position's offset in that chunk
+
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = min(max(0, base + offset), self._size)
+        self._position = min(self._target(offset, whence), self.size)
         self._index, self._within, left = 0, 0, self._position
         while self._index < len(self._chunks) and left >= len(self._chunks[self._index]):
             left -= len(self._chunks[self._index])
@@ -685,7 +696,7 @@ class _ChunksFile(io.RawIOBase):
         return done
 
 
-class S3File(io.RawIOBase):
+class S3File(_SeekableReader):
     """A finished upload's object as a seekable binary file, streamed by ``GetObject`` (ranged after a seek)."""
 
     def __init__(self, store: S3Store, key: str, size: int) -> None:
@@ -700,18 +711,8 @@ class S3File(io.RawIOBase):
     def __repr__(self) -> str:
         return f"<S3File {self.name} {self.size} bytes>"
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
-        position = max(0, base + offset)
+        position = self._target(offset, whence)
         if position != self._position:
             self._drop()
             self._position = position
