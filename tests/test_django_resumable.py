@@ -202,3 +202,10 @@ class TestSaveResumable:
         stranger.META["CSRF_COOKIE"] = "x" * 32
         with pytest.raises(UploadNotFound):
             save_resumable(stranger, url, storage=storage)
+
+
+def test_bodyless_answers_claim_no_content_type() -> None:
+    """A 204 of the endpoint carries no Content-Type (Django would add text/html for a body there is not)."""
+    client, token = csrf_client()
+    response = client.options("/files/", HTTP_TUS_RESUMABLE="1.0.0")
+    assert response.status_code == 204 and "Content-Type" not in response.headers

@@ -459,6 +459,8 @@ class ResumableUploadsMiddleware:
         status, headers, body = self.uploads.handle(request.META, owner=_owner(request))
         code, _, reason = status.partition(" ")
         response = HttpResponse(b"".join(body), status=int(code), reason=reason or None)
+        if not any(name.lower() == "content-type" for name, _ in headers):
+            del response["Content-Type"]  # Django's default text/html would describe a body there is none of
         for name, value in headers:
             response[name] = value
         response._has_been_logged = True  # the endpoint logs what matters; a 409 on resume is routine
