@@ -389,3 +389,16 @@ class TestExpiry:
         monkeypatch.setenv("UPLOADGUARD_RESUMABLE_STORAGE", str(tmp_path / "uploads"))
         assert main(["clean", str(tmp_path / "other"), "--older-than", "24h"]) == 0
         assert store.get(old.id)
+
+
+class TestLocalStoreLeftovers:
+    def test_a_creation_that_cannot_record_its_info_leaves_nothing(self, tmp_path: Path) -> None:
+        """On a full file system the info write fails: the error is raised and the empty data file goes too."""
+        from tests.support import fill, tmpfs
+
+        with tmpfs(tmp_path / "full", size="1m") as directory:
+            store = LocalStore(directory)
+            fill(directory)
+            with pytest.raises(OSError):
+                store.create(UploadInfo(id="A" * 24, length=10))
+            assert sorted(p.name for p in directory.iterdir()) == ["filler"]

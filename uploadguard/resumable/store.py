@@ -193,7 +193,12 @@ class LocalStore:
     def create(self, info: UploadInfo) -> UploadInfo:
         data_path = self._path(info.id, ".bin")
         os.close(os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-        self._write_info(info)
+        try:
+            self._write_info(info)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(data_path)  # no info, no upload: nothing may stay behind that clean would never find
+            raise
         return self.get(info.id)
 
     def get(self, upload_id: str) -> UploadInfo:
