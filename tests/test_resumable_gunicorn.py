@@ -7,10 +7,12 @@ the 413 before the body, and tuspy (a tus client nobody here wrote).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
 import os
+import select
 import signal
 import socket
 import threading
@@ -426,6 +428,35 @@ class TestRefusalsReachTheClient:
         finally:
             conn.close()
         assert status in (404, 412)
+
+
+class TestRateFloor:
+    @pytest.mark.parametrize("args", [(), ("--worker-class", "gthread", "--threads", "2")], ids=["sync", "gthread"])
+    def test_a_dripping_patch_is_ended_and_keeps_its_bytes(self, tmp_path: Path, args: tuple[str, ...]) -> None:
+        """A PATCH dripping a byte every 0.3 s is answered once an idle_timeout window (2 s) brought too
+        little -- gunicorn's reader would otherwise wait for all 100,000 bytes -- and the bytes count."""
+        server = Server(tmp_path, workers=1, args=args, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "2"})
+        try:
+            url = server.create(100_000)
+            path = url.split(str(server.port), 1)[1]
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                              f"Upload-Offset: 0\r\nContent-Type: {OCTETS}\r\nContent-Length: 100000\r\n\r\n").encode())
+                answer = b""
+                while not answer and time.monotonic() - started < 25:
+                    readable, _, _ = select.select([sock], [], [], 0.3)
+                    if readable:
+                        answer = sock.recv(65536)
+                    else:
+                        with contextlib.suppress(OSError):
+                            sock.sendall(b"x")
+            took = time.monotonic() - started
+            assert answer.startswith(b"HTTP/1.1 204"), answer[:200]
+            assert took < 2 + 1 + 4, took  # one window, the watcher's poll, a busy machine
+            assert 0 < server.offset(url) < 100_000
+        finally:
+            server.gunicorn.stop()
 
 
 class TestOnComplete:

@@ -225,6 +225,20 @@ class TestS3Store:
         assert store.finish(info.id).completed  # the died try's work is recognised, not a 404
         assert data_of(store, info.id) == data
 
+    def test_an_aborted_multipart_upload_is_never_marked_complete(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                                                                  bucket: str) -> None:
+        """Its multipart upload aborted (a lifecycle rule), finish raises UploadNotFound and marks nothing done."""
+        store = make_store(bucket)
+        data = patterned(6 * MiB)
+        info = store.create(new_info(len(data)))
+        store.write(info.id, 0, reader(data), len(data))  # one whole part, no incomplete part
+        state = store._load(info.id)
+        assert state.tail is None and state.parts
+        seaweed.client().abort_multipart_upload(Bucket=bucket, Key=f"uploads/{info.id}", UploadId=state.multipart)
+        with pytest.raises(UploadNotFound):
+            store.finish(info.id)
+        assert not store.get(info.id).completed
+
     def test_memory_stays_within_one_part(self, aws_env: dict[str, str], bucket: str) -> None:
         """A 40 MiB PATCH allocates about one part (8 MiB, the reads kept as they came) plus a read, never the body
         or a second copy of the part."""
@@ -272,6 +286,31 @@ class TestS3Store:
 
 
 class TestS3Locking:
+    def test_a_renewal_that_hangs_counts_as_a_lost_lease(self, aws_env: dict[str, str], bucket: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        """While a renewal hangs in S3, the holder counts its lease lost (and ends its PATCH) before it lapses."""
+        store = make_store(bucket, lease=3)
+        upload_id = new_upload_id()
+        lock = store.locker.try_acquire(upload_id)
+        assert lock is not None
+        real_write = store.locker._write
+        hang = threading.Event()
+
+        def hanging_write(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("if_match") and not kwargs.get("free"):
+                hang.wait(10)  # a renewal stuck in S3
+            return real_write(*args, **kwargs)
+
+        monkeypatch.setattr(store.locker, "_write", hanging_write)
+        started = time.monotonic()
+        while not lock.release_requested() and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        took = time.monotonic() - started
+        counted_lost = lock.lost
+        hang.set()
+        lock.release()
+        assert counted_lost and took < 3, took  # two thirds of the lease, before another host may take it
+
     def test_exclusive_then_free(self, aws_env: dict[str, str], bucket: str) -> None:
         """While one holds an upload, try_acquire gets nothing; after release it does (the lock object stays, free)."""
         store = make_store(bucket)
@@ -398,7 +437,7 @@ class TestSaveToStorage:
     def finished(self, store: S3Store, data: bytes) -> Any:
         from uploadguard.resumable import Upload
 
-        info = store.create(new_info(len(data), metadata={"filename": "x.bin", "filetype": "application/x-test"}))
+        info = store.create(new_info(len(data), metadata={"filename": "x.pdf", "filetype": "text/html"}))
         store.write(info.id, 0, reader(data), len(data))
         return Upload(store.finish(info.id), store, f"/files/{info.id}")
 
@@ -424,10 +463,10 @@ class TestSaveToStorage:
         calls: list[str] = []
         storage.connection.meta.client.meta.events.register(
             "before-call.s3.*", lambda model, **_: calls.append(model.name))
-        name = save_to_storage(upload, storage, "docs/x.bin")
+        name = save_to_storage(upload, storage, "docs/x.pdf")
         assert calls == ["CopyObject"]
-        head = seaweed.client().head_object(Bucket=media, Key="media/docs/x.bin")
-        assert head["ContentLength"] == len(data) and head["ContentType"] == "application/x-test"
+        head = seaweed.client().head_object(Bucket=media, Key="media/docs/x.pdf")
+        assert head["ContentLength"] == len(data) and head["ContentType"] == "application/pdf"  # from the name, never the client
         with storage.open(name) as fh:
             assert fh.read() == data
 

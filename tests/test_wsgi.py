@@ -546,9 +546,12 @@ class TestHttp2:
 
         server, client = socket.socketpair()
         with server, client:
-            assert request_socket({"gunicorn.socket": server, "HTTP_VERSION": "2"}) is None
+            assert request_socket({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/2.0"}) is None
             assert request_socket({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.1"}) is server
-            call(guard, b"x" * 1500, **{"gunicorn.socket": server, "HTTP_VERSION": "2"})
+            # A client's "Version: 2" header (HTTP_VERSION) must not switch the bounds off.
+            assert request_socket({"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/1.1",
+                                   "HTTP_VERSION": "2"}) is server
+            call(guard, b"x" * 1500, **{"gunicorn.socket": server, "SERVER_PROTOCOL": "HTTP/2.0"})
             assert server.gettimeout() is None
             client.sendall(b"still open")
             assert server.recv(100) == b"still open"

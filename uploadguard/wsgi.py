@@ -191,7 +191,7 @@ def request_socket(environ: WSGIEnvironment) -> socket.socket | None:
     every stream of the connection, and a timeout or shutdown meant for one
     request would cut the others.
     """
-    if environ.get("HTTP_VERSION") == "2" or str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/2"):
+    if str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/2"):  # set by the server, never the client
         return None
     sock = environ.get("gunicorn.socket")
     return sock if isinstance(sock, socket.socket) else None

@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 from types import TracebackType
+from collections.abc import Callable
 from typing import Protocol
 
 from ..wsgi import shut_reading
@@ -200,6 +201,9 @@ class ReleaseWatcher:
         self.sock = sock
         self.interval = interval
         self.preempted = False
+        #: Polled with the release request: ``True`` ends the read as too slow (see ``_BodyReader``).
+        self.too_slow: Callable[[], bool] | None = None
+        self.slowed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"uploadguard-release-{lock.upload_id[:8]}",
                                         daemon=True)
@@ -221,4 +225,12 @@ class ReleaseWatcher:
                          self.lock.upload_id)
                 if self.sock is not None:
                     shut_reading(self.sock)  # TLS too: the plain socket's shutdown keeps the TLS layer
+                return
+            if self.too_slow is not None and self.too_slow():
+                # The server's reader blocks until it has the bytes it asked for, however slowly
+                # they drip in: only a shutdown ends such a read.
+                self.slowed = True
+                log.info("upload %s: the PATCH brings too few bytes; ending it", self.lock.upload_id)
+                if self.sock is not None:
+                    shut_reading(self.sock)
                 return

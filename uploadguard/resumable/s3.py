@@ -102,6 +102,7 @@ import dataclasses
 import io
 import json
 import logging
+import mimetypes
 import os
 import secrets
 import socket
@@ -257,7 +258,7 @@ class S3Store:
         if "AWS_RESPONSE_CHECKSUM_VALIDATION" not in os.environ:
             options["response_checksum_validation"] = "when_required"
         config = Config(connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
-                        retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                        retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
                         max_pool_connections=32, **options)
         return boto3.session.Session().client("s3", config=config)
 
@@ -502,8 +503,10 @@ class S3Store:
                     buffer.close()
                 state.tail = None
             if state.parts:
-                self._call("complete_multipart_upload", Key=key, UploadId=state.multipart, MultipartUpload={
+                done = self._call("complete_multipart_upload", Key=key, UploadId=state.multipart, MultipartUpload={
                     "Parts": [{"PartNumber": n, "ETag": etag} for n, _, etag in state.parts]})
+                if done is None:  # NoSuchUpload: aborted (a lifecycle rule, a racing terminate) -- or completed
+                    raise UploadNotFound(f"The multipart upload of {upload_id} is gone.")
         except (S3Unavailable, UploadNotFound):
             head = self._call("head_object", Key=key)  # completed by a try that died before its commit?
             if head is None or int(head["ContentLength"]) != state.offset:
@@ -774,12 +777,18 @@ class S3Lock:
 
     @property
     def lost(self) -> bool:
-        """Whether the lease could not be renewed in time, or another request took the lock."""
-        return self._lost
+        """Whether another request took the lock, or the lease may have lapsed.
+
+        Judged by time as well as by answers: a renewal that hangs in S3 (up
+        to boto3's timeouts) must not leave this holder writing after the
+        lease ran out and another host took over.  Two thirds of the lease
+        after the last renewal was *sent*, the lock counts as lost.
+        """
+        return self._lost or time.monotonic() - self._renewed > self.locker.store.lease * 2 / 3
 
     def release_requested(self) -> bool:
         """Whether another request asked for this upload (``<id>.release`` seen), or the lease was lost."""
-        return self._requested or self._lost
+        return self._requested or self.lost
 
     def _run(self) -> None:
         store = self.locker.store
@@ -791,14 +800,15 @@ class S3Lock:
                     self._requested = True
                     log.info("upload %s was asked for by another request", self.upload_id)
                 if time.monotonic() >= next_renewal:
+                    sent = time.monotonic()  # the lease runs from about here, whenever the answer comes
                     with self._mutex:
                         if not self._held:
                             return
                         self._renewals += 1
                         self._etag = self.locker._write(self.upload_id, self._token, self._renewals,
                                                         if_match=self._etag)
-                    self._renewed = time.monotonic()
-                    next_renewal = self._renewed + renew_every
+                    self._renewed = sent
+                    next_renewal = time.monotonic() + renew_every
             except _Precondition:
                 self._lost = True
                 log.warning("the lock of upload %s was taken over; ending this request", self.upload_id)
@@ -927,7 +937,9 @@ def save_to_storage(upload: Any, storage: Any, name: str) -> str:
         source = {"Bucket": store.bucket, "Key": store._key(upload.id)}
         size = int(upload.length)
         extra: dict[str, Any] = {}
-        content_type = upload.metadata.get("filetype") if hasattr(upload, "metadata") else None
+        # From the stored name, as django-storages does -- never the client's metadata: a "filetype" of
+        # text/html on avatar.png would make the bucket serve a script (and a CR LF in it a 500).
+        content_type = mimetypes.guess_type(name)[0]
         if content_type:
             extra["ContentType"] = content_type
         if size <= _COPY_LIMIT:

@@ -145,19 +145,22 @@ class _BodyReader:
         self._window_start = time.monotonic()
         self._window_bytes = 0
 
+    def too_slow(self) -> bool:
+        """A window of ``idle_timeout`` seconds brought less than the floor (checked by the watcher too).
+
+        A per-read timeout alone lets a client dripping a byte a second hold a
+        worker for gunicorn's whole timeout.  Ending the PATCH keeps what
+        arrived; the client resumes from there.
+        """
+        return (bool(self._window) and time.monotonic() - self._window_start >= self._window
+                and self._window_bytes < _RATE_FLOOR)
+
     def __call__(self, size: int) -> bytes:
         if self.cut is not None or self.remaining == 0:
             return b""
-        if self._window:
-            # A per-read timeout alone lets a client dripping a byte a second hold a worker for
-            # gunicorn's whole timeout: each window of ``idle_timeout`` seconds must bring a floor of
-            # bytes.  Ending the PATCH keeps what arrived; the client resumes from there.
-            now = time.monotonic()
-            if now - self._window_start >= self._window:
-                if self._window_bytes < _RATE_FLOOR:
-                    self.cut = "slow"
-                    return b""
-                self._window_start, self._window_bytes = now, 0
+        if self.too_slow():
+            self.cut = "slow"
+            return b""
         if self.watcher is not None and self.watcher.preempted:
             self.cut = "preempted"
             return b""
@@ -173,13 +176,19 @@ class _BodyReader:
             log.debug("PATCH body ended by %r", exc)
             self.cut = "disconnect"
             return b""
-        if self.watcher is not None and self.watcher.preempted and not data:
+        if self.watcher is not None and self.watcher.slowed and not data:
+            self.cut = "slow"
+        elif self.watcher is not None and self.watcher.preempted and not data:
             self.cut = "preempted"
         elif not data and self.remaining:
             self.cut = "disconnect"
         if self.remaining is not None:
             self.remaining -= len(data)
         self._window_bytes += len(data)
+        if self._window and self._window_bytes >= _RATE_FLOOR:
+            now = time.monotonic()
+            if now - self._window_start >= self._window:
+                self._window_start, self._window_bytes = now, 0  # a good window: start the next
         return data
 
 
@@ -543,6 +552,7 @@ class ResumableUploads:
         previous_timeout = sock.gettimeout() if sock is not None else None
         with ReleaseWatcher(lock, sock) as watcher:
             reader = request.reader = _BodyReader(stream, content_length, watcher, self.idle_timeout)
+            watcher.too_slow = reader.too_slow
             if sock is not None and self.idle_timeout:
                 sock.settimeout(self.idle_timeout)
             try:
