@@ -18,7 +18,7 @@ import email.utils
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,31 +28,14 @@ from tests.support import GUNICORN_CONF, ROOT, Gunicorn
 
 pytestmark = pytest.mark.slow
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 PIL_Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("django")
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 DEMO = ROOT / "examples" / "django_demo"
 BROKEN_FOR = 2.0  # seconds the temp dir stays unusable after the first retry is shown
 HELPER = ROOT / "uploadguard" / "static" / "uploadguard" / "upload.js"
 SITE = "http://uploadguard.test"  # answered by page.route(), never looked up
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def serve_demo(tmp_path: Path, **env: str) -> Gunicorn:

@@ -31,15 +31,10 @@ from tests.chaos_proxy import BLACKHOLE, RESET, ChaosProxy
 from tests.support import GUNICORN_CONF, ROOT, Gunicorn
 
 pytest.importorskip("uploadguard.resumable")
-playwright_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 HELPER = ROOT / "uploadguard" / "static" / "uploadguard" / "upload.js"
 MiB = 1024 * 1024
 CHUNK = 4 * MiB  # the page's chunkSize
@@ -68,18 +63,6 @@ window.stored = []; window.failed = [];
 document.addEventListener("uploadguard:stored", function (event) { window.stored.push(event.detail.result.url); });
 document.addEventListener("uploadguard:failed", function (event) { window.failed.push(event.detail.error.message); });
 </script>"""
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 class Site:
