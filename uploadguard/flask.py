@@ -75,8 +75,10 @@ from typing import Any
 
 from flask import Flask, Response, has_request_context, request
 from flask.signals import got_request_exception
+from werkzeug.exceptions import BadRequest, NotFound
 
 from .config import Settings
+from .resumable.protocol import UploadIncomplete, UploadNotFound
 from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput, remember_exception
 from .wsgi import UploadGuard as WSGIUploadGuard
 
@@ -259,6 +261,14 @@ class ResumableUploads:
         return endpoint
 
 
+class _FlaskUploadNotFound(UploadNotFound, NotFound):  # type: ignore[misc]  # Flask answers it as a NotFound
+    """An unknown upload that Flask also answers itself (404) in any view."""
+
+
+class _FlaskUploadIncomplete(UploadIncomplete, BadRequest):  # type: ignore[misc]  # likewise, a BadRequest
+    """An upload still in progress that Flask also answers itself (400) in any view."""
+
+
 def resumable_file(url: str) -> Any:
     """The completed upload ``url`` (or id) names, as a Werkzeug ``FileStorage`` -- only for whoever created it.
 
@@ -270,19 +280,15 @@ def resumable_file(url: str) -> Any:
     from flask import current_app
     from werkzeug.datastructures import FileStorage
 
-    from werkzeug.exceptions import BadRequest, NotFound
-
-    from .resumable import UploadIncomplete, UploadNotFound
-
     endpoint = current_app.extensions.get("uploadguard.resumable")
     if endpoint is None:
         raise RuntimeError("resumable_file() needs uploadguard.flask.ResumableUploads(app)")
     try:
         upload = endpoint.get(url, owner=_owner())
     except UploadNotFound as exc:
-        raise type("UploadNotFound", (UploadNotFound, NotFound), {})(exc.detail) from None
+        raise _FlaskUploadNotFound(exc.detail) from None
     except UploadIncomplete as exc:
-        raise type("UploadIncomplete", (UploadIncomplete, BadRequest), {})(exc.detail) from None
+        raise _FlaskUploadIncomplete(exc.detail) from None
     metadata = upload.metadata
     return FileStorage(stream=upload.open(), filename=metadata.get("filename") or metadata.get("name") or upload.id,
                        content_type=metadata.get("filetype") or metadata.get("type") or "application/octet-stream",

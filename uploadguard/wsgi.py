@@ -306,11 +306,6 @@ class GuardedInput:
             self.limit = limit
 
     @property
-    def client_waiting(self) -> bool:
-        """The client awaits ``100 Continue`` and has sent nothing: an answer now needs no drain."""
-        return self.consumed == 0 and getattr(self._stream, "pending", False) is True
-
-    @property
     def remaining(self) -> int | None:
         """Bytes still unread (``None`` when the length is unknown)."""
         return None if self._length is None else self._length - self.consumed
@@ -752,7 +747,7 @@ class UploadGuard:
         hook has not sent: it has sent nothing and will not.  Any other client
         may be sending (a server without the hook sent ``100 Continue`` itself).
         """
-        return not (stream.client_waiting or waiting_for_continue(environ))
+        return not waiting_for_continue(environ)
 
     def drain(self, stream: GuardedInput, environ: WSGIEnvironment) -> bool:
         """Read the rest of the body within ``drain_max`` and ``drain_timeout``, so the client reads our answer."""
