@@ -27,7 +27,7 @@ Parameters of :class:`S3Store` (keyword-only after the URL):
 ``lease``          seconds a lock lasts without renewal (default 10): how long the
                    uploads a SIGKILLed host was writing stay locked.
 ``retry_after``    seconds in the 503's ``Retry-After`` when S3 fails (default 5).
-``connect_timeout``, ``read_timeout``, ``max_attempts``  bound boto3 (2 s, 20 s, 2
+``connect_timeout``, ``read_timeout``, ``max_attempts``  bound boto3 (2 s, 20 s, 3
                    attempts), so an unreachable S3 is a fast 503, not a hung worker.
 ``client``         a ready boto3 S3 client (otherwise one per process, made on first use).
 
@@ -203,7 +203,7 @@ class S3Store:
         retry_after: int = 5,  # seconds, in the 503 when S3 fails
         connect_timeout: float = 2.0,  # seconds
         read_timeout: float = 20.0,  # seconds
-        max_attempts: int = 2,  # boto3 attempts per call, the first included
+        max_attempts: int = 3,  # boto3 attempts per call, the first included (S3 asks clients to retry 5xx)
         client: Any = None,  # a boto3 S3 client; None = one per process from boto3's standard configuration
     ) -> None:
         self.url = url if url.endswith("/") else url + "/"
