@@ -9,6 +9,16 @@ the credentials in :data:`ACCESS_KEY` / :data:`SECRET_KEY` gets every action,
 so boto3 signs with ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` as
 anywhere else.
 
+Every bucket is a SeaweedFS *collection* with volumes of its own.  Left to
+its defaults, the master grows 7 volumes for a collection's first write and
+``-volume.max=0`` sizes the volume slots as free disk / volume size, so after
+a few dozen buckets (one per test) every first write to a new bucket failed
+with ``InternalError`` ("No writable volumes and no free volumes left") --
+how a full run flaked, depending on the machine's free disk.  Here a new
+collection grows one volume (``master.toml``, read from weed's working
+directory) and the slot count is fixed, far above what a run uses; volumes
+are not preallocated, so an unused slot costs nothing.
+
 It takes several seconds to exit on ``SIGTERM``; :meth:`SeaweedFS.stop` waits,
 then kills.  A stopped server can be :meth:`started <SeaweedFS.start>` again on
 the same ports and directory, with its data (the "storage was down" tests).
@@ -37,6 +47,9 @@ from tests.support import free_port
 ACCESS_KEY = "uploadguardtest"
 SECRET_KEY = "uploadguardtestsecret0123456789"
 REGION = "us-east-1"
+VOLUME_SLOTS = 2000  # fixed, not "free disk / volume size": a run's buckets must not depend on the disk
+# One volume per new collection (bucket) instead of seven; more grow as volumes fill.
+MASTER_TOML = "[master.volume_growth]\ncopy_1 = 1\n"
 
 
 def weed_binary() -> str:
@@ -73,6 +86,7 @@ class SeaweedFS:
             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
+        (directory / "master.toml").write_text(MASTER_TOML)
         self.log_path = directory / "weed.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -94,7 +108,7 @@ class SeaweedFS:
             f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={self.config}",
             f"-s3.localSocket={self.directory / 's3.sock'}", f"-filer.localSocket={self.directory / 'filer.sock'}",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=256", "-volume.max=0",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=256", f"-volume.max={VOLUME_SLOTS}",
         ]
 
     def env(self) -> dict[str, str]:
@@ -186,9 +200,9 @@ class SeaweedFS:
         client = self.client()
         client.create_bucket(Bucket=name)
         deadline = time.monotonic() + 30
-        while True:  # the filer may answer before the bucket is usable for writes
+        while True:  # the filer may answer before the bucket is usable; a non-empty write grows its volume
             try:
-                client.put_object(Bucket=name, Key=".probe", Body=b"")
+                client.put_object(Bucket=name, Key=".probe", Body=b"probe")
                 client.delete_object(Bucket=name, Key=".probe")
                 return name
             except Exception:
