@@ -143,6 +143,29 @@ class TestCsrfAndOwnership:
             resumable_file(request, url)
 
 
+class TestBodyIsNeverAForm:
+    @pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+    def test_ietf_creation_with_a_form_content_type_keeps_its_body(self, content_type: str) -> None:
+        """The draft lets a creation carry the file under its own media type; the CSRF check (which reads
+        ``request.POST`` for a form type) must not swallow it: the token comes in the header."""
+        client, token = csrf_client()
+        data = b"csrfmiddlewaretoken=nothing&name=value&" + bytes(range(256)) * 40
+        created = client.generic("POST", "/files/", data, content_type=content_type, HTTP_X_CSRFTOKEN=token,
+                                 HTTP_UPLOAD_DRAFT_INTEROP_VERSION="6", HTTP_UPLOAD_COMPLETE="?1")
+        assert created.status_code == 201, created.content
+        response = client.post("/resumable-done/", {"upload": created["Location"], "csrfmiddlewaretoken": token})
+        assert response.status_code == 200, response.content
+        assert response.json()["sha256"] == hashlib.sha256(data).hexdigest()
+
+    def test_a_form_field_does_not_stand_in_for_the_header(self) -> None:
+        """Only the X-CSRFToken header counts for the endpoint: a token in a form body is upload data."""
+        client, token = csrf_client()
+        created = client.generic("POST", "/files/", f"csrfmiddlewaretoken={token}".encode(),
+                                 content_type="application/x-www-form-urlencoded",
+                                 HTTP_UPLOAD_DRAFT_INTEROP_VERSION="6", HTTP_UPLOAD_COMPLETE="?1")
+        assert created.status_code == 403
+
+
 class TestGuardCoversIt:
     def test_an_unusable_temp_dir_is_the_retryable_503(self, dirs: dict[str, Path]) -> None:  # noqa: F811
         """A PATCH meets the guard first: with the temp dir replaced by a file it is a 503 + Retry-After."""
