@@ -21,7 +21,7 @@ from flask import Flask, jsonify, request
 from werkzeug.wrappers import Response
 
 from tests.support import fill
-from uploadguard.flask import ResumableUploads, UploadGuard, resumable_file
+from uploadguard.flask import ResumableUploads, UploadGuard, delete_resumable, resumable_file
 
 
 def create_app(*, guarded: bool = True, **config: Any) -> Flask:
@@ -78,6 +78,8 @@ def create_app(*, guarded: bool = True, **config: Any) -> Flask:
         upload.stream.close()
         with open(os.path.join(app.config["STORE_DIR"], os.path.basename(upload.filename or "upload")), "wb") as out:
             out.write(data)
+        if request.form.get("delete"):
+            delete_resumable(request.form["upload"])
         return jsonify(name=upload.filename, size=len(data), content_type=upload.content_type,
                        sha256=hashlib.sha256(data).hexdigest())
 

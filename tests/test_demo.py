@@ -211,6 +211,8 @@ class TestDemoUploads:
         [entry] = stored.json()["stored"]
         assert entry["kind"] == "image" and entry["original_size"] == len(data) and entry["title"] == "cat.jpg"
         assert (dirs["storage"] / entry["name"]).stat().st_size == entry["size"] < len(data)
+        # stored once: the resumable copy is gone (a completed upload never expires on its own)
+        assert client.head(url, HTTP_TUS_RESUMABLE="1.0.0").status_code == 404
 
     def test_a_resumable_upload_of_someone_else_is_404(self, client: Client, demo_settings: None) -> None:
         """Naming an upload URL this visitor did not create is a 404 JSON answer, not a 500."""

@@ -105,6 +105,28 @@ class TestCsrfAndOwnership:
                                    "sha256": hashlib.sha256(data).hexdigest()}
         assert (dirs["store"] / "cat.jpg").read_bytes() == data
 
+    def test_the_owner_deletes_it_once_stored(self, dirs: dict[str, Path]) -> None:  # noqa: F811
+        """delete_resumable removes the stored upload for its owner; another visitor gets 404 and changes nothing."""
+        from django.http import Http404
+        from django.test import RequestFactory
+
+        from uploadguard.django import delete_resumable
+
+        client, token = csrf_client()
+        url = create(client, token, 3)["Location"]
+        patch(client, token, url, 0, b"abc")
+        stranger = RequestFactory().post("/")
+        stranger.META["CSRF_COOKIE"] = csrf_client()[0].cookies["csrftoken"].value
+        with pytest.raises(Http404):
+            delete_resumable(stranger, url)
+        assert client.head(url, **TUS).status_code == 200
+
+        response = client.post("/resumable-done/", {"upload": url, "delete": "1", "csrfmiddlewaretoken": token})
+
+        assert response.status_code == 200 and response.json()["size"] == 3
+        assert client.head(url, **TUS).status_code == 404
+        assert sorted(path.name for path in (dirs["temp"].parent / "tus").iterdir()) == []
+
     def test_another_visitor_sees_nothing(self) -> None:
         """Whoever did not create the upload gets 404 for its HEAD, its PATCH and resumable_file."""
         owner, token = csrf_client()

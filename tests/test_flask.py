@@ -422,6 +422,25 @@ class TestResumableUploads:
         assert response.json == {"name": "cat.jpg", "size": len(data), "content_type": "image/jpeg",
                                  "sha256": hashlib.sha256(data).hexdigest()}
 
+    def test_the_owner_deletes_it_once_stored(self, app: flask.Flask, tmp_path: Path) -> None:
+        """delete_resumable removes the stored upload for its owner; another session gets 404 and changes nothing."""
+        from werkzeug.exceptions import NotFound
+
+        from uploadguard.flask import delete_resumable
+
+        client = app.test_client()
+        url = self.create(client, 3)
+        self.patch(client, url, 0, b"abc")
+        with app.test_request_context("/photos"), pytest.raises(NotFound):
+            delete_resumable(url)
+        assert client.head(url, headers=TUS).status_code == 200
+
+        response = client.post("/resumable-done", data={"upload": url, "delete": "1"})
+
+        assert response.status_code == 200 and response.json["size"] == 3
+        assert client.head(url, headers=TUS).status_code == 404
+        assert list((tmp_path / "tus").iterdir()) == []
+
     def test_another_visitor_sees_nothing(self, app: flask.Flask) -> None:
         """Another session gets 404 for the upload's HEAD and from resumable_file."""
         owner = app.test_client()

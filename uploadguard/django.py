@@ -136,6 +136,7 @@ __all__ = [
     "ResumableUploadsMiddleware",
     "UploadGuardConfig",
     "UploadGuardMiddleware",
+    "delete_resumable",
     "resumable_file",
     "save_resumable",
     "settings_from_django",
@@ -564,6 +565,26 @@ def resumable_file(request: Any, url: str) -> ResumableUploadedFile:
     ``ImproperlyConfigured`` without :class:`ResumableUploadsMiddleware`.
     """
     return ResumableUploadedFile(_get_upload(request, url))
+
+
+def delete_resumable(request: Any, url: str) -> None:
+    """Remove the upload ``url`` names (data, info, lock) -- only for whoever created it.
+
+    Call it once the file is where it belongs (after :func:`save_resumable`
+    or reading :func:`resumable_file`): a completed upload never expires on
+    its own, because until the application took it the data is the user's.
+    Raises what :func:`resumable_file` raises for an unknown or another's
+    upload, and :class:`uploadguard.resumable.UploadLocked` while a request
+    still holds it (for ``lock_timeout`` seconds).
+    """
+    from .resumable import UploadNotFound
+
+    if _endpoint is None:
+        raise ImproperlyConfigured("uploadguard.django.ResumableUploadsMiddleware is not in MIDDLEWARE")
+    try:
+        _endpoint.uploads.delete(url, owner=_owner(request))
+    except UploadNotFound as exc:
+        raise _NotFound(exc.detail) from None
 
 
 def save_resumable(request: Any, url: str, name: str | None = None, storage: Any = None) -> str:

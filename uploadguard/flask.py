@@ -82,7 +82,7 @@ from .resumable.protocol import UploadIncomplete, UploadNotFound
 from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput, remember_exception
 from .wsgi import UploadGuard as WSGIUploadGuard
 
-__all__ = ["ResumableUploads", "UploadGuard", "resumable_file", "settings_from_config"]
+__all__ = ["ResumableUploads", "UploadGuard", "delete_resumable", "resumable_file", "settings_from_config"]
 
 log = logging.getLogger("uploadguard")
 
@@ -269,6 +269,31 @@ class _FlaskUploadIncomplete(UploadIncomplete, BadRequest):  # type: ignore[misc
     """An upload still in progress that Flask also answers itself (400) in any view."""
 
 
+def _endpoint() -> Any:
+    from flask import current_app
+
+    endpoint = current_app.extensions.get("uploadguard.resumable")
+    if endpoint is None:
+        raise RuntimeError("uploadguard.flask.resumable_file() and delete_resumable() need "
+                           "uploadguard.flask.ResumableUploads(app)")
+    return endpoint
+
+
+def delete_resumable(url: str) -> None:
+    """Remove the upload ``url`` names (data, info, lock) -- only for whoever created it.
+
+    Call it once the file is where it belongs: a completed upload never
+    expires on its own, because until the application took it the data is
+    the user's.  Raises what :func:`resumable_file` raises for an unknown or
+    another's upload, and :class:`uploadguard.resumable.UploadLocked` while
+    a request still holds it.
+    """
+    try:
+        _endpoint().delete(url, owner=_owner())
+    except UploadNotFound as exc:
+        raise _FlaskUploadNotFound(exc.detail) from None
+
+
 def resumable_file(url: str) -> Any:
     """The completed upload ``url`` (or id) names, as a Werkzeug ``FileStorage`` -- only for whoever created it.
 
@@ -277,14 +302,10 @@ def resumable_file(url: str) -> Any:
     also Werkzeug's ``NotFound`` and ``BadRequest``, so Flask answers an
     uncaught one with a 404 or 400 in any view.
     """
-    from flask import current_app
     from werkzeug.datastructures import FileStorage
 
-    endpoint = current_app.extensions.get("uploadguard.resumable")
-    if endpoint is None:
-        raise RuntimeError("resumable_file() needs uploadguard.flask.ResumableUploads(app)")
     try:
-        upload = endpoint.get(url, owner=_owner())
+        upload = _endpoint().get(url, owner=_owner())
     except UploadNotFound as exc:
         raise _FlaskUploadNotFound(exc.detail) from None
     except UploadIncomplete as exc:

@@ -71,5 +71,9 @@ def resumable_done(request):
             digest.update(chunk)
             out.write(chunk)
     upload.close()
+    if request.POST.get("delete"):
+        from uploadguard.django import delete_resumable
+
+        delete_resumable(request, request.POST["upload"])
     return JsonResponse({"name": upload.name, "size": upload.size, "content_type": upload.content_type,
                          "sha256": digest.hexdigest()})

@@ -143,16 +143,18 @@ def upload(request: HttpRequest) -> HttpResponse:
 @require_POST
 def resumable(request: HttpRequest) -> HttpResponse:
     """Store a finished resumable upload named by its URL (the ``upload`` field), like :func:`upload` does a file."""
-    from uploadguard.django import resumable_file
+    from uploadguard.django import delete_resumable, resumable_file
     from uploadguard.resumable import UploadIncomplete, UploadNotFound
 
+    url = request.POST.get("upload", "")
     try:
-        upload = resumable_file(request, request.POST.get("upload", ""))
+        upload = resumable_file(request, url)
     except (UploadNotFound, UploadIncomplete) as exc:
         return JsonResponse({"error": exc.reason, "detail": exc.detail}, status=exc.status_code)
     quality = HIGH_QUALITY if request.POST.get("quality") == "high" else DEFAULT_QUALITY
     with upload:
         stored = store(upload, quality=quality)
+    delete_resumable(request, url)  # stored: the resumable copy is not needed any more
     return JsonResponse({"stored": [stored]})
 
 
