@@ -175,6 +175,20 @@ class TestS3Store:
         store.finish(info.id)
         assert data_of(store, info.id) == data and store.multipart_uploads() == []
 
+    def test_a_completed_upload_keeps_no_incomplete_part(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                                                         bucket: str) -> None:
+        """Completion deletes the committed incomplete part and any a PATCH stored but never committed
+        (it was preempted or killed): a completed upload never expires, so nothing else would."""
+        store = make_store(bucket, part_size=5 * MiB)
+        info = store.create(new_info(6))
+        store.write(info.id, 0, reader(b"abc"), 6)
+        seaweed.client().put_object(Bucket=bucket, Key=f"uploads/{info.id}.tail.0123456789ab", Body=b"def")
+        store.write(info.id, 3, reader(b"def"), 3)
+        store.finish(info.id)
+        keys = [o["Key"] for o in seaweed.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert sorted(key for key in keys if info.id in key) == [f"uploads/{info.id}", f"uploads/{info.id}.info"]
+        assert data_of(store, info.id) == b"abcdef"
+
     def test_open_streams_and_seeks(self, aws_env: dict[str, str], bucket: str) -> None:
         """upload.open() is a seekable file over GetObject; the path is None."""
         store = make_store(bucket)
@@ -432,6 +446,34 @@ class TestS3Expiry:
         keys = [o["Key"] for o in seaweed.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
         assert not [key for key in keys if old.id in key]
         assert [key for key, _ in store.multipart_uploads()] == [f"uploads/{fresh.id}"]
+
+    def test_clean_removes_what_a_crash_left_of_uploads_without_info(self, aws_env: dict[str, str],
+                                                                      seaweed: SeaweedFS, bucket: str) -> None:
+        """A multipart upload whose create died before its info, parts and a lock whose termination died
+        after deleting it: an hour later clean aborts and deletes them; uploads with info stay."""
+        from uploadguard.resumable.store import new_upload_id
+
+        client = seaweed.client()
+        store = make_store(bucket, part_size=5 * MiB)
+        live = store.create(new_info(20 * MiB))
+        store.write(live.id, 0, reader(patterned(6 * MiB)), 20 * MiB)
+        created_only = new_upload_id()  # CreateMultipartUpload, then the host died
+        client.create_multipart_upload(Bucket=bucket, Key=f"uploads/{created_only}")
+        half_gone = store.create(new_info(20 * MiB))  # terminate died after deleting the info
+        store.write(half_gone.id, 0, reader(patterned(6 * MiB, seed=1)), 20 * MiB)
+        store.locker.try_acquire(half_gone.id).release()  # type: ignore[union-attr]
+        client.delete_object(Bucket=bucket, Key=f"uploads/{half_gone.id}.info")
+
+        assert clean_expired(store).orphans == 0  # not an hour old yet: could be a create in progress
+        later = time.time() + 3700
+        assert clean_expired(store, now=later, dry_run=True).orphans == 2
+        result = clean_expired(store, now=later)
+
+        assert (result.uploads, result.orphans, result.errors) == (0, 2, [])
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert not [key for key in keys if created_only in key or half_gone.id in key]
+        assert [key for key, _ in store.multipart_uploads()] == [f"uploads/{live.id}"]
+        assert store.get(live.id).offset == 6 * MiB
 
     def test_clean_leaves_a_locked_upload(self, aws_env: dict[str, str], bucket: str) -> None:
         """An expired upload whose lock another host holds is left alone and counted busy."""

@@ -364,6 +364,52 @@ class TestExpiry:
         old = self.make(store, age=3600)
         assert clean_expired(store, dry_run=True).uploads == 1 and store.get(old.id)
 
+    def test_removes_what_a_crash_left_of_uploads_without_info(self, tmp_path: Path) -> None:
+        """Data, checksum spool, half-written info and locks of ids with no info go once an hour old;
+        a younger leftover (a create in progress) and every upload with info stay."""
+        store = LocalStore(tmp_path)
+        live = self.make(store, age=7200, expires_after=None)
+        hour_old = time.time() - 3601
+        crashed = {new_upload_id(): (".bin",), new_upload_id(): (".lock", ".release"),
+                   new_upload_id(): (".bin", ".chk", ".info.tmp")}
+        for upload_id, suffixes in crashed.items():
+            for suffix in suffixes:
+                (tmp_path / (upload_id + suffix)).write_bytes(b"x" * 10)
+                os.utime(tmp_path / (upload_id + suffix), (hour_old, hour_old))
+        creating = new_upload_id()
+        (tmp_path / f"{creating}.bin").write_bytes(b"")
+        (tmp_path / "unrelated.txt").write_bytes(b"not ours")
+
+        assert clean_expired(store, dry_run=True).orphans == 3
+        result = clean_expired(store)
+
+        assert (result.uploads, result.orphans, result.errors) == (0, 3, [])
+        assert sorted(os.listdir(tmp_path)) == sorted([f"{live.id}.bin", f"{live.id}.info", f"{creating}.bin",
+                                                       "unrelated.txt"])
+        assert store.get(live.id).offset == 2
+
+    def test_an_orphan_being_locked_is_left_alone(self, tmp_path: Path) -> None:
+        """A leftover whose lock a request holds is not touched (counted busy)."""
+        store = LocalStore(tmp_path)
+        upload_id = new_upload_id()
+        (tmp_path / f"{upload_id}.bin").write_bytes(b"abc")
+        os.utime(tmp_path / f"{upload_id}.bin", (time.time() - 7200,) * 2)
+        with FileLocker(tmp_path).try_acquire(upload_id) or pytest.fail("not acquired"):
+            os.utime(tmp_path / f"{upload_id}.lock", (time.time() - 7200,) * 2)
+            result = clean_expired(store)
+        assert (result.orphans, result.busy) == (0, 1) and (tmp_path / f"{upload_id}.bin").exists()
+
+    def test_a_half_written_info_neither_blocks_nor_outlives_its_upload(self, tmp_path: Path) -> None:
+        """A crash mid info write leaves <id>.info.tmp: the next write replaces it, termination removes it."""
+        store = LocalStore(tmp_path)
+        info = store.create(new_info(10))
+        (tmp_path / f"{info.id}.info.tmp").write_bytes(b"{half")
+        store.update(dataclasses.replace(store.get(info.id), metadata={"name": "a"}))
+        assert store.get(info.id).metadata == {"name": "a"}
+        (tmp_path / f"{info.id}.info.tmp").write_bytes(b"{half")
+        store.terminate(info.id)
+        assert not any(name.startswith(info.id) for name in os.listdir(tmp_path))
+
     def test_cli_clean_removes_expired_uploads(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
         """`uploadguard clean` without DIR also removes expired resumable uploads from the configured storage."""

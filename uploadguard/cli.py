@@ -175,8 +175,11 @@ def _clean_resumable(args: argparse.Namespace) -> int:
         return 1
     if not args.json:
         busy = f"; {result.busy} in use left alone" if result.busy else ""
+        orphans = (f" and the leftovers of {result.orphans} upload{'' if result.orphans == 1 else 's'} "
+                   f"a crash cut short" if result.orphans else "")
         print(f"uploadguard clean: {'would remove' if args.dry_run else 'removed'} {result.uploads} expired "
-              f"resumable upload{'' if result.uploads == 1 else 's'} ({_human(result.bytes)}) from {result.path}{busy}")
+              f"resumable upload{'' if result.uploads == 1 else 's'} ({_human(result.bytes)}){orphans} "
+              f"from {result.path}{busy}")
     for message in result.errors:
         print(f"uploadguard clean: {message}", file=sys.stderr)
     return len(result.errors)

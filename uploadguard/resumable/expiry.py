@@ -7,6 +7,12 @@ is held -- a PATCH is writing it right now -- is never touched: the lock is
 taken without waiting, the expiry checked again under it, and only then are
 the files removed (info first, so the upload is unknown from that moment).
 
+It also removes *orphans*: what a crash between two steps left of an upload
+that has no info (a create that died before writing it, a termination that
+died after deleting it) -- data, parts, multipart uploads, locks -- once all
+of it is :data:`ORPHAN_AGE` old, far longer than any step takes.  No request
+can reach an orphan, so without this nothing would ever remove it.
+
 Called by ``uploadguard clean`` (see :mod:`uploadguard.cli`).
 """
 
@@ -23,6 +29,8 @@ __all__ = ["CleanExpiredResult", "clean_expired"]
 
 log = logging.getLogger("uploadguard")
 
+ORPHAN_AGE = 3600.0  # seconds; also covers the skew between this host's clock and S3's
+
 
 @dataclasses.dataclass
 class CleanExpiredResult:
@@ -32,6 +40,7 @@ class CleanExpiredResult:
     uploads: int = 0
     bytes: int = 0
     busy: int = 0  # expired but locked by a request in progress: left alone
+    orphans: int = 0  # leftovers of uploads without info (a crash between two steps)
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -68,4 +77,32 @@ def clean_expired(store: Store, *, now: float | None = None, dry_run: bool = Fal
                 log.info("removed expired upload %s (%d bytes)", info.id, current.offset)
             result.uploads += 1
             result.bytes += current.offset
+    for upload_id in store.orphans(now - ORPHAN_AGE):
+        if dry_run:
+            result.orphans += 1
+            continue
+        try:
+            lock = locker.try_acquire(upload_id)
+        except FileNotFoundError:
+            return result
+        except OSError as exc:
+            result.errors.append(f"cannot lock orphaned upload {upload_id}: {exc.strerror}")
+            continue
+        if lock is None:
+            result.busy += 1
+            continue
+        with lock:
+            try:
+                store.get(upload_id)
+                continue  # created after all (the info came after the listing)
+            except UploadNotFound:
+                pass
+            try:
+                store.terminate(upload_id)
+                locker.remove(lock)
+            except OSError as exc:
+                result.errors.append(f"cannot remove orphaned upload {upload_id}: {exc.strerror}")
+                continue
+        log.info("removed the leftovers of upload %s (no info: a crash between two steps)", upload_id)
+        result.orphans += 1
     return result

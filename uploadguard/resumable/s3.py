@@ -87,7 +87,10 @@ corrupt file) -- a store that does not check part ETags might not.  Keep
 
 **Expiry**: ``uploadguard clean`` (``clean_expired(store)``) aborts the
 multipart uploads of expired incomplete uploads and deletes all their objects,
-taking each upload's lock first; nothing leaks.
+taking each upload's lock first; an hour after the last write it does the same
+for ids without ``<id>.info`` (:meth:`S3Store.orphans`: a host died between
+two steps of a create or a termination).  Completion deletes every
+``<id>.tail.*``, committed or not.  Nothing leaks.
 
 **Saving a finished upload elsewhere**: :func:`save_to_storage` copies it into a
 Django storage; into an S3 storage of django-storages it is a server-side
@@ -517,9 +520,11 @@ class S3Store:
         state.multipart = None
         state.info = dataclasses.replace(state.info, completed=True)
         self._commit(state, touch=False)
-        if tail is not None:
-            with contextlib.suppress(S3Unavailable):
-                self._delete(tail[0])
+        with contextlib.suppress(S3Unavailable):
+            # The committed incomplete part, and any a PATCH stored but could not commit (preempted,
+            # killed): a completed upload never expires, so nothing else would ever delete them.
+            for stray in self._keys(self._key(upload_id, ".tail.")):
+                self._delete(stray)
         return state.info
 
     def update(self, info: UploadInfo) -> None:
@@ -572,15 +577,44 @@ class S3Store:
         """(key, upload id) of every multipart upload in progress under the prefix (for checks and tests)."""
         return [(upload["Key"], upload["UploadId"]) for upload in self._multipart_uploads(self.prefix)]
 
+    def orphans(self, before: float) -> Iterator[str]:
+        """Ids with objects or a multipart upload but no ``<id>.info``, none newer than ``before``.
+
+        Ages are S3's ``LastModified`` and ``Initiated`` (the server's clock);
+        the caller's margin (an hour) covers the skew of the host's.
+        """
+        newest: dict[str, float] = {}
+        with_info: set[str] = set()
+
+        def seen(key: str, when: Any) -> None:
+            upload_id, _, suffix = key[len(self.prefix):].partition(".")
+            if not valid_upload_id(upload_id):
+                return
+            if suffix == "info":
+                with_info.add(upload_id)
+            else:
+                newest[upload_id] = max(when.timestamp(), newest.get(upload_id, 0.0))
+
+        for item in self._objects(self.prefix):
+            seen(str(item["Key"]), item["LastModified"])
+        for upload in self._multipart_uploads(self.prefix):
+            seen(str(upload["Key"]), upload["Initiated"])
+        for upload_id, when in newest.items():
+            if upload_id not in with_info and when < before:
+                yield upload_id
+
     def _keys(self, prefix: str) -> Iterator[str]:
+        for item in self._objects(prefix):
+            yield str(item["Key"])
+
+    def _objects(self, prefix: str) -> Iterator[dict[str, Any]]:
         token: str | None = None
         while True:
             response = self._call("list_objects_v2", Prefix=prefix,
                                   **({"ContinuationToken": token} if token else {}))
             if response is None:
                 return
-            for item in response.get("Contents", []):
-                yield str(item["Key"])
+            yield from response.get("Contents", [])
             token = response.get("NextContinuationToken")
             if not response.get("IsTruncated") or not token:
                 return

@@ -19,7 +19,8 @@ and are appended only once verified; a mismatch discards them, and a crash
 meanwhile never leaves unverified bytes counted.
 
 The info (length, metadata, owner, state) is JSON in ``<id>.info``, written
-atomically: a temp file, fsync, rename, fsync of the directory.  Ids are
+atomically: ``<id>.info.tmp``, fsync, rename, fsync of the directory.  The
+locks are ``<id>.lock`` and ``<id>.release`` beside them.  Ids are
 :func:`secrets.token_urlsafe` strings of 144 bits and are matched against
 :data:`ID_PATTERN` before they are used in a path.
 """
@@ -53,6 +54,9 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{24}")
 _CHUNK = 1024 * 1024  # bytes read from the client per call
 _WRITEBACK_EVERY = 8 * 1024 * 1024  # bytes appended between two background fdatasync calls
 _INFO_VERSION = 1
+_INFO_TMP = ".info.tmp"  # the info is written here, then renamed over <id>.info
+#: Every file an upload may have in the directory (the locker's two included).
+_SUFFIXES = frozenset({"info", "bin", "chk", _INFO_TMP[1:], "lock", "release"})
 
 Reader = Callable[[int], bytes]
 
@@ -166,6 +170,14 @@ class Store(Protocol):
 
     def expired(self, now: float) -> Iterator[UploadInfo]:
         """The incomplete uploads whose expiry (``UploadInfo.expires``) is before ``now`` (epoch seconds)."""
+
+    def orphans(self, before: float) -> Iterator[str]:
+        """Ids with something stored (data, parts, locks) but no info, all of it older than ``before``.
+
+        What a crash between two steps leaves (a create that died before its
+        info was written, a termination that died after deleting it): no
+        request can reach it, so only the clean-up can; ``terminate`` removes it.
+        """
 
 
 class LocalStore:
@@ -302,7 +314,7 @@ class LocalStore:
 
     def terminate(self, upload_id: str) -> None:
         # The info goes first: from then on the upload is unknown, whatever else remains.
-        for suffix in (".info", ".bin", ".chk"):
+        for suffix in (".info", ".bin", ".chk", _INFO_TMP):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(upload_id, suffix))
 
@@ -334,10 +346,35 @@ class LocalStore:
             if expires is not None and expires < now:
                 yield info
 
+    def orphans(self, before: float) -> Iterator[str]:
+        try:
+            entries = list(os.scandir(self.directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        newest: dict[str, float] = {}
+        with_info: set[str] = set()
+        for entry in entries:
+            upload_id, dot, suffix = entry.name.partition(".")
+            if not (dot and suffix in _SUFFIXES and valid_upload_id(upload_id)):
+                continue
+            if suffix == "info":
+                with_info.add(upload_id)
+                continue
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue
+            newest[upload_id] = max(mtime, newest.get(upload_id, 0.0))
+        for upload_id, mtime in newest.items():
+            if upload_id not in with_info and mtime < before:
+                yield upload_id
+
     def _write_info(self, info: UploadInfo) -> None:
         path = self._path(info.id, ".info")
-        tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # One temporary name per upload (writers of an upload hold its lock; a new id has one
+        # creator), so a crash's leftover is overwritten by the next write and found by terminate.
+        tmp = self._path(info.id, _INFO_TMP)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             try:
                 os.write(fd, info.to_json())
