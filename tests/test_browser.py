@@ -195,7 +195,6 @@ class TestBrowserUpload:
 class TestRetryAfter:
     def test_only_whole_seconds_or_an_http_date_set_the_wait(self, browser: Any) -> None:
         """Retry-After is read as whole seconds or an IMF-fixdate; anything else means the backoff, and the wait is capped."""
-        in_30s = email.utils.formatdate(time.time() + 30, usegmt=True)
         cases = {
             "5": 5, " 7 ": 7, "0": 0, "120": 60, "99999999999999999999": 60,  # capped by maxDelay (60)
             "1.5": 4, "+5": 4, "-1": 4, "5, 5": 4, "soon": 4, "": 4,  # the backoff for the third attempt
@@ -205,13 +204,17 @@ class TestRetryAfter:
         page = helper_page(browser, stored)
 
         delays = page.evaluate("(headers) => headers.map((h) => UploadGuard._retryDelay(h, 3))", list(cases))
-        in_30s_delay = page.evaluate("(h) => UploadGuard._retryDelay(h, 1)", in_30s)
+        # A date has whole seconds: the wait is to that second, from whenever the page reads it.
+        asked = time.time()
+        due = int(asked) + 30
+        in_30s_delay = page.evaluate("(h) => UploadGuard._retryDelay(h, 1)", email.utils.formatdate(due, usegmt=True))
+        answered = time.time()
         caps = page.evaluate("""[UploadGuard._retryDelay("1000", 1, 600), UploadGuard._retryDelay("1000", 1, "x"),
                                  UploadGuard._retryDelay(null, 1, 0)]""")
         page.close()
 
         assert dict(zip(cases, delays)) == cases
-        assert 28 < in_30s_delay <= 30
+        assert due - answered - 0.05 <= in_30s_delay <= due - asked + 0.05  # 0.05: the page's clock reading
         assert caps == [300, 60, 0]  # maxDelay itself is capped at 300 s; an unreadable one means 60 s
 
     def test_odd_retry_after_does_not_mean_resend_at_once(self, browser: Any) -> None:
