@@ -475,6 +475,52 @@ class TestS3Expiry:
         assert [key for key, _ in store.multipart_uploads()] == [f"uploads/{live.id}"]
         assert store.get(live.id).offset == 6 * MiB
 
+    def test_clean_never_takes_another_applications_objects_for_leftovers(
+            self, aws_env: dict[str, str], seaweed: SeaweedFS, bucket: str) -> None:
+        """Objects and multipart uploads under the prefix whose names uploadguard never writes survive clean,
+        even those that start with 24 id-like characters."""
+        client = seaweed.client()
+        foreign = ["uploads/Screenshot_20241129-1234.png", "uploads/report-2024-11-29-final-v2.pdf",
+                   "uploads/notes.txt", "uploads/Screenshot_20241129-1234.tail.x"]
+        for key in foreign:
+            client.put_object(Bucket=bucket, Key=key, Body=b"theirs")
+        client.create_multipart_upload(Bucket=bucket, Key="uploads/Screenshot_20241129-1234.mov")
+        store = make_store(bucket)
+
+        result = clean_expired(store, now=time.time() + 3700)
+
+        assert (result.orphans, result.stray_parts, result.errors) == (0, 0, [])
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])}
+        assert set(foreign) <= keys
+        assert [key for key, _ in store.multipart_uploads()] == ["uploads/Screenshot_20241129-1234.mov"]
+
+    def test_clean_removes_incomplete_parts_no_info_names(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                                                          bucket: str) -> None:
+        """A part a PATCH stored but could not commit goes an hour later -- behind a completed upload (whose
+        completion sweep failed) and an incomplete one alike; the part an info names stays."""
+        client = seaweed.client()
+        store = make_store(bucket, part_size=5 * MiB)
+        done = store.create(new_info(3))
+        store.write(done.id, 0, reader(b"abc"), 3)
+        store.finish(done.id)
+        live = store.create(new_info(10))
+        store.write(live.id, 0, reader(b"abc"), 10)
+        named = store._load(live.id).tail
+        assert named is not None
+        strays = [f"uploads/{done.id}.tail.0123456789ab", f"uploads/{live.id}.tail.ba9876543210"]
+        for key in strays:
+            client.put_object(Bucket=bucket, Key=key, Body=b"xyz")
+
+        assert clean_expired(store).stray_parts == 0  # not an hour old: maybe a PATCH about to commit it
+        result = clean_expired(store, now=time.time() + 3700)
+
+        assert (result.stray_parts, result.orphans, result.uploads, result.errors) == (2, 0, 0, [])
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])}
+        assert not keys & set(strays) and named[0] in keys
+        store.write(live.id, 3, reader(b"defghij"), 7)
+        store.finish(live.id)
+        assert data_of(store, live.id) == b"abcdefghij" and data_of(store, done.id) == b"abc"
+
     def test_clean_leaves_a_locked_upload(self, aws_env: dict[str, str], bucket: str) -> None:
         """An expired upload whose lock another host holds is left alone and counted busy."""
         store = make_store(bucket)
@@ -500,7 +546,7 @@ class TestSaveToStorage:
         from django.conf import settings
 
         if not settings.configured:
-            settings.configure()
+            settings.configure(SECRET_KEY="uploadguard-tests")  # the base the Django tests configure, whoever is first
 
     def test_server_side_copy_into_django_storages_s3(self, aws_env: dict[str, str], seaweed: SeaweedFS,
                                                       bucket: str, django_settings: None) -> None:
@@ -523,6 +569,21 @@ class TestSaveToStorage:
         assert head["ContentLength"] == len(data) and head["ContentType"] == "application/pdf"  # from the name, never the client
         with storage.open(name) as fh:
             assert fh.read() == data
+
+    def test_never_into_the_stores_own_prefix(self, aws_env: dict[str, str], seaweed: SeaweedFS, bucket: str,
+                                              django_settings: None) -> None:
+        """A storage whose location is inside the store's prefix is refused: there a copy named like the id
+        would be the upload itself, and the clean-up and delete() remove what they find."""
+        from storages.backends.s3 import S3Storage
+
+        store = make_store(bucket)
+        upload = self.finished(store, b"hello")
+        storage = S3Storage(bucket_name=bucket, location="uploads", endpoint_url=seaweed.endpoint,
+                            access_key=aws_env["AWS_ACCESS_KEY_ID"], secret_key=aws_env["AWS_SECRET_ACCESS_KEY"],
+                            region_name="us-east-1")
+        with pytest.raises(ValueError, match="inside the resumable uploads' prefix"):
+            save_to_storage(upload, storage, upload.id)
+        assert data_of(store, upload.id) == b"hello"
 
     def test_other_storages_get_a_stream(self, aws_env: dict[str, str], bucket: str, tmp_path: Path,
                                          django_settings: None) -> None:

@@ -116,7 +116,7 @@ from __future__ import annotations
 
 from .expiry import CleanExpiredResult, clean_expired
 from .locking import FileLocker
-from .protocol import UploadIncomplete, UploadNotFound
+from .protocol import UploadIncomplete, UploadLocked, UploadNotFound
 from .s3 import S3Store
 from .store import LocalStore, Store, UploadInfo
 from .wsgi import ResumableUploads, Upload
@@ -131,6 +131,7 @@ __all__ = [
     "Upload",
     "UploadIncomplete",
     "UploadInfo",
+    "UploadLocked",
     "UploadNotFound",
     "clean_expired",
 ]

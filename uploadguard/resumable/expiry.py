@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
+from ..errors import UploadGuardError
 from .protocol import UploadNotFound
 from .store import Store
 
@@ -41,68 +43,91 @@ class CleanExpiredResult:
     bytes: int = 0
     busy: int = 0  # expired but locked by a request in progress: left alone
     orphans: int = 0  # leftovers of uploads without info (a crash between two steps)
+    stray_parts: int = 0  # incomplete parts no info names (S3): a PATCH that could not commit its part
     errors: list[str] = dataclasses.field(default_factory=list)
+    gone: bool = dataclasses.field(default=False, repr=False)  # the store's directory vanished mid-clean
 
 
 def clean_expired(store: Store, *, now: float | None = None, dry_run: bool = False) -> CleanExpiredResult:
-    """Remove every expired incomplete upload of ``store`` that nobody holds (locks from ``store.locker``)."""
+    """Remove every expired incomplete upload of ``store`` that nobody holds (locks from ``store.locker``),
+    and the leftovers of uploads without info.
+
+    A failure on one upload (a file system error, S3 failing) is reported in
+    ``errors`` and the rest are still cleaned.
+    """
     now = time.time() if now is None else now
-    locker = store.locker
     result = CleanExpiredResult(str(getattr(store, "directory", store)))
+
+    def expired_still(upload_id: str) -> int | None:
+        try:
+            current = store.get(upload_id)
+        except UploadNotFound:
+            return None
+        if current.expires is None or current.expires >= now:
+            return None  # written to since it was listed
+        return current.offset
+
+    def orphaned_still(upload_id: str) -> int | None:
+        try:
+            store.get(upload_id)
+        except UploadNotFound:
+            return 0
+        return None  # created after all (the info came after the listing)
+
     for info in store.expired(now):
-        try:
-            lock = locker.try_acquire(info.id)
-        except FileNotFoundError:
-            return result  # the directory vanished: nothing left to clean
-        except OSError as exc:
-            result.errors.append(f"cannot lock upload {info.id}: {exc.strerror}")
-            continue
-        if lock is None:
-            result.busy += 1
-            continue
-        with lock:
-            try:
-                current = store.get(info.id)
-            except UploadNotFound:
-                continue
-            if current.expires is None or current.expires >= now:
-                continue  # written to since it was listed
+        removed = _remove(store, info.id, expired_still, result, dry_run=dry_run)
+        if removed is not None:
             if not dry_run:
-                try:
-                    store.terminate(info.id)
-                    locker.remove(lock)
-                except OSError as exc:
-                    result.errors.append(f"cannot remove upload {info.id}: {exc.strerror}")
-                    continue
-                log.info("removed expired upload %s (%d bytes)", info.id, current.offset)
+                log.info("removed expired upload %s (%d bytes)", info.id, removed)
             result.uploads += 1
-            result.bytes += current.offset
-    for upload_id in store.orphans(now - ORPHAN_AGE):
-        if dry_run:
-            result.orphans += 1
-            continue
+            result.bytes += removed
+    if result.gone:
+        return result
+    sweep = getattr(store, "remove_stray_parts", None)  # stores that keep parts beside the info (S3)
+    if sweep is not None and not dry_run:
         try:
-            lock = locker.try_acquire(upload_id)
-        except FileNotFoundError:
-            return result
-        except OSError as exc:
-            result.errors.append(f"cannot lock orphaned upload {upload_id}: {exc.strerror}")
-            continue
-        if lock is None:
-            result.busy += 1
-            continue
-        with lock:
-            try:
-                store.get(upload_id)
-                continue  # created after all (the info came after the listing)
-            except UploadNotFound:
-                pass
-            try:
-                store.terminate(upload_id)
-                locker.remove(lock)
-            except OSError as exc:
-                result.errors.append(f"cannot remove orphaned upload {upload_id}: {exc.strerror}")
-                continue
-        log.info("removed the leftovers of upload %s (no info: a crash between two steps)", upload_id)
-        result.orphans += 1
+            result.stray_parts = sweep(now - ORPHAN_AGE)
+        except (OSError, UploadGuardError) as exc:
+            result.errors.append(f"cannot remove stray parts: {_why(exc)}")
+    for upload_id in store.orphans(now - ORPHAN_AGE):
+        if _remove(store, upload_id, orphaned_still, result, dry_run=dry_run) is not None:
+            if not dry_run:
+                log.info("removed the leftovers of upload %s (no info: a crash between two steps)", upload_id)
+            result.orphans += 1
+        if result.gone:
+            break
     return result
+
+
+def _remove(store: Store, upload_id: str, still: Callable[[str], int | None], result: CleanExpiredResult, *,
+            dry_run: bool) -> int | None:
+    """Under the upload's lock, terminate it if ``still`` says so; the bytes it had, or ``None`` if left."""
+    locker = store.locker
+    try:
+        if dry_run:
+            return still(upload_id)
+        lock = locker.try_acquire(upload_id)
+    except FileNotFoundError:
+        result.gone = True  # the directory vanished: nothing left to clean
+        return None
+    except (OSError, UploadGuardError) as exc:
+        result.errors.append(f"cannot lock upload {upload_id}: {_why(exc)}")
+        return None
+    if lock is None:
+        result.busy += 1
+        return None
+    with lock:
+        try:
+            size = still(upload_id)
+            if size is None:
+                return None
+            store.terminate(upload_id)
+            locker.remove(lock)
+        except (OSError, UploadGuardError) as exc:
+            result.errors.append(f"cannot remove upload {upload_id}: {_why(exc)}")
+            return None
+    return size
+
+
+def _why(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or getattr(exc, "detail", None) or str(exc)

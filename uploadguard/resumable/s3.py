@@ -107,6 +107,7 @@ import json
 import logging
 import mimetypes
 import os
+import re
 import secrets
 import socket
 import tempfile
@@ -542,7 +543,8 @@ class S3Store:
         if state is not None and state.multipart is not None:
             self._call("abort_multipart_upload", Key=self._key(upload_id), UploadId=state.multipart)
         for key in self._keys(self._key(upload_id)):
-            if key == self._key(upload_id) or key.startswith(self._key(upload_id, ".")):
+            match = _KEY.fullmatch(key[len(self.prefix):])
+            if match is not None and match["id"] == upload_id:  # never another's <id>.png
                 self._delete(key)
         for upload in self._multipart_uploads(self._key(upload_id)):  # any left by a create that died
             if upload["Key"] == self._key(upload_id):
@@ -580,28 +582,50 @@ class S3Store:
     def orphans(self, before: float) -> Iterator[str]:
         """Ids with objects or a multipart upload but no ``<id>.info``, none newer than ``before``.
 
-        Ages are S3's ``LastModified`` and ``Initiated`` (the server's clock);
-        the caller's margin (an hour) covers the skew of the host's.
+        Only names this store writes count (``<id>``, ``<id>.lock``,
+        ``<id>.release``, ``<id>.tail.<hex>``): the prefix must be the store's
+        alone, but a stray ``photo.png`` is still never taken for an upload.
+        Ages are S3's ``LastModified`` and ``Initiated`` against this host's
+        clock; S3 refuses requests signed more than 15 minutes off its own
+        clock, so the caller's hour of margin covers every skew it accepts.
         """
-        newest: dict[str, float] = {}
-        with_info: set[str] = set()
-
-        def seen(key: str, when: Any) -> None:
-            upload_id, _, suffix = key[len(self.prefix):].partition(".")
-            if not valid_upload_id(upload_id):
-                return
-            if suffix == "info":
-                with_info.add(upload_id)
-            else:
-                newest[upload_id] = max(when.timestamp(), newest.get(upload_id, 0.0))
-
-        for item in self._objects(self.prefix):
-            seen(str(item["Key"]), item["LastModified"])
-        for upload in self._multipart_uploads(self.prefix):
-            seen(str(upload["Key"]), upload["Initiated"])
-        for upload_id, when in newest.items():
-            if upload_id not in with_info and when < before:
+        inventory = self._inventory()
+        for upload_id, newest in inventory.newest.items():
+            if upload_id not in inventory.with_info and newest < before:
                 yield upload_id
+
+    def remove_stray_parts(self, before: float) -> int:
+        """Delete incomplete parts no info names any more, older than ``before``; return how many.
+
+        A PATCH that stored its incomplete part and then could not commit it
+        (preempted, killed, S3 failing) leaves one behind; completion deletes
+        them, but a completion whose sweep failed, or a completed upload, never
+        comes back for them.  An hour after it was written, a part is either
+        named by its upload's info or never will be.
+        """
+        inventory = self._inventory()
+        removed = 0
+        for upload_id, tails in inventory.tails.items():
+            old = [key for key, when in tails if when < before]
+            if not old or upload_id not in inventory.with_info:
+                continue  # no info: the whole id is an orphan, terminated as one
+            try:
+                named = self._load(upload_id).tail
+            except UploadNotFound:
+                continue
+            for key in old:
+                if named is None or key != named[0]:
+                    self._delete(key)
+                    removed += 1
+        return removed
+
+    def _inventory(self) -> _Inventory:
+        inventory = _Inventory(self.prefix)
+        for item in self._objects(self.prefix):
+            inventory.add(str(item["Key"]), item["LastModified"].timestamp())
+        for upload in self._multipart_uploads(self.prefix):
+            inventory.add(str(upload["Key"]), upload["Initiated"].timestamp(), multipart=True)
+        return inventory
 
     def _keys(self, prefix: str) -> Iterator[str]:
         for item in self._objects(prefix):
@@ -630,6 +654,33 @@ class S3Store:
             if not response.get("IsTruncated"):
                 return found
             markers = {"KeyMarker": response["NextKeyMarker"], "UploadIdMarker": response["NextUploadIdMarker"]}
+
+
+#: The names this store writes under its prefix: ``<id>`` (the finished object), its info, its
+#: lock objects and its incomplete parts.  Nothing else there is ever taken for an upload's.
+_KEY = re.compile(r"(?P<id>[A-Za-z0-9_-]{24})(?:\.(?P<suffix>info|lock|release|tail\.[0-9a-f]{12}))?")
+
+
+@dataclasses.dataclass
+class _Inventory:
+    """One listing of the prefix, by upload id (for the clean-up)."""
+
+    prefix: str
+    newest: dict[str, float] = dataclasses.field(default_factory=dict)  # id -> its newest name but the info
+    with_info: set[str] = dataclasses.field(default_factory=set)
+    tails: dict[str, list[tuple[str, float]]] = dataclasses.field(default_factory=dict)  # id -> (key, time)
+
+    def add(self, key: str, when: float, *, multipart: bool = False) -> None:
+        match = _KEY.fullmatch(key[len(self.prefix):]) if key.startswith(self.prefix) else None
+        if match is None or (multipart and match["suffix"] is not None):
+            return  # not a name this store writes (a multipart upload is only ever of <id> itself)
+        upload_id, suffix = match["id"], match["suffix"]
+        if suffix == "info":
+            self.with_info.add(upload_id)
+            return
+        self.newest[upload_id] = max(when, self.newest.get(upload_id, 0.0))
+        if suffix is not None and suffix.startswith("tail."):
+            self.tails.setdefault(upload_id, []).append((key, when))
 
 
 class _PartBuffer:
@@ -967,6 +1018,11 @@ def save_to_storage(upload: Any, storage: Any, name: str) -> str:
         target = storage.get_available_name(name)
         location = str(storage.location or "").strip("/")
         key = f"{location}/{target}" if location else target
+        if storage.bucket_name == store.bucket and key.startswith(store.prefix):
+            # The prefix is the store's alone: there the copy could *be* the upload's own object
+            # (a name equal to its id), and the clean-up and delete() remove what they find there.
+            raise ValueError(f"s3://{storage.bucket_name}/{key} is inside the resumable uploads' prefix "
+                             f"{store.url}: give the storage another location")
         client = storage.connection.meta.client
         source = {"Bucket": store.bucket, "Key": store._key(upload.id)}
         size = int(upload.length)

@@ -374,7 +374,7 @@ class LocalStore:
         # One temporary name per upload (writers of an upload hold its lock; a new id has one
         # creator), so a crash's leftover is overwritten by the next write and found by terminate.
         tmp = self._path(info.id, _INFO_TMP)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             try:
                 os.write(fd, info.to_json())

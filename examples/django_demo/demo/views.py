@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import secrets
 import time
@@ -29,6 +30,8 @@ from django.utils.text import get_valid_filename
 from django.views.decorators.http import require_GET, require_POST
 
 from uploadguard.images import DEFAULT_QUALITY, HIGH_QUALITY, ImageError, compress_image
+
+log = logging.getLogger(__name__)
 
 GALLERY_SIZE = 60  # newest files shown
 IMAGE_SUFFIXES = frozenset({".jpg", ".png", ".webp", ".gif"})  # what compress_image() writes
@@ -144,7 +147,7 @@ def upload(request: HttpRequest) -> HttpResponse:
 def resumable(request: HttpRequest) -> HttpResponse:
     """Store a finished resumable upload named by its URL (the ``upload`` field), like :func:`upload` does a file."""
     from uploadguard.django import delete_resumable, resumable_file
-    from uploadguard.resumable import UploadIncomplete, UploadNotFound
+    from uploadguard.resumable import UploadIncomplete, UploadLocked, UploadNotFound
 
     url = request.POST.get("upload", "")
     try:
@@ -154,7 +157,10 @@ def resumable(request: HttpRequest) -> HttpResponse:
     quality = HIGH_QUALITY if request.POST.get("quality") == "high" else DEFAULT_QUALITY
     with upload:
         stored = store(upload, quality=quality)
-    delete_resumable(request, url)  # stored: the resumable copy is not needed any more
+    try:
+        delete_resumable(request, url)  # stored: the resumable copy is not needed any more
+    except (UploadNotFound, UploadLocked) as exc:  # a double submit deleted it already, or a request holds it
+        log.warning("stored %s but could not delete resumable upload %s: %s", stored["name"], url, exc.detail)
     return JsonResponse({"stored": [stored]})
 
 
