@@ -205,6 +205,24 @@ class TestConcatenation:
         assert head.headers["Upload-Concat"] == f"final;{first} {second}"
         assert [c[3] for c in hooks.calls] == [b"abcde"]
 
+    def test_a_part_joins_one_final_upload_only(self, app: webtest.TestApp, hooks: Hooks) -> None:
+        """The parts are consumed by the final upload (the spec allows it): otherwise a few bytes of header
+        would copy a 200 MB part again and again, each copy a completed upload that never expires."""
+        part = path_of(create(app, 3, **{"Upload-Concat": "partial"}))
+        patch(app, part, 0, b"abc")
+        final = path_of(create(app, None, **{"Upload-Concat": f"final;{part}"}))
+        app.head(part, headers=TUS, status=404)
+        create(app, None, status=404, **{"Upload-Concat": f"final;{part}"})
+        assert app.head(final, headers=TUS).headers["Upload-Offset"] == "3"
+        assert [c[3] for c in hooks.calls] == [b"abc"]
+
+    def test_a_part_named_twice_is_refused(self, app: webtest.TestApp, hooks: Hooks) -> None:
+        """final;<a> <a> would double a part's bytes at no cost to the client: 400, nothing created."""
+        part = path_of(create(app, 3, **{"Upload-Concat": "partial"}))
+        patch(app, part, 0, b"abc")
+        create(app, None, status=400, **{"Upload-Concat": f"final;{part} {part}"})
+        assert app.head(part, headers=TUS).headers["Upload-Offset"] == "3" and hooks.calls == []
+
     def test_incomplete_part_is_refused(self, app: webtest.TestApp) -> None:
         """A final upload naming an unfinished part is a 400."""
         part = path_of(create(app, 3, **{"Upload-Concat": "partial"}))

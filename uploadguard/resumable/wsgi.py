@@ -448,11 +448,20 @@ class ResumableUploads:
         return self._respond(request, "201 Created", [*request.headers, *self._state(request, info)])
 
     def _concatenate(self, request: _Request, concat: p.Concat, metadata: dict[str, str]) -> Response:
+        """Join completed partial uploads into a new, completed one; the parts are consumed.
+
+        tus lets a server delete the parts once joined, or keep them for more
+        final uploads.  Kept, a client could have one 200 MB part copied again
+        and again for a few bytes of header each, every copy a completed upload
+        that never expires -- so each part joins one final upload, once.
+        """
         parts = []
         for url in concat.parts:
             part_id = self.upload_id(url)
             if part_id is None:
                 raise BadRequest(f"Upload-Concat names {url[:80]!r}, not an upload here.", reason="bad_concat")
+            if any(part.id == part_id for part in parts):
+                raise BadRequest(f"Upload-Concat names upload {part_id} twice.", reason="bad_concat")
             part = self._find(part_id, request.owner)
             if not part.partial or not part.completed:
                 raise BadRequest(f"Upload {part_id} is not a completed partial upload.", reason="bad_concat")
@@ -470,7 +479,13 @@ class ResumableUploads:
             for part in parts:
                 with self.store.open(part.id) as source:
                     offset = self.store.write(info.id, offset, source.read, part.offset)
-            info = self._completed(request, lock, self.store.get(info.id))
+            info = self.store.finish(info.id)  # durable before the parts go
+            for part in parts:
+                try:
+                    self.delete(part.id, owner=request.owner)
+                except (p.UploadNotFound, p.UploadLocked):
+                    pass  # another final upload took it meanwhile, or a request holds it: it expires
+            info = self._completed(request, lock, info)
         request.headers.append(("Location", self._location(request, info.id)))
         return self._respond(request, "201 Created", [*request.headers, *self._state(request, info)])
 
