@@ -25,6 +25,9 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,6 +146,17 @@ class Client:
                 pipe.close()
 
 
+def requests_head(endpoint: str, location: str) -> int:
+    """The status of a tus HEAD for ``location`` (relative to ``endpoint``)."""
+    request = urllib.request.Request(urllib.parse.urljoin(endpoint, location), method="HEAD",
+                                     headers={"Tus-Resumable": "1.0.0"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def outcome(events: list[dict[str, Any]]) -> dict[str, Any]:
     [last] = [event for event in events if event["event"] in ("success", "error")][-1:] or [{"event": "none"}]
     return last
@@ -167,6 +181,21 @@ class TestPlainUpload:
         patches = responses(events, "PATCH")
         assert [r["status"] for r in patches] == [204] * (4 if chunk_size else 1)
         assert patches[-1]["offset"] == str(path.stat().st_size)
+
+    def test_parallel_parts_are_joined_and_consumed(self, tmp_path: Path, server: Server) -> None:
+        """parallelUploads (Uppy's parallel mode): partial uploads at once, joined by a final one; on_complete
+        sees the whole file once, and the parts are gone."""
+        path, sha256 = blob(tmp_path, 3 * MiB + 7)
+        events = run_client(endpoint=server.endpoint, file=str(path), parallelUploads=3)
+
+        done = outcome(events)
+        assert done["event"] == "success", events[-5:]
+        record = server.record(done["url"]) or {}
+        assert (record.get("length"), record.get("sha256")) == (path.stat().st_size, sha256)
+        creations = responses(events, "POST")
+        assert [r["status"] for r in creations] == [201] * 4  # three parts, then the final upload
+        parts = [e["location"] for e in creations[:3]]
+        assert all(requests_head(server.endpoint, part) == 404 for part in parts)
 
     @pytest.mark.parametrize("protocol", ["ietf-draft-03", "ietf-draft-05"])
     def test_ietf_draft_dialects_are_understood(self, tmp_path: Path, server: Server, protocol: str) -> None:

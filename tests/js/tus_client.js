@@ -11,6 +11,8 @@
 //   urlStorage    a JSON file remembering upload URLs (tus-js-client's own
 //                 FileUrlStorage): a second run with the same file resumes
 //   retryDelays   tus-js-client's retryDelays (default [0, 500, 1000, 2000])
+//   parallelUploads  tus-js-client's parallelUploads: the file in that many
+//                 partial uploads at once, joined by a final one (concatenation)
 //   readme        path of README.md: run its tus-js-client snippet as written,
 //                 with every retry delay set to 0 so only Retry-After spaces
 //                 the attempts
@@ -34,7 +36,8 @@ function emit(event, fields) {
 function report(req, res) {
   emit("response", {method: req.getMethod(), status: res.getStatus(), at: Date.now() / 1000,
                     retryAfter: res.getHeader("Retry-After") || null,
-                    offset: res.getHeader("Upload-Offset") || null});
+                    offset: res.getHeader("Upload-Offset") || null,
+                    location: res.getHeader("Location") || null});
 }
 
 let lastTenth = -1;
@@ -95,6 +98,7 @@ if (options.readme) {
     chunkSize: options.chunkSize || Infinity,
     protocol: options.protocol || "tus-v1",
     retryDelays: options.retryDelays || [0, 500, 1000, 2000],
+    parallelUploads: options.parallelUploads || 1,
     metadata: {filename: require("path").basename(options.file), filetype: "application/octet-stream"},
     storeFingerprintForResuming: Boolean(options.urlStorage),
     removeFingerprintOnSuccess: true,
