@@ -455,7 +455,7 @@ class ResumableUploads:
         and again for a few bytes of header each, every copy a completed upload
         that never expires -- so each part joins one final upload, once.
         """
-        parts = []
+        parts: list[UploadInfo] = []
         for url in concat.parts:
             part_id = self.upload_id(url)
             if part_id is None:
