@@ -311,6 +311,114 @@ class TestS3Store:
         assert "uploadguard[s3]" in out
 
 
+class AnswerLosingProxy:
+    """An HTTP proxy to SeaweedFS that forwards every request but, for the first ``losses`` conditional
+    PUTs (If-None-Match / If-Match) of keys ending in ``suffix``, drops the connection instead of
+    answering: the write landed, the client never heard -- what a timeout or a cut link does, and what
+    boto3 answers by retrying."""
+
+    def __init__(self, upstream: str, suffix: str, losses: int = 1) -> None:
+        import http.client
+        import http.server
+        from urllib.parse import urlsplit
+
+        proxy = self
+        self.lost: list[str] = []
+        target = urlsplit(upstream)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                upstream_connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                try:
+                    upstream_connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+                    response = upstream_connection.getresponse()
+                    data = response.read()
+                finally:
+                    upstream_connection.close()
+                conditional = self.headers.get("If-None-Match") or self.headers.get("If-Match")
+                path = self.path.split("?")[0]
+                if (self.command == "PUT" and conditional and path.endswith(suffix) and response.status == 200
+                        and len(proxy.lost) < losses):
+                    proxy.lost.append(path)
+                    self.close_connection = True  # the answer is lost
+                    return
+                self.send_response_only(response.status, response.reason)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TestRetriedConditionalWrites:
+    """boto3 retries a PUT whose answer was lost; a conditional one that landed is then refused by its own
+    condition (412).  Each write must recognise itself instead of taking the 412 for another's."""
+
+    @pytest.fixture
+    def losing(self, aws_env: dict[str, str], seaweed: SeaweedFS, request: pytest.FixtureRequest,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+        proxies: list[AnswerLosingProxy] = []
+
+        def make(suffix: str) -> AnswerLosingProxy:
+            proxy = AnswerLosingProxy(seaweed.endpoint, suffix)
+            proxies.append(proxy)
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+            return proxy
+
+        yield make
+        for proxy in proxies:
+            proxy.close()
+
+    def test_a_create_whose_answer_was_lost_is_still_created(self, losing: Any, bucket: str) -> None:
+        """The info's If-None-Match PUT landed, its answer was lost, the retry got 412: the create stands."""
+        proxy = losing(".info")
+        store = make_store(bucket)
+        info = store.create(new_info(10))
+        assert len(proxy.lost) == 1
+        assert store.get(info.id).offset == 0 and len(store.multipart_uploads()) == 1
+
+    def test_a_commit_whose_answer_was_lost_counts(self, losing: Any, bucket: str) -> None:
+        """A PATCH's If-Match commit landed unheard: the write succeeds, with the offset it committed."""
+        store = make_store(bucket)
+        info = store.create(new_info(10))
+        proxy = losing(".info")
+        retried = make_store(bucket)
+        assert retried.write(info.id, 0, reader(b"abc"), 10) == 3
+        assert len(proxy.lost) == 1 and store.get(info.id).offset == 3
+
+    def test_a_lock_whose_answer_was_lost_is_held(self, losing: Any, bucket: str) -> None:
+        """The lock's If-None-Match PUT landed unheard: this request holds the lock, not a phantom rival."""
+        proxy = losing(".lock")
+        store = make_store(bucket)
+        upload_id = new_upload_id()
+        lock = store.locker.try_acquire(upload_id)
+        assert lock is not None and len(proxy.lost) == 1
+        assert make_store(bucket).locker.try_acquire(upload_id) is None
+        lock.release()
+        again = make_store(bucket).locker.try_acquire(upload_id)
+        assert again is not None
+        again.release()
+
+
 class TestS3Locking:
     def test_a_renewal_that_hangs_counts_as_a_lost_lease(self, aws_env: dict[str, str], bucket: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:

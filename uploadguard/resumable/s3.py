@@ -69,6 +69,9 @@ the blocked PATCH's socket, so a client that reconnected through another host
 gets its upload within seconds.  Every commit of ``<id>.info`` is itself
 conditional on the ETag read under the lock, so a holder that lost its lease
 (paused past it) cannot overwrite a newer holder's state: it gets a 423.
+boto3 retries a request whose answer was lost; a conditional PUT that had
+landed is then refused by its own condition, so every info and lock write
+carries a unique field, and a 412 whose object holds it counts as success.
 
 **Failure modes.**  S3 unreachable, timing out or answering 5xx: every request
 gets **503 + Retry-After** (never a 500 or a dropped connection) and changes
@@ -308,6 +311,23 @@ class S3Store:
             raise _Precondition(key)
         return str(response["ETag"])
 
+    def _landed(self, key: str, field: str, value: object) -> str | None:
+        """After a 412: the object's ETag if it holds *our* write (``field`` is ``value``), else ``None``.
+
+        boto3 retries a request whose answer was lost (a timeout, a dropped
+        connection, a 5xx after the write); a conditional PUT that did land is
+        then refused by its own condition.  The unique field tells our write
+        from another's.
+        """
+        got = self._get(key)
+        if got is None:
+            return None
+        try:
+            ours = json.loads(got.body).get(field) == value
+        except (ValueError, AttributeError):
+            return None
+        return got.etag if ours else None
+
     def _delete(self, key: str) -> None:
         self._call("delete_object", Key=key)
 
@@ -336,16 +356,20 @@ class S3Store:
         """Write ``state`` as ``<id>.info``, conditional on the ETag it was read with."""
         if touch:
             state.updated = time.time()
+        nonce = secrets.token_hex(8)  # the ETag is an MD5 of the body: make every commit's unique
         doc = {"info": json.loads(state.info.to_json()), "multipart": state.multipart,
                "parts": [list(part) for part in state.parts], "tail": list(state.tail) if state.tail else None,
-               "updated": state.updated, "nonce": secrets.token_hex(8)}  # the ETag is an MD5: make it unique
+               "updated": state.updated, "nonce": nonce}
         body = json.dumps(doc, sort_keys=True).encode()
         key = self._key(state.info.id, ".info")
         try:
             state.etag = self._put(key, body, **({"IfNoneMatch": "*"} if create else {"IfMatch": state.etag}))
         except _Precondition:
-            raise UploadLocked(f"Upload {state.info.id} was changed by another request; retry.",
-                               retry_after=1) from None
+            etag = self._landed(key, "nonce", nonce)
+            if etag is None:
+                raise UploadLocked(f"Upload {state.info.id} was changed by another request; retry.",
+                                   retry_after=1) from None
+            state.etag = etag
         state.info = dataclasses.replace(state.info, offset=state.offset, updated=state.updated)
         return state
 
@@ -942,12 +966,20 @@ class S3Locker:
 
     def _write(self, upload_id: str, token: str, serial: int, *, if_match: str | None = None,
                free: bool = False) -> str:
-        body = json.dumps({"token": token, "serial": serial, "free": free, "host": socket.gethostname(),
-                           "pid": os.getpid()}).encode()
+        """Create (``if_match=None``) or overwrite the lock object; :class:`_Precondition` if it is not ours."""
+        write = f"{token}:{serial}:{int(free)}"  # names this very write, to recognise it after a retry
+        body = json.dumps({"token": token, "serial": serial, "free": free, "write": write,
+                           "host": socket.gethostname(), "pid": os.getpid()}).encode()
         key = self.store._key(upload_id, ".lock")
-        if if_match is None:
-            return self.store._put(key, body, IfNoneMatch="*")
-        return self.store._put(key, body, IfMatch=if_match)
+        try:
+            if if_match is None:
+                return self.store._put(key, body, IfNoneMatch="*")
+            return self.store._put(key, body, IfMatch=if_match)
+        except _Precondition:
+            etag = self.store._landed(key, "write", write)
+            if etag is None:
+                raise
+            return etag
 
     def try_acquire(self, upload_id: str) -> S3Lock | None:
         """The lock if it is free or its lease lapsed, else ``None``; never asks a holder to let go."""
