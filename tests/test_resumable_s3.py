@@ -317,7 +317,7 @@ class AnswerLosingProxy:
     answering: the write landed, the client never heard -- what a timeout or a cut link does, and what
     boto3 answers by retrying."""
 
-    def __init__(self, upstream: str, suffix: str, losses: int = 1) -> None:
+    def __init__(self, upstream: str, suffix: str, losses: int = 1, condition: str | None = None) -> None:
         import http.client
         import http.server
         from urllib.parse import urlsplit
@@ -341,7 +341,8 @@ class AnswerLosingProxy:
                     data = response.read()
                 finally:
                     upstream_connection.close()
-                conditional = self.headers.get("If-None-Match") or self.headers.get("If-Match")
+                conditional = (self.headers.get(condition) if condition else
+                               self.headers.get("If-None-Match") or self.headers.get("If-Match"))
                 path = self.path.split("?")[0]
                 if (self.command == "PUT" and conditional and path.endswith(suffix) and response.status == 200
                         and len(proxy.lost) < losses):
@@ -378,8 +379,8 @@ class TestRetriedConditionalWrites:
                monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         proxies: list[AnswerLosingProxy] = []
 
-        def make(suffix: str) -> AnswerLosingProxy:
-            proxy = AnswerLosingProxy(seaweed.endpoint, suffix)
+        def make(suffix: str, condition: str | None = None) -> AnswerLosingProxy:
+            proxy = AnswerLosingProxy(seaweed.endpoint, suffix, condition=condition)
             proxies.append(proxy)
             monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
             return proxy
@@ -416,6 +417,24 @@ class TestRetriedConditionalWrites:
         lock.release()
         again = make_store(bucket).locker.try_acquire(upload_id)
         assert again is not None
+        again.release()
+
+    def test_a_renewal_whose_answer_was_lost_keeps_the_lock(self, losing: Any, bucket: str) -> None:
+        """A lease renewal (If-Match) that landed unheard does not count as the lock taken over."""
+        proxy = losing(".lock", condition="If-Match")
+        store = make_store(bucket, lease=3)  # a renewal every second
+        upload_id = new_upload_id()
+        lock = store.locker.try_acquire(upload_id)
+        assert lock is not None
+        deadline = time.monotonic() + 30
+        while (not proxy.lost or lock._renewals < 3) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held = not lock.lost and lock.held
+        assert proxy.lost and lock._renewals >= 3 and held
+        assert make_store(bucket).locker.try_acquire(upload_id) is None
+        lock.release()
+        again = make_store(bucket).locker.try_acquire(upload_id)
+        assert again is not None  # freed by If-Match on the ETag the renewal adopted
         again.release()
 
 

@@ -70,8 +70,9 @@ gets its upload within seconds.  Every commit of ``<id>.info`` is itself
 conditional on the ETag read under the lock, so a holder that lost its lease
 (paused past it) cannot overwrite a newer holder's state: it gets a 423.
 boto3 retries a request whose answer was lost; a conditional PUT that had
-landed is then refused by its own condition, so every info and lock write
-carries a unique field, and a 412 whose object holds it counts as success.
+landed is then refused by its own condition.  So every info write carries a
+unique nonce and every lock write its holder's token, and a 412 whose object
+holds ours counts as success.
 
 **Failure modes.**  S3 unreachable, timing out or answering 5xx: every request
 gets **503 + Retry-After** (never a 500 or a dropped connection) and changes
@@ -966,20 +967,28 @@ class S3Locker:
 
     def _write(self, upload_id: str, token: str, serial: int, *, if_match: str | None = None,
                free: bool = False) -> str:
-        """Create (``if_match=None``) or overwrite the lock object; :class:`_Precondition` if it is not ours."""
-        write = f"{token}:{serial}:{int(free)}"  # names this very write, to recognise it after a retry
-        body = json.dumps({"token": token, "serial": serial, "free": free, "write": write,
-                           "host": socket.gethostname(), "pid": os.getpid()}).encode()
+        """Create (``if_match=None``) or overwrite the lock object; :class:`_Precondition` if it is not ours.
+
+        After a 412 on an overwrite the object is read back: if it holds this
+        holder's token in the state written (held or free), the write landed
+        -- boto3 retried one whose answer was lost, or an earlier renewal
+        landed unheard and left the ETag stale -- and its ETag is adopted.
+        A creation's 412 is sorted out by :meth:`try_acquire`, which reads
+        the object anyway.
+        """
+        body = json.dumps({"token": token, "serial": serial, "free": free, "host": socket.gethostname(),
+                           "pid": os.getpid()}).encode()
         key = self.store._key(upload_id, ".lock")
+        if if_match is None:
+            return self.store._put(key, body, IfNoneMatch="*")
         try:
-            if if_match is None:
-                return self.store._put(key, body, IfNoneMatch="*")
             return self.store._put(key, body, IfMatch=if_match)
         except _Precondition:
-            etag = self.store._landed(key, "write", write)
-            if etag is None:
+            current = self.store._get(key)
+            doc = _lock_doc(current.body) if current is not None else {}
+            if current is None or doc.get("token") != token or bool(doc.get("free")) != free:
                 raise
-            return etag
+            return current.etag
 
     def try_acquire(self, upload_id: str) -> S3Lock | None:
         """The lock if it is free or its lease lapsed, else ``None``; never asks a holder to let go."""
@@ -991,19 +1000,20 @@ class S3Locker:
             current = store._get(store._key(upload_id, ".lock"))
             if current is None:
                 return None  # freed and removed meanwhile: the next attempt creates it
-            try:
-                free = bool(json.loads(current.body).get("free"))
-            except (ValueError, AttributeError):
-                free = False
-            if not free and current.date - current.last_modified <= store.lease + 1:
-                return None
-            if not free:
-                log.warning("the lock of upload %s lapsed (a host died holding it?); taking it over",
-                            upload_id)
-            try:
-                etag = self._write(upload_id, token, 0, if_match=current.etag)
-            except _Precondition:
-                return None
+            doc = _lock_doc(current.body)
+            if doc.get("token") == token:  # our creation landed; its answer was lost and boto3's retry refused
+                etag = current.etag
+            else:
+                free = bool(doc.get("free"))
+                if not free and current.date - current.last_modified <= store.lease + 1:
+                    return None
+                if not free:
+                    log.warning("the lock of upload %s lapsed (a host died holding it?); taking it over",
+                                upload_id)
+                try:
+                    etag = self._write(upload_id, token, 0, if_match=current.etag)
+                except _Precondition:
+                    return None
         with contextlib.suppress(S3Unavailable):
             store._delete(store._key(upload_id, ".release"))  # any request for the previous holder is answered now
         return S3Lock(self, upload_id, etag, token)
@@ -1106,6 +1116,15 @@ def _copy_in_parts(client: Any, source: dict[str, str], bucket: str, key: str, s
         with contextlib.suppress(Exception):
             client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
         raise
+
+
+def _lock_doc(body: bytes) -> dict[str, Any]:
+    """A lock object's JSON (``{}`` if unreadable: then it is nobody's, and not free)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _require_boto3() -> None:
