@@ -805,6 +805,30 @@ class TestEndpointOnS3:
         with self.endpoint.get(path).open() as fh:
             assert fh.read() == data
 
+    def test_concatenation_joins_parts_and_consumes_them(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                                                          bucket: str, tmp_path: Path) -> None:
+        """Uppy's parallel mode on S3: two partial uploads (one over a part size) joined by a final one; on_complete
+        reads the whole file, and nothing of the parts is left in the bucket."""
+        completed: list[bytes] = []
+        app = self.app(f"s3://{bucket}/uploads", tmp_path, completed)
+        data = patterned(6 * MiB + 5)
+        paths = []
+        for chunk in (data[:6 * MiB], data[6 * MiB:]):
+            created = app.post("/files/", headers={**TUS, "Upload-Length": str(len(chunk)),
+                                                   "Upload-Concat": "partial"}, status=201)
+            path = created.headers["Location"].split("localhost:80", 1)[-1]
+            app.request(path, method="PATCH", body=chunk, status=204,
+                        headers={**TUS, "Upload-Offset": "0", "Content-Type": OCTETS})
+            paths.append(path)
+        final = app.post("/files/", headers={**TUS, "Upload-Concat": "final;" + " ".join(paths)}, status=201)
+        final_id = final.headers["Location"].rsplit("/", 1)[1]
+        assert completed == [data]
+        for path in paths:
+            app.head(path, headers=TUS, status=404)
+        keys = {o["Key"] for o in seaweed.client().list_objects_v2(Bucket=bucket).get("Contents", [])}
+        assert keys == {f"uploads/{final_id}", f"uploads/{final_id}.info", f"uploads/{final_id}.lock"}
+        assert self.endpoint.store.multipart_uploads() == []
+
     def test_s3_down_is_503_with_retry_after(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         """With nothing listening at AWS_ENDPOINT_URL, creation and HEAD answer 503 + Retry-After, never 500."""
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")

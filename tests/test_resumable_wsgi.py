@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -215,6 +216,49 @@ class TestConcatenation:
         create(app, None, status=404, **{"Upload-Concat": f"final;{part}"})
         assert app.head(final, headers=TUS).headers["Upload-Offset"] == "3"
         assert [c[3] for c in hooks.calls] == [b"abc"]
+
+    def test_a_failing_hook_keeps_the_parts_for_the_retry(self, app: webtest.TestApp, hooks: Hooks,
+                                                          endpoint: ResumableUploads) -> None:
+        """on_complete raising on the final upload: a 500, the final goes, the parts stay; the client's retry
+        joins them again and the hook sees the whole file -- nothing is lost, nothing is left over."""
+        part = path_of(create(app, 3, **{"Upload-Concat": "partial"}))
+        patch(app, part, 0, b"abc")
+        hooks.fail = True
+        create(app, None, status=500, **{"Upload-Concat": f"final;{part}"})
+        assert [info.id for info in endpoint.store.uploads()] == [part.rsplit("/", 1)[1]]
+        hooks.fail = False
+        final = path_of(create(app, None, **{"Upload-Concat": f"final;{part}"}))
+        assert [c[3] for c in hooks.calls] == [b"abc"]
+        assert [info.id for info in endpoint.store.uploads()] == [final.rsplit("/", 1)[1]]
+
+    def test_two_joins_of_one_part_at_once_make_one_final_upload(self, endpoint: ResumableUploads, hooks: Hooks,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        """While one final upload copies a part (its lock held), another join of that part is refused: one
+        final upload, one hook call, the part gone, and the refused join leaves nothing behind."""
+        app = webtest.TestApp(endpoint)
+        part = path_of(create(app, 3, **{"Upload-Concat": "partial"}))
+        patch(app, part, 0, b"abc")
+        copying, go_on = threading.Event(), threading.Event()
+        real_open = endpoint.store.open
+
+        def slow_open(upload_id: str) -> Any:
+            copying.set()
+            go_on.wait(30)
+            return real_open(upload_id)
+
+        monkeypatch.setattr(endpoint.store, "open", slow_open)
+        first: list[Any] = []
+        joiner = threading.Thread(target=lambda: first.append(
+            create(webtest.TestApp(endpoint), None, **{"Upload-Concat": f"final;{part}"})))
+        joiner.start()
+        assert copying.wait(30)
+        second = create(webtest.TestApp(endpoint), None, status="*", **{"Upload-Concat": f"final;{part}"})
+        go_on.set()
+        joiner.join(30)
+
+        assert second.status_int == 423 and first[0].status_int == 201
+        assert [c[3] for c in hooks.calls] == [b"abc"]
+        assert [info.id for info in endpoint.store.uploads()] == [path_of(first[0]).rsplit("/", 1)[1]]
 
     def test_a_part_named_twice_is_refused(self, app: webtest.TestApp, hooks: Hooks) -> None:
         """final;<a> <a> would double a part's bytes at no cost to the client: 400, nothing created."""

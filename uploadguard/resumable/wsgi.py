@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from ..config import Settings, default_resumable_storage, parse_duration, parse_size
 from ..errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
-from ..tempdir import reason_for_errno
+from ..tempdir import Reason, reason_for_errno
 from ..wsgi import GuardedInput, body_length, request_socket, waiting_for_continue
 from . import protocol as p
 from .locking import HeldLock, Locker, ReleaseWatcher
@@ -453,41 +453,66 @@ class ResumableUploads:
         tus lets a server delete the parts once joined, or keep them for more
         final uploads.  Kept, a client could have one 200 MB part copied again
         and again for a few bytes of header each, every copy a completed upload
-        that never expires -- so each part joins one final upload, once.
+        that never expires -- so each part joins one final upload, once: the
+        parts are locked (in id order: two joins never deadlock) and checked
+        again under their locks, and deleted only after ``on_complete``
+        returned.  If anything fails before that, the final upload goes and the
+        parts stay, so the client's retry joins them again.
         """
-        parts: list[UploadInfo] = []
+        part_ids: list[str] = []
         for url in concat.parts:
             part_id = self.upload_id(url)
             if part_id is None:
                 raise BadRequest(f"Upload-Concat names {url[:80]!r}, not an upload here.", reason="bad_concat")
-            if any(part.id == part_id for part in parts):
+            if part_id in part_ids:
                 raise BadRequest(f"Upload-Concat names upload {part_id} twice.", reason="bad_concat")
-            part = self._find(part_id, request.owner)
-            if not part.partial or not part.completed:
-                raise BadRequest(f"Upload {part_id} is not a completed partial upload.", reason="bad_concat")
-            parts.append(part)
+            part_ids.append(part_id)
+        parts = self._joinable(part_ids, request.owner)
         total = sum(part.offset for part in parts)
         if self.max_size and total > self.max_size:
             raise BodyTooLarge(self.max_size, length=total)
         self._check_health(total)
         info = self.store.create(UploadInfo(
             id=new_upload_id(), length=total, metadata=metadata, owner=request.owner, created=time.time(),
-            expires_after=self.expires_after or None, parts=tuple(part.id for part in parts),
+            expires_after=self.expires_after or None, parts=tuple(part_ids),
         ))
-        with self.locker.acquire(info.id, timeout=self.lock_timeout) as lock:
-            offset = 0
-            for part in parts:
-                with self.store.open(part.id) as source:
-                    offset = self.store.write(info.id, offset, source.read, part.offset)
-            info = self.store.finish(info.id)  # durable before the parts go
-            for part in parts:
+        with contextlib.ExitStack() as held:
+            lock = held.enter_context(self.locker.acquire(info.id, timeout=self.lock_timeout))
+            try:
+                part_locks = [held.enter_context(self.locker.acquire(part_id, timeout=self.lock_timeout))
+                              for part_id in sorted(part_ids)]
+                parts = self._joinable(part_ids, request.owner)  # as they are now that nobody else can join them
+                offset = 0
+                for part in parts:
+                    with self.store.open(part.id) as source:
+                        offset = self.store.write(info.id, offset, source.read, part.offset)
+                if offset != total:
+                    raise TempDirUnavailable(Reason.IO_ERROR, retry_after=self.settings.retry_after,
+                                             cause=f"joined {offset} of {total} bytes into {info.id}")
+                info = self._completed(request, lock, self.store.finish(info.id))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.store.terminate(info.id)
+                    self.locker.remove(lock)
+                raise
+            for part_lock in part_locks:
                 try:
-                    self.delete(part.id, owner=request.owner)
-                except (p.UploadNotFound, p.UploadLocked):
-                    pass  # another final upload took it meanwhile, or a request holds it: it expires
-            info = self._completed(request, lock, info)
+                    self.store.terminate(part_lock.upload_id)
+                    self.locker.remove(part_lock)
+                except Exception:  # the join stands; the part expires like any unjoined one
+                    log.warning("could not delete part %s of upload %s", part_lock.upload_id, info.id,
+                                exc_info=True)
         request.headers.append(("Location", self._location(request, info.id)))
         return self._respond(request, "201 Created", [*request.headers, *self._state(request, info)])
+
+    def _joinable(self, part_ids: list[str], owner: str | None) -> list[UploadInfo]:
+        parts = []
+        for part_id in part_ids:
+            part = self._find(part_id, owner)
+            if not part.partial or not part.completed:
+                raise BadRequest(f"Upload {part_id} is not a completed partial upload.", reason="bad_concat")
+            parts.append(part)
+        return parts
 
     # -- HEAD, PATCH, DELETE -------------------------------------------------------------
 
