@@ -189,6 +189,24 @@ class TestS3Store:
         assert sorted(key for key in keys if info.id in key) == [f"uploads/{info.id}", f"uploads/{info.id}.info"]
         assert data_of(store, info.id) == b"abcdef"
 
+    def test_a_deferred_length_past_the_part_limit_is_a_413(self, aws_env: dict[str, str], bucket: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without a length the parts cannot be sized to fit S3's 10,000 (here 3): the part that would need one
+        number too many is a 413, the parts before it stay, and the upload still completes within the limit."""
+        import uploadguard.resumable.s3 as s3
+
+        monkeypatch.setattr(s3, "MAX_PARTS", 3)
+        store = make_store(bucket, part_size=5 * MiB)
+        info = store.create(new_info(None))
+        data = patterned(16 * MiB)
+        with pytest.raises(BodyTooLarge):
+            store.write(info.id, 0, reader(data), len(data))
+        assert store.get(info.id).offset == 10 * MiB
+        store.write(info.id, 10 * MiB, reader(data[10 * MiB:13 * MiB]), 3 * MiB)  # the last part
+        store.declare_length(info.id, 13 * MiB)
+        store.finish(info.id)
+        assert data_of(store, info.id) == data[:13 * MiB]
+
     def test_open_streams_and_seeks(self, aws_env: dict[str, str], bucket: str) -> None:
         """upload.open() is a seekable file over GetObject; the path is None."""
         store = make_store(bucket)

@@ -21,7 +21,10 @@ Parameters of :class:`S3Store` (keyword-only after the URL):
 ``part_size``      bytes per multipart part (default 8 MiB, at least 5 MiB, S3's
                    minimum).  It is the memory bound: a PATCH holds at most one part
                    (plus one 1 MiB read) in RAM; a ``part_size`` over 32 MiB is
-                   buffered in an unlinked file in ``temp_dir`` instead.
+                   buffered in an unlinked file in ``temp_dir`` instead.  An upload
+                   with a known length grows its parts to fit S3's 10,000; one with a
+                   deferred length holds at most 9,999 parts and a last one (~78 GiB at
+                   8 MiB) and gets a 413 beyond: raise ``part_size`` for larger ones.
 ``temp_dir``       where a large part buffer and a checksummed chunk are spooled
                    (default: the guard's ``UPLOADGUARD_TEMP_DIR``).
 ``lease``          seconds a lock lasts without renewal (default 10): how long the
@@ -476,6 +479,11 @@ class S3Store:
                     raise BodyTooLarge(max_bytes, length=written)
                 buffer.write(data)
                 if buffer.size >= part_size:
+                    if len(state.parts) >= MAX_PARTS - 1:  # the last number is the final part's
+                        # Only a deferred length gets here (a known one sizes its parts to fit): a clear 413,
+                        # not S3's refusal of part 10,001 on every retry.
+                        raise BodyTooLarge(sum(size for _, size, _ in state.parts) + part_size - 1,
+                                           length=state.offset + buffer.size)
                     self._upload_part(state, buffer)
                     state.tail = None
                     self._commit(state)
