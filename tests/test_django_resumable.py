@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from django.test import Client, override_settings
 
+from tests.support import needs_root, tmpfs
 from tests.test_django import dirs, project  # noqa: F401  (fixtures: the test project's settings)
 
 MIDDLEWARE = [
@@ -197,6 +199,18 @@ class TestGuardCoversIt:
         dirs["temp"].write_text("in the way")
         response = patch(client, token, url, 0, b"abc")
         assert response.status_code == 503 and response["Retry-After"] == "2"
+
+    @needs_root
+    def test_a_small_temp_dir_does_not_refuse_a_patch_the_storage_holds(self, dirs: dict[str, Path]) -> None:  # noqa: F811
+        """The middleware knows the endpoint's bodies go to the upload storage: a 1 MiB tmpfs temp dir takes a
+        3 MiB PATCH (it needs to be usable, not to hold it)."""
+        data = os.urandom(3 * 1024 * 1024)
+        with tmpfs(dirs["temp"], size="1m", options="mode=700"), override_settings(UPLOADGUARD_MIN_FREE_SPACE=0):
+            client, token = csrf_client()
+            url = create(client, token, len(data))["Location"]
+            response = patch(client, token, url, 0, data)
+        assert response.status_code == 204, response.content
+        assert response["Upload-Offset"] == str(len(data))
 
     def test_chunk_over_the_body_limit_is_413(self) -> None:
         """A PATCH whose body is over UPLOADGUARD_MAX_BODY_SIZE is the guard's 413 before Django reads it."""

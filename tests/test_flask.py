@@ -464,6 +464,21 @@ class TestResumableUploads:
         response = self.patch(client, url, 0, b"abc")
         assert response.status_code == 503 and response.headers["Retry-After"] == "2"
 
+    @needs_root
+    def test_a_small_temp_dir_does_not_refuse_a_patch_the_storage_holds(self, dirs: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+        """The guard asks the app's resumable endpoint: a 1 MiB tmpfs temp dir takes a 3 MiB PATCH, while a form
+        upload to the app, which Werkzeug may spool there, is still refused for want of room."""
+        data = os.urandom(3 * 1024 * 1024)
+        with tmpfs(dirs["temp"], size="1m", options="mode=700"):
+            app = make_app(dirs, RESUMABLE_STORAGE=str(tmp_path / "tus"))
+            client = app.test_client()
+            url = self.create(client, len(data))
+            response = self.patch(client, url, 0, data)
+            refused = upload(app, len(data))
+        assert (response.status_code, response.headers["Upload-Offset"]) == (204, str(len(data)))
+        assert refused.status_code == 503 and refused.json["error"] == "no_space"
+
     def test_resumable_file_errors_are_flasks_own(self, app: flask.Flask) -> None:
         """An unknown upload is Werkzeug's NotFound (Flask's 404 in any view), still an UploadNotFound."""
         from werkzeug.exceptions import NotFound

@@ -632,6 +632,26 @@ class TestStacking:
         assert guarded.get("/elsewhere").text == "app"
 
 
+    @needs_root
+    def test_a_small_temp_dir_does_not_refuse_a_patch_the_storage_holds(self, storage: Path, hooks: Hooks,
+                                                                         tmp_path: Path) -> None:
+        """The endpoint's bodies go to the storage: a 1 MiB tmpfs temp dir still takes a 3 MiB PATCH (tus-js-client
+        sends a whole file in one by default), while a body the app may spool there still needs the room."""
+        from uploadguard import UploadGuard
+
+        with tmpfs(tmp_path / "tmp", size="1m") as temp:
+            settings = Settings.from_environ({}, temp_dir=temp, min_free_space=0)
+            endpoint = ResumableUploads(fallback, storage=storage, on_complete=hooks, settings=settings)
+            guarded = webtest.TestApp(UploadGuard(endpoint, settings=settings))
+            data = os.urandom(3 * 1024 * 1024)
+            url = path_of(create(guarded, len(data)))
+            patch(guarded, url, 0, data)
+            refused = guarded.post("/elsewhere", params=data, headers={"Accept": "application/json"}, status=503)
+
+        assert [c[3] for c in hooks.calls] == [data]
+        assert refused.json["error"] == "no_space"
+
+
 class TestStorage:
     def test_vanished_storage_404_then_new_uploads_work(self, app: webtest.TestApp, storage: Path) -> None:
         """Uploads in a deleted storage dir are 404; the dir is recreated and new uploads work."""

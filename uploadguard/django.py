@@ -254,7 +254,7 @@ class UploadGuardMiddleware:
                 stream = GuardedInput(environ["wsgi.input"], length=None, limit=guard.settings.max_body_size)
                 environ["wsgi.input"] = environ[ENVIRON_INPUT] = stream
             environ[ENVIRON_GUARD] = guard
-            refusal = guard.refusal(length)
+            refusal = guard.refusal(length, spooled=_endpoint is None or _endpoint.uploads.spools_body(environ))
         else:
             if isinstance(outer, UploadGuard) and outer.temp.path == guard.temp.path:
                 guard = outer  # the outer guard counted the request: its answers are counted there too

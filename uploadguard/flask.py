@@ -71,7 +71,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, has_request_context, request
 from flask.signals import got_request_exception
@@ -81,6 +81,9 @@ from .config import Settings
 from .resumable.protocol import UploadIncomplete, UploadNotFound
 from .wsgi import ENVIRON_GUARD, ENVIRON_INPUT, GuardedInput, remember_exception
 from .wsgi import UploadGuard as WSGIUploadGuard
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
 
 __all__ = ["ResumableUploads", "UploadGuard", "delete_resumable", "resumable_file", "settings_from_config"]
 
@@ -145,6 +148,18 @@ class _ReplaceServerError:
         return response
 
 
+class _FlaskUploadGuard(WSGIUploadGuard):
+    """The guard around a Flask app's ``wsgi_app``, knowing the app's resumable endpoint (whenever it is added)."""
+
+    def __init__(self, flask_app: Flask, **options: Any) -> None:
+        super().__init__(flask_app.wsgi_app, **options)
+        self.flask_app = flask_app
+
+    def spools_body(self, environ: WSGIEnvironment) -> bool:
+        endpoint = self.flask_app.extensions.get("uploadguard.resumable")
+        return True if endpoint is None else bool(endpoint.spools_body(environ))
+
+
 class UploadGuard:
     """Flask extension; see the module documentation."""
 
@@ -156,7 +171,7 @@ class UploadGuard:
         """Guard ``app``; returns its :class:`uploadguard.UploadGuard` (also ``app.extensions["uploadguard"]``)."""
         if "uploadguard" in app.extensions:
             raise RuntimeError(f"uploadguard is already set up for the Flask app {app.name!r}")
-        guard = WSGIUploadGuard(app.wsgi_app, settings=settings_from_config(app.config))
+        guard = _FlaskUploadGuard(app, settings=settings_from_config(app.config))
         app.wsgi_app = guard  # type: ignore[method-assign]  # Flask's documented way to add WSGI middleware
         app.extensions["uploadguard"] = guard
         got_request_exception.connect(_remember_exception, app)

@@ -586,7 +586,7 @@ class UploadGuard:
     def _guarded(self, environ: WSGIEnvironment, start_response: StartResponse, length: int | None) -> Iterable[bytes]:
         raw = environ["wsgi.input"]
         stream = GuardedInput(raw, length=length, limit=self.settings.max_body_size)
-        refusal = self.refusal(length)
+        refusal = self.refusal(length, spooled=self.spools_body(environ))
         if refusal is not None:
             return self._answer(environ, start_response, refusal, stream)
         environ[ENVIRON_GUARD] = self
@@ -624,17 +624,29 @@ class UploadGuard:
 
     # -- deciding ----------------------------------------------------------------------
 
-    def refusal(self, length: int | None) -> UploadGuardError | None:
+    def spools_body(self, environ: WSGIEnvironment) -> bool:
+        """Whether this request's body may be spooled into the temp dir, so it needs room there.
+
+        Asks the wrapped application's ``spools_body(environ)`` when it has
+        one (:class:`uploadguard.resumable.ResumableUploads` stores its bodies
+        elsewhere); otherwise yes.  Either way the temp dir must be usable.
+        """
+        ask = getattr(self.app, "spools_body", None)
+        return True if ask is None else bool(ask(environ))
+
+    def refusal(self, length: int | None, *, spooled: bool = True) -> UploadGuardError | None:
         """The 413 or 503 a body of ``length`` bytes (``None``: chunked) gets before anyone reads it.
 
         Counts the request as guarded and heals a vanished temp dir on the
-        way; ``None`` means go ahead.  Also used by the Django middleware.
+        way; ``None`` means go ahead.  A body that will not be ``spooled``
+        into the temp dir needs no room there (only a usable dir).  Also used
+        by the Django middleware.
         """
         self.stats.record(Event.GUARDED)
         limit = self.settings.max_body_size
         if limit and length is not None and length > limit:
             return BodyTooLarge(limit, length=length)
-        health = self.temp.preflight(length or 0)
+        health = self.temp.preflight((length or 0) if spooled else 0)
         if health.healed:
             self.stats.record(Event.HEALED)
         return None if health.ok else self.unavailable(health)
@@ -654,7 +666,7 @@ class UploadGuard:
         outer = environ.get(ENVIRON_GUARD)
         if isinstance(outer, UploadGuard) and outer.temp.path == self.temp.path:
             return None
-        health = self._checked_temp_dir(length or 0)
+        health = self._checked_temp_dir((length or 0) if self.spools_body(environ) else 0)
         return None if health.ok else self.unavailable(health)
 
     def _checked_temp_dir(self, need: int = 0, *, fresh: bool = False) -> Health:

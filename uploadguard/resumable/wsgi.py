@@ -244,9 +244,26 @@ class ResumableUploads:
 
     # -- WSGI ----------------------------------------------------------------------------
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    def serves(self, environ: WSGIEnvironment) -> bool:
+        """Whether the request is the endpoint's (under :attr:`prefix`)."""
         path = environ.get("PATH_INFO", "") or "/"
-        if not (path.startswith(self.prefix) or path == self.prefix.rstrip("/")):
+        return path.startswith(self.prefix) or path == self.prefix.rstrip("/")
+
+    def spools_body(self, environ: WSGIEnvironment) -> bool:
+        """Whether the request's body may be spooled into the guard's temp dir (see :class:`UploadGuard`).
+
+        The endpoint's bodies go to the upload storage, whose room it checks
+        itself -- only the S3 store spools (a part buffer over 32 MiB, a
+        checksummed chunk) into the temp dir.  So a small temp dir (a tmpfs)
+        does not refuse a PATCH the storage has room for.
+        """
+        if self.serves(environ):
+            return not isinstance(self.store, LocalStore)
+        ask = getattr(self.app, "spools_body", None)
+        return True if ask is None else bool(ask(environ))
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if not self.serves(environ):
             if self.app is None:
                 start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "10")])
                 return [b"Not Found\n"]
