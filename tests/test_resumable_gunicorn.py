@@ -459,6 +459,26 @@ class TestRateFloor:
             server.gunicorn.stop()
 
 
+    @pytest.mark.parametrize("sent", [1000, 65_000, 99_000])
+    def test_a_stalled_patch_keeps_every_byte_that_arrived(self, tmp_path: Path, sent: int) -> None:
+        """A client that sends part of its PATCH body and goes silent: when the idle window ends the PATCH,
+        every byte that reached the server counts -- gunicorn's reader drops a partial read on a socket
+        timeout, so the watcher's shutdown, not the timeout, must end it."""
+        server = Server(tmp_path, workers=1, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "2"})
+        try:
+            url = server.create(100_000)
+            path = url.split(str(server.port), 1)[1]
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                              f"Upload-Offset: 0\r\nContent-Type: {OCTETS}\r\nContent-Length: 100000\r\n\r\n"
+                              ).encode() + bytes(sent))
+                answer = sock.recv(65536)  # blocks until the server gives up on the rest (30 s at most)
+            assert answer.startswith(b"HTTP/1.1 204"), answer[:200]
+            assert server.offset(url) == sent
+        finally:
+            server.gunicorn.stop()
+
+
 class TestOnComplete:
     def test_once_and_500_then_retrievable(self, server: Server) -> None:
         """A raising hook: the final PATCH is a 500 (a response, not a dropped connection), the data stays,

@@ -611,7 +611,11 @@ class ResumableUploads:
             reader = request.reader = _BodyReader(stream, content_length, watcher, self.idle_timeout)
             watcher.too_slow = reader.too_slow
             if sock is not None and self.idle_timeout:
-                sock.settimeout(self.idle_timeout)
+                # The watcher ends a PATCH whose window brought too few bytes by shutting the socket
+                # for reading, and gunicorn's reader then returns what it had.  A socket timeout
+                # would make that reader drop its partial read -- bytes that arrived -- so it is
+                # only the net under the watcher, long after it.
+                sock.settimeout(2 * self.idle_timeout + 5)
             try:
                 new_offset = self.store.write(info.id, offset, reader, budget, checksum=checksum)
             finally:
