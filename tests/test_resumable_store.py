@@ -410,6 +410,43 @@ class TestExpiry:
         store.terminate(info.id)
         assert not any(name.startswith(info.id) for name in os.listdir(tmp_path))
 
+    def test_cli_clean_by_age_never_touches_an_upload_store(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+        """`uploadguard clean DIR --older-than` on the resumable storage, a parent of it, or any directory holding
+        upload info is refused (exit 2): by age it would delete completed uploads -- the users' data."""
+        store = LocalStore(tmp_path / "data" / "uploads")
+        store.health()
+        done = self.make(store, age=3 * 86400, data=b"0123456789")
+        store.finish(done.id)
+        old = time.time() - 3 * 86400
+        for name in os.listdir(store.directory):
+            os.utime(os.path.join(store.directory, name), (old, old))
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        (copy / f"{done.id}.info").write_bytes((tmp_path / "data" / "uploads" / f"{done.id}.info").read_bytes())
+        os.utime(copy / f"{done.id}.info", (old, old))
+        monkeypatch.setenv("UPLOADGUARD_RESUMABLE_STORAGE", store.directory)
+        monkeypatch.setenv("UPLOADGUARD_TEMP_DIR", str(tmp_path / "tmp"))
+
+        for directory in (store.directory, str(tmp_path / "data"), str(copy)):
+            assert main(["clean", directory, "--older-than", "24h"]) == 2
+            assert "resumable uploads" in capsys.readouterr().err
+        assert store.get(done.id).completed and data_of(store, done.id) == b"0123456789"
+        assert (copy / f"{done.id}.info").exists()
+
+    def test_cli_clean_json_reports_the_resumable_storage(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+        """Without DIR, --json carries the resumable clean-up too (one object for machines)."""
+        store = LocalStore(tmp_path / "uploads")
+        store.health()
+        self.make(store, age=3600)
+        (tmp_path / "tmp").mkdir()
+        monkeypatch.setenv("UPLOADGUARD_TEMP_DIR", str(tmp_path / "tmp"))
+        monkeypatch.setenv("UPLOADGUARD_RESUMABLE_STORAGE", str(tmp_path / "uploads"))
+        assert main(["clean", "--older-than", "24h", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["files"] == 0 and report["resumable"]["uploads"] == 1 and report["resumable"]["bytes"] == 2
+
     def test_cli_clean_removes_expired_uploads(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
         """`uploadguard clean` without DIR also removes expired resumable uploads from the configured storage."""

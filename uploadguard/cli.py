@@ -119,8 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _clean(args: argparse.Namespace) -> int:
-    resumable_errors = _clean_resumable(args)
     directory = args.dir or str(Settings.from_environ().temp_dir)
+    storage = _local_resumable_storage()
+    if storage is not None:
+        real, store = os.path.realpath(directory), os.path.realpath(storage)
+        if is_within(real, store) or is_within(store, real):
+            return _error(f"{directory} holds the resumable uploads ({storage}): their files are not temp files "
+                          f"-- completed ones are the users' data; `uploadguard clean` without DIR removes the "
+                          f"expired ones")
+    resumable_errors, resumable = _clean_resumable(args)
     try:
         result = clean_old_files(directory, older_than=args.older_than.seconds, dry_run=args.dry_run)
     except FileNotFoundError:
@@ -134,7 +141,8 @@ def _clean(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _error(str(exc))
     if args.json:
-        _print_json({**dataclasses.asdict(result), "older_than": args.older_than.seconds, "dry_run": args.dry_run})
+        _print_json({**dataclasses.asdict(result), "older_than": args.older_than.seconds, "dry_run": args.dry_run,
+                     "resumable": resumable})
     else:
         verb = "would remove" if args.dry_run else "removed"
         dirs = f" and {result.directories} empty director{'y' if result.directories == 1 else 'ies'}"
@@ -146,18 +154,31 @@ def _clean(args: argparse.Namespace) -> int:
     return 1 if result.errors or resumable_errors else 0
 
 
-def _clean_resumable(args: argparse.Namespace) -> int:
-    """Without ``DIR``, ``clean`` also removes expired incomplete resumable uploads; returns the error count.
+def _local_resumable_storage() -> str | None:
+    """The configured (or default) local resumable storage directory, if there is one."""
+    from .resumable.s3 import is_s3_url
+
+    try:
+        storage = Settings.from_environ().resumable_storage or default_resumable_storage()
+    except ConfigError:
+        return None
+    return None if is_s3_url(storage) else str(storage)
+
+
+def _clean_resumable(args: argparse.Namespace) -> tuple[int, dict[str, Any] | None]:
+    """Without ``DIR``, ``clean`` also removes expired incomplete resumable uploads.
+
+    Returns the error count and what was removed (``None``: no storage to clean).
 
     Each upload expires by the ``expires_after`` it was created with (not
     ``--older-than``); an upload a request holds right now is left alone.
     """
     if args.dir:
-        return 0
+        return 0, None
     try:
         directory = Settings.from_environ().resumable_storage or default_resumable_storage()
     except ConfigError:
-        return 0  # no resumable storage configured and no default: nothing to clean
+        return 0, None  # no resumable storage configured and no default: nothing to clean
     from .resumable import LocalStore, S3Store, Store, clean_expired
     from .resumable.s3 import is_s3_url
 
@@ -167,12 +188,12 @@ def _clean_resumable(args: argparse.Namespace) -> int:
     elif os.path.isdir(directory):
         store = LocalStore(directory)
     else:
-        return 0
+        return 0, None
     try:
         result = clean_expired(store, dry_run=args.dry_run)
     except UploadGuardError as exc:  # the object storage failed (S3Unavailable)
         print(f"uploadguard clean: cannot clean {directory}: {getattr(exc, 'cause', '') or exc}", file=sys.stderr)
-        return 1
+        return 1, None
     if not args.json:
         busy = f"; {result.busy} in use left alone" if result.busy else ""
         orphans = (f" and the leftovers of {result.orphans} upload{'' if result.orphans == 1 else 's'} "
@@ -182,7 +203,7 @@ def _clean_resumable(args: argparse.Namespace) -> int:
               f"from {result.path}{busy}")
     for message in result.errors:
         print(f"uploadguard clean: {message}", file=sys.stderr)
-    return len(result.errors)
+    return len(result.errors), {name: value for name, value in dataclasses.asdict(result).items() if name != "gone"}
 
 
 # -- check-disk ----------------------------------------------------------------------

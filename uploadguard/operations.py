@@ -75,11 +75,21 @@ def clean_old_files(
     result = CleanResult(path)
     fd = os.open(path, _OPEN_DIR)
     try:
+        if any(_UPLOAD_INFO.fullmatch(name) for name in os.listdir(fd)):
+            # Age is no measure there: a completed upload is the user's data until the application
+            # took it, and an incomplete one expires by its own expiry, under its lock.
+            raise ValueError(f"{path} holds resumable uploads (<id>.info files), not temp files: "
+                             f"refusing to clean it by age; `uploadguard clean` without DIR removes "
+                             f"the expired ones")
         same_fs = _SameFileSystem(os.fstat(fd).st_dev, frozenset(mount.mount_point for mount in _mounts()))
         _clean_dir(fd, path, same_fs, cutoff, dry_run, result, 0)
     finally:
         os.close(fd)
     return result
+
+
+#: The info file of a resumable upload (``uploadguard.resumable.store``): such a directory is an upload store.
+_UPLOAD_INFO = re.compile(r"[A-Za-z0-9_-]{24}\.info")
 
 
 @dataclasses.dataclass(frozen=True)
