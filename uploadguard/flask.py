@@ -233,7 +233,7 @@ class ResumableUploads:
         @app.post("/photos")
         def photos():
             file = resumable_file(request.form["upload"])   # a FileStorage
-            file.save(...)
+            file.save(MEDIA / secure_filename(file.filename))  # the name is the client's word
 
     The views run inside Flask, so ``before_request`` functions, Flask-Login
     and CSRF extensions (Flask-WTF's ``CSRFProtect`` checks every POST,
@@ -311,6 +311,10 @@ def delete_resumable(url: str) -> None:
 
 def resumable_file(url: str) -> Any:
     """The completed upload ``url`` (or id) names, as a Werkzeug ``FileStorage`` -- only for whoever created it.
+
+    Its ``filename`` is the client's ``Upload-Metadata`` value, as a form
+    upload's is: pass it through ``werkzeug.utils.secure_filename`` before it
+    names a file (``../../x`` is a valid value).
 
     Raises :class:`uploadguard.resumable.UploadNotFound` (unknown, expired,
     another's) or :class:`uploadguard.resumable.UploadIncomplete`; both are
