@@ -292,8 +292,21 @@ class TestCheckDisk:
                                           capsys: pytest.CaptureFixture[str]) -> None:
         """Without PATH, the configured upload temp dir is checked."""
         env.setenv("UPLOADGUARD_TEMP_DIR", str(uploads))
+        env.setenv("UPLOADGUARD_RESUMABLE_STORAGE", str(uploads.parent / "not-yet"))
         assert main(["check-disk", "--max-used", "100", "-v"]) == 0
         assert f" ok {uploads}: " in capsys.readouterr().out
+
+    def test_default_paths_include_the_resumable_storage(self, uploads: Path, tmp_path: Path,
+                                                         env: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+        """Completed resumable uploads accumulate in their storage: without PATH it is checked too."""
+        storage = tmp_path / "resumable"
+        storage.mkdir()
+        env.setenv("UPLOADGUARD_TEMP_DIR", str(uploads))
+        env.setenv("UPLOADGUARD_RESUMABLE_STORAGE", str(storage))
+        assert main(["check-disk", "--max-used", "100", "-v"]) == 0
+        out = capsys.readouterr().out
+        assert f" ok {uploads}: " in out and f" ok {storage}: " in out
 
     def test_missing_path_exit_2(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A path that does not exist cannot be checked: exit 2 with one line."""
@@ -353,12 +366,38 @@ class TestDoctor:
         """A private dir outside /tmp that tempfile also points at passes every check."""
         env.setenv("UPLOADGUARD_TEMP_DIR", str(private_dir))
         env.setenv("TMPDIR", str(private_dir))
+        env.setenv("UPLOADGUARD_RESUMABLE_STORAGE", str(private_dir / "uploads"))
+        (private_dir / "uploads").mkdir(mode=0o700)
         assert main(["doctor"]) == 0
         lines = capsys.readouterr().out.splitlines()
         names = [line.split()[1] for line in lines]
-        assert names == ["settings:", "temp_dir:", "write:", "space:", "location:", "private_tmp:", "tempfile:"]
+        assert names == ["settings:", "temp_dir:", "write:", "space:", "location:", "private_tmp:", "tempfile:",
+                         "resumable_storage:"]
         assert all(line.startswith("ok   ") for line in lines), lines
-        assert not list(private_dir.iterdir())  # the write probe cleaned up
+        assert list(private_dir.iterdir()) == [private_dir / "uploads"]  # the write probes cleaned up
+        assert not list((private_dir / "uploads").iterdir())
+
+    @pytest.mark.parametrize("place, status, words", [
+        pytest.param("/var/tmp", "FAIL", "aged by systemd-tmpfiles", id="under-var-tmp"),
+        pytest.param("file", "FAIL", "(not_a_directory)", id="a-file"),
+        pytest.param("missing", "ok", "does not exist yet", id="not-yet"),
+    ])
+    def test_resumable_storage(self, private_dir: Path, env: pytest.MonkeyPatch, place: str, status: str,
+                               words: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """The resumable storage is checked as the endpoint checks it, and must not be where files are aged."""
+        if place == "/var/tmp":
+            storage = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="uploadguard-test-"))
+        else:
+            storage = private_dir / "uploads"
+            if place == "file":
+                storage.write_text("in the way")
+        try:
+            env.setenv("UPLOADGUARD_RESUMABLE_STORAGE", str(storage))
+            _, checks = doctor(["--temp-dir", str(private_dir)], capsys)
+        finally:
+            if place == "/var/tmp":
+                shutil.rmtree(storage)
+        assert checks["resumable_storage"]["status"] == status and words in checks["resumable_storage"]["detail"]
 
     @pytest.mark.parametrize("make, reason, fix", [
         pytest.param(lambda p: None, "missing", "install -d -m 700", id="missing"),

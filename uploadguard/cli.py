@@ -210,7 +210,10 @@ def _clean_resumable(args: argparse.Namespace) -> tuple[int, dict[str, Any] | No
 
 
 def _check_disk(args: argparse.Namespace) -> int:
-    paths = args.paths or [str(Settings.from_environ().temp_dir)]
+    paths = args.paths
+    if not paths:  # the temp dir, and the resumable storage, where completed uploads accumulate
+        storage = _local_resumable_storage()
+        paths = [str(Settings.from_environ().temp_dir)] + ([storage] if storage and os.path.isdir(storage) else [])
     max_inodes = args.max_used if args.max_inodes_used is None else args.max_inodes_used
     report: list[dict[str, Any]] = []
     alerts = failures = 0
@@ -287,7 +290,41 @@ def doctor(settings: Settings) -> list[Check]:
     checks.append(_location_check(path))
     checks.append(_private_tmp_check(path))
     checks.append(_tempfile_check(path))
+    checks.append(_storage_check(settings))
     return checks
+
+
+def _storage_check(settings: Settings) -> Check:
+    """The resumable uploads' storage, judged as the endpoint judges it (and where it must not be)."""
+    from .resumable.s3 import is_s3_url
+
+    try:
+        storage = settings.resumable_storage or default_resumable_storage()
+    except ConfigError as exc:
+        return Check("resumable_storage", "warn", f"{exc}.", "only if you use resumable uploads")
+    if is_s3_url(storage):
+        return Check("resumable_storage", "ok", f"{storage} (S3: every request checks the bucket).")
+    path = str(storage)
+    real = os.path.realpath(path)
+    for root in SHARED_TEMP_ROOTS:
+        if is_within(real, root):
+            return Check("resumable_storage", "FAIL",
+                         f"{path} is under {root}: uploads in progress and completed ones are aged by "
+                         f"systemd-tmpfiles and lost with PrivateTmp=.",
+                         "use persistent storage, e.g. StateDirectory=myapp/uploads with "
+                         "UPLOADGUARD_RESUMABLE_STORAGE=/var/lib/myapp/uploads")
+    if not os.path.lexists(path):
+        return Check("resumable_storage", "ok", f"{path} does not exist yet; the first resumable request creates it.")
+    health = check_temp_dir(path)
+    if not health.ok:
+        reason = health.reason or Reason.IO_ERROR
+        return Check("resumable_storage", "FAIL", f"{health.detail} ({reason}).",
+                     _FIXES.get(reason, "").format(path=path, real=real))
+    probe = probe_write(path)
+    if not probe.ok:
+        return Check("resumable_storage", "FAIL", f"{probe.detail} ({probe.reason}).",
+                     _FIXES.get(probe.reason or "", "").format(path=path, real=path))
+    return Check("resumable_storage", "ok", f"{path} is a usable directory, {_human(disk_usage(path).free_bytes)} free.")
 
 
 def _space_check(settings: Settings) -> Check:
@@ -397,7 +434,8 @@ def _parser() -> argparse.ArgumentParser:
 
     disk = commands.add_parser("check-disk", help="alert when a file system is too full",
                                description="Exit 1 with an alert line per PATH over the threshold; quiet otherwise.")
-    disk.add_argument("paths", nargs="*", metavar="PATH", help="default: the configured upload temp dir")
+    disk.add_argument("paths", nargs="*", metavar="PATH",
+                      help="default: the configured upload temp dir and local resumable storage")
     disk.add_argument("--max-used", type=_percent_arg, default=80.0, metavar="PCT",
                       help="highest acceptable block usage in percent (default 80)")
     disk.add_argument("--max-inodes-used", type=_percent_arg, default=None, metavar="PCT",

@@ -266,7 +266,10 @@ class Settings:
         return (
             f"temp_dir={self.temp_dir} max_body_size={limit} retry_after={self.retry_after}s "
             f"min_free_space={format_size(self.min_free_space)} drain_max={format_size(self.drain_bytes)} "
-            f"drain_timeout={self.drain_timeout:g}s check_interval={self.check_interval:g}s"
+            f"drain_timeout={self.drain_timeout:g}s check_interval={self.check_interval:g}s "
+            f"resumable_storage={self.resumable_storage or 'default'} "
+            f"resumable_expires_after={self.resumable_expires_after:g}s "
+            f"resumable_idle_timeout={self.resumable_idle_timeout:g}s"
         )
 
 
