@@ -159,6 +159,12 @@ class TestSettingsValidation:
         with pytest.raises(ConfigError):
             Settings(temp_dir=tmp_path).replace(**overrides)
 
+    def test_a_home_relative_path_is_the_home_directory(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``~/x`` means what the defaults' ``~`` means, not a directory named ``~`` below the working directory."""
+        monkeypatch.setenv("HOME", str(tmp_path))
+        settings = Settings.from_environ({"UPLOADGUARD_TEMP_DIR": "~/spool", "UPLOADGUARD_RESUMABLE_STORAGE": "~/tus"})
+        assert (settings.temp_dir, settings.resumable_storage) == (tmp_path / "spool", tmp_path / "tus")
+
     def test_unknown_field(self, tmp_path: Path) -> None:
         """A misspelt option is a TypeError naming it, not silently ignored."""
         with pytest.raises(TypeError, match="max_body"):

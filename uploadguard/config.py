@@ -99,10 +99,12 @@ def _parse_whole_seconds(value: str | float, *, name: str) -> int:
 
 
 def _parse_path(value: str | os.PathLike[str], *, name: str) -> Path:
+    """An absolute path: ``~`` is the home directory (as the defaults are written), a relative path is
+    taken from the working directory of the process that reads it (gunicorn's ``--chdir``)."""
     if isinstance(value, (str, os.PathLike)):
         text = os.fspath(value)
         if isinstance(text, str) and text.strip() and "\0" not in text:
-            return Path(os.path.abspath(text))
+            return Path(os.path.abspath(os.path.expanduser(text)))
     raise ConfigError(f"{name}={value!r} is not a directory path")
 
 
