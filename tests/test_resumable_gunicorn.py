@@ -459,6 +459,27 @@ class TestRateFloor:
             server.gunicorn.stop()
 
 
+    def test_a_slow_client_above_the_floor_is_not_cut(self, tmp_path: Path) -> None:
+        """A client sending 32 KiB/s -- eight times the floor of 16 KiB per 4 s window, far below what one
+        1 MiB read would need to return within a window -- sends its whole body in one PATCH."""
+        server = Server(tmp_path, workers=1, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "4"})
+        size = 256 * 1024
+        try:
+            url = server.create(size)
+            path = url.split(str(server.port), 1)[1]
+            with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+                sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                              f"Upload-Offset: 0\r\nContent-Type: {OCTETS}\r\nContent-Length: {size}\r\n\r\n"
+                              ).encode())
+                for _ in range(size // 4096):
+                    sock.sendall(bytes(4096))
+                    time.sleep(0.125)
+                answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 204"), answer[:200]
+            assert f"Upload-Offset: {size}".encode() in answer, answer[:300]
+        finally:
+            server.gunicorn.stop()
+
     @pytest.mark.parametrize("sent", [1000, 65_000, 99_000])
     def test_a_stalled_patch_keeps_every_byte_that_arrived(self, tmp_path: Path, sent: int) -> None:
         """A client that sends part of its PATCH body and goes silent: when the idle window ends the PATCH,

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
@@ -128,6 +129,8 @@ class _Request:
 
 #: Bytes a PATCH must bring in each ``idle_timeout`` window (0.5 KiB/s at the default 30 s).
 _RATE_FLOOR = 16 * 1024
+_FIRST_READ = 64 * 1024  # bytes the first read of a PATCH body asks for (then adapted, see _BodyReader)
+_MAX_READ = 1024 * 1024
 
 
 class _BodyReader:
@@ -144,6 +147,12 @@ class _BodyReader:
         self._window = window  # seconds; 0 = no rate floor
         self._window_start = time.monotonic()
         self._window_bytes = 0
+        #: The most one read asks for.  The server's reader returns only once it has all it was asked
+        #: (or the body ends), so bytes are counted per read: reads must return within a window for a
+        #: client above the floor to be seen as one.  Grows after a quick read, halves after a slow one.
+        self._read_size = _FIRST_READ
+        self._total = 0
+        self._counting = threading.Lock()  # the reader counts, the watcher's too_slow() rolls the window
 
     def too_slow(self) -> bool:
         """A window of ``idle_timeout`` seconds brought less than the floor (checked by the watcher too).
@@ -152,8 +161,18 @@ class _BodyReader:
         worker for gunicorn's whole timeout.  Ending the PATCH keeps what
         arrived; the client resumes from there.
         """
-        return (bool(self._window) and time.monotonic() - self._window_start >= self._window
-                and self._window_bytes < _RATE_FLOOR)
+        if not self._window:
+            return False
+        with self._counting:
+            now = time.monotonic()
+            if now - self._window_start < self._window:
+                return False
+            if self._window_bytes >= _RATE_FLOOR:
+                # A good window: the next starts now -- here, not only when a read returns, or a
+                # client going silent after a good window would never be seen (the watcher polls).
+                self._window_start, self._window_bytes = now, 0
+                return False
+            return True
 
     def __call__(self, size: int) -> bytes:
         if self.cut is not None or self.remaining == 0:
@@ -166,6 +185,9 @@ class _BodyReader:
             return b""
         if self.remaining is not None:
             size = min(size, self.remaining)
+        if self._window:
+            size = min(size, self._read_size)
+        began = time.monotonic()
         try:
             data: bytes = self.stream.read(size)
         except TimeoutError:
@@ -184,11 +206,15 @@ class _BodyReader:
             self.cut = "disconnect"
         if self.remaining is not None:
             self.remaining -= len(data)
-        self._window_bytes += len(data)
-        if self._window and self._window_bytes >= _RATE_FLOOR:
-            now = time.monotonic()
-            if now - self._window_start >= self._window:
-                self._window_start, self._window_bytes = now, 0  # a good window: start the next
+        if self._window:
+            with self._counting:
+                self._window_bytes += len(data)
+            self._total += len(data)
+            took = time.monotonic() - began
+            if took < self._window / 8:  # up to the bytes so far: 64K, 64K, 128K... reads end on MiB bounds
+                self._read_size = min(max(self._read_size, self._total), _MAX_READ)
+            elif took > self._window / 4:
+                self._read_size = max(self._read_size // 2, _RATE_FLOOR)
         return data
 
 
