@@ -428,11 +428,41 @@ class TestExpiry:
         monkeypatch.setenv("UPLOADGUARD_RESUMABLE_STORAGE", store.directory)
         monkeypatch.setenv("UPLOADGUARD_TEMP_DIR", str(tmp_path / "tmp"))
 
-        for directory in (store.directory, str(tmp_path / "data"), str(copy)):
+        for directory in (store.directory, str(copy)):
             assert main(["clean", directory, "--older-than", "24h"]) == 2
             assert "resumable uploads" in capsys.readouterr().err
+        junk = tmp_path / "data" / "old.tmp"
+        junk.write_bytes(b"x")
+        os.utime(junk, (old, old))
+        assert main(["clean", str(tmp_path / "data"), "--older-than", "24h"]) == 0  # a parent: the store is skipped
+        assert not junk.exists()
         assert store.get(done.id).completed and data_of(store, done.id) == b"0123456789"
         assert (copy / f"{done.id}.info").exists()
+
+    def test_cli_clean_skips_a_storage_inside_the_temp_dir(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+        """With the resumable storage below the temp dir, `uploadguard clean` (no DIR) cleans the temp dir's old
+        files, expires uploads by their own expiry, and never ages out a completed upload."""
+        temp = tmp_path / "tmp"
+        store = LocalStore(temp / "resumable")
+        store.health()
+        done = self.make(store, age=3 * 86400, data=b"0123456789")
+        store.finish(done.id)
+        expired = self.make(store, age=3 * 86400)
+        old = time.time() - 3 * 86400
+        for name in os.listdir(store.directory):
+            os.utime(os.path.join(store.directory, name), (old, old))
+        (temp / "stale.upload").write_bytes(b"x" * 5)
+        os.utime(temp / "stale.upload", (old, old))
+        monkeypatch.setenv("UPLOADGUARD_TEMP_DIR", str(temp))
+        monkeypatch.setenv("UPLOADGUARD_RESUMABLE_STORAGE", str(temp / "resumable"))
+
+        assert main(["clean", "--older-than", "24h"]) == 0
+
+        assert not (temp / "stale.upload").exists()
+        assert data_of(store, done.id) == b"0123456789"
+        with pytest.raises(UploadNotFound):
+            store.get(expired.id)
 
     def test_cli_clean_json_reports_the_resumable_storage(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:

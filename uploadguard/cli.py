@@ -121,9 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _clean(args: argparse.Namespace) -> int:
     directory = args.dir or str(Settings.from_environ().temp_dir)
     storage = _local_resumable_storage()
-    if storage is not None:
+    if storage is not None and args.dir:  # without DIR, a storage below the temp dir is skipped by the walk
         real, store = os.path.realpath(directory), os.path.realpath(storage)
-        if is_within(real, store) or is_within(store, real):
+        if is_within(real, store):  # a DIR holding it is fine: the walk skips every upload store
             return _error(f"{directory} holds the resumable uploads ({storage}): their files are not temp files "
                           f"-- completed ones are the users' data; `uploadguard clean` without DIR removes the "
                           f"expired ones")

@@ -111,6 +111,9 @@ def _clean_dir(fd: int, where: str, same_fs: _SameFileSystem, cutoff: float, dry
     except OSError as exc:
         result.errors.append(f"cannot list {where}: {exc.strerror}")
         return 1
+    if any(_UPLOAD_INFO.fullmatch(entry.name) for entry in entries):
+        log.info("not cleaning %s by age: it holds resumable uploads", where)
+        return len(entries)  # an upload store below DIR (e.g. the resumable storage inside the temp dir)
     remaining = 0
     for entry in entries:
         name = entry.name
