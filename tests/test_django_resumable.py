@@ -212,6 +212,27 @@ class TestGuardCoversIt:
         assert response.status_code == 204, response.content
         assert response["Upload-Offset"] == str(len(data))
 
+    @needs_root
+    def test_an_outer_wsgi_guard_knows_the_endpoint_too(self, dirs: dict[str, Path]) -> None:  # noqa: F811
+        """UploadGuard(get_wsgi_application()) -- the documented WSGI wrapping -- finds the middleware's endpoint
+        as well: a 3 MiB PATCH passes a 1 MiB tmpfs temp dir."""
+        import webtest
+        from django.core.handlers.wsgi import WSGIHandler
+
+        from uploadguard import UploadGuard
+
+        data = os.urandom(3 * 1024 * 1024)
+        with tmpfs(dirs["temp"], size="1m", options="mode=700"), override_settings(UPLOADGUARD_MIN_FREE_SPACE=0):
+            app = webtest.TestApp(UploadGuard(WSGIHandler(), temp_dir=dirs["temp"], min_free_space=0))
+            token = app.get("/form/").json["csrf"]
+            headers = {"Tus-Resumable": "1.0.0", "X-CSRFToken": token}
+            created = app.post("/files/", headers={**headers, "Upload-Length": str(len(data))}, status=201)
+            url = created.headers["Location"].split("localhost:80", 1)[-1]
+            response = app.request(url, method="PATCH", body=data, content_type="application/offset+octet-stream",
+                                   headers={**headers, "Upload-Offset": "0"}, status="*")
+        assert response.status_int == 204, response.body[:300]
+        assert response.headers["Upload-Offset"] == str(len(data))
+
     def test_chunk_over_the_body_limit_is_413(self) -> None:
         """A PATCH whose body is over UPLOADGUARD_MAX_BODY_SIZE is the guard's 413 before Django reads it."""
         with override_settings(UPLOADGUARD_MAX_BODY_SIZE=1024):

@@ -479,6 +479,22 @@ class TestResumableUploads:
         assert (response.status_code, response.headers["Upload-Offset"]) == (204, str(len(data)))
         assert refused.status_code == 503 and refused.json["error"] == "no_space"
 
+    @needs_root
+    def test_an_outer_guard_knows_the_endpoint_too(self, dirs: dict[str, Path], tmp_path: Path) -> None:
+        """UploadGuard(flask_app) -- the documented WSGI wrapping -- finds the app's endpoint as well: a 3 MiB
+        PATCH passes a 1 MiB tmpfs temp dir."""
+        from werkzeug.test import Client
+
+        from uploadguard import UploadGuard as WSGIUploadGuard
+
+        data = os.urandom(3 * 1024 * 1024)
+        with tmpfs(dirs["temp"], size="1m", options="mode=700"):
+            app = make_app(dirs, RESUMABLE_STORAGE=str(tmp_path / "tus"))
+            client = Client(WSGIUploadGuard(app, temp_dir=dirs["temp"], min_free_space=0))
+            url = self.create(client, len(data))
+            response = self.patch(client, url, 0, data)
+        assert (response.status_code, response.headers["Upload-Offset"]) == (204, str(len(data)))
+
     def test_resumable_file_errors_are_flasks_own(self, app: flask.Flask) -> None:
         """An unknown upload is Werkzeug's NotFound (Flask's 404 in any view), still an UploadNotFound."""
         from werkzeug.exceptions import NotFound

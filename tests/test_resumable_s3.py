@@ -847,6 +847,30 @@ class TestEndpointOnS3:
         assert keys == {f"uploads/{final_id}", f"uploads/{final_id}.info", f"uploads/{final_id}.lock"}
         assert self.endpoint.store.multipart_uploads() == []
 
+    def test_a_small_temp_dir_does_not_refuse_a_patch(self, aws_env: dict[str, str], bucket: str,
+                                                      tmp_path: Path) -> None:
+        """On S3 a PATCH's parts stay in memory (8 MiB parts, no checksum): behind the guard, a 1 MiB tmpfs temp
+        dir takes a 3 MiB PATCH."""
+        import webtest
+
+        from tests.support import tmpfs
+        from uploadguard import UploadGuard
+        from uploadguard.config import Settings
+        from uploadguard.resumable import ResumableUploads
+
+        data = patterned(3 * MiB)
+        with tmpfs(tmp_path / "tmp", size="1m", options="mode=700") as temp:
+            settings = Settings.from_environ({}, temp_dir=temp, min_free_space=0)
+            endpoint = ResumableUploads(fallback, storage=f"s3://{bucket}/uploads", settings=settings)
+            app = webtest.TestApp(UploadGuard(endpoint, settings=settings))
+            created = app.post("/files/", headers={**TUS, "Upload-Length": str(len(data))}, status=201)
+            path = created.headers["Location"].split("localhost:80", 1)[-1]
+            response = app.request(path, method="PATCH", body=data, status="*",
+                                   headers={**TUS, "Upload-Offset": "0", "Content-Type": OCTETS})
+        assert response.status_int == 204, response.body[:300]
+        with endpoint.get(path).open() as fh:
+            assert fh.read() == data
+
     def test_s3_down_is_503_with_retry_after(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         """With nothing listening at AWS_ENDPOINT_URL, creation and HEAD answer 503 + Retry-After, never 500."""
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")

@@ -249,18 +249,19 @@ class UploadGuardMiddleware:
             return self.get_response(request)
         self._check_spool_dir_once()
         guard = self.guard
+        spooled = _endpoint is None or _endpoint.uploads.spools_body(environ)  # the endpoint's go to its storage
         if outer is None:
             if length is None:  # Django reads none of it; code reading wsgi.input itself gets it counted
                 stream = GuardedInput(environ["wsgi.input"], length=None, limit=guard.settings.max_body_size)
                 environ["wsgi.input"] = environ[ENVIRON_INPUT] = stream
             environ[ENVIRON_GUARD] = guard
-            refusal = guard.refusal(length, spooled=_endpoint is None or _endpoint.uploads.spools_body(environ))
+            refusal = guard.refusal(length, spooled=spooled)
         else:
             if isinstance(outer, UploadGuard) and outer.temp.path == guard.temp.path:
                 guard = outer  # the outer guard counted the request: its answers are counted there too
             else:
                 self._warn_outer(outer)
-            refusal = self.guard.nested_refusal(environ, length)
+            refusal = self.guard.nested_refusal(environ, length, spooled=spooled)
         if refusal is not None:
             return self._answer(guard, refusal, request, self._body(request, length))
         try:

@@ -74,6 +74,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -529,6 +530,25 @@ def _close_quietly(result: Iterable[bytes] | None) -> None:
             log.exception("closing the application's response failed")
 
 
+def _framework_endpoint_spools(app: object) -> Callable[[WSGIEnvironment], bool] | None:
+    """``spools_body`` of the resumable endpoint inside a framework app this guard wraps directly.
+
+    ``UploadGuard(flask_app)`` and ``UploadGuard(get_wsgi_application())`` are
+    documented set-ups; the endpoint lives inside them (a Flask extension,
+    Django's ``ResumableUploadsMiddleware``), where ``getattr(app, ...)``
+    cannot see it.
+    """
+    extensions = getattr(app, "extensions", None)  # a Flask app
+    if isinstance(extensions, dict) and "uploadguard.resumable" in extensions:
+        return extensions["uploadguard.resumable"].spools_body  # type: ignore[no-any-return]
+    django = sys.modules.get("uploadguard.django")
+    if django is not None and type(app).__module__.startswith("django.core.handlers"):
+        endpoint = getattr(django, "_endpoint", None)
+        if endpoint is not None:
+            return endpoint.uploads.spools_body  # type: ignore[no-any-return]
+    return None
+
+
 class UploadGuard:
     """WSGI middleware; see the module documentation for what it guarantees and how."""
 
@@ -631,7 +651,7 @@ class UploadGuard:
         one (:class:`uploadguard.resumable.ResumableUploads` stores its bodies
         elsewhere); otherwise yes.  Either way the temp dir must be usable.
         """
-        ask = getattr(self.app, "spools_body", None)
+        ask = getattr(self.app, "spools_body", None) or _framework_endpoint_spools(self.app)
         return True if ask is None else bool(ask(environ))
 
     def refusal(self, length: int | None, *, spooled: bool = True) -> UploadGuardError | None:
@@ -651,7 +671,8 @@ class UploadGuard:
             self.stats.record(Event.HEALED)
         return None if health.ok else self.unavailable(health)
 
-    def nested_refusal(self, environ: WSGIEnvironment, length: int | None) -> UploadGuardError | None:
+    def nested_refusal(self, environ: WSGIEnvironment, length: int | None, *,
+                       spooled: bool | None = None) -> UploadGuardError | None:
         """For a request an outer guard has admitted: this guard's smaller limit, and its own temp dir.
 
         The request is not counted again; a smaller limit also tightens the
@@ -666,7 +687,9 @@ class UploadGuard:
         outer = environ.get(ENVIRON_GUARD)
         if isinstance(outer, UploadGuard) and outer.temp.path == self.temp.path:
             return None
-        health = self._checked_temp_dir((length or 0) if self.spools_body(environ) else 0)
+        if spooled is None:
+            spooled = self.spools_body(environ)
+        health = self._checked_temp_dir((length or 0) if spooled else 0)
         return None if health.ok else self.unavailable(health)
 
     def _checked_temp_dir(self, need: int = 0, *, fresh: bool = False) -> Health:

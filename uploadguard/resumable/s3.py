@@ -140,7 +140,7 @@ MiB = 1024 * 1024
 MIN_PART = 5 * MiB  # S3's minimum size of every part but the last
 MAX_PARTS = 10_000  # S3's maximum number of parts
 _READ = 1 * MiB  # bytes read from the client per call
-_RAM_PART_LIMIT = 32 * MiB  # larger part buffers go to a file in temp_dir
+RAM_PART_LIMIT = 32 * MiB  # larger part buffers go to a file in temp_dir
 _COPY_LIMIT = 5 * 1024 * MiB  # CopyObject's maximum; above it, UploadPartCopy
 _POLL = 0.25  # seconds between a lock thread's looks at <id>.release, and between acquire attempts
 
@@ -722,7 +722,7 @@ class _PartBuffer:
     twice: to sign, then to send)."""
 
     def __init__(self, part_size: int, temp_dir: str | None) -> None:
-        self._chunks: list[bytes] | None = [] if part_size <= _RAM_PART_LIMIT else None
+        self._chunks: list[bytes] | None = [] if part_size <= RAM_PART_LIMIT else None
         self._file = tempfile.TemporaryFile(dir=temp_dir) if self._chunks is None else None
         self.size = 0
 

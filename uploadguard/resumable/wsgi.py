@@ -26,6 +26,7 @@ from ..tempdir import Reason, reason_for_errno
 from ..wsgi import GuardedInput, body_length, request_socket, waiting_for_continue
 from . import protocol as p
 from .locking import HeldLock, Locker, ReleaseWatcher
+from .s3 import RAM_PART_LIMIT as S3_RAM_PART_LIMIT
 from .s3 import S3Store, is_s3_url
 from .store import LocalStore, Store, UploadInfo, new_upload_id, valid_upload_id
 
@@ -279,12 +280,18 @@ class ResumableUploads:
         """Whether the request's body may be spooled into the guard's temp dir (see :class:`UploadGuard`).
 
         The endpoint's bodies go to the upload storage, whose room it checks
-        itself -- only the S3 store spools (a part buffer over 32 MiB, a
-        checksummed chunk) into the temp dir.  So a small temp dir (a tmpfs)
-        does not refuse a PATCH the storage has room for.
+        itself, so a small temp dir (a tmpfs) does not refuse a PATCH the
+        storage has room for.  Except: a ``multipart/form-data`` body (never a
+        tus or draft upload, but what a framework hook in front of the endpoint
+        -- a CSRF extension reading the form -- or an app route under the
+        prefix would spool), and on S3 a checksummed chunk or a part buffer
+        over 32 MiB, which are spooled there.
         """
-        if self.serves(environ):
-            return not isinstance(self.store, LocalStore)
+        if self.serves(environ) and not str(environ.get("CONTENT_TYPE", "")).lower().startswith("multipart/"):
+            store = self.store
+            if isinstance(store, S3Store):
+                return "HTTP_UPLOAD_CHECKSUM" in environ or store.part_size > S3_RAM_PART_LIMIT
+            return not isinstance(store, LocalStore)  # a Store of the application's own: assume it does
         ask = getattr(self.app, "spools_body", None)
         return True if ask is None else bool(ask(environ))
 
