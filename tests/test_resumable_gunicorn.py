@@ -459,11 +459,13 @@ class TestRateFloor:
             server.gunicorn.stop()
 
 
-    def test_a_slow_client_above_the_floor_is_not_cut(self, tmp_path: Path) -> None:
-        """A client sending 32 KiB/s -- eight times the floor of 16 KiB per 4 s window, far below what one
-        1 MiB read would need to return within a window -- sends its whole body in one PATCH."""
+    @pytest.mark.parametrize("rate", [3, 8], ids=["3x-the-floor", "8x-the-floor"])
+    def test_a_slow_client_above_the_floor_is_not_cut(self, tmp_path: Path, rate: int) -> None:
+        """A client sending 3 or 8 times the floor (16 KiB per 4 s window), far below what one 1 MiB read
+        would need to return within a window, sends its whole body in one PATCH."""
         server = Server(tmp_path, workers=1, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "4"})
-        size = 256 * 1024
+        per_tick = rate * 512  # bytes every 0.125 s: rate x 4 KiB/s
+        size = per_tick * 8 * 8  # eight seconds, two windows
         try:
             url = server.create(size)
             path = url.split(str(server.port), 1)[1]
@@ -471,8 +473,8 @@ class TestRateFloor:
                 sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
                               f"Upload-Offset: 0\r\nContent-Type: {OCTETS}\r\nContent-Length: {size}\r\n\r\n"
                               ).encode())
-                for _ in range(size // 4096):
-                    sock.sendall(bytes(4096))
+                for _ in range(size // per_tick):
+                    sock.sendall(bytes(per_tick))
                     time.sleep(0.125)
                 answer = sock.recv(65536)
             assert answer.startswith(b"HTTP/1.1 204"), answer[:200]
@@ -496,6 +498,27 @@ class TestRateFloor:
                 answer = sock.recv(65536)  # blocks until the server gives up on the rest (30 s at most)
             assert answer.startswith(b"HTTP/1.1 204"), answer[:200]
             assert server.offset(url) == sent
+        finally:
+            server.gunicorn.stop()
+
+
+    def test_a_stalled_chunked_patch_keeps_all_but_the_read_in_progress(self, tmp_path: Path) -> None:
+        """A chunked PATCH going silent: gunicorn's chunk parser drops the read the cut interrupts, so chunked
+        reads stay at the floor (16 KiB) -- at most that much is lost, the rest counts, and the PATCH ends."""
+        server = Server(tmp_path, workers=1, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "2"})
+        sent = 200_000
+        try:
+            url = server.create(300_000)
+            path = url.split(str(server.port), 1)[1]
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                              f"Upload-Offset: 0\r\nContent-Type: {OCTETS}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              ).encode())
+                for _ in range(sent // 10_000):
+                    sock.sendall(b"%x\r\n" % 10_000 + bytes(10_000) + b"\r\n")
+                answer = sock.recv(65536)  # blocks until the server gives up on the rest (30 s at most)
+            assert answer.startswith(b"HTTP/1.1 204"), answer[:200]
+            assert sent - 16 * 1024 <= server.offset(url) <= sent
         finally:
             server.gunicorn.stop()
 

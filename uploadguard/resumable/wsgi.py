@@ -130,8 +130,7 @@ class _Request:
 
 #: Bytes a PATCH must bring in each ``idle_timeout`` window (0.5 KiB/s at the default 30 s).
 _RATE_FLOOR = 16 * 1024
-_FIRST_READ = 64 * 1024  # bytes the first read of a PATCH body asks for (then adapted, see _BodyReader)
-_MAX_READ = 1024 * 1024
+_MAX_READ = 1024 * 1024  # bytes one read of a PATCH body asks for at most (see _BodyReader)
 
 
 class _BodyReader:
@@ -150,9 +149,12 @@ class _BodyReader:
         self._window_bytes = 0
         #: The most one read asks for.  The server's reader returns only once it has all it was asked
         #: (or the body ends), so bytes are counted per read: reads must return within a window for a
-        #: client above the floor to be seen as one.  Grows after a quick read, halves after a slow one.
-        self._read_size = _FIRST_READ
+        #: client above the floor to be seen as one.  The first asks for the floor's worth; a quick
+        #: read doubles it (up to the bytes so far, so reads end on MiB bounds), a slow one halves it.
+        #: A chunked body stays at the floor: a cut makes gunicorn's chunk parser drop the read.
+        self._read_size = _RATE_FLOOR
         self._total = 0
+        self._counted_at = self._window_start  # when bytes were last counted
         self._counting = threading.Lock()  # the reader counts, the watcher's too_slow() rolls the window
 
     def too_slow(self) -> bool:
@@ -169,10 +171,11 @@ class _BodyReader:
             if now - self._window_start < self._window:
                 return False
             if self._window_bytes >= _RATE_FLOOR:
-                # A good window: the next starts now -- here, not only when a read returns, or a
-                # client going silent after a good window would never be seen (the watcher polls).
-                self._window_start, self._window_bytes = now, 0
-                return False
+                # A good window: the next starts at its last counted read -- here, not only when a read
+                # returns, or a client going silent after a good window would never be seen (the
+                # watcher polls) -- so silence ends a PATCH one window after the last bytes counted.
+                self._window_start, self._window_bytes = self._counted_at, 0
+                return now - self._window_start >= self._window
             return True
 
     def __call__(self, size: int) -> bytes:
@@ -208,12 +211,17 @@ class _BodyReader:
         if self.remaining is not None:
             self.remaining -= len(data)
         if self._window:
+            now = time.monotonic()
             with self._counting:
                 self._window_bytes += len(data)
+                if data:
+                    self._counted_at = now
             self._total += len(data)
-            took = time.monotonic() - began
-            if took < self._window / 8:  # up to the bytes so far: 64K, 64K, 128K... reads end on MiB bounds
-                self._read_size = min(max(self._read_size, self._total), _MAX_READ)
+            took = now - began
+            if self.remaining is None:
+                pass  # chunked: at the floor (see _read_size)
+            elif took < self._window / 8:
+                self._read_size = min(2 * self._read_size, max(self._read_size, self._total), _MAX_READ)
             elif took > self._window / 4:
                 self._read_size = max(self._read_size // 2, _RATE_FLOOR)
         return data
