@@ -398,6 +398,21 @@ class TestDoctor:
             if place == "/var/tmp":
                 shutil.rmtree(storage)
         assert checks["resumable_storage"]["status"] == status and words in checks["resumable_storage"]["detail"]
+        if place == "file":
+            assert "UPLOADGUARD_RESUMABLE_STORAGE" in checks["resumable_storage"]["fix"]
+
+    def test_an_unused_default_storage_under_tmp_is_only_a_warning(self, private_dir: Path, env: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+        """HOME under /tmp (some container images) puts the *default* storage there: an app that never uses
+        resumable uploads must not fail doctor for it."""
+        home = Path(tempfile.mkdtemp(dir="/tmp", prefix="uploadguard-home-"))
+        try:
+            env.setenv("HOME", str(home))
+            env.delenv("XDG_DATA_HOME", raising=False)
+            code, checks = doctor(["--temp-dir", str(private_dir)], capsys)
+        finally:
+            shutil.rmtree(home)
+        assert checks["resumable_storage"]["status"] == "warn" and code == 0
 
     @pytest.mark.parametrize("make, reason, fix", [
         pytest.param(lambda p: None, "missing", "install -d -m 700", id="missing"),

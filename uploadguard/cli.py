@@ -98,6 +98,21 @@ _FIXES: dict[str, str] = {
     Reason.IO_ERROR: "look for disk errors in the kernel log (journalctl -k)",
 }
 
+#: The resumable storage's own advice where the temp dir's would be wrong: it is persistent data
+#: (StateDirectory=, never an age-based clean-up), named by UPLOADGUARD_RESUMABLE_STORAGE.
+_STORAGE_FIXES: dict[str, str] = {
+    **_FIXES,
+    Reason.MISSING: "create it for the service's user (install -d -m 700 -o USER {path}), or let systemd "
+               "(StateDirectory=); uploadguard also creates it on the next resumable request",
+    Reason.NOT_A_DIRECTORY: "remove what is at {path}, or point UPLOADGUARD_RESUMABLE_STORAGE at a directory",
+    Reason.SYMLINK: "set UPLOADGUARD_RESUMABLE_STORAGE to the real directory, {real}",
+    Reason.READ_ONLY: "the file system is read-only here; under ProtectSystem= add it to ReadWritePaths= "
+                 "or use StateDirectory=",
+    Reason.NO_SPACE: "free space: delete uploads the application has taken (delete_resumable), run "
+                "`uploadguard clean` (no DIR: only expired ones), or move the storage to a bigger disk",
+    Reason.NO_INODES: "delete uploads the application has taken, or run `uploadguard clean` (no DIR)",
+}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``uploadguard`` command; returns the exit status."""
@@ -306,9 +321,10 @@ def _storage_check(settings: Settings) -> Check:
         return Check("resumable_storage", "ok", f"{storage} (S3: every request checks the bucket).")
     path = str(storage)
     real = os.path.realpath(path)
+    chosen = settings.resumable_storage is not None or os.path.lexists(path)  # not just a default nobody uses
     for root in SHARED_TEMP_ROOTS:
         if is_within(real, root):
-            return Check("resumable_storage", "FAIL",
+            return Check("resumable_storage", "FAIL" if chosen else "warn",
                          f"{path} is under {root}: uploads in progress and completed ones are aged by "
                          f"systemd-tmpfiles and lost with PrivateTmp=.",
                          "use persistent storage, e.g. StateDirectory=myapp/uploads with "
@@ -319,11 +335,11 @@ def _storage_check(settings: Settings) -> Check:
     if not health.ok:
         reason = health.reason or Reason.IO_ERROR
         return Check("resumable_storage", "FAIL", f"{health.detail} ({reason}).",
-                     _FIXES.get(reason, "").format(path=path, real=real))
+                     _STORAGE_FIXES.get(reason, "").format(path=path, real=real))
     probe = probe_write(path)
     if not probe.ok:
         return Check("resumable_storage", "FAIL", f"{probe.detail} ({probe.reason}).",
-                     _FIXES.get(probe.reason or "", "").format(path=path, real=path))
+                     _STORAGE_FIXES.get(probe.reason or "", "").format(path=path, real=path))
     return Check("resumable_storage", "ok", f"{path} is a usable directory, {_human(disk_usage(path).free_bytes)} free.")
 
 
