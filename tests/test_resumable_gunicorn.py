@@ -430,6 +430,14 @@ class TestRefusalsReachTheClient:
         assert status in (404, 412)
 
 
+def raw_patch(server: Server, url: str, framing: str) -> bytes:
+    """The head of a PATCH from offset 0 written by hand (``framing``: its Content-Length or chunked line),
+    for clients no library would be: dripping, stalling, crawling."""
+    path = url.split(str(server.port), 1)[1]
+    return (f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n"
+            f"Content-Type: {OCTETS}\r\n{framing}\r\n\r\n").encode()
+
+
 class TestRateFloor:
     @pytest.mark.parametrize("args", [(), ("--worker-class", "gthread", "--threads", "2")], ids=["sync", "gthread"])
     def test_a_dripping_patch_is_ended_and_keeps_its_bytes(self, tmp_path: Path, args: tuple[str, ...]) -> None:
@@ -438,11 +446,9 @@ class TestRateFloor:
         server = Server(tmp_path, workers=1, args=args, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "2"})
         try:
             url = server.create(100_000)
-            path = url.split(str(server.port), 1)[1]
             started = time.monotonic()
             with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-                sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
-                              f"Upload-Offset: 0\r\nContent-Type: {OCTETS}\r\nContent-Length: 100000\r\n\r\n").encode())
+                sock.sendall(raw_patch(server, url, "Content-Length: 100000"))
                 answer = b""
                 while not answer and time.monotonic() - started < 25:
                     readable, _, _ = select.select([sock], [], [], 0.3)
@@ -468,11 +474,8 @@ class TestRateFloor:
         size = per_tick * 8 * 8  # eight seconds, two windows
         try:
             url = server.create(size)
-            path = url.split(str(server.port), 1)[1]
             with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
-                sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
-                              f"Upload-Offset: 0\r\nContent-Type: {OCTETS}\r\nContent-Length: {size}\r\n\r\n"
-                              ).encode())
+                sock.sendall(raw_patch(server, url, f"Content-Length: {size}"))
                 for _ in range(size // per_tick):
                     sock.sendall(bytes(per_tick))
                     time.sleep(0.125)
@@ -490,17 +493,13 @@ class TestRateFloor:
         server = Server(tmp_path, workers=1, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "2"})
         try:
             url = server.create(100_000)
-            path = url.split(str(server.port), 1)[1]
             with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-                sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
-                              f"Upload-Offset: 0\r\nContent-Type: {OCTETS}\r\nContent-Length: 100000\r\n\r\n"
-                              ).encode() + bytes(sent))
+                sock.sendall(raw_patch(server, url, "Content-Length: 100000") + bytes(sent))
                 answer = sock.recv(65536)  # blocks until the server gives up on the rest (30 s at most)
             assert answer.startswith(b"HTTP/1.1 204"), answer[:200]
             assert server.offset(url) == sent
         finally:
             server.gunicorn.stop()
-
 
     def test_a_stalled_chunked_patch_keeps_all_but_the_read_in_progress(self, tmp_path: Path) -> None:
         """A chunked PATCH going silent: gunicorn's chunk parser drops the read the cut interrupts, so chunked
@@ -509,11 +508,8 @@ class TestRateFloor:
         sent = 200_000
         try:
             url = server.create(300_000)
-            path = url.split(str(server.port), 1)[1]
             with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-                sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
-                              f"Upload-Offset: 0\r\nContent-Type: {OCTETS}\r\nTransfer-Encoding: chunked\r\n\r\n"
-                              ).encode())
+                sock.sendall(raw_patch(server, url, "Transfer-Encoding: chunked"))
                 for _ in range(sent // 10_000):
                     sock.sendall(b"%x\r\n" % 10_000 + bytes(10_000) + b"\r\n")
                 answer = sock.recv(65536)  # blocks until the server gives up on the rest (30 s at most)
