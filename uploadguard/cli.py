@@ -71,6 +71,7 @@ from . import __version__
 from .config import ConfigError, Settings, default_resumable_storage, format_size, parse_duration
 from .errors import UploadGuardError
 from .operations import clean_old_files, disk_usage, mount_of, private_mount_namespace
+from .resumable.s3 import is_s3_url  # up front: doctor may run where its own files get covered (a bind over /tmp)
 from .tempdir import Reason, check_temp_dir, is_within, probe_write
 
 __all__ = ["Check", "MIN_AGE", "SHARED_TEMP_ROOTS", "doctor", "main"]
@@ -171,8 +172,6 @@ def _clean(args: argparse.Namespace) -> int:
 
 def _local_resumable_storage() -> str | None:
     """The configured (or default) local resumable storage directory, if there is one."""
-    from .resumable.s3 import is_s3_url
-
     try:
         storage = Settings.from_environ().resumable_storage or default_resumable_storage()
     except ConfigError:
@@ -195,7 +194,6 @@ def _clean_resumable(args: argparse.Namespace) -> tuple[int, dict[str, Any] | No
     except ConfigError:
         return 0, None  # no resumable storage configured and no default: nothing to clean
     from .resumable import LocalStore, S3Store, Store, clean_expired
-    from .resumable.s3 import is_s3_url
 
     store: Store
     if is_s3_url(directory):
@@ -311,8 +309,6 @@ def doctor(settings: Settings) -> list[Check]:
 
 def _storage_check(settings: Settings) -> Check:
     """The resumable uploads' storage, judged as the endpoint judges it (and where it must not be)."""
-    from .resumable.s3 import is_s3_url
-
     try:
         storage = settings.resumable_storage or default_resumable_storage()
     except ConfigError as exc:
