@@ -1,9 +1,13 @@
-"""WSGI apps for the resumable end-to-end tests (``tests/test_resumable_gunicorn.py``).
+"""WSGI apps for the resumable end-to-end tests (``tests/test_resumable_gunicorn.py``, and the S3
+hosts of ``tests/test_resumable_hosts.py``).
 
 Configured from the environment so one module serves every test:
-``RESUMABLE_TEST_STORAGE`` (the storage directory), ``RESUMABLE_TEST_HOOK_LOG``
-(a file ``on_complete`` appends ``<id> <sha256>`` lines to),
-``RESUMABLE_TEST_HOOK_FAIL`` (a file whose existence makes ``on_complete`` raise).
+``RESUMABLE_TEST_STORAGE`` (the storage directory; unset: the settings', e.g.
+``UPLOADGUARD_RESUMABLE_STORAGE=s3://bucket/prefix`` as a deployment sets it),
+``RESUMABLE_TEST_HOOK_LOG`` (a file ``on_complete`` appends ``<id> <sha256> <pid> [<host>]``
+lines to; hosts may share it: appends of one short line are atomic),
+``RESUMABLE_TEST_HOOK_FAIL`` (a file whose existence makes ``on_complete`` raise),
+``RESUMABLE_TEST_HOST`` (this host's name: the other paths answer it).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from uploadguard.resumable import ResumableUploads, Upload
 
 
 def fallback(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
-    return [b"app"]
+    body = os.environ.get("RESUMABLE_TEST_HOST", "app").encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
 
 
 def on_complete(upload: Upload) -> None:
@@ -32,7 +37,8 @@ def on_complete(upload: Upload) -> None:
     log = os.environ.get("RESUMABLE_TEST_HOOK_LOG")
     if log:
         with open(log, "a") as out:
-            out.write(f"{upload.id} {digest.hexdigest()} {os.getpid()}\n")
+            out.write(f"{upload.id} {digest.hexdigest()} {os.getpid()} {os.environ.get('RESUMABLE_TEST_HOST', '')}".rstrip()
+                      + "\n")
 
 
 application = ResumableUploads(

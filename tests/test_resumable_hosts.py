@@ -95,7 +95,7 @@ class Cluster:
                "UPLOADGUARD_RESUMABLE_STORAGE": f"s3://{self.bucket}/uploads", "UPLOADGUARD_MAX_BODY_SIZE": "64M",
                "RESUMABLE_TEST_HOOK_LOG": str(self.hook_log), "RESUMABLE_TEST_HOST": name,
                "RESUMABLE_TEST_LOCK_TIMEOUT": str(self.lock_timeout)}
-        return Gunicorn("resumable_s3_apps:application", tmp_path=home, config=GUNICORN_CONF, workers=2, env=env)
+        return Gunicorn("resumable_apps:application", tmp_path=home, config=GUNICORN_CONF, workers=2, env=env)
 
     def stop(self) -> None:
         for host in self.hosts:

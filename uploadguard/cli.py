@@ -68,7 +68,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from . import __version__
-from .config import ConfigError, Settings, default_resumable_storage, format_size, parse_duration
+from .config import ConfigError, Settings, format_size, parse_duration
 from .errors import UploadGuardError
 from .operations import clean_old_files, disk_usage, mount_of, private_mount_namespace
 from .resumable.s3 import is_s3_url  # up front: doctor may run where its own files get covered (a bind over /tmp)
@@ -173,7 +173,7 @@ def _clean(args: argparse.Namespace) -> int:
 def _local_resumable_storage() -> str | None:
     """The configured (or default) local resumable storage directory, if there is one."""
     try:
-        storage = Settings.from_environ().resumable_storage or default_resumable_storage()
+        storage = Settings.from_environ().effective_resumable_storage()
     except ConfigError:
         return None
     return None if is_s3_url(storage) else str(storage)
@@ -190,7 +190,7 @@ def _clean_resumable(args: argparse.Namespace) -> tuple[int, dict[str, Any] | No
     if args.dir:
         return 0, None
     try:
-        directory = Settings.from_environ().resumable_storage or default_resumable_storage()
+        directory = Settings.from_environ().effective_resumable_storage()
     except ConfigError:
         return 0, None  # no resumable storage configured and no default: nothing to clean
     from .resumable import LocalStore, S3Store, Store, clean_expired
@@ -216,7 +216,7 @@ def _clean_resumable(args: argparse.Namespace) -> tuple[int, dict[str, Any] | No
               f"from {result.path}{busy}")
     for message in result.errors:
         print(f"uploadguard clean: {message}", file=sys.stderr)
-    return len(result.errors), {name: value for name, value in dataclasses.asdict(result).items() if name != "gone"}
+    return len(result.errors), dataclasses.asdict(result)
 
 
 # -- check-disk ----------------------------------------------------------------------
@@ -310,7 +310,7 @@ def doctor(settings: Settings) -> list[Check]:
 def _storage_check(settings: Settings) -> Check:
     """The resumable uploads' storage, judged as the endpoint judges it (and where it must not be)."""
     try:
-        storage = settings.resumable_storage or default_resumable_storage()
+        storage = settings.effective_resumable_storage()
     except ConfigError as exc:
         return Check("resumable_storage", "warn", f"{exc}.", "only if you use resumable uploads")
     if is_s3_url(storage):

@@ -262,6 +262,10 @@ class Settings:
         """A copy with some fields changed (``None`` means keep), validated again."""
         return dataclasses.replace(self, **_parse_overrides(overrides))
 
+    def effective_resumable_storage(self) -> Path | str:
+        """``resumable_storage``, or the default directory; :class:`ConfigError` when there is none."""
+        return self.resumable_storage or default_resumable_storage()
+
     def describe(self) -> str:
         """One log line with the effective values."""
         limit = "off" if not self.max_body_size else format_size(self.max_body_size)

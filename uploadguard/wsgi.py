@@ -530,6 +530,11 @@ def _close_quietly(result: Iterable[bytes] | None) -> None:
             log.exception("closing the application's response failed")
 
 
+def _spools(environ: WSGIEnvironment) -> bool:
+    """An application that says nothing may spool any body."""
+    return True
+
+
 def _framework_endpoint_spools(app: object) -> Callable[[WSGIEnvironment], bool] | None:
     """``spools_body`` of the resumable endpoint inside a framework app this guard wraps directly.
 
@@ -575,6 +580,7 @@ class UploadGuard:
         self.temp = TempDirGuard(self.settings.temp_dir, min_free_space=self.settings.min_free_space,
                                  check_interval=self.settings.check_interval)
         self.stats = GuardStats()
+        self._spools: Callable[[WSGIEnvironment], bool] | None = None  # see spools_body()
         from . import metrics  # Prometheus counters when prometheus_client is installed; else nothing
 
         metrics.install(self)
@@ -651,8 +657,9 @@ class UploadGuard:
         one (:class:`uploadguard.resumable.ResumableUploads` stores its bodies
         elsewhere); otherwise yes.  Either way the temp dir must be usable.
         """
-        ask = getattr(self.app, "spools_body", None) or _framework_endpoint_spools(self.app)
-        return True if ask is None else bool(ask(environ))
+        if self._spools is None:  # looked up at the first body: a framework has set its endpoint up by then
+            self._spools = getattr(self.app, "spools_body", None) or _framework_endpoint_spools(self.app) or _spools
+        return bool(self._spools(environ))
 
     def refusal(self, length: int | None, *, spooled: bool = True) -> UploadGuardError | None:
         """The 413 or 503 a body of ``length`` bytes (``None``: chunked) gets before anyone reads it.

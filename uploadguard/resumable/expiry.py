@@ -45,7 +45,6 @@ class CleanExpiredResult:
     orphans: int = 0  # leftovers of uploads without info (a crash between two steps)
     stray_parts: int = 0  # incomplete parts no info names (S3): a PATCH that could not commit its part
     errors: list[str] = dataclasses.field(default_factory=list)
-    gone: bool = dataclasses.field(default=False, repr=False)  # the store's directory vanished mid-clean
 
 
 def clean_expired(store: Store, *, now: float | None = None, dry_run: bool = False) -> CleanExpiredResult:
@@ -74,14 +73,15 @@ def clean_expired(store: Store, *, now: float | None = None, dry_run: bool = Fal
             return 0
         return None  # created after all (the info came after the listing)
 
-    for info in store.expired(now):
-        removed = _remove(store, info.id, expired_still, result, dry_run=dry_run)
-        if removed is not None:
-            if not dry_run:
-                log.info("removed expired upload %s (%d bytes)", info.id, removed)
-            result.uploads += 1
-            result.bytes += removed
-    if result.gone:
+    try:
+        for info in store.expired(now):
+            removed = _remove(store, info.id, expired_still, result, dry_run=dry_run)
+            if removed is not None:
+                if not dry_run:
+                    log.info("removed expired upload %s (%d bytes)", info.id, removed)
+                result.uploads += 1
+                result.bytes += removed
+    except _StoreGone:
         return result
     sweep = getattr(store, "remove_stray_parts", None)  # stores that keep parts beside the info (S3)
     if sweep is not None and not dry_run:
@@ -89,14 +89,19 @@ def clean_expired(store: Store, *, now: float | None = None, dry_run: bool = Fal
             result.stray_parts = sweep(now - ORPHAN_AGE)
         except (OSError, UploadGuardError) as exc:
             result.errors.append(f"cannot remove stray parts: {_why(exc)}")
-    for upload_id in store.orphans(now - ORPHAN_AGE):
-        if _remove(store, upload_id, orphaned_still, result, dry_run=dry_run) is not None:
-            if not dry_run:
-                log.info("removed the leftovers of upload %s (no info: a crash between two steps)", upload_id)
-            result.orphans += 1
-        if result.gone:
-            break
+    try:
+        for upload_id in store.orphans(now - ORPHAN_AGE):
+            if _remove(store, upload_id, orphaned_still, result, dry_run=dry_run) is not None:
+                if not dry_run:
+                    log.info("removed the leftovers of upload %s (no info: a crash between two steps)", upload_id)
+                result.orphans += 1
+    except _StoreGone:
+        pass
     return result
+
+
+class _StoreGone(Exception):
+    """The store's directory vanished mid-clean: nothing is left to clean."""
 
 
 def _remove(store: Store, upload_id: str, still: Callable[[str], int | None], result: CleanExpiredResult, *,
@@ -108,8 +113,7 @@ def _remove(store: Store, upload_id: str, still: Callable[[str], int | None], re
             return still(upload_id)
         lock = locker.try_acquire(upload_id)
     except FileNotFoundError:
-        result.gone = True  # the directory vanished: nothing left to clean
-        return None
+        raise _StoreGone from None
     except (OSError, UploadGuardError) as exc:
         result.errors.append(f"cannot lock upload {upload_id}: {_why(exc)}")
         return None

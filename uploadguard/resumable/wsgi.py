@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 from urllib.parse import urlsplit
 
-from ..config import Settings, default_resumable_storage, parse_duration, parse_size
+from ..config import Settings, parse_duration, parse_size
 from ..errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
 from ..tempdir import Reason, reason_for_errno
 from ..wsgi import GuardedInput, body_length, request_socket, waiting_for_continue
@@ -251,7 +251,7 @@ class ResumableUploads:
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.settings = settings if settings is not None else Settings.from_environ()
         if storage is None:
-            storage = self.settings.resumable_storage or default_resumable_storage()
+            storage = self.settings.effective_resumable_storage()
         if is_s3_url(storage):
             storage = S3Store(str(storage), temp_dir=self.settings.temp_dir, retry_after=self.settings.retry_after)
         elif isinstance(storage, (str, os.PathLike)):
