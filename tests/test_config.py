@@ -30,19 +30,42 @@ class TestParseSize:
             pytest.param("2G", 2 * 1024**3, id="G"),
             pytest.param(" 50MB ", 50 * 1024**2, id="MB-suffix-and-spaces"),
             pytest.param("50MiB", 50 * 1024**2, id="MiB-suffix"),
+            pytest.param("1.5G", 3 * 1024**3 // 2, id="decimal-G"),
+            pytest.param("1.1G", 1181116006, id="decimal-rounded-down-exactly"),
+            pytest.param("0.5k", 512, id="decimal-below-one-unit"),
+            pytest.param("2.0M", 2 * 1024**2, id="decimal-zero-fraction"),
         ],
     )
     def test_accepts(self, text: str, expected: int) -> None:
         """Sizes are bytes or binary K/M/G multiples, as nginx's client_max_body_size."""
         assert parse_size(text) == expected
 
-    @pytest.mark.parametrize("text", ["", "20X", "-1", "1.5M", "M", "twenty", "9" * 5000])
+    @pytest.mark.parametrize("text", ["", "20X", "-1", "-1.5G", "1.5.0M", ".5M", "1,5M", "M", "twenty", "nan",
+                                      "inf", "NaNG", "9" * 5000])
     def test_rejects_with_the_name_and_value(self, text: str) -> None:
         """A bad size names the variable and the value, and says what is allowed."""
         with pytest.raises(ConfigError) as info:
             parse_size(text, name="UPLOADGUARD_MAX_BODY_SIZE")
         assert f"UPLOADGUARD_MAX_BODY_SIZE={text!r}" in str(info.value)
         assert "K/M/G" in str(info.value)
+
+    @pytest.mark.parametrize(("text", "words"), [
+        pytest.param("0.5", "is not a whole number of bytes; a decimal needs a K/M/G suffix", id="half-a-byte"),
+        pytest.param("1.5", "is not a whole number of bytes", id="decimal-bytes"),
+        pytest.param("0.0000001K", "is less than one byte", id="rounds-to-nothing"),
+        pytest.param("-1.5G", "must not be negative", id="negative"),
+    ])
+    def test_decimals_that_are_not_sizes_say_why(self, text: str, words: str) -> None:
+        """A decimal of plain bytes, one that rounds down to nothing, or a negative one is refused with the reason."""
+        with pytest.raises(ConfigError) as info:
+            parse_size(text, name="UPLOADGUARD_MAX_BODY_SIZE")
+        assert f"UPLOADGUARD_MAX_BODY_SIZE={text!r} {words}" in str(info.value)
+
+    @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1.5, -1])
+    def test_rejects_non_sizes_of_other_types(self, value: float) -> None:
+        """A typed framework value that is not whole non-negative bytes (NaN, infinity, a float, -1) is refused."""
+        with pytest.raises(ConfigError, match="is not a size|must not be negative"):
+            parse_size(value)  # type: ignore[arg-type]
 
     def test_too_large(self) -> None:
         """A size past what a file offset holds is refused with its own message."""

@@ -25,7 +25,7 @@ Usage::
 
 A bad value raises :class:`ConfigError` (a ``ValueError``) naming the setting
 and the value, e.g. ``UPLOADGUARD_MAX_BODY_SIZE='20X' is not a size; use bytes
-or a K/M/G suffix (e.g. 200M)``.
+or a K/M/G suffix (e.g. 200M or 1.5G)``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ __all__ = ["ConfigError", "Settings", "parse_size", "parse_duration", "ENV_PREFI
 ENV_PREFIX = "UPLOADGUARD_"
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-_SIZE_RE = re.compile(r"^\s*(\d{1,20})\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d{1,20})(?:\.(\d{1,20}))?\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 _MAX_SIZE = 2**63 - 1  # bytes: what off_t holds
 _MAX_DURATION = 100 * 365 * 86400.0  # seconds: a hundred years
 _SECONDS = {"": 1.0, "S": 1.0, "M": 60.0, "H": 3600.0, "D": 86400.0}
@@ -58,16 +58,36 @@ class ConfigError(ValueError):
 
 
 def parse_size(value: str | int, *, name: str = "size") -> int:
-    """Parse ``"200M"``-style sizes (binary multiples, as nginx does) or whole bytes."""
+    """Parse ``"200M"``-style sizes (binary multiples, as nginx does) or whole bytes.
+
+    A decimal takes a suffix and is rounded down to whole bytes (``"1.5G"`` is
+    1.5 x 1024**3 bytes), as people write sizes; a decimal of plain bytes
+    (``"0.5"``) or one that rounds down to nothing (``"0.0000001K"``, where 0
+    would mean "no limit") is refused rather than guessed at.
+    """
+    hint = "use bytes or a K/M/G suffix (e.g. 200M or 1.5G)"
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"{name}={value!r} is not a size; use bytes or a K/M/G suffix (e.g. 200M)")
+        raise ConfigError(f"{name}={value!r} is not a size; {hint}")
     if isinstance(value, int):
         size = value
     else:
         match = _SIZE_RE.match(value)
         if not match:
-            raise ConfigError(f"{name}={value!r} is not a size; use bytes or a K/M/G suffix (e.g. 200M)")
-        size = int(match.group(1)) * _UNITS[match.group(2).upper()]
+            if value.strip().startswith("-"):
+                raise ConfigError(f"{name}={value!r} must not be negative; {hint}")
+            raise ConfigError(f"{name}={value!r} is not a size; {hint}")
+        whole, fraction, suffix = match.group(1), match.group(2), match.group(3).upper()
+        unit = _UNITS[suffix]
+        if fraction is None:
+            size = int(whole) * unit
+        elif not suffix:
+            raise ConfigError(f"{name}={value!r} is not a whole number of bytes; a decimal needs a K/M/G "
+                              "suffix (e.g. 1.5G)")
+        else:
+            # Exact integer arithmetic: float would round 1.1G to a byte off.
+            size = (int(whole + fraction) * unit) // 10 ** len(fraction)
+            if size == 0 and int(whole + fraction):
+                raise ConfigError(f"{name}={value!r} is less than one byte; {hint}")
     if size < 0:
         raise ConfigError(f"{name}={value!r} must not be negative")
     if size > _MAX_SIZE:
