@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -149,11 +150,46 @@ class TestCheck:
 
 class TestEnsureAndProbe:
     def test_creates_missing_with_private_mode(self, tmp_path: Path) -> None:
-        """A missing directory (and its parents) is created mode 0700 and reported as healed."""
-        path = tmp_path / "a" / "b"
+        """A missing directory whose parent exists is created mode 0700 and reported as healed."""
+        path = tmp_path / "up"
         health = ensure_temp_dir(path)
         assert health.ok and health.healed
         assert path.stat().st_mode & 0o777 == 0o700
+
+    def test_a_missing_parent_is_named_not_created(self, tmp_path: Path) -> None:
+        """A configured path whose parent is missing (a typo) is 'missing' naming that parent; nothing is created."""
+        path = tmp_path / "typo" / "up"
+        health = ensure_temp_dir(path)
+        assert health.reason == "missing" and not health.healed
+        assert f"its parent directory {tmp_path / 'typo'} does not exist" in health.detail
+        assert not (tmp_path / "typo").exists()
+
+    def test_parents_when_asked(self, tmp_path: Path) -> None:
+        """parents=True creates the missing parents too."""
+        path = tmp_path / "a" / "b"
+        health = ensure_temp_dir(path, parents=True)
+        assert health.ok and health.healed
+        assert path.stat().st_mode & 0o777 == 0o700
+
+    @pytest.mark.parametrize("name", ["default_temp_dir", "default_resumable_storage"])
+    def test_the_defaults_are_created_with_their_parents(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         name: str) -> None:
+        """uploadguard's default dirs (under ~/.cache and ~/.local/share) are created whole on a fresh account."""
+        from uploadguard import config
+
+        home = tmp_path / "home"
+        home.mkdir()
+        for variable in ("XDG_CACHE_HOME", "XDG_DATA_HOME", "UPLOADGUARD_TEMP_DIR"):
+            monkeypatch.delenv(variable, raising=False)
+        monkeypatch.setenv("HOME", str(home))
+        path = getattr(config, name)()
+        assert str(path).startswith(str(home)) and not (home / path.relative_to(home).parts[0]).exists()
+        assert ensure_temp_dir(path).healed
+        assert path.is_dir()
+        path.rmdir()
+        guard = TempDirGuard(path)
+        path.parent.rmdir()
+        assert guard.preflight().healed and path.is_dir()
 
     def test_existing_is_not_healed(self, upload_dir: Path) -> None:
         """An existing healthy directory is ok and not counted as healed."""
@@ -187,6 +223,33 @@ class TestGuard:
         assert first.ok and first.healed
         second = guard.preflight(need=10)
         assert second.ok and not second.healed
+
+    def test_preflight_names_a_missing_parent(self, tmp_path: Path) -> None:
+        """A configured dir whose parent is missing stays missing, with the parent named, on every request."""
+        guard = TempDirGuard(tmp_path / "typo" / "up")
+        for _ in range(2):
+            health = guard.preflight()
+            assert health.reason == "missing" and f"{tmp_path / 'typo'} does not exist" in health.detail
+        assert not (tmp_path / "typo").exists()
+
+    def test_first_creation_is_logged_as_created_a_vanished_dir_as_recreated(
+            self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """The log says "created" for a dir that never existed and "recreated" for one that vanished."""
+        guard = TempDirGuard(tmp_path / "up")
+        with caplog.at_level(logging.INFO, logger="uploadguard"):
+            assert guard.preflight().healed
+            (tmp_path / "up").rmdir()
+            assert guard.preflight().healed
+        assert [r.getMessage() for r in caplog.records] == [f"created upload temp dir {tmp_path / 'up'}",
+                                                            f"recreated missing upload temp dir {tmp_path / 'up'}"]
+
+    def test_a_dir_seen_at_start_is_recreated(self, upload_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """A dir that existed when the guard was made, then vanished, is logged as recreated."""
+        guard = TempDirGuard(upload_dir)
+        upload_dir.rmdir()
+        with caplog.at_level(logging.INFO, logger="uploadguard"):
+            assert guard.preflight().healed
+        assert [r.getMessage() for r in caplog.records] == [f"recreated missing upload temp dir {upload_dir}"]
 
     def test_preflight_does_not_heal_a_file(self, tmp_path: Path) -> None:
         """A file in the way is reported, not deleted: nothing already stored is lost."""

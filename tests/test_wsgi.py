@@ -244,6 +244,15 @@ class TestTempDirPreflight:
         assert guard.stats.snapshot()["heals"] == 1
         assert any(r.levelno == logging.INFO and "recreated" in r.getMessage() for r in caplog.records)
 
+    def test_a_configured_dir_with_a_missing_parent_is_a_503_naming_it(
+            self, app: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """A temp dir whose parent is missing (a typo) is not created: a retryable 503 whose logged cause names the parent."""
+        guard = UploadGuard(app, temp_dir=tmp_path / "typo" / "uploads", retry_after=7)
+        with caplog.at_level(logging.INFO, logger="uploadguard"):
+            self.assert_503(webtest.TestApp(guard), app, "missing", guard)
+        assert not (tmp_path / "typo").exists()
+        assert f"its parent directory {tmp_path / 'typo'} does not exist" in caplog.text
+
     def assert_503(self, client: webtest.TestApp, app: Recorder, reason: str, guard: UploadGuard) -> None:
         response = client.post("/upload", b"abc", status=503)
         assert response.headers["Retry-After"] == "7"

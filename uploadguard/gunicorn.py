@@ -238,7 +238,8 @@ def _usable_heartbeat_dir(path: str) -> _Health:
     """What gunicorn's ``WorkerTmp`` needs: a directory it can create a file in; recreated if gone."""
     health = _probe_write(path)
     if health.reason == "missing":
-        health = _ensure_temp_dir(path)
+        # The fallback is uploadguard's own (its parents too); a configured one gets its last component only.
+        health = _ensure_temp_dir(path, parents=path == _fallback_worker_tmp_dir(_os.environ))
     return health
 
 

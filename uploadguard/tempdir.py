@@ -10,7 +10,8 @@ retryable 503 instead of a 500 or a dropped connection.
 Reasons (also the ``reason`` of :class:`~uploadguard.errors.TempDirUnavailable`
 and the metrics label):
 
-``missing``          the path does not exist and could not be recreated
+``missing``          the path does not exist and could not be created (only
+                     the last component is: a missing parent is named)
 ``not_a_directory``  the path is a file (or another non-directory)
 ``symlink``          the path is a symbolic link (refused: it may be swapped)
 ``unlinked``         a directory that was deleted while still mounted or open
@@ -51,11 +52,14 @@ import tempfile
 import threading
 import time
 
+from .config import ConfigError, default_resumable_storage, default_temp_dir
+
 __all__ = [
     "Health",
     "Reason",
     "TempDirGuard",
     "check_temp_dir",
+    "default_dirs",
     "ensure_temp_dir",
     "probe_write",
     "reason_for_errno",
@@ -208,22 +212,55 @@ def probe_write(path: str | os.PathLike[str]) -> Health:
     return Health(path)
 
 
+def default_dirs() -> set[str]:
+    """uploadguard's own default directories, whose parents are uploadguard's to create too.
+
+    ``~/.cache/uploadguard/tmp`` needs ``~/.cache`` on a fresh account; a
+    path somebody configured does not get its parents made up, so a typo in
+    it (``/srv/uplaods/tmp``) is an error naming the missing parent instead
+    of a new directory tree nobody looks after.
+    """
+    found = set()
+    for default in (default_temp_dir, default_resumable_storage):
+        try:
+            found.add(os.path.abspath(default()))
+        except ConfigError:
+            pass
+    return found
+
+
 def ensure_temp_dir(
-    path: str | os.PathLike[str], *, min_free_space: int = 0, mode: int = 0o700
+    path: str | os.PathLike[str], *, min_free_space: int = 0, mode: int = 0o700, parents: bool | None = None
 ) -> Health:
     """Create the directory if it is missing, then check it fully (with a write probe).
 
-    Meant for startup and for healing; it never raises for an unusable
-    directory -- the caller decides what an unhealthy result means.
+    Only the last component is created unless ``parents`` is true; ``None``
+    (the default) creates parents only for uploadguard's default directories
+    (the upload temp dir and the resumable storage under ``~/.cache`` and
+    ``~/.local/share``).  A missing parent is ``missing``, with a detail
+    naming it.  Meant for startup and for healing; it never raises for an
+    unusable directory -- the caller decides what an unhealthy result means.
     """
     path = os.fspath(path)
     healed = False
     if not os.path.lexists(path):
+        if parents is None:
+            parents = os.path.abspath(path) in default_dirs()
         try:
-            os.makedirs(path, mode=mode, exist_ok=True)
+            if parents:
+                os.makedirs(path, mode=mode, exist_ok=True)
+            else:
+                os.mkdir(path, mode=mode)
             healed = True
+        except FileExistsError:
+            pass  # created meanwhile by another worker: checked below like any existing directory
         except OSError as exc:
-            # ENOENT here means a parent is gone or unlinked: "missing", not healable.
+            parent = os.path.dirname(os.path.abspath(path))
+            if exc.errno == errno.ENOENT and not os.path.lexists(parent):
+                return Health(path, Reason.MISSING, f"cannot create {path}: its parent directory {parent} does not "
+                                                    "exist (uploadguard creates only the last component of a "
+                                                    "configured path; check it for a typo, or create the parent)")
+            # ENOENT here otherwise means a parent was unlinked: "missing", not healable.
             return Health(path, reason_for_errno(exc.errno) or Reason.IO_ERROR, f"cannot create {path}: {exc.strerror}")
     health = check_temp_dir(path, min_free_space=min_free_space)
     if health.ok:
@@ -270,6 +307,9 @@ class TempDirGuard:
         self.min_free_space = min_free_space
         self.mode = mode
         self.check_interval = check_interval
+        #: Whether the directory was ever seen to exist: its heal is a re-creation, else a first creation.
+        self._existed = os.path.lexists(self.path)
+        self._parents = self.path in default_dirs()  # decided once: the defaults follow the environment
         self._lock = threading.Lock()
         self._healthy = Health(self.path)
         self._healthy_until = 0.0  # time.monotonic() deadline of the cached verdict
@@ -294,6 +334,8 @@ class TempDirGuard:
         health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
         if health.reason is Reason.MISSING:
             health = self.heal(need)
+        else:
+            self._existed = True
         self._healthy_until = 0.0
         if health.ok and self.check_interval > 0 and health.free_bytes is not None:
             try:
@@ -307,11 +349,21 @@ class TempDirGuard:
         return health
 
     def heal(self, need: int = 0) -> Health:
-        """Recreate a missing directory (logged at INFO, counted) and probe it."""
+        """Create a missing directory (logged at INFO, counted) and probe it.
+
+        Only its last component: a missing parent is ``missing`` with a detail
+        naming it (see :func:`ensure_temp_dir`).  The log says "recreated" for
+        a directory this guard saw before, "created" for a first creation.
+        """
         with self._lock:
-            health = ensure_temp_dir(self.path, min_free_space=self.min_free_space, mode=self.mode)
+            health = ensure_temp_dir(self.path, min_free_space=self.min_free_space, mode=self.mode,
+                                     parents=self._parents)
             if health.healed and health.ok:
-                log.info("recreated missing upload temp dir %s", self.path)
+                if self._existed:
+                    log.info("recreated missing upload temp dir %s", self.path)
+                else:
+                    log.info("created upload temp dir %s", self.path)
+                self._existed = True
         if health.ok and need:
             healed = health.healed
             health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
