@@ -414,6 +414,7 @@ class TestExpiry:
                                                              capsys: pytest.CaptureFixture[str]) -> None:
         """`uploadguard clean DIR --older-than` on the resumable storage, a parent of it, or any directory holding
         upload info is refused (exit 2): by age it would delete completed uploads -- the users' data."""
+        (tmp_path / "data").mkdir()
         store = LocalStore(tmp_path / "data" / "uploads")
         store.health()
         done = self.make(store, age=3 * 86400, data=b"0123456789")
@@ -444,6 +445,7 @@ class TestExpiry:
         """With the resumable storage below the temp dir, `uploadguard clean` (no DIR) cleans the temp dir's old
         files, expires uploads by their own expiry, and never ages out a completed upload."""
         temp = tmp_path / "tmp"
+        temp.mkdir()
         store = LocalStore(temp / "resumable")
         store.health()
         done = self.make(store, age=3 * 86400, data=b"0123456789")
