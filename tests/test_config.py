@@ -198,6 +198,14 @@ class TestSettingsValidation:
         line = Settings(temp_dir=tmp_path).describe()
         assert "max_body_size=200M" in line and str(tmp_path) in line and "\n" not in line
 
+    def test_describe_names_the_default_storage_path(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With no storage set, the line names the default directory it resolves to, not the word "default"."""
+        monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+        line = Settings(temp_dir=tmp_path).describe()
+        assert f"resumable_storage={tmp_path / 'data' / 'uploadguard' / 'uploads'}(default) " in line
+        line = Settings(temp_dir=tmp_path, resumable_storage=tmp_path / "mine").describe()
+        assert f"resumable_storage={tmp_path / 'mine'} " in line
+
 
 class TestOneReferenceTable:
     def test_the_readme_table_lists_every_setting_once(self) -> None:

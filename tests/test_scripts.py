@@ -1,4 +1,4 @@
-"""``scripts/test`` installs with pip only when the install is not current.
+"""``scripts/test`` installs with pip only when the install is not current; ``scripts/demo`` starts the demo.
 
 The script runs for real in a copy of the repository's layout holding a tiny
 package (so pip installs in seconds): a real ``python3 -m venv``, a real
@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sysconfig
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +109,41 @@ class TestInstallOnlyWhenNeeded:
         assert not (project / ".venv" / ".uploadguard-test-installed").exists()
         second, installed = run(project, pip_log)
         assert second.returncode != 0 and installed
+
+
+class TestDemoScript:
+    def test_start_up_line_names_the_storage_and_a_page_load_logs_no_not_found(self, tmp_path: Path) -> None:
+        """scripts/demo on a fresh checkout (no var/) starts, its settings line names the resumable storage the
+        site uses, and loading the page and its icon logs no "Not Found"."""
+        root = tmp_path / "checkout"
+        (root / "scripts").mkdir(parents=True)
+        shutil.copy2(ROOT / "scripts" / "demo", root / "scripts" / "demo")
+        shutil.copy2(ROOT / "gunicorn_conf.py", root / "gunicorn_conf.py")
+        shutil.copytree(ROOT / "examples" / "django_demo" / "demo", root / "examples" / "django_demo" / "demo",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (root / ".venv").symlink_to(ROOT / ".venv")  # this checkout's install: scripts/demo finds it complete
+        port = free_port()
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith(("UPLOADGUARD_", "DEMO_", "PIP_", "VIRTUAL_ENV"))}
+        env.update(PORT=str(port), WEB_CONCURRENCY="1", HOME=str(tmp_path))
+        log = tmp_path / "demo.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([str(root / "scripts" / "demo")], cwd=root, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_port(port, timeout=60, proc=proc)
+            for path in ("/", "/favicon.ico"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+                    assert response.status in (200, 204)
+            deadline = time.monotonic() + 30
+            while '"GET /favicon.ico' not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the access log line is written after the answer
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        text = log.read_text()
+        storage = root / "examples" / "django_demo" / "var" / "resumable"
+        assert f"resumable uploads are assembled in {storage}" in text
+        assert f"resumable_storage={storage} " in text, text
+        assert "Not Found" not in text, text
+        assert (root / "examples" / "django_demo" / "var" / "tmp").is_dir()  # created below the var/ it made

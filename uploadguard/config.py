@@ -293,10 +293,20 @@ class Settings:
             f"temp_dir={self.temp_dir} max_body_size={limit} retry_after={self.retry_after}s "
             f"min_free_space={format_size(self.min_free_space)} drain_max={format_size(self.drain_bytes)} "
             f"drain_timeout={self.drain_timeout:g}s check_interval={self.check_interval:g}s "
-            f"resumable_storage={self.resumable_storage or 'default'} "
+            f"resumable_storage={self._storage_text()} "
             f"resumable_expires_after={self.resumable_expires_after:g}s "
             f"resumable_idle_timeout={self.resumable_idle_timeout:g}s"
         )
+
+
+    def _storage_text(self) -> str:
+        """The storage the line's reader would look for: the default's path, not the word "default"."""
+        if self.resumable_storage is not None:
+            return str(self.resumable_storage)
+        try:
+            return f"{default_resumable_storage()}(default)"
+        except ConfigError:
+            return "none(no home directory: set UPLOADGUARD_RESUMABLE_STORAGE for resumable uploads)"
 
 
 def _parse_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
