@@ -1,8 +1,8 @@
 """tus-js-client, the npm package nobody here wrote, uploads to ResumableUploads under real gunicorn.
 
 ``tests/js/tus_client.js`` drives tus-js-client 4 (pinned by
-``tests/js/package-lock.json``; ``npm ci --prefix tests/js`` installs it, as
-``.ci/run`` does) under Debian's ``node``.  The server is
+``tests/js/package-lock.json``; ``scripts/test`` installs it with ``npm ci
+--prefix tests/js`` where npm is present) under Debian's ``node``.  The server is
 ``UploadGuard(ResumableUploads(...))`` (``tests/resumable_client_apps.py``)
 under gunicorn with the project's ``gunicorn_conf.py`` and 3 workers; what it
 stored is checked through the sha256 its ``on_complete`` hook recorded.
