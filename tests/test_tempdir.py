@@ -251,6 +251,17 @@ class TestGuard:
             assert guard.preflight().healed
         assert [r.getMessage() for r in caplog.records] == [f"recreated missing upload temp dir {upload_dir}"]
 
+    def test_a_dir_made_by_the_startup_hook_is_recreated(self, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+        """A dir the guard never checked, but that this process created at startup (post_worker_init's
+        ensure_temp_dir) and that then vanished, is logged as recreated."""
+        guard = TempDirGuard(tmp_path / "up")  # the app loads before gunicorn's post_worker_init runs
+        assert ensure_temp_dir(tmp_path / "up").healed
+        (tmp_path / "up").rmdir()
+        with caplog.at_level(logging.INFO, logger="uploadguard"):
+            assert guard.preflight().healed
+        assert [r.getMessage() for r in caplog.records] == [f"recreated missing upload temp dir {tmp_path / 'up'}"]
+
     def test_preflight_does_not_heal_a_file(self, tmp_path: Path) -> None:
         """A file in the way is reported, not deleted: nothing already stored is lost."""
         (tmp_path / "up").write_text("precious")

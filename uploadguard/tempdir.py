@@ -108,6 +108,10 @@ _ERRNO_REASONS = {
 
 _CHECKS_ACCESS = os.access in os.supports_effective_ids
 
+#: Directories this process has seen exist (checked or created): healing one is a re-creation,
+#: anything else a first creation -- whichever check saw it (a gunicorn hook, a guard, the store).
+_seen: set[str] = set()
+
 
 def reason_for_errno(err: int | None) -> Reason | None:
     """The temp-dir reason an errno stands for, or ``None`` if it is not one."""
@@ -176,6 +180,7 @@ def check_temp_dir(path: str | os.PathLike[str], *, min_free_space: int = 0, nee
         return Health(path, Reason.MISSING, f"{path} does not exist")
     except OSError as exc:
         return Health(path, reason_for_errno(exc.errno) or Reason.IO_ERROR, f"cannot stat {path}: {exc.strerror}")
+    _seen.add(os.path.abspath(path))
     problem = _stat_problem(path, st)
     if problem is not None:
         return problem
@@ -307,8 +312,8 @@ class TempDirGuard:
         self.min_free_space = min_free_space
         self.mode = mode
         self.check_interval = check_interval
-        #: Whether the directory was ever seen to exist: its heal is a re-creation, else a first creation.
-        self._existed = os.path.lexists(self.path)
+        if os.path.lexists(self.path):
+            _seen.add(self.path)
         self._parents = self.path in default_dirs()  # decided once: the defaults follow the environment
         self._lock = threading.Lock()
         self._healthy = Health(self.path)
@@ -334,8 +339,6 @@ class TempDirGuard:
         health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
         if health.reason is Reason.MISSING:
             health = self.heal(need)
-        else:
-            self._existed = True
         self._healthy_until = 0.0
         if health.ok and self.check_interval > 0 and health.free_bytes is not None:
             try:
@@ -353,17 +356,17 @@ class TempDirGuard:
 
         Only its last component: a missing parent is ``missing`` with a detail
         naming it (see :func:`ensure_temp_dir`).  The log says "recreated" for
-        a directory this guard saw before, "created" for a first creation.
+        a directory this process saw before, "created" for a first creation.
         """
         with self._lock:
+            existed = self.path in _seen
             health = ensure_temp_dir(self.path, min_free_space=self.min_free_space, mode=self.mode,
                                      parents=self._parents)
             if health.healed and health.ok:
-                if self._existed:
+                if existed:
                     log.info("recreated missing upload temp dir %s", self.path)
                 else:
                     log.info("created upload temp dir %s", self.path)
-                self._existed = True
         if health.ok and need:
             healed = health.healed
             health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
