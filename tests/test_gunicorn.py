@@ -419,6 +419,7 @@ class TestStartup:
 class TestUploadTempDir:
     def test_every_worker_creates_and_uses_it(self, serve: Callable[..., Gunicorn], tmp_path: Path) -> None:
         """A missing upload dir is made (mode 0700) and becomes tempfile's and TMPDIR's dir in every worker."""
+        (tmp_path / "var").mkdir()
         upload_dir = tmp_path / "var" / "uploads"
         server = serve("gunicorn_apps:whoami", workers=2, UPLOADGUARD_TEMP_DIR=str(upload_dir))
         ready = wait_for(lambda: (lines := ready_lines(server, upload_dir)) and len(lines) == 2 and lines,
@@ -429,6 +430,16 @@ class TestUploadTempDir:
         assert answers.keys() == ready.keys()
         for answer in answers.values():
             assert answer["tempdir"] == answer["TMPDIR"] == str(upload_dir)
+
+    def test_a_missing_parent_is_named_and_not_created(self, serve: Callable[..., Gunicorn], tmp_path: Path) -> None:
+        """A configured upload dir whose parent is missing (a typo) is not created: the worker boots and logs
+        an error naming the missing parent."""
+        upload_dir = tmp_path / "typo" / "uploads"
+        server = serve("gunicorn_apps:whoami", workers=1, UPLOADGUARD_TEMP_DIR=str(upload_dir))
+        assert logged(server, rf"upload temp dir {re.escape(str(upload_dir))} is unusable \(missing\): cannot create "
+                              rf"{re.escape(str(upload_dir))}: its parent directory {re.escape(str(tmp_path / 'typo'))} "
+                              "does not exist"), server.log()
+        assert not (tmp_path / "typo").exists()
 
     def test_hup_recreates_a_deleted_dir(self, serve: Callable[..., Gunicorn], tmp_path: Path) -> None:
         """After the dir is deleted, the workers a HUP makes recreate it and spool there."""
