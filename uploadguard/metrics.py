@@ -78,6 +78,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from prometheus_client import Counter
 
+    from .asgi import UploadGuard as ASGIUploadGuard
     from .wsgi import UploadGuard
 
 __all__ = ["child_exit", "install", "metrics_app", "on_starting", "with_metrics", "MULTIPROC_ENV"]
@@ -154,7 +155,7 @@ def _record(event: str, reason: str) -> None:
         counters.errors.labels(code=event, reason=reason or _DEFAULT_REASONS.get(Event(event), "unknown")).inc()
 
 
-def install(guard: UploadGuard) -> None:
+def install(guard: UploadGuard | ASGIUploadGuard) -> None:
     """Count ``guard``'s events in Prometheus counters; idempotent, never raises.
 
     A no-op (one DEBUG line) when ``prometheus_client`` is not installed.

@@ -1,0 +1,343 @@
+"""The ASGI guard: the WSGI guard's promises for FastAPI, Starlette, Django ASGI and bare ASGI apps.
+
+Fast tests drive the middleware in-process with a small stdlib harness
+(:func:`call`: feeds ``receive`` messages, collects what is sent, notes how
+many body reads came before the answer); the slow ones run real uvicorn and
+``gunicorn -k asgi`` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import asgi_apps
+from uploadguard.asgi import UploadGuard
+
+LIMIT = 1024
+
+
+@dataclasses.dataclass
+class Result:
+    status: int | None = None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    body: bytes = b""
+    reads_before_answer: int | None = None  # receive() calls before http.response.start
+    reads: int = 0  # receive() calls in all
+    unread: int = 0  # body messages left unread
+    messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def call(app: Any, *, method: str = "POST", path: str = "/", headers: dict[str, str] | None = None,
+         chunks: list[bytes] | None = None, chunked: bool = False, disconnect: bool = False,
+         on_read: Callable[[int], None] | None = None) -> Result:
+    """One request through ``app``, as an ASGI server would make it.
+
+    ``chunks`` are the body messages; without ``chunked`` a Content-Length
+    of their total is sent.  ``disconnect`` ends the body with
+    ``http.disconnect`` (the client went away).  After the body, ``receive()``
+    waits for the disconnect that follows the response, as servers do.
+    ``on_read(n)`` runs before the n-th body message is handed out.
+    """
+    chunks = [] if chunks is None else chunks
+    sent_headers = {k.lower(): v for k, v in (headers or {}).items()}
+    if chunks and not chunked:
+        sent_headers.setdefault("content-length", str(sum(map(len, chunks))))
+    if chunked:
+        sent_headers["transfer-encoding"] = "chunked"
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+        "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in sent_headers.items()],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80),
+    }
+    result = Result()
+    queue: list[dict[str, Any]] = [
+        {"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1 or disconnect}
+        for i, chunk in enumerate(chunks)
+    ] or [{"type": "http.request", "body": b"", "more_body": disconnect}]
+    if disconnect:
+        queue.append({"type": "http.disconnect"})
+
+    async def run() -> None:
+        done = asyncio.Event()  # the response is complete
+        position = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal position
+            result.reads += 1
+            if position < len(queue):
+                if on_read is not None:
+                    on_read(position)
+                position += 1
+                return queue[position - 1]
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            result.messages.append(message)
+            if message["type"] == "http.response.start":
+                result.status = message["status"]
+                result.headers = {k.decode(): v.decode() for k, v in message.get("headers", [])}
+                result.reads_before_answer = result.reads
+            elif message["type"] == "http.response.body":
+                result.body += message.get("body", b"")
+                if not message.get("more_body"):
+                    done.set()
+
+        try:
+            await app(scope, receive, send)
+        finally:
+            result.unread = sum(1 for m in queue[position:] if m["type"] == "http.request")
+
+    asyncio.run(run())
+    return result
+
+
+@pytest.fixture
+def temp_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "uploads"
+    path.mkdir()
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    yield path
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[1]
+
+
+def guarded(app: Any, temp_dir: Path, **kwargs: Any) -> UploadGuard:
+    return UploadGuard(app, temp_dir=temp_dir, max_body_size=kwargs.pop("max_body_size", LIMIT),
+                       check_interval=0, **kwargs)
+
+
+class Recorder:
+    """A bare ASGI app that records what it was given, then runs ``asgi_apps.plain`` (or raises)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Any, Any]] = []
+        self.raise_: BaseException | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.calls.append((scope, receive, send))
+        if self.raise_ is not None and scope["type"] == "http":
+            await receive()
+            raise self.raise_
+        await asgi_apps.plain(scope, receive, send)
+
+
+class TestPassThrough:
+    def test_no_body_untouched(self, temp_dir: Path) -> None:
+        """A request without a body reaches the app with the server's own receive and send, no check made."""
+        app = Recorder()
+        shutil.rmtree(temp_dir)
+        result = call(guarded(app, temp_dir), method="GET")
+        assert (result.status, result.text) == (200, "page")
+        assert app.calls[0][1].__qualname__ == "call.<locals>.run.<locals>.receive"  # the server's own
+        assert not temp_dir.exists()  # nothing looked at the temp dir
+
+    @pytest.mark.parametrize("kind", ["lifespan", "websocket"])
+    def test_other_scopes(self, temp_dir: Path, kind: str) -> None:
+        """lifespan and websocket scopes go to the app as they came."""
+        seen: list[tuple[Any, Any, Any]] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            seen.append((scope, receive, send))
+
+        scope, receive, send = {"type": kind, "headers": [(b"content-length", b"999999")]}, object(), object()
+        asyncio.run(guarded(app, temp_dir)(scope, receive, send))  # type: ignore[arg-type]
+        assert seen == [(scope, receive, send)]
+
+
+class TestLimit:
+    def test_content_length_over_limit(self, temp_dir: Path) -> None:
+        """A Content-Length over the limit is a 413 before the app runs; the body is read so the client sees it."""
+        app = Recorder()
+        result = call(guarded(app, temp_dir), chunks=[b"x" * 1000, b"x" * 1000])
+        assert result.status == 413 and "1024 bytes" in result.text
+        assert app.calls == []
+        assert result.unread == 0 and result.reads_before_answer == 2
+
+    def test_expect_continue_over_limit(self, temp_dir: Path) -> None:
+        """With Expect: 100-continue the 413 comes before any receive(): the server never sends 100, the client no body."""
+        app = Recorder()
+        result = call(guarded(app, temp_dir), chunks=[b"x" * 2000], headers={"Expect": "100-continue"})
+        assert result.status == 413 and result.reads_before_answer == 0 and app.calls == []
+
+    def test_chunked_over_limit(self, temp_dir: Path) -> None:
+        """A chunked body is cut as it passes the limit: 413, the rest drained, the app's spool gone."""
+        result = call(guarded(asgi_apps.plain, temp_dir), chunks=[b"x" * 600] * 4, chunked=True)
+        assert result.status == 413 and result.unread == 0
+        assert list(temp_dir.iterdir()) == []
+
+    def test_chunked_within_limit(self, temp_dir: Path) -> None:
+        """A chunked body within the limit is the app's, spooled in the guarded temp dir."""
+        spooled: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            spooled.append(tempfile.gettempdir())
+            await asgi_apps.plain(scope, receive, send)
+
+        result = call(guarded(app, temp_dir), chunks=[b"x" * 500] * 2, chunked=True)
+        assert (result.status, result.text) == (200, "stored 1000")
+        assert spooled == [str(temp_dir)] and os.environ["TMPDIR"] == str(temp_dir)
+
+    def test_drain_bounded(self, temp_dir: Path) -> None:
+        """Past drain_max the rest is left unread (the server closes the connection)."""
+        result = call(guarded(asgi_apps.plain, temp_dir, drain_max=1500), chunks=[b"x" * 600] * 10, chunked=True)
+        assert result.status == 413 and 0 < result.unread < 8
+
+    def test_swallowed_413(self, temp_dir: Path) -> None:
+        """An app that catches the cut and answers something else (FastAPI: 400) answers 413 all the same."""
+        app = asgi_apps.make_starlette()
+
+        async def swallowing(scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await app(scope, receive, send)
+            except Exception:
+                await send({"type": "http.response.start", "status": 400, "headers": []})
+                await send({"type": "http.response.body", "body": b"bad"})
+
+        result = call(guarded(swallowing, temp_dir), chunks=[b"x" * 600] * 3, chunked=True)
+        assert result.status == 413
+
+    def test_fastapi_multipart_over_limit(self, temp_dir: Path) -> None:
+        """FastAPI's UploadFile over the limit (chunked) is a 413, not FastAPI's 400."""
+        body, content_type = multipart(b"x" * 3000)
+        result = call(guarded(asgi_apps.make_fastapi(), temp_dir), chunks=[body[:1000], body[1000:]], chunked=True,
+                      headers={"Content-Type": content_type})
+        assert result.status == 413
+
+
+def multipart(data: bytes) -> tuple[bytes, str]:
+    boundary = "uploadguardboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.bin\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+class TestTempDir:
+    def test_vanished_dir_healed(self, temp_dir: Path) -> None:
+        """A deleted temp dir is recreated before the app reads the body; the upload succeeds."""
+        shutil.rmtree(temp_dir)
+        guard = guarded(asgi_apps.make_fastapi(), temp_dir, max_body_size=10 << 20)
+        body, content_type = multipart(b"y" * (2 << 20))  # over Starlette's 1 MB: spooled to disk
+        result = call(guard, chunks=[body], headers={"Content-Type": content_type})
+        assert (result.status, result.text) == (200, f"stored {2 << 20}")
+        assert temp_dir.is_dir() and guard.stats.snapshot()["heals"] == 1
+
+    def test_file_instead_of_dir(self, temp_dir: Path) -> None:
+        """A file where the temp dir should be: 503 + Retry-After before the app runs; GET still answered."""
+        app = Recorder()
+        temp_dir.rmdir()
+        temp_dir.write_text("not a dir")
+        guard = guarded(app, temp_dir, retry_after=9)
+        result = call(guard, chunks=[b"z" * 100])
+        assert result.status == 503 and result.headers["retry-after"] == "9" and app.calls == []
+        assert call(guard, method="GET").status == 200
+
+    def test_oserror_about_temp_dir(self, temp_dir: Path) -> None:
+        """An OSError about the temp dir raised by the app is the 503, not a 500 or a reset."""
+        app = Recorder()
+        app.raise_ = FileNotFoundError(errno.ENOENT, "No such file", str(temp_dir / "spool"))
+        result = call(guarded(app, temp_dir), chunks=[b"z" * 100])
+        assert result.status == 503 and "retry-after" in result.headers
+
+    def test_dir_broken_during_fastapi_parse(self, temp_dir: Path) -> None:
+        """FastAPI's 400 for a multipart body it could not spool (the dir became a file meanwhile) is the 503."""
+        def sabotage(position: int) -> None:
+            if position == 1:
+                temp_dir.rmdir()
+                temp_dir.write_text("now a file")
+
+        body, content_type = multipart(b"y" * (2 << 20))
+        result = call(guarded(asgi_apps.make_fastapi(), temp_dir, max_body_size=10 << 20),
+                      chunks=[body[:1000], body[1000:]], headers={"Content-Type": content_type}, on_read=sabotage)
+        assert result.status == 503 and "retry-after" in result.headers
+
+    def test_fastapi_own_400_kept(self, temp_dir: Path) -> None:
+        """A 400 of the app's own (a healthy temp dir) stays the app's."""
+        result = call(guarded(asgi_apps.make_fastapi(), temp_dir), chunks=[b"not multipart"],
+                      headers={"Content-Type": "multipart/form-data; boundary=x"})
+        assert result.status in (400, 422) and "retry-after" not in result.headers
+
+    def test_other_oserror_is_500(self, temp_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """Any other OSError is a logged 500."""
+        app = Recorder()
+        app.raise_ = ConnectionRefusedError(errno.ECONNREFUSED, "database down")
+        with caplog.at_level(logging.ERROR, "uploadguard"):
+            result = call(guarded(app, temp_dir), chunks=[b"z" * 100])
+        assert result.status == 500 and "ECONNREFUSED" in caplog.text
+
+    def test_other_exceptions_propagate(self, temp_dir: Path) -> None:
+        """An exception that is not an OSError goes to the server (which logs it and answers 500)."""
+        app = Recorder()
+        app.raise_ = ValueError("bug")
+        with pytest.raises(ValueError):
+            call(guarded(app, temp_dir), chunks=[b"z" * 100])
+
+    def test_error_after_held_start_answered(self, temp_dir: Path) -> None:
+        """An OSError after the app's response start but before its body is still answered (the start is held)."""
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            raise OSError(errno.ENOSPC, "No space left on device", str(temp_dir / "x"))
+
+        result = call(guarded(app, temp_dir), chunks=[b"z" * 100])
+        assert result.status == 503 and [m["type"] for m in result.messages].count("http.response.start") == 1
+
+    def test_error_after_body_started_raises(self, temp_dir: Path) -> None:
+        """Once the app's body is out nothing can be answered: the error goes to the server."""
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"part", "more_body": True})
+            raise OSError(errno.ENOSPC, "No space left on device", str(temp_dir / "x"))
+
+        with pytest.raises(OSError):
+            call(guarded(app, temp_dir), chunks=[b"z" * 100])
+
+
+class TestClientGone:
+    @pytest.mark.parametrize("make", [lambda: asgi_apps.plain, asgi_apps.make_starlette, asgi_apps.make_fastapi],
+                             ids=["plain", "starlette", "fastapi"])
+    def test_quiet_and_clean(self, temp_dir: Path, make: Callable[[], Any], caplog: pytest.LogCaptureFixture) -> None:
+        """A client gone mid-body ends the request without an exception or traceback; nothing stays in the temp dir."""
+        body, content_type = multipart(b"y" * (2 << 20))
+        with caplog.at_level(logging.INFO):
+            result = call(guarded(make(), temp_dir, max_body_size=10 << 20), chunks=[body[: 1 << 20 + 1]] * 2,
+                          headers={"Content-Type": content_type, "Content-Length": str(len(body))}, disconnect=True)
+        assert result.status in (None, 400)
+        assert list(temp_dir.iterdir()) == []
+        assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class TestNested:
+    def test_smaller_inner_limit(self, temp_dir: Path) -> None:
+        """A guard inside a guard is not counted again, and its smaller limit cuts a chunked body."""
+        inner = guarded(asgi_apps.plain, temp_dir, max_body_size=500)
+        outer = guarded(inner, temp_dir)
+        result = call(outer, chunks=[b"x" * 300] * 3, chunked=True)
+        assert result.status == 413 and "500 bytes" in result.text
+        assert outer.stats.snapshot()["guarded"] == 1 and inner.stats.snapshot()["guarded"] == 0
+
+    def test_inner_content_length_refusal(self, temp_dir: Path) -> None:
+        """The inner guard's smaller limit refuses a Content-Length over it before the app runs."""
+        app = Recorder()
+        result = call(guarded(guarded(app, temp_dir, max_body_size=500), temp_dir), chunks=[b"x" * 700])
+        assert result.status == 413 and app.calls == [] and result.unread == 0
