@@ -70,7 +70,9 @@ whole server when ``post_worker_init``, ``child_exit`` or
                       reads the body (:class:`~uploadguard.wsgi.ContinueOnRead`),
                       so a 413 or 503 -- whatever limit or check decided it,
                       ``UploadGuard``, Django or Flask settings -- reaches the
-                      client before it sends a byte.
+                      client before it sends a byte.  gunicorn's ASGI worker
+                      (``-k asgi``) does that itself (``100 Continue`` on the
+                      first ``receive()``): there the hook only logs.
 ``child_exit``        also calls :func:`uploadguard.metrics.child_exit`;
                       ``on_starting`` calls :func:`uploadguard.metrics.on_starting`.
 
@@ -353,7 +355,9 @@ def post_worker_init(worker: _Worker) -> None:
 def pre_request(worker: _Worker, req: _Request) -> None:
     """Worker, before each request: ``100 Continue`` only once the application reads the body."""
     worker.log.debug("%s %s", req.method, req.path)
-    if req._expected_100_continue:
+    # Only a WSGI worker's request has the flag: gunicorn's ASGI worker (-k asgi) already sends
+    # 100 Continue when the application first calls receive(), the deferral this hook adds.
+    if getattr(req, "_expected_100_continue", False):
         _defer_continue(req)
 
 
