@@ -8,11 +8,18 @@ Importable as server targets (``uvicorn tests.asgi_apps:fastapi_guarded``,
 """
 
 # No "from __future__ import annotations": FastAPI reads the endpoints' annotations at runtime.
+import logging
 import os
 import tempfile
 from typing import Any
 
 from uploadguard.asgi import UploadGuard
+
+if not logging.getLogger("uploadguard").handlers:  # uvicorn: show the guard's INFO lines (gunicorn's hooks route them)
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("uploadguard").addHandler(_handler)
+    logging.getLogger("uploadguard").setLevel(logging.INFO)
 
 
 async def plain(scope: dict[str, Any], receive: Any, send: Any) -> None:

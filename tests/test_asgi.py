@@ -13,8 +13,14 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests import asgi_apps
+from tests.support import GUNICORN_CONF, ROOT, Gunicorn, _read_all, fill, free_port, raw_http, tmpfs, wait_for_port
 from uploadguard.asgi import UploadGuard
 
 LIMIT = 1024
@@ -341,3 +348,208 @@ class TestNested:
         app = Recorder()
         result = call(guarded(guarded(app, temp_dir, max_body_size=500), temp_dir), chunks=[b"x" * 700])
         assert result.status == 413 and app.calls == [] and result.unread == 0
+
+
+# -- real servers ----------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+SERVER_LIMIT = MiB  # bodies over Starlette's 1 MB in-memory spool go to the temp dir
+
+
+class Uvicorn:
+    """A real uvicorn on 127.0.0.1 (stdout and stderr to a log file), like :class:`tests.support.Gunicorn`."""
+
+    def __init__(self, app: str, *, tmp_path: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.log_path = tmp_path / f"uvicorn-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.port), app],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=str(ROOT),
+            start_new_session=True)
+        try:
+            wait_for_port(self.port, proc=self.proc)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"uvicorn did not start:\n{self.log()}") from None
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        self._log.close()
+
+
+@pytest.fixture
+def upload_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "uploads"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture(params=["uvicorn", "gunicorn"])
+def serve(request: pytest.FixtureRequest, tmp_path: Path, upload_dir: Path) -> Iterator[Callable[[str], Any]]:
+    """Start ``tests.asgi_apps:<name>`` under uvicorn or ``gunicorn -c gunicorn_conf.py -k asgi``."""
+    started: list[Any] = []
+
+    def start(name: str) -> Any:
+        env = {"UPLOADGUARD_TEMP_DIR": str(upload_dir), "UPLOADGUARD_MAX_BODY_SIZE": str(SERVER_LIMIT),
+               "UPLOADGUARD_MIN_FREE_SPACE": "0", "UPLOADGUARD_RETRY_AFTER": "1",
+               "XDG_CACHE_HOME": str(tmp_path / "cache"), "TEST_STORE_DIR": str(tmp_path / "store")}
+        if request.param == "uvicorn":
+            server: Any = Uvicorn(f"tests.asgi_apps:{name}", tmp_path=tmp_path, env=env)
+        else:
+            server = Gunicorn(f"asgi_apps:{name}", tmp_path=tmp_path, config=GUNICORN_CONF,
+                              args=["-k", "asgi", "--log-level", "info"], env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def exchange(port: int, head: bytes, body: bytes | Iterator[bytes] = b"") -> tuple[int, dict[str, str], bytes]:
+    """Send a request, then read the response: status, headers (lower-case) and body."""
+    raw, error = raw_http(port, head, body=body, timeout=30)
+    assert raw, f"no response ({error})"
+    return parse(raw)
+
+
+def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    while raw.startswith(b"HTTP/1.1 100"):
+        raw = raw.split(b"\r\n\r\n", 1)[1]
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def upload_head(length: int | None, content_type: str, *, path: str = "/", extra: str = "") -> bytes:
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n{framing}\r\n"
+            f"Connection: close\r\n{extra}\r\n").encode()
+
+
+def chunked(data: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
+    for start in range(0, len(data), size):
+        piece = data[start:start + size]
+        yield b"%x\r\n%s\r\n" % (len(piece), piece)
+    yield b"0\r\n\r\n"
+
+
+GET = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+def clean(log: str) -> bool:
+    """No traceback and no ERROR line in a server log."""
+    return "Traceback" not in log and not re.search(r"\bERROR\b|\[ERROR\]", log)
+
+
+@pytest.mark.slow
+class TestServers:
+    @pytest.mark.parametrize("app", ["fastapi_guarded", "fastapi_added", "django_guarded"])
+    def test_upload_within_limit(self, serve: Callable[[str], Any], app: str) -> None:
+        """An upload within the limit is stored; the server logs no error (gunicorn's pre_request hook included)."""
+        server = serve(app)
+        body, content_type = multipart(b"y" * (MiB // 2))
+        path = "/upload/" if app.startswith("django") else "/"
+        status, _, answer = exchange(server.port, upload_head(len(body), content_type, path=path), body)
+        assert status == 200 and str(MiB // 2).encode() in answer
+        assert clean(server.log()), server.log()
+
+    @pytest.mark.parametrize("app", ["fastapi_guarded", "fastapi_added", "django_guarded"])
+    def test_over_limit_content_length(self, serve: Callable[[str], Any], app: str) -> None:
+        """A Content-Length over the limit is a 413 the client reads after sending its body."""
+        server = serve(app)
+        body, content_type = multipart(b"y" * (3 * MiB // 2))
+        status, _, answer = exchange(server.port, upload_head(len(body), content_type), body)
+        assert status == 413 and b"1048576 bytes" in answer
+        assert clean(server.log()), server.log()
+
+    @pytest.mark.parametrize("app", ["fastapi_guarded", "django_guarded"])
+    def test_over_limit_chunked(self, serve: Callable[[str], Any], app: str) -> None:
+        """A chunked body is answered 413 as it passes the limit, and the client reads it."""
+        server = serve(app)
+        body, content_type = multipart(b"y" * (3 * MiB // 2))
+        status, _, _ = exchange(server.port, upload_head(None, content_type), chunked(body))
+        assert status == 413
+        assert clean(server.log()), server.log()
+
+    def test_expect_continue_over_limit(self, serve: Callable[[str], Any]) -> None:
+        """With Expect: 100-continue over the limit the 413 comes instead of 100 Continue: no body is sent."""
+        server = serve("fastapi_guarded")
+        raw, _ = raw_http(server.port, upload_head(2 * MiB, "application/octet-stream",
+                                                   extra="Expect: 100-continue\r\n"), read_early=True)
+        assert raw.startswith(b"HTTP/1.1 413"), raw[:200]
+
+    def test_expect_continue_within_limit(self, serve: Callable[[str], Any]) -> None:
+        """Within the limit the server sends 100 Continue when the app first reads (pinned), then the answer."""
+        server = serve("fastapi_guarded")
+        body, content_type = multipart(b"y" * 1000)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(upload_head(len(body), content_type, extra="Expect: 100-continue\r\n"))
+            interim = sock.recv(4096)
+            assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+            sock.sendall(body)
+            status, _, answer = parse(interim.split(b"\r\n\r\n", 1)[1] + _read_all(sock))
+        assert (status, answer) == (200, b"stored 1000")
+
+    @pytest.mark.parametrize("app", ["fastapi_guarded", "django_guarded"])
+    def test_deleted_dir_healed(self, serve: Callable[[str], Any], upload_dir: Path, app: str) -> None:
+        """A deleted temp dir is recreated and the upload succeeds."""
+        server = serve(app)
+        shutil.rmtree(upload_dir)
+        body, content_type = multipart(b"y" * (MiB // 2 + MiB // 4))
+        path = "/upload/" if app.startswith("django") else "/"
+        status, _, _ = exchange(server.port, upload_head(len(body), content_type, path=path), body)
+        assert status == 200 and upload_dir.is_dir()
+
+    @pytest.mark.parametrize("app", ["fastapi_guarded", "django_guarded"])
+    def test_file_instead_of_dir(self, serve: Callable[[str], Any], upload_dir: Path, app: str) -> None:
+        """A file in place of the temp dir: 503 + Retry-After for the upload, the rest of the site answers."""
+        server = serve(app)
+        shutil.rmtree(upload_dir)
+        upload_dir.write_text("not a directory")
+        body, content_type = multipart(b"y" * 1000)
+        status, headers, _ = exchange(server.port, upload_head(len(body), content_type), body)
+        assert status == 503 and headers["retry-after"] == "1"
+        if app.startswith("fastapi"):
+            assert exchange(server.port, GET)[0] == 200
+        assert clean(server.log()), server.log()
+
+    def test_full_dir(self, serve: Callable[[str], Any], upload_dir: Path) -> None:
+        """A full temp dir (a small tmpfs): 503 + Retry-After."""
+        with tmpfs(upload_dir, size="2m"):
+            upload_dir.chmod(0o700)
+            fill(upload_dir, leave=64 * 1024)
+            server = serve("fastapi_guarded")
+            body, content_type = multipart(b"y" * (MiB // 2))
+            status, headers, _ = exchange(server.port, upload_head(len(body), content_type), body)
+            server.stop()
+        assert status == 503 and headers["retry-after"] == "1"
+
+    @pytest.mark.parametrize("app", ["fastapi_guarded", "starlette_guarded", "django_guarded"])
+    def test_client_gone_mid_body(self, serve: Callable[[str], Any], upload_dir: Path, app: str) -> None:
+        """A client gone mid-body leaves nothing in the temp dir and no traceback in the server log."""
+        server = serve(app)
+        body, content_type = multipart(b"y" * (MiB - 4096))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(upload_head(len(body), content_type))
+            sock.sendall(body[: len(body) - 1000])
+        deadline = time.monotonic() + 20
+        while "client went away" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        assert exchange(server.port, GET)[0] in (200, 404)  # the server still answers
+        assert list(upload_dir.iterdir()) == []
+        assert clean(server.log()), server.log()

@@ -269,6 +269,9 @@ class UploadGuard:
                 raise
             await self._answer(error, scope, send, body)
             return
+        if body.failed:
+            log.info("client went away during the body of %s", _where(scope))
+            return
         if exchange.replaced is None and exchange.start is not None and not exchange.sent:
             exchange.replaced = await self._replacement(int(exchange.start["status"]), body)
             if exchange.replaced is None:
