@@ -108,4 +108,9 @@ def __getattr__(name: str) -> Any:
         return UploadGuard(make_starlette())
     if name == "django_guarded":
         return UploadGuard(make_django())
+    if name == "django_settings_guarded":  # the documented asgi.py: the UPLOADGUARD_* Django settings
+        app = make_django()
+        from uploadguard.django import settings_from_django
+
+        return UploadGuard(app, settings=settings_from_django())
     raise AttributeError(name)

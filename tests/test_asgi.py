@@ -492,6 +492,14 @@ class TestServers:
                                                    extra="Expect: 100-continue\r\n"), read_early=True)
         assert raw.startswith(b"HTTP/1.1 413"), raw[:200]
 
+    def test_django_settings_limit(self, serve: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch) -> None:
+        """With settings_from_django() the limit in Django settings answers 413 before 100 Continue."""
+        monkeypatch.setenv("TEST_DJANGO_MAX_BODY_SIZE", "512K")
+        server = serve("django_settings_guarded")
+        raw, _ = raw_http(server.port, upload_head(700 * 1024, "application/octet-stream", path="/upload/",
+                                                   extra="Expect: 100-continue\r\n"), read_early=True)
+        assert raw.startswith(b"HTTP/1.1 413") and b"524288 bytes" in raw, raw[:300]
+
     def test_expect_continue_within_limit(self, serve: Callable[[str], Any]) -> None:
         """Within the limit the server sends 100 Continue when the app first reads (pinned), then the answer."""
         server = serve("fastapi_guarded")
@@ -553,3 +561,27 @@ class TestServers:
         assert exchange(server.port, GET)[0] in (200, 404)  # the server still answers
         assert list(upload_dir.iterdir()) == []
         assert clean(server.log()), server.log()
+
+
+@pytest.mark.slow
+def test_gunicorn_asgi_recycles_workers(tmp_path: Path, upload_dir: Path) -> None:
+    """Under gunicorn -k asgi with gunicorn_conf.py, recycled workers (max_requests) each set up the temp dir; no error."""
+    server = Gunicorn("asgi_apps:fastapi_guarded", tmp_path=tmp_path, config=GUNICORN_CONF,
+                      args=["-k", "asgi", "--log-level", "info"],
+                      env={"UPLOADGUARD_TEMP_DIR": str(upload_dir), "UPLOADGUARD_MIN_FREE_SPACE": "0",
+                           "GUNICORN_MAX_REQUESTS": "2", "GUNICORN_MAX_REQUESTS_JITTER": "0",
+                           "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        body, content_type = multipart(b"y" * 1000)
+        for _ in range(6):
+            status, _, answer = exchange(server.port, upload_head(len(body), content_type), body)
+            assert (status, answer) == (200, b"stored 1000")
+        deadline = time.monotonic() + 20
+        while server.log().count("uploadguard: upload temp dir") < 2:  # the first worker and a recycled one
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        status, _, answer = exchange(server.port, upload_head(len(body), content_type), body)
+        assert (status, answer) == (200, b"stored 1000")
+        assert clean(server.log()), server.log()
+    finally:
+        server.stop()
