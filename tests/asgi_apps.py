@@ -10,6 +10,7 @@ Importable as server targets (``uvicorn tests.asgi_apps:fastapi_guarded``,
 # No "from __future__ import annotations": FastAPI reads the endpoints' annotations at runtime.
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -94,6 +95,23 @@ def make_django() -> Any:
     return get_asgi_application()
 
 
+def sabotaging(app: Any) -> Any:
+    """Between the guard and ``app``: ``X-Sabotage: file`` puts a file where the temp dir was.
+
+    The race the guard cannot prevent (the dir breaks after its check, before
+    the app spools the body), made deterministic.
+    """
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (b"x-sabotage", b"file") in scope["headers"]:
+            path = os.environ["UPLOADGUARD_TEMP_DIR"]
+            shutil.rmtree(path)
+            with open(path, "w") as fh:
+                fh.write("not a directory")
+        await app(scope, receive, send)
+
+    return wrapped
+
+
 def __getattr__(name: str) -> Any:
     """Server targets, made on first use: ``plain_guarded``, ``fastapi_guarded``, ``fastapi_added``, ..."""
     if name == "plain_guarded":
@@ -108,6 +126,8 @@ def __getattr__(name: str) -> Any:
         return UploadGuard(make_starlette())
     if name == "django_guarded":
         return UploadGuard(make_django())
+    if name == "django_sabotaged":
+        return UploadGuard(sabotaging(make_django()))
     if name == "django_settings_guarded":  # the documented asgi.py: the UPLOADGUARD_* Django settings
         app = make_django()
         from uploadguard.django import settings_from_django

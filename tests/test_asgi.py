@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 
 from tests import asgi_apps
-from tests.support import GUNICORN_CONF, ROOT, Gunicorn, _read_all, fill, free_port, raw_http, tmpfs, wait_for_port
+from tests.support import (GUNICORN_CONF, ROOT, Gunicorn, _read_all, fill, free_port, raw_http, tmpfs, unlinked_dir,
+                           wait_for_port)
 from uploadguard.asgi import UploadGuard
 
 LIMIT = 1024
@@ -257,6 +258,26 @@ class TestTempDir:
         result = call(guard, chunks=[b"z" * 100])
         assert result.status == 503 and result.headers["retry-after"] == "9" and app.calls == []
         assert call(guard, method="GET").status == 200
+
+    def test_symlink(self, temp_dir: Path, tmp_path: Path) -> None:
+        """A symlink in place of the temp dir (it may be swapped) is refused: 503 + Retry-After."""
+        temp_dir.rmdir()
+        (tmp_path / "elsewhere").mkdir()
+        temp_dir.symlink_to(tmp_path / "elsewhere")
+        result = call(guarded(asgi_apps.plain, temp_dir), chunks=[b"z" * 100])
+        assert result.status == 503 and "retry-after" in result.headers
+
+    def test_unlinked(self, tmp_path: Path, temp_dir: Path) -> None:
+        """A temp dir deleted while mounted (st_nlink 0: every create fails) is a 503, not a 500."""
+        with unlinked_dir(tmp_path / "mnt") as gone:
+            result = call(guarded(asgi_apps.plain, gone), chunks=[b"z" * 100])
+        assert result.status == 503 and "retry-after" in result.headers
+
+    def test_read_only(self, tmp_path: Path, temp_dir: Path) -> None:
+        """A temp dir on a read-only file system is a 503."""
+        with tmpfs(tmp_path / "ro", options="ro") as readonly:
+            result = call(guarded(asgi_apps.plain, readonly), chunks=[b"z" * 100])
+        assert result.status == 503 and "retry-after" in result.headers
 
     def test_oserror_about_temp_dir(self, temp_dir: Path) -> None:
         """An OSError about the temp dir raised by the app is the 503, not a 500 or a reset."""
@@ -533,6 +554,15 @@ class TestServers:
         assert status == 503 and headers["retry-after"] == "1"
         if app.startswith("fastapi"):
             assert exchange(server.port, GET)[0] == 200
+        assert clean(server.log()), server.log()
+
+    def test_django_spool_in_broken_dir(self, serve: Callable[[str], Any], upload_dir: Path) -> None:
+        """Django ASGI failing to spool a body (the dir became a file after the check) is the 503, not a 500."""
+        server = serve("django_sabotaged")
+        body, content_type = multipart(b"y" * 5000)  # over the project's FILE_UPLOAD_MAX_MEMORY_SIZE: on disk
+        status, headers, _ = exchange(server.port, upload_head(len(body), content_type, path="/upload/",
+                                                               extra="X-Sabotage: file\r\n"), body)
+        assert status == 503 and headers["retry-after"] == "1"
         assert clean(server.log()), server.log()
 
     def test_full_dir(self, serve: Callable[[str], Any], upload_dir: Path) -> None:

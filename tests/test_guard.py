@@ -166,3 +166,8 @@ class TestImportFloors:
         """The decisions import only the floors below them: settings, errors, tempdir, stats -- never a driver."""
         allowed = {"uploadguard.config", "uploadguard.errors", "uploadguard.tempdir", "uploadguard.stats"}
         assert _imports(ROOT / "uploadguard" / f"{module}.py") <= allowed
+
+    def test_asgi_driver_needs_no_wsgi_driver(self) -> None:
+        """The ASGI driver takes the shared decisions from guard.py, nothing from the WSGI driver."""
+        imported = _imports(ROOT / "uploadguard" / "asgi.py")
+        assert "uploadguard.guard" in imported and "uploadguard.wsgi" not in imported
