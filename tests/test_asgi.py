@@ -51,13 +51,14 @@ class Result:
 
 
 def call(app: Any, *, method: str = "POST", path: str = "/", headers: dict[str, str] | None = None,
-         chunks: list[bytes] | None = None, chunked: bool = False, disconnect: bool = False,
+         chunks: list[bytes] | None = None, chunked: bool = False, disconnect: bool = False, stall: bool = False,
          on_read: Callable[[int], None] | None = None) -> Result:
     """One request through ``app``, as an ASGI server would make it.
 
     ``chunks`` are the body messages; without ``chunked`` a Content-Length
     of their total is sent.  ``disconnect`` ends the body with
-    ``http.disconnect`` (the client went away).  After the body, ``receive()``
+    ``http.disconnect`` (the client went away); ``stall`` leaves it unfinished
+    (the client sends nothing more).  After the body, ``receive()``
     waits for the disconnect that follows the response, as servers do.
     ``on_read(n)`` runs before the n-th body message is handed out.
     """
@@ -75,7 +76,7 @@ def call(app: Any, *, method: str = "POST", path: str = "/", headers: dict[str, 
     }
     result = Result()
     queue: list[dict[str, Any]] = [
-        {"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1 or disconnect}
+        {"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1 or disconnect or stall}
         for i, chunk in enumerate(chunks)
     ] or [{"type": "http.request", "body": b"", "more_body": disconnect}]
     if disconnect:
@@ -209,6 +210,12 @@ class TestLimit:
         """Past drain_max the rest is left unread (the server closes the connection)."""
         result = call(guarded(asgi_apps.plain, temp_dir, drain_max=1500), chunks=[b"x" * 600] * 10, chunked=True)
         assert result.status == 413 and 0 < result.unread < 8
+
+    def test_stalled_client_drain_ends(self, temp_dir: Path) -> None:
+        """A client that stops sending during the drain gets the 413 after drain_timeout, not a hang."""
+        result = call(guarded(asgi_apps.plain, temp_dir, drain_timeout=0.05), chunks=[b"x" * 600] * 2,
+                      chunked=True, stall=True)
+        assert result.status == 413
 
     def test_swallowed_413(self, temp_dir: Path) -> None:
         """An app that catches the cut and answers something else (FastAPI: 400) answers 413 all the same."""
