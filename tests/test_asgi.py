@@ -256,6 +256,14 @@ class TestTempDir:
         assert (result.status, result.text) == (200, f"stored {2 << 20}")
         assert temp_dir.is_dir() and guard.stats.snapshot()["heals"] == 1
 
+    def test_cached_verdict_sees_deletion(self, temp_dir: Path) -> None:
+        """With a cached healthy verdict (check_interval), a deletion is still seen and healed on the next upload."""
+        guard = UploadGuard(asgi_apps.plain, temp_dir=temp_dir, max_body_size=LIMIT, check_interval=60)
+        assert call(guard, chunks=[b"z" * 100]).text == "stored 100"
+        shutil.rmtree(temp_dir)
+        assert call(guard, chunks=[b"z" * 100]).text == "stored 100"
+        assert temp_dir.is_dir() and guard.stats.snapshot()["heals"] == 1
+
     def test_file_instead_of_dir(self, temp_dir: Path) -> None:
         """A file where the temp dir should be: 503 + Retry-After before the app runs; GET still answered."""
         app = Recorder()

@@ -228,6 +228,16 @@ class TestGuard:
         assert guard.preflight(need=free // 2).ok  # fits the cached verdict
         assert guard.preflight(need=free // 2 + 2).reason == "no_space"  # does not: checked afresh
 
+    def test_cached_answers_only_from_a_verdict_that_holds(self, tmp_path: Path) -> None:
+        """cached() (the ASGI driver's on-loop path) gives the reused verdict, else None and changes nothing."""
+        path = tmp_path / "up"
+        guard = TempDirGuard(path, check_interval=60)
+        assert guard.cached() is None  # nothing checked yet: a full check is needed
+        assert guard.preflight().ok
+        assert guard.cached(need=10) is not None and guard.cached(need=10).ok  # type: ignore[union-attr]
+        path.rmdir()
+        assert guard.cached() is None and not path.exists()  # a miss heals nothing: preflight() does
+
     def test_interval_zero_checks_every_time(self, tmp_path: Path) -> None:
         """check_interval=0 sees a deletion on the very next request."""
         guard = TempDirGuard(tmp_path / "up", check_interval=0)

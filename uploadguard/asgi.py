@@ -21,7 +21,8 @@ are the WSGI guard's (:class:`uploadguard.wsgi.UploadGuard`; the README's
   ``100 Continue`` when the application first calls ``receive()``; a 413 or
   503 decided before that goes out instead, and the client never sends the body.
 * **The temp dir.**  Before the application reads a byte the temp dir is
-  checked (in a thread: a hung file system must not stop the loop); a
+  checked (a cached verdict with one ``lstat`` on the loop, a full check in
+  a thread: a hung file system must not stop the loop); a
   vanished one is recreated, an unusable one answered 503 + ``Retry-After``
   while the rest of the site works.  :mod:`tempfile` (and ``TMPDIR``) point
   at it, so FastAPI's ``UploadFile`` and Django's body spool land there.  An
@@ -308,7 +309,15 @@ class UploadGuard:
         return None
 
     async def _checked_temp_dir(self, need: int = 0, *, fresh: bool = False) -> Health:
-        """The temp dir's health (a vanished one recreated and counted), checked off the loop."""
+        """The temp dir's health (a vanished one recreated and counted).
+
+        A verdict still cached (``check_interval``) costs one ``lstat`` on the
+        loop; a full check or a heal runs in a thread, so a hung file system
+        cannot stop the loop.
+        """
+        cached = None if fresh else self.temp.cached(need)
+        if cached is not None:
+            return cached
         health = await asyncio.to_thread(self.temp.preflight, need, fresh=fresh)
         if health.healed:
             self.stats.record(Event.HEALED)

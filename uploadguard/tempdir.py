@@ -279,9 +279,13 @@ class TempDirGuard:
     def __repr__(self) -> str:
         return f"<TempDirGuard {self.path!r}>"
 
-    def preflight(self, need: int = 0, *, fresh: bool = False) -> Health:
-        """Check before a body of ``need`` bytes is read; recreate the dir if it vanished."""
-        if not fresh and need <= self._budget and time.monotonic() < self._healthy_until:
+    def cached(self, need: int = 0) -> Health | None:
+        """The cached healthy verdict if it still holds for ``need`` more bytes, else ``None``.
+
+        One ``lstat``, no more: the ASGI driver asks this on the event loop and
+        sends only a miss (a full check, maybe a heal) to a thread.
+        """
+        if need <= self._budget and time.monotonic() < self._healthy_until:
             # One lstat still runs: deletion, replacement and chmod are the failures that
             # matter most, and they show in the inode's identity and mode.
             try:
@@ -291,6 +295,14 @@ class TempDirGuard:
             if st is not None and st.st_nlink and (st.st_ino, st.st_dev, st.st_mode, st.st_uid) == self._identity:
                 self._budget -= need
                 return self._healthy
+        return None
+
+    def preflight(self, need: int = 0, *, fresh: bool = False) -> Health:
+        """Check before a body of ``need`` bytes is read; recreate the dir if it vanished."""
+        if not fresh:
+            cached = self.cached(need)
+            if cached is not None:
+                return cached
         health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
         if health.reason is Reason.MISSING:
             health = self.heal(need)
