@@ -1,7 +1,8 @@
-"""The guard's core promises under every WSGI server it is tested with: one table of scenarios, four servers.
+"""The guard's core promises under every WSGI server it is tested with: one table of scenarios, five servers.
 
 gunicorn (sync and gthread workers), uWSGI behind its own HTTP router
-(``--http`` with ``--http-chunked-input``) and waitress each serve
+(``--http`` with ``--http-chunked-input``) and parsing HTTP itself
+(``--http-socket``), and waitress each serve
 ``wsgi_apps:guarded`` -- an app spooling the body into the upload temp dir
 behind :class:`uploadguard.UploadGuard` -- and each gets the same requests:
 a body over the limit announced by ``Content-Length`` and sent chunked (the
@@ -16,7 +17,8 @@ What differs between the servers, pinned here:
   and the body is never read by the app.
 * **uWSGI** hands a chunked body to the worker only through
   ``uwsgi.chunked_read``, and only when the chunks reach the worker (the HTTP
-  router needs ``--http-chunked-input``); without it the guard answers 411.
+  router needs ``--http-chunked-input``); without it the guard answers 411
+  (see :class:`TestUwsgiWithoutChunkedInput` for what the client sees).
 
 One server of each kind serves all the scenarios of the module (a test puts
 the upload dir back as it found it), so the matrix costs a start per server.
@@ -86,14 +88,14 @@ def guard_env(upload_dir: Path) -> dict[str, str]:
             "UPLOADGUARD_MIN_FREE_SPACE": "0", "UPLOADGUARD_RETRY_AFTER": "1"}
 
 
-def uwsgi(tmp_path: Path, upload_dir: Path, *options: str) -> Process:
-    """uWSGI 2.0 serving ``wsgi_apps:guarded`` from this virtualenv through its HTTP router."""
+def uwsgi(tmp_path: Path, upload_dir: Path, *options: str, socket: str = "--http") -> Process:
+    """uWSGI 2.0 serving ``wsgi_apps:guarded`` from this virtualenv through its HTTP router (or ``socket``)."""
     if not UWSGI.exists():
         pytest.skip(f"no uwsgi beside {sys.executable} (the test extra installs uWSGI; it compiles with gcc)")
     port = free_port()
     command = [str(UWSGI), "--master", "--processes", "1", "--need-app", "--die-on-term", "--virtualenv",
                sys.prefix, "--pythonpath", str(TESTS), "--module", "wsgi_apps:guarded",
-               "--http", f"127.0.0.1:{port}", *options]
+               socket, f"127.0.0.1:{port}", *options]
     return Process(command, port=port, log_path=tmp_path / f"uwsgi-{port}.log", env=guard_env(upload_dir))
 
 
@@ -110,7 +112,7 @@ def gunicorn(tmp_path: Path, upload_dir: Path, *args: str) -> Gunicorn:
                     env=guard_env(upload_dir))
 
 
-SERVERS = ["gunicorn-sync", "gunicorn-gthread", "uwsgi", "waitress"]
+SERVERS = ["gunicorn-sync", "gunicorn-gthread", "uwsgi", "uwsgi-http-socket", "waitress"]
 
 
 def start(kind: str, tmp_path: Path, upload_dir: Path) -> Gunicorn | Process:
@@ -120,6 +122,8 @@ def start(kind: str, tmp_path: Path, upload_dir: Path) -> Gunicorn | Process:
         return gunicorn(tmp_path, upload_dir, "--worker-class", "gthread", "--threads", "2")
     if kind == "uwsgi":
         return uwsgi(tmp_path, upload_dir, "--http-chunked-input")
+    if kind == "uwsgi-http-socket":
+        return uwsgi(tmp_path, upload_dir, socket="--http-socket")
     return waitress(tmp_path, upload_dir)
 
 
@@ -198,9 +202,12 @@ class TestEveryServer:
 
     def test_a_chunked_body_over_the_limit_is_a_readable_413(self, healthy: Served) -> None:
         """A chunked body is cut at the limit (waitress: refused on the length it counted) and the client reads the 413."""
+        seen = len(healthy.server.log())
         status, _, body = healthy.post(chunks(2 * LIMIT), chunked=True)
         assert status == 413 and b"1M" in body
         assert healthy.stored() == []
+        said = f"Content-Length {2 * LIMIT}" if healthy.kind == "waitress" else "chunked body"  # waitress dechunked it
+        assert f"413 POST /upload: {said} over the limit" in healthy.server.log()[seen:]
 
     def test_a_vanished_temp_dir_is_healed(self, healthy: Served) -> None:
         """The upload dir deleted under a running server is recreated and the upload stored."""
