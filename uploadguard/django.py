@@ -69,7 +69,9 @@ middleware never changes:
 spools it.  Code that reads ``request.META["wsgi.input"]`` directly does; for
 it the middleware wraps that stream, as the WSGI middleware does, when the
 server marks where the body ends (``wsgi.input_terminated``, as gunicorn
-does): it is counted as it is read and cut at the limit with a 413.
+does): it is counted as it is read and cut at the limit with a 413.  Where
+the server will not deliver it (uWSGI without a way to) the answer is the
+WSGI guard's 411 (:func:`uploadguard.wsgi.body_length` decides both).
 
 **With the WSGI middleware too** (``application = UploadGuard(get_wsgi_application())``):
 the outer guard counts the request and checks its limit and temp dir; the
