@@ -329,6 +329,76 @@ class TestS3Store:
         assert "uploadguard[s3]" in out
 
 
+class RacingS3:
+    """A stand-in for boto3's S3 client holding objects in a dict, whose conditional PUTs lose their race
+    the way AWS S3 reports it when two conditional writes of one key overlap: 409
+    ``ConditionalRequestConflict`` (SeaweedFS only ever answers 412, so this is the only place it is seen)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.racing = False
+
+    @staticmethod
+    def _error(code: str, status: int, operation: str) -> Exception:
+        from botocore.exceptions import ClientError
+
+        return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                           operation)
+
+    def put_object(self, *, Bucket: str, Key: str, Body: bytes, **conditions: str) -> dict[str, Any]:
+        if conditions and self.racing:
+            raise self._error("ConditionalRequestConflict", 409, "PutObject")
+        self.objects[Key] = Body
+        return {"ETag": '"%s"' % hashlib.md5(Body).hexdigest()}
+
+    def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        import datetime
+        from email.utils import formatdate
+
+        if Key not in self.objects:
+            raise self._error("NoSuchKey", 404, "GetObject")
+        body = self.objects[Key]
+        return {"Body": io.BytesIO(body), "ETag": '"%s"' % hashlib.md5(body).hexdigest(),
+                "LastModified": datetime.datetime.now(datetime.timezone.utc),
+                "ResponseMetadata": {"HTTPHeaders": {"date": formatdate(usegmt=True)}}}
+
+    def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        return self.get_object(Bucket=Bucket, Key=Key)
+
+    def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        self.objects.pop(Key, None)
+        return {}
+
+    def create_multipart_upload(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        return {"UploadId": "multipart-1"}
+
+
+class TestConflictClassification:
+    """A conditional write that lost to another request's is contention (423, retry soon), whatever S3 calls
+    it -- never an S3 outage (503)."""
+
+    def test_a_lock_lost_to_a_racing_writer_is_a_423(self) -> None:
+        """AWS's 409 ConditionalRequestConflict on the lock's creation, the lock held by another: 423."""
+        client = RacingS3()
+        store = S3Store("s3://bucket/uploads", client=client)
+        upload_id = new_upload_id()
+        client.objects[f"uploads/{upload_id}.lock"] = b'{"token": "another", "serial": 0, "free": false}'
+        client.racing = True
+        with pytest.raises(UploadLocked) as caught:
+            store.locker.acquire(upload_id, timeout=0)
+        assert caught.value.status_code == 423
+
+    def test_a_commit_lost_to_a_racing_writer_is_a_423(self) -> None:
+        """AWS's 409 ConditionalRequestConflict on an info commit (If-Match): 423, as SeaweedFS's 412 is."""
+        client = RacingS3()
+        store = S3Store("s3://bucket/uploads", client=client)
+        info = store.create(new_info(10))
+        client.racing = True
+        with pytest.raises(UploadLocked) as caught:
+            store.update(info)
+        assert caught.value.status_code == 423
+
+
 class AnswerLosingProxy:
     """An HTTP proxy to SeaweedFS that forwards every request but, for the first ``losses`` conditional
     PUTs (If-None-Match / If-Match) of keys ending in ``suffix``, drops the connection instead of
