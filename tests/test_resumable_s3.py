@@ -403,9 +403,11 @@ class AnswerLosingProxy:
     """An HTTP proxy to SeaweedFS that forwards every request but, for the first ``losses`` conditional
     PUTs (If-None-Match / If-Match) of keys ending in ``suffix``, drops the connection instead of
     answering: the write landed, the client never heard -- what a timeout or a cut link does, and what
-    boto3 answers by retrying."""
+    boto3 answers by retrying.  With ``delay``, every such PUT is answered that many seconds after it
+    was written (a slow link, or an answer that came only to a retry)."""
 
-    def __init__(self, upstream: str, suffix: str, losses: int = 1, condition: str | None = None) -> None:
+    def __init__(self, upstream: str, suffix: str, losses: int = 1, condition: str | None = None,
+                 delay: float = 0.0) -> None:
         import http.client
         import http.server
         from urllib.parse import urlsplit
@@ -432,11 +434,13 @@ class AnswerLosingProxy:
                 conditional = (self.headers.get(condition) if condition else
                                self.headers.get("If-None-Match") or self.headers.get("If-Match"))
                 path = self.path.split("?")[0]
-                if (self.command == "PUT" and conditional and path.endswith(suffix) and response.status == 200
-                        and len(proxy.lost) < losses):
+                matched = self.command == "PUT" and conditional and path.endswith(suffix)
+                if matched and response.status == 200 and len(proxy.lost) < losses:
                     proxy.lost.append(path)
                     self.close_connection = True  # the answer is lost
                     return
+                if matched and delay:
+                    time.sleep(delay)  # written already; the answer is late
                 self.send_response_only(response.status, response.reason)
                 for name, value in response.getheaders():
                     if name.lower() not in ("transfer-encoding", "content-length", "connection"):
@@ -524,6 +528,57 @@ class TestRetriedConditionalWrites:
         again = make_store(bucket).locker.try_acquire(upload_id)
         assert again is not None  # freed by If-Match on the ETag the renewal adopted
         again.release()
+
+
+class TestLeaseClock:
+    """The lease runs from when the lock's write was sent, and a holder that may have outlived it writes nothing."""
+
+    @pytest.fixture
+    def slow_lock_writes(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                         monkeypatch: pytest.MonkeyPatch) -> Iterator[AnswerLosingProxy]:
+        """Every conditional write of a lock (taking, renewing, freeing it) answered 1.5 s after it landed:
+        more than two thirds of a 2 s lease."""
+        proxy = AnswerLosingProxy(seaweed.endpoint, ".lock", losses=0, delay=1.5)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy
+        proxy.close()
+
+    def test_a_lock_answered_late_counts_its_lease_from_the_request(self, slow_lock_writes: AnswerLosingProxy,
+                                                                     bucket: str) -> None:
+        """A lock whose creation was answered 1.5 s after it was written has spent 1.5 s of its 2 s lease:
+        it already counts as possibly lost (was: a fresh lease from the answer)."""
+        store = make_store(bucket, lease=2)
+        lock = store.locker.try_acquire(new_upload_id())
+        assert lock is not None
+        try:
+            assert lock.lost and lock.release_requested()
+        finally:
+            lock.release()
+
+    def test_a_holder_whose_lease_may_have_lapsed_writes_nothing(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                                                                 bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A PATCH under a lock whose lease may have lapsed uploads no part and commits nothing: a 423, and
+        the upload stands where it was."""
+        store = make_store(bucket, lease=2)
+        info = store.create(new_info(6 * MiB))
+        proxy = AnswerLosingProxy(seaweed.endpoint, ".lock", losses=0, delay=1.5)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        try:
+            holder = make_store(bucket, lease=2)  # its lock writes go through the slow link
+            lock = holder.locker.try_acquire(info.id)
+            assert lock is not None
+            try:
+                with pytest.raises(UploadLocked) as caught:
+                    holder.write(info.id, 0, reader(patterned(6 * MiB)), 6 * MiB)
+            finally:
+                lock.release()
+        finally:
+            proxy.close()
+        assert caught.value.status_code == 423
+        assert store.get(info.id).offset == 0
+        state = store._load(info.id)
+        parts = store.client.list_parts(Bucket=bucket, Key=store._key(info.id), UploadId=state.multipart)
+        assert not parts.get("Parts")
 
 
 class TestS3Locking:
