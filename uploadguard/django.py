@@ -419,7 +419,9 @@ class ResumableUploadsMiddleware:
     the ``UPLOADGUARD_*`` ones (storage, expiry, idle timeout; the README's
     table).  Each upload belongs to whoever created it: the logged-in user, or
     an anonymous visitor's browser, named by its CSRF secret; anybody else
-    gets 404.  Fetch a completed upload in a
+    gets 404.  The uploads a visitor began before ``login()`` (which rotates
+    that secret) become the user's at their next request, with Django's
+    ``SessionMiddleware`` installed.  Fetch a completed upload in a
     view with :func:`resumable_file`.
 
     Subclass to change :attr:`prefix`, :attr:`cors_origins` or to act on
