@@ -67,9 +67,10 @@ same way.  The holder counts its lease from when each of those writes was
 *sent* (a retried PUT may answer long after its first attempt wrote the
 object) and deems it lost two thirds of the lease after the last renewal sent:
 from then until a renewal succeeds, its PATCH writes nothing more (no part, no
-commit) and answers 423, keeping what it committed.  A lock whose ``Last-Modified`` is more than ``lease`` seconds before
-the S3 server's own ``Date`` (one clock: hosts' clocks do not matter) is
-stale and taken over with ``If-Match``.  Preemption works as on one host: a
+commit) and answers 423, keeping what it committed.  A lock whose
+``Last-Modified`` is more than ``lease`` seconds before the S3 server's own
+``Date`` (one clock: hosts' clocks do not matter) is stale and taken over with
+``If-Match``.  Preemption works as on one host: a
 contender writes ``<id>.release``; the holder's lock thread sees it within
 0.25 s and the :class:`~uploadguard.resumable.locking.ReleaseWatcher` shuts
 the blocked PATCH's socket, so a client that reconnected through another host
