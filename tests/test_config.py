@@ -72,6 +72,11 @@ class TestParseDuration:
         with pytest.raises(ConfigError, match=f"UPLOADGUARD_RETRY_AFTER={text!r}"):
             parse_duration(text, name="UPLOADGUARD_RETRY_AFTER")
 
+    @pytest.mark.parametrize(("text", "seconds"), [("0.5", 1), ("1.2", 2), ("0", 0), ("3", 3)])
+    def test_retry_after_rounds_up(self, text: str, seconds: int) -> None:
+        """A fractional Retry-After is rounded up to whole seconds: 0.5 s is 1, never 0 (retry at once)."""
+        assert Settings.from_environ({"UPLOADGUARD_RETRY_AFTER": text}).retry_after == seconds
+
     def test_huge_retry_after_from_the_environment(self) -> None:
         """A 400-digit UPLOADGUARD_RETRY_AFTER is one clear error, not an OverflowError from rounding."""
         with pytest.raises(ConfigError, match="UPLOADGUARD_RETRY_AFTER"):

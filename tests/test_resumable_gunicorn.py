@@ -56,11 +56,13 @@ class Server:
         self.storage = tmp_path / "uploads"
         self.hook_log = tmp_path / "hooks.log"
         self.hook_fail = tmp_path / "hook-fail"
+        self.hook_die = tmp_path / "hook-die"
         (tmp_path / "tmp").mkdir(exist_ok=True)
         self.gunicorn = Gunicorn(
             "resumable_apps:application", tmp_path=tmp_path, config=GUNICORN_CONF, workers=workers, args=args,
             env={"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"), "RESUMABLE_TEST_STORAGE": str(self.storage),
                  "RESUMABLE_TEST_HOOK_LOG": str(self.hook_log), "RESUMABLE_TEST_HOOK_FAIL": str(self.hook_fail),
+                 "RESUMABLE_TEST_HOOK_DIE": str(self.hook_die),
                  "UPLOADGUARD_MAX_BODY_SIZE": "64M", **(env or {})},
         )
         self.port = self.gunicorn.port
@@ -315,6 +317,32 @@ class TestWorkerLifecycle:
             server.resume_and_finish(url, data)
         finally:
             sock.close()
+
+    def test_sigkill_inside_on_complete_of_a_final_upload(self, server: Server) -> None:
+        """A worker SIGKILLed inside on_complete of a final upload (its data already fsynced): the client's
+        retry of the join runs on_complete for that final upload and consumes the parts -- one final
+        upload, never a second copy left beside the first."""
+        parts, data = [], [os.urandom(300_000), os.urandom(200_000)]
+        for chunk in data:
+            response = requests.post(server.endpoint, headers={**TUS, "Upload-Length": str(len(chunk)),
+                                                               "Upload-Concat": "partial"}, timeout=30)
+            assert response.status_code == 201, response.text
+            url = urljoin(server.endpoint, response.headers["Location"])
+            assert server.patch(url, 0, chunk).status_code == 204
+            parts.append(response.headers["Location"])
+        join = {**TUS, "Upload-Concat": "final;" + " ".join(parts)}
+        server.hook_die.touch()
+        with pytest.raises(requests.ConnectionError):
+            requests.post(server.endpoint, headers=join, timeout=30)
+        assert not server.hook_die.exists()  # on_complete ran, and its worker died in it
+
+        retry = requests.post(server.endpoint, headers=join, timeout=30)
+
+        assert retry.status_code == 201, retry.text
+        final_id = retry.headers["Location"].rsplit("/", 1)[1]
+        assert sorted(path.name for path in server.storage.glob("*.info")) == [f"{final_id}.info"]
+        assert [hook[:2] for hook in server.hooks()] == [[final_id, sha256(b"".join(data))]]
+        assert (server.storage / f"{final_id}.bin").read_bytes() == b"".join(data)
 
     def test_hup_mid_patch(self, server: Server, data: bytes) -> None:
         """A HUP (reload) while a PATCH hangs: the client resumes from the durable offset on the new workers."""

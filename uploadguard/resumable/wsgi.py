@@ -10,8 +10,11 @@ for the parameters and the rules.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -562,8 +565,16 @@ class ResumableUploads:
         that never expires -- so each part joins one final upload, once: the
         parts are locked (in id order: two joins never deadlock) and checked
         again under their locks, and deleted only after ``on_complete``
-        returned.  If anything fails before that, the final upload goes and the
+        returned.  If ``on_complete`` fails, the final upload goes and the
         parts stay, so the client's retry joins them again.
+
+        The final upload's id follows from its owner and parts
+        (:meth:`_final_id`), so a retry of the request finds what an earlier
+        attempt left instead of making a second copy: a worker killed while
+        copying left a final upload the retry completes from its offset, one
+        killed between the last fsync and ``on_complete`` a completed one whose
+        ``on_complete`` the retry runs, one whose answer was lost a final
+        upload the retry answers again.
         """
         part_ids: list[str] = []
         for url in concat.parts:
@@ -573,33 +584,49 @@ class ResumableUploads:
             if part_id in part_ids:
                 raise BadRequest(f"Upload-Concat names upload {part_id} twice.", reason="bad_concat")
             part_ids.append(part_id)
-        parts = self._joinable(part_ids, request.owner)
-        total = sum(part.offset for part in parts)
-        if self.max_size and total > self.max_size:
-            raise BodyTooLarge(self.max_size, length=total)
-        self._check_health(total)
-        info = self.store.create(UploadInfo(
-            id=new_upload_id(), length=total, metadata=metadata, owner=request.owner, created=time.time(),
-            expires_after=self.expires_after or None, parts=tuple(part_ids),
-        ))
+        final_id = self._final_id(request.owner, part_ids)
+        if self._earlier_final(final_id, request.owner) is None:
+            parts = self._joinable(part_ids, request.owner)
+            total = sum(part.offset for part in parts)
+            if self.max_size and total > self.max_size:
+                raise BodyTooLarge(self.max_size, length=total)
+            self._check_health(total)
         with contextlib.ExitStack() as held:
-            lock = held.enter_context(self.locker.acquire(info.id, timeout=self.lock_timeout))
+            lock = held.enter_context(self.locker.acquire(final_id, timeout=self.lock_timeout))
+            info = self._earlier_final(final_id, request.owner)  # as it is now that nobody else can join them
             try:
                 part_locks = [held.enter_context(self.locker.acquire(part_id, timeout=self.lock_timeout))
                               for part_id in sorted(part_ids)]
-                parts = self._joinable(part_ids, request.owner)  # as they are now that nobody else can join them
-                offset = 0
-                for part in parts:
-                    with self.store.open(part.id) as source:
-                        offset = self.store.write(info.id, offset, source.read, part.offset)
-                if offset != total:
-                    raise TempDirUnavailable(Reason.IO_ERROR, retry_after=self.settings.retry_after,
-                                             cause=f"joined {offset} of {total} bytes into {info.id}")
-                info = self._completed(request, lock, self.store.finish(info.id))
+                if info is None or not info.completed:
+                    parts = self._joinable(part_ids, request.owner)
+                    total = sum(part.offset for part in parts)
+                    if info is None:
+                        info = self.store.create(UploadInfo(
+                            id=final_id, length=total, metadata=metadata, owner=request.owner, created=time.time(),
+                            expires_after=self.expires_after or None, parts=tuple(part_ids),
+                        ))
+                    else:
+                        log.info("completing upload %s, which an earlier join left at %d of %d bytes",
+                                 final_id, info.offset, total)
+                    offset, start = info.offset, 0
+                    for part in parts:
+                        end = start + part.offset
+                        if offset < end:
+                            with self.store.open(part.id) as source:
+                                if offset > start:
+                                    source.seek(offset - start)
+                                offset = self.store.write(info.id, offset, source.read, end - offset)
+                        start = end
+                    if offset != total:
+                        raise TempDirUnavailable(Reason.IO_ERROR, retry_after=self.settings.retry_after,
+                                                 cause=f"joined {offset} of {total} bytes into {info.id}")
+                    info = self.store.finish(info.id)
+                info = self._completed(request, lock, info)
             except BaseException:
-                with contextlib.suppress(Exception):
-                    self.store.terminate(info.id)
-                    self.locker.remove(lock)
+                if info is None or not info.hook_done:  # what on_complete took stays; else the parts count
+                    with contextlib.suppress(Exception):
+                        self.store.terminate(final_id)
+                        self.locker.remove(lock)
                 raise
             for part_lock in part_locks:
                 try:
@@ -610,6 +637,26 @@ class ResumableUploads:
                                 exc_info=True)
         request.headers.append(("Location", self._location(request, info.id)))
         return self._respond(request, "201 Created", [*request.headers, *self._state(request, info)])
+
+    @staticmethod
+    def _final_id(owner: str | None, part_ids: list[str]) -> str:
+        """The id of the final upload joining ``part_ids`` for ``owner``: the same for a retry.
+
+        As unguessable as the part ids it is made of (a digest of them): only
+        who knows the parts can name it.
+        """
+        digest = hashlib.sha256(json.dumps([owner, part_ids]).encode()).digest()
+        return base64.urlsafe_b64encode(digest).decode()[:24]
+
+    def _earlier_final(self, final_id: str, owner: str | None) -> UploadInfo | None:
+        """What an earlier attempt of this join left (``None``: nothing); expired or not, it is resumed."""
+        try:
+            info = self.store.get(final_id)
+        except p.UploadNotFound:
+            return None
+        if info.owner != owner or info.parts is None:  # never: the id is a digest of the owner and the parts
+            raise p.UploadNotFound(f"No upload {final_id}.")
+        return info
 
     def _joinable(self, part_ids: list[str], owner: str | None) -> list[UploadInfo]:
         parts = []
