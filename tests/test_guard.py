@@ -11,7 +11,7 @@ import pytest
 
 from tests.support import ROOT
 from uploadguard import guard
-from uploadguard.errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable
+from uploadguard.errors import BadRequest, BodyTooLarge, InternalError, LengthRequired, TempDirUnavailable
 from uploadguard.tempdir import Health, Reason, TempDirGuard
 
 
@@ -38,7 +38,6 @@ class TestBodyLength:
         pytest.param({"CONTENT_LENGTH": "12"}, 12, id="content-length"),
         pytest.param({}, 0, id="none"),
         pytest.param({"HTTP_TRANSFER_ENCODING": "chunked", "wsgi.input_terminated": True}, None, id="chunked"),
-        pytest.param({"HTTP_TRANSFER_ENCODING": "chunked"}, 0, id="chunked-unterminated"),
     ])
     def test_lengths(self, environ: dict[str, object], expected: int | None) -> None:
         """A Content-Length is the length; a terminated chunked body is unknown (None); otherwise no body."""
@@ -49,12 +48,17 @@ class TestBodyLength:
         with pytest.raises(BadRequest):
             guard.body_length({"CONTENT_LENGTH": "12, 12"})
 
-    def test_wsgi_reexports_it(self) -> None:
-        """``uploadguard.wsgi.body_length`` is the same function (imports of the old place keep working)."""
-        from uploadguard import wsgi
+    def test_chunked_not_delivered(self) -> None:
+        """A chunked body the server does not end in the input is a 411 naming the fix."""
+        with pytest.raises(LengthRequired, match="Content-Length"):
+            guard.body_length({"HTTP_TRANSFER_ENCODING": "chunked"})
 
-        assert wsgi.body_length is guard.body_length
-        assert wsgi.Event is guard.Event and wsgi.GuardStats is guard.GuardStats
+    def test_wsgi_keeps_its_names(self) -> None:
+        """The WSGI driver still offers body_length, Event and GuardStats (imports of the old place keep working)."""
+        from uploadguard import stats, wsgi
+
+        assert wsgi.body_length({"CONTENT_LENGTH": "7"}) == 7
+        assert wsgi.Event is stats.Event and wsgi.GuardStats is stats.GuardStats
 
 
 class TestRefusal:

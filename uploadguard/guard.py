@@ -5,7 +5,8 @@
 is decided here, so the two cannot drift:
 
 * :func:`body_length` -- the one reading of ``Content-Length`` and
-  ``Transfer-Encoding`` (400 for a malformed length).
+  ``Transfer-Encoding`` (400 for a malformed length, 411 for a chunked body
+  the server will not deliver).
 * :func:`limit_refusal` -- the 413 a body announced over the limit gets
   before anyone reads it; :func:`unavailable` -- the retryable 503 for an
   unhealthy temp dir.
@@ -33,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from .config import format_size
-from .errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
+from .errors import BadRequest, BodyTooLarge, InternalError, LengthRequired, TempDirUnavailable, UploadGuardError
 from .stats import Event, GuardStats
 from .tempdir import Health, Reason, TempDirGuard, reason_for_errno
 
@@ -57,21 +58,27 @@ log = logging.getLogger("uploadguard")
 def body_length(environ: Mapping[str, Any]) -> int | None:
     """The request body's length: ``0`` for none, ``None`` for a chunked body of unknown length.
 
-    A body without ``Content-Length`` counts only where the server says it
-    ends it (``wsgi.input_terminated``, as gunicorn does for chunked bodies);
-    elsewhere it cannot be read safely and is left alone.  Raises
-    :class:`~uploadguard.errors.BadRequest` for a malformed ``Content-Length``.
-    The keys are the WSGI environ's; the ASGI driver passes the same names
-    read from the scope's headers (an ASGI server always ends a chunked body).
+    The one decision about what body a request has.  A chunked body (no
+    ``Content-Length``) is read where the server ends it
+    (``wsgi.input_terminated``: gunicorn; waitress even dechunks it and sets
+    ``Content-Length``); anywhere else the application would read an empty
+    body, and :class:`~uploadguard.errors.LengthRequired` (411, naming the
+    fix) is raised -- the WSGI driver first tries uWSGI's own chunk reader.
+    Raises :class:`~uploadguard.errors.BadRequest` for a malformed
+    ``Content-Length``.  The keys are the WSGI environ's; the ASGI driver
+    passes the same names read from the scope's headers (an ASGI server
+    always ends a chunked body).
     """
     raw = environ.get("CONTENT_LENGTH")
     if raw:
         if not (raw.isascii() and raw.isdigit()):
             raise BadRequest(f"Invalid Content-Length {raw!r}.")
         return int(raw)
-    if environ.get("wsgi.input_terminated") and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return 0
+    if environ.get("wsgi.input_terminated"):
         return None
-    return 0
+    raise LengthRequired("send the body with a Content-Length.")
 
 
 def limit_refusal(limit: int, length: int | None) -> BodyTooLarge | None:
@@ -213,6 +220,9 @@ def record(error: UploadGuardError, where: str, stats: GuardStats) -> None:
         stats.record(Event.UNAVAILABLE, error.reason)
         log.warning("503 %s: upload temp dir %s unusable (%s): %s",
                     where, error.path, error.reason, error.cause or error.detail)
+    elif isinstance(error, LengthRequired):
+        stats.record(Event.LENGTH_REQUIRED)
+        log.warning("411 %s: a chunked body this server will not deliver: %s", where, error.fix)
     elif isinstance(error, BadRequest):
         stats.record(Event.BAD_REQUEST)
         log.warning("400 %s: %s", where, error.detail)

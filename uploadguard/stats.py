@@ -25,6 +25,7 @@ class Event(enum.StrEnum):
     REJECTED = "413"  # body over the limit
     UNAVAILABLE = "503"  # the temp dir could not take the body; reason = the temp-dir reason
     BAD_REQUEST = "400"  # malformed Content-Length
+    LENGTH_REQUIRED = "411"  # a chunked body the server would not deliver
     ERROR = "500"  # another OSError; reason = its errno name
     HEALED = "heal"  # a vanished temp dir was recreated
 
@@ -67,6 +68,7 @@ class GuardStats:
             "rejected_413": self.total(Event.REJECTED),
             "unavailable_503": self.by_reason(Event.UNAVAILABLE),
             "bad_requests_400": self.total(Event.BAD_REQUEST),
+            "length_required_411": self.total(Event.LENGTH_REQUIRED),
             "heals": self.total(Event.HEALED),
             "errors_500": self.total(Event.ERROR),
         }

@@ -19,7 +19,9 @@ functions of :mod:`uploadguard.guard`, shared with the ASGI driver; the
 methods below bring them the request's state):
 
 * :func:`body_length` -- the one reading of ``Content-Length`` and
-  ``Transfer-Encoding`` (400 for a malformed length).
+  ``Transfer-Encoding`` (400 for a malformed length, 411 for a chunked body
+  the server will not deliver; under uWSGI it reads one through
+  ``uwsgi.chunked_read`` where that works).
 * :meth:`UploadGuard.refusal` -- the 413 or 503 a body gets before anyone reads
   it (the Django middleware asks the same method).
 * :meth:`UploadGuard.answer_for` -- what an exception from the application
@@ -70,6 +72,7 @@ so no outer layer answers or counts it again) and ``uploadguard.exception``
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import socket
@@ -81,8 +84,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import guard
 from .config import Settings
-from .errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
-from .guard import body_length
+from .errors import BadRequest, BodyTooLarge, InternalError, LengthRequired, TempDirUnavailable, UploadGuardError
 from .guard import printable as _printable
 from .stats import Event, GuardStats
 from .tempdir import Health, TempDirGuard
@@ -99,6 +101,7 @@ __all__ = [
     "Event",
     "GuardStats",
     "GuardedInput",
+    "ServerChunks",
     "UploadGuard",
     "body_length",
     "remember_exception",
@@ -114,6 +117,117 @@ ENVIRON_GUARD = "uploadguard.guard"
 ENVIRON_INPUT = "uploadguard.input"
 ENVIRON_ANSWERED = "uploadguard.answered"
 ENVIRON_EXCEPTION = "uploadguard.exception"
+
+
+def body_length(environ: WSGIEnvironment) -> int | None:
+    """The request body's length: ``0`` for none, ``None`` for a chunked body of unknown length.
+
+    The decision is :func:`uploadguard.guard.body_length` (400 for a malformed
+    ``Content-Length``, 411 for a chunked body the server will not deliver);
+    this driver adds what only a WSGI server can: uWSGI does not end a chunked
+    body in ``wsgi.input`` (it stops at ``Content-Length``, so the application
+    would read an empty body and answer as if all were well).  Where uWSGI gets
+    the chunks to the worker (see :func:`_uwsgi_delivers_chunks`)
+    ``wsgi.input`` becomes a :class:`ServerChunks` over
+    ``uwsgi.chunked_read`` and is marked terminated; anywhere else
+    :class:`~uploadguard.errors.LengthRequired` names the fix.
+    """
+    try:
+        return guard.body_length(environ)
+    except LengthRequired:
+        if "uwsgi.version" not in environ:
+            raise
+    uwsgi = _uwsgi_module()
+    if uwsgi is not None and _uwsgi_delivers_chunks(getattr(uwsgi, "opt", {})):
+        environ["wsgi.input"] = ServerChunks(uwsgi.chunked_read)
+        environ["wsgi.input_terminated"] = True
+        return None
+    raise LengthRequired("send the body with a Content-Length. (uWSGI reads a chunked body only with "
+                         "--http-socket, or --http with --http-chunked-input, in the serving instance.)")
+
+
+def _uwsgi_module() -> Any:
+    """uWSGI's embedded ``uwsgi`` module (importable only inside a uWSGI worker), else ``None``."""
+    try:
+        return importlib.import_module("uwsgi")
+    except ImportError:
+        return None
+
+
+def _uwsgi_delivers_chunks(options: Any) -> bool:
+    """Whether the raw chunks of a request reach this uWSGI worker, for ``uwsgi.chunked_read``.
+
+    ``options`` is ``uwsgi.opt``, the instance's command line.  Its own HTTP
+    router forwards them only with ``--http-chunked-input`` (without it the
+    body is dropped and ``chunked_read`` waits for its timeout); a worker on
+    ``--http-socket`` parses HTTP itself and gets them -- unless a router
+    without the option shares the instance.  A router in another instance
+    cannot be seen from here: not delivered.
+    """
+    if options.get("http-chunked-input"):
+        return True
+    return ("http-socket" in options or "https-socket" in options) and not ("http" in options or "https" in options)
+
+
+class ServerChunks:
+    """A ``wsgi.input`` over a server's chunk-at-a-time body reader (uWSGI's ``uwsgi.chunked_read``).
+
+    ``next_chunk()`` returns the next chunk, ``b""`` at the end.  Reads
+    return ``size`` bytes unless the body ends first, like gunicorn's body;
+    at most ``size`` plus one chunk is held.
+    """
+
+    __slots__ = ("_next_chunk", "_buffer", "_done")
+
+    def __init__(self, next_chunk: Callable[[], bytes]) -> None:
+        self._next_chunk = next_chunk
+        self._buffer = bytearray()
+        self._done = False
+
+    def _fill(self) -> bool:
+        if self._done:
+            return False
+        chunk = self._next_chunk()
+        if not chunk:
+            self._done = True
+            return False
+        self._buffer += chunk
+        return True
+
+    def _pop(self, size: int) -> bytes:
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            return self._pop(len(self._buffer))
+        while len(self._buffer) < size and self._fill():
+            pass
+        return self._pop(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = -1 if size is None else size
+        while b"\n" not in self._buffer and (limit < 0 or len(self._buffer) < limit) and self._fill():
+            pass
+        end = self._buffer.find(b"\n") + 1 or len(self._buffer)
+        return self._pop(end if limit < 0 else min(end, limit))
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
 
 
 def request_socket(environ: WSGIEnvironment) -> socket.socket | None:
