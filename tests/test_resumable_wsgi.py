@@ -787,3 +787,68 @@ class TestRateFloor:
             received += chunk
             assert time.monotonic() - started < 30, "never cut"
         assert reader.cut == "slow" and 0 < len(received) < 10_000
+
+
+class TestRefusedRequestsChangeNothing:
+    """A PATCH refused for its body (460, 413) records none of its headers: the client retries with the truth."""
+
+    def test_a_wrong_checksum_does_not_declare_the_length(self, app: webtest.TestApp, storage: Path,
+                                                          hooks: Hooks) -> None:
+        """Upload-Length: 7 with a wrong Upload-Checksum is a 460, HEAD shows no length, and the real length 9 works."""
+        url = path_of(create(app, None, **{"Upload-Defer-Length": "1"}))
+        wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+        patch(app, url, 0, b"abcdefg", status=460, **{"Upload-Length": "7", "Upload-Checksum": f"sha1 {wrong}"})
+        head = app.head(url, headers=TUS, status=200)
+        assert "Upload-Length" not in head.headers and head.headers["Upload-Defer-Length"] == "1"
+        right = base64.b64encode(hashlib.sha1(b"abcdefghi").digest()).decode()
+        patch(app, url, 0, b"abcdefghi", **{"Upload-Length": "9", "Upload-Checksum": f"sha1 {right}"})
+        assert app.head(url, headers=TUS).headers["Upload-Length"] == "9"
+        assert [c[3] for c in hooks.calls] == [b"abcdefghi"]
+
+    @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+    def test_a_413_does_not_declare_the_length(self, endpoint: ResumableUploads, app: webtest.TestApp,
+                                               hooks: Hooks, chunked: bool) -> None:
+        """Upload-Length: 7 with a 9-byte body is a 413 (before the body, or after a chunked one), and changes
+        nothing: HEAD shows no length, and the real length 9 then completes the upload."""
+        import io
+
+        url = path_of(create(app, None, **{"Upload-Defer-Length": "1"}))
+        if chunked:
+            environ = {"REQUEST_METHOD": "PATCH", "PATH_INFO": url, "HTTP_TUS_RESUMABLE": "1.0.0",
+                       "HTTP_UPLOAD_OFFSET": "0", "HTTP_UPLOAD_LENGTH": "7", "CONTENT_TYPE": OCTETS,
+                       "wsgi.input_terminated": True, "wsgi.input": io.BytesIO(b"abcdefghi")}
+            assert endpoint.handle(environ).status.startswith("413 ")
+        else:
+            app.patch(url, params=b"abcdefghi", status=413,
+                      headers={**TUS, "Upload-Offset": "0", "Content-Type": OCTETS, "Upload-Length": "7"})
+        head = app.head(url, headers=TUS, status=200)
+        assert "Upload-Length" not in head.headers and head.headers["Upload-Offset"] == "0"
+        patch(app, url, 0, b"abcdefghi", **{"Upload-Length": "9"})
+        assert [c[3] for c in hooks.calls] == [b"abcdefghi"]
+
+    def test_ietf_complete_with_a_wrong_checksum_declares_nothing(self, app: webtest.TestApp,
+                                                                   hooks: Hooks) -> None:
+        """The draft's Upload-Complete: ?1 PATCH refused with a 460 leaves the length unknown; the right body
+        then completes the upload."""
+        url = path_of(app.post("/files/", headers={**IETF, "Upload-Complete": "?0"}, status=201))
+        wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+        draft_patch = {**IETF, "Upload-Offset": "0", "Upload-Complete": "?1",
+                       "Content-Type": "application/partial-upload"}
+        app.patch(url, params=b"abcdefg", headers={**draft_patch, "Upload-Checksum": f"sha1 {wrong}"}, status=460)
+        head = app.head(url, headers=IETF, status=204)
+        assert "Upload-Length" not in head.headers and head.headers["Upload-Complete"] == "?0"
+        app.patch(url, params=b"abcdefghi", headers=draft_patch, status=204)
+        assert [c[3] for c in hooks.calls] == [b"abcdefghi"]
+
+    def test_a_crash_between_the_write_and_the_length_is_resumed(self, endpoint: ResumableUploads,
+                                                                 app: webtest.TestApp, hooks: Hooks) -> None:
+        """Every byte stored but the declared length never recorded (a worker killed in between): HEAD shows the
+        offset, and an empty PATCH declaring the length completes the upload."""
+        url = path_of(create(app, None, **{"Upload-Defer-Length": "1"}))
+        upload_id = url.rsplit("/", 1)[1]
+        pieces = iter([b"abcde", b""])
+        endpoint.store.write(upload_id, 0, lambda size: next(pieces), 5)  # as if the worker died here
+        head = app.head(url, headers=TUS, status=200)
+        assert head.headers["Upload-Offset"] == "5" and "Upload-Length" not in head.headers
+        patch(app, url, 5, b"", **{"Upload-Length": "5"})
+        assert [c[3] for c in hooks.calls] == [b"abcde"]

@@ -603,11 +603,12 @@ class ResumableUploads:
         with self.locker.acquire(upload_id, timeout=self.lock_timeout) as lock:
             info = self._find(upload_id, request.owner)
             p.check_offset(offset, info.offset)
+            declare: int | None = None  # a deferred length this PATCH declares, recorded once its body is taken
             if length is not None and info.length is None:
                 if length < info.offset or (self.max_size and length > self.max_size):
                     raise BodyTooLarge(self.max_size, length=length) if length >= info.offset else BadRequest(
                         "Upload-Length is below the bytes already stored.", reason="bad_header")
-                info = self.store.declare_length(upload_id, length)
+                declare = length
             elif length is not None and length != info.length:
                 raise BadRequest("Upload-Length differs from the upload's length.", reason="bad_header")
             if self._whole(info):
@@ -619,7 +620,7 @@ class ResumableUploads:
                 info = self._completed(request, lock, info)
                 return self._respond(request, "204 No Content", [*request.headers, *self._state(request, info)])
             info = self._append(request, lock, info, offset=offset, content_length=content_length,
-                                complete=complete, checksum=checksum)
+                                complete=complete, checksum=checksum, declare=declare)
         return self._respond(request, "204 No Content", [*request.headers, *self._state(request, info)])
 
     def _delete(self, request: _Request, upload_id: str) -> Response:
@@ -632,18 +633,29 @@ class ResumableUploads:
 
     def _append(self, request: _Request, lock: HeldLock, info: UploadInfo, *, offset: int,
                 content_length: int | None, complete: bool | None,
-                checksum: p.Checksum | None = None) -> UploadInfo:
-        """Write the request body at ``offset`` under ``lock``; complete the upload when it is whole."""
+                checksum: p.Checksum | None = None, declare: int | None = None) -> UploadInfo:
+        """Write the request body at ``offset`` under ``lock``; complete the upload when it is whole.
+
+        ``declare`` is a deferred length the request states (tus ``Upload-Length``; the draft's
+        ``Upload-Complete: ?1`` with a ``Content-Length``).  It bounds the body like a declared
+        length, but is recorded only once the body was taken: a request refused for its body
+        (413, 460, a failed write) changes nothing, so the client can retry with the right length.
+        A crash between the write and the record leaves a deferred upload whose offset is the
+        bytes stored; the client's next PATCH (an empty one at that offset) declares it then.
+        """
         if not request.ietf:
             complete = None  # Upload-Complete is the draft's; a tus request declares lengths with Upload-Length
         if complete and info.length is None and content_length is not None:
             if self.max_size and offset + content_length > self.max_size:
                 raise BodyTooLarge(self.max_size, length=offset + content_length)
-            info = self.store.declare_length(info.id, offset + content_length)
+            if declare is not None and declare != offset + content_length:
+                raise BadRequest("Upload-Length disagrees with the complete body's length.", reason="bad_header")
+            declare = offset + content_length
         elif complete and info.length is not None and content_length is not None \
                 and offset + content_length != info.length:
             raise BadRequest("Upload-Complete: ?1 but the body does not end the upload.", reason="bad_header")
-        budget = p.check_append(offset=offset, length=info.length, max_size=self.max_size,
+        length = info.length if info.length is not None else declare
+        budget = p.check_append(offset=offset, length=length, max_size=self.max_size,
                                 content_length=content_length)
         sock = request_socket(request.environ)
         stream = request.environ["wsgi.input"]
@@ -666,7 +678,9 @@ class ResumableUploads:
         if reader.cut is not None:
             log.info("PATCH of upload %s ended early (%s) at %d bytes", info.id, reader.cut, new_offset)
         info = self.store.get(info.id)
-        if complete and info.length is None and reader.cut is None:
+        if declare is not None and info.length is None:
+            info = self.store.declare_length(info.id, declare)  # the body was taken: the length stands
+        elif complete and info.length is None and reader.cut is None:
             info = self.store.declare_length(info.id, new_offset)  # a chunked final body: now we know
         if info.length is not None and info.offset == info.length:
             info = self._completed(request, lock, info)
