@@ -535,3 +535,18 @@ class TestOnComplete:
         assert server.patch(url, len(data), b"").status_code == 204  # a retried final PATCH
         assert server.offset(url) == len(data)
         assert [line[:2] for line in server.hooks()] == [[url.rsplit("/", 1)[1], sha256(data)]]
+
+
+class TestMetadataCapOverASocket:
+    def test_repeated_metadata_lines_are_refused(self, server: Server) -> None:
+        """Upload-Metadata on 90 header lines (gunicorn joins them) is a 400 naming the cap, and nothing is stored."""
+        lines = "".join(f"Upload-Metadata: n{i} {'dmFsdWVz' * 10}\r\n" for i in range(90))  # 60 bytes each
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(f"POST /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                         f"Upload-Length: 10\r\n{lines}Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+        assert b"4096" in answer
+        assert not server.storage.exists() or not list(server.storage.glob("*.info"))

@@ -852,3 +852,14 @@ class TestRefusedRequestsChangeNothing:
         assert head.headers["Upload-Offset"] == "5" and "Upload-Length" not in head.headers
         patch(app, url, 5, b"", **{"Upload-Length": "5"})
         assert [c[3] for c in hooks.calls] == [b"abcde"]
+
+
+class TestMetadataCap:
+    def test_large_metadata_is_400_and_stores_nothing(self, app: webtest.TestApp, storage: Path) -> None:
+        """A creation whose Upload-Metadata decodes to more than 4 KiB is a 400 naming the cap; nothing is stored."""
+        from uploadguard.resumable.protocol import MAX_METADATA_SIZE
+
+        metadata = ",".join(f"k{i} {b64('v' * 100)}" for i in range(90))
+        response = create(app, 10, status=400, **{"Upload-Metadata": metadata})
+        assert str(MAX_METADATA_SIZE) in response.text
+        assert not storage.exists() or [name for name in os.listdir(storage) if not name.startswith(".")] == []

@@ -34,6 +34,7 @@ from ..errors import BadRequest, BodyTooLarge, UploadGuardError
 
 __all__ = [
     "TUS_VERSION", "TUS_EXTENSIONS", "CHECKSUM_ALGORITHMS", "INTEROP_VERSIONS", "OFFSET_CONTENT_TYPE",
+    "MAX_METADATA_SIZE",
     "ResumableError", "UnsupportedVersion", "UnsupportedMediaType", "OffsetMismatch", "ChecksumMismatch",
     "UploadLocked", "UploadNotFound", "UploadGone", "UploadIncomplete", "MethodNotAllowed", "Forbidden",
     "HookFailed",
@@ -59,6 +60,10 @@ PARTIAL_UPLOAD_CONTENT_TYPE = "application/partial-upload"
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _METADATA_KEY = re.compile(r"[!-+\--~]+")  # visible ASCII except "," (tus: no spaces, no commas)
 _MAX_NUMBER = 2**63 - 1  # what off_t holds
+#: The most ``Upload-Metadata`` may hold, decoded (keys and values, in bytes).  It is stored with the
+#: upload and echoed on every HEAD: unbounded, repeated header lines (which servers join) stored
+#: hundreds of KB and answered them as one header line that clients and proxies refuse.
+MAX_METADATA_SIZE = 4 * 1024
 
 
 class ResumableError(UploadGuardError):
@@ -253,11 +258,18 @@ def parse_metadata(value: str | None) -> dict[str, str]:
 
     Values must be strict base64 of UTF-8 text (the API hands the app ``str``);
     keys are unique.  Anything else is a 400: a malformed header must not create
-    an upload whose file name the app would then guess.
+    an upload whose file name the app would then guess.  So is metadata over
+    :data:`MAX_METADATA_SIZE` decoded bytes (a header this long is refused before
+    it is decoded).
     """
     metadata: dict[str, str] = {}
     if value is None or not value.strip():
         return metadata
+    too_large = BadRequest(f"Upload-Metadata is larger than {MAX_METADATA_SIZE} bytes decoded "
+                           f"(keys and values); send less.", reason="metadata_too_large")
+    if len(value) > 2 * MAX_METADATA_SIZE:  # base64 is 4/3 of the bytes: this cannot decode within the cap
+        raise too_large
+    size = 0
     for pair in value.split(","):
         parts = pair.strip().split(" ")
         if len(parts) > 2 or not _METADATA_KEY.fullmatch(parts[0]):
@@ -270,6 +282,9 @@ def parse_metadata(value: str | None) -> dict[str, str]:
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise BadRequest(f"Upload-Metadata value of {key!r} is not base64 of UTF-8 text.",
                              reason="bad_metadata") from None
+        size += len(key) + len(metadata[key].encode())
+        if size > MAX_METADATA_SIZE:
+            raise too_large
     return metadata
 
 
