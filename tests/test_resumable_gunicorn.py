@@ -550,3 +550,24 @@ class TestMetadataCapOverASocket:
         assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
         assert b"4096" in answer
         assert not server.storage.exists() or not list(server.storage.glob("*.info"))
+
+
+class TestMethodOverrideOverASocket:
+    def test_a_post_overridden_to_head_keeps_the_connection_usable(self, server: Server) -> None:
+        """POST + X-HTTP-Method-Override: HEAD for an unknown upload: the 404's body matches its Content-Length,
+        and the next request on the same keep-alive connection is answered."""
+        from uploadguard.resumable.store import new_upload_id
+
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            connection.request("POST", f"/files/{new_upload_id()}", body=b"",
+                               headers={**TUS, "X-HTTP-Method-Override": "HEAD"})
+            first = connection.getresponse()
+            body = first.read()  # a body-less answer with a Content-Length would time out here
+            assert first.status == 404 and len(body) == int(first.headers["Content-Length"])
+            connection.request("OPTIONS", "/files/")
+            second = connection.getresponse()
+            second.read()
+            assert second.status == 204 and second.headers["Tus-Version"] == "1.0.0"
+        finally:
+            connection.close()

@@ -863,3 +863,16 @@ class TestMetadataCap:
         response = create(app, 10, status=400, **{"Upload-Metadata": metadata})
         assert str(MAX_METADATA_SIZE) in response.text
         assert not storage.exists() or [name for name in os.listdir(storage) if not name.startswith(".")] == []
+
+
+class TestMethodOverrideFraming:
+    @pytest.mark.parametrize("known", [False, True], ids=["unknown-upload", "known-upload"])
+    def test_a_post_overridden_to_head_gets_the_body_its_length_says(self, app: webtest.TestApp,
+                                                                     known: bool) -> None:
+        """POST + X-HTTP-Method-Override: HEAD answers with HEAD's headers, framed as the POST it is on the wire:
+        Content-Length matches the body sent (a body-less answer would desync a keep-alive connection)."""
+        url = path_of(create(app, 3)) if known else f"/files/{new_upload_id()}"
+        response = app.post(url, headers={**TUS, "X-HTTP-Method-Override": "HEAD"}, status=200 if known else 404)
+        assert response.headers["Content-Length"] == str(len(response.body))
+        if known:
+            assert response.headers["Upload-Offset"] == "0" and response.headers["Upload-Length"] == "3"

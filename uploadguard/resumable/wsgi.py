@@ -105,6 +105,9 @@ class _Request:
         self.environ = environ
         self.owner = owner
         self.method = p.method_of(environ)
+        #: The method on the wire, which decides the response's framing: a POST overridden to HEAD
+        #: still gets a body its Content-Length describes (a body-less one would desync the connection).
+        self.wire_method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         self.reader: _BodyReader | None = None  # the PATCH body being read, once it is
         self.dialect: str | None = None
         self.interop: int | None = None
@@ -766,7 +769,7 @@ class ResumableUploads:
         if origin is not None and self._origin_allowed(origin):
             headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", _EXPOSED),
                         ("Vary", "Origin")]
-        if not any(name == "Content-Length" for name, _ in headers) and request.method != "HEAD":
+        if not any(name == "Content-Length" for name, _ in headers) and request.wire_method != "HEAD":
             headers.append(("Content-Length", "0"))
         return Response(status, headers, [])
 
@@ -778,4 +781,4 @@ class ResumableUploads:
         # is named, so the client can ask for it instead of creating it again.
         headers.extend(item for item in request.headers if item[0] == "Location")
         response = self._respond(request, status, headers)
-        return Response(response.status, response.headers, [] if request.method == "HEAD" else [body])
+        return Response(response.status, response.headers, [] if request.wire_method == "HEAD" else [body])
