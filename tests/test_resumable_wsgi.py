@@ -876,3 +876,51 @@ class TestMethodOverrideFraming:
         assert response.headers["Content-Length"] == str(len(response.body))
         if known:
             assert response.headers["Upload-Offset"] == "0" and response.headers["Upload-Length"] == "3"
+
+
+class TestPlantedSymlinks:
+    """A symlink planted under an upload's side-file names is refused (503), never followed to its target."""
+
+    def test_checksum_side_file(self, app: webtest.TestApp, storage: Path, tmp_path: Path) -> None:
+        """<id>.chk linked to another file: a checksummed PATCH is a 503 and the target is neither truncated
+        nor written."""
+        url = path_of(create(app, 3))
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        (storage / (url.rsplit("/", 1)[1] + ".chk")).symlink_to(victim)
+        digest = base64.b64encode(hashlib.sha256(b"abc").digest()).decode()
+        response = patch(app, url, 0, b"abc", status=503, **{"Upload-Checksum": f"sha256 {digest}"})
+        assert int(response.headers["Retry-After"]) > 0
+        assert victim.read_bytes() == b"precious"
+        assert app.head(url, headers=TUS).headers["Upload-Offset"] == "0"
+
+    def test_lock_file(self, app: webtest.TestApp, storage: Path, tmp_path: Path) -> None:
+        """<id>.lock linked to a path that does not exist: a PATCH is a 503 and nothing is created there."""
+        url = path_of(create(app, 3))
+        victim = tmp_path / "created-by-nobody"
+        (storage / (url.rsplit("/", 1)[1] + ".lock")).symlink_to(victim)
+        response = patch(app, url, 0, b"abc", status=503)
+        assert int(response.headers["Retry-After"]) > 0 and not os.path.lexists(victim)
+
+    def test_release_file(self, app: webtest.TestApp, endpoint: ResumableUploads, storage: Path,
+                          tmp_path: Path) -> None:
+        """<id>.release linked to a path that does not exist while the upload is held: a contending HEAD is a 503
+        and nothing is created there."""
+        url = path_of(create(app, 3))
+        upload_id = url.rsplit("/", 1)[1]
+        victim = tmp_path / "created-by-nobody"
+        with endpoint.locker.try_acquire(upload_id) or pytest.fail("not acquired"):
+            (storage / (upload_id + ".release")).symlink_to(victim)
+            response = app.head(url, headers=TUS, status=503)
+        assert int(response.headers["Retry-After"]) > 0 and not os.path.lexists(victim)
+
+    def test_data_file(self, app: webtest.TestApp, storage: Path, tmp_path: Path) -> None:
+        """<id>.bin replaced by a link to an empty file: a PATCH is a 503 and the target gets no byte."""
+        url = path_of(create(app, 3))
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"")
+        data = storage / (url.rsplit("/", 1)[1] + ".bin")
+        data.unlink()
+        data.symlink_to(victim)
+        patch(app, url, 0, b"abc", status=503)
+        assert victim.read_bytes() == b""

@@ -20,7 +20,9 @@ meanwhile never leaves unverified bytes counted.
 
 The info (length, metadata, owner, state) is JSON in ``<id>.info``, written
 atomically: ``<id>.info.tmp``, fsync, rename, fsync of the directory.  The
-locks are ``<id>.lock`` and ``<id>.release`` beside them.  Ids are
+locks are ``<id>.lock`` and ``<id>.release`` beside them.  Every file written
+or truncated here is opened with ``O_NOFOLLOW``: a symlink planted in the
+directory is refused (a 503, ``symlink``), never followed to its target.  Ids are
 :func:`secrets.token_urlsafe` strings of 144 bits and are matched against
 :data:`ID_PATTERN` before they are used in a path.
 """
@@ -241,7 +243,7 @@ class LocalStore:
               checksum: Checksum | None = None) -> int:
         data_path = self._path(upload_id, ".bin")
         try:
-            fd = os.open(data_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            fd = os.open(data_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             raise UploadNotFound(f"No upload {upload_id}.") from None
         try:
@@ -267,7 +269,7 @@ class LocalStore:
 
     def _write_verified(self, upload_id: str, fd: int, read: Reader, max_bytes: int, checksum: Checksum) -> int:
         side_path = self._path(upload_id, ".chk")
-        side = os.open(side_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        side = os.open(side_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             digest = checksum.new()
             written = _copy(read, side, max_bytes, digest.update)
