@@ -286,8 +286,8 @@ class TestIetfDraft:
         assert (head.headers["Upload-Offset"], head.headers["Upload-Complete"]) == ("0", "?0")
         app.patch(url, params=b"abc", headers={**draft, "Upload-Offset": "0", "Upload-Complete": "?0",
                                                "Content-Type": "application/partial-upload"}, status=204)
-        done = app.patch(url, params=b"def", headers={**draft, "Upload-Offset": "3", "Upload-Complete": "?1"},
-                         status=204)
+        done = app.patch(url, params=b"def", status=204, headers={
+            **draft, "Upload-Offset": "3", "Upload-Complete": "?1", "Content-Type": "application/partial-upload"})
         assert (done.headers["Upload-Offset"], done.headers["Upload-Complete"]) == ("6", "?1")
         assert stored(storage, url) == b"abcdef" and len(hooks.calls) == 1
 
@@ -301,9 +301,31 @@ class TestIetfDraft:
         """Without Upload-Length, the length is known when a PATCH says ?1."""
         draft = {"Upload-Draft-Interop-Version": "6"}
         url = path_of(app.post("/files/", headers={**draft, "Upload-Complete": "?0"}, status=201))
-        app.patch(url, params=b"ab", headers={**draft, "Upload-Offset": "0", "Upload-Complete": "?0"})
-        app.patch(url, params=b"c", headers={**draft, "Upload-Offset": "2", "Upload-Complete": "?1"})
+        partial = {**draft, "Content-Type": "application/partial-upload"}
+        app.patch(url, params=b"ab", headers={**partial, "Upload-Offset": "0", "Upload-Complete": "?0"})
+        app.patch(url, params=b"c", headers={**partial, "Upload-Offset": "2", "Upload-Complete": "?1"})
         assert [c[3] for c in hooks.calls] == [b"abc"]
+
+    @pytest.mark.parametrize("content_type", [None, OCTETS, "application/octet-stream"])
+    def test_draft_05_append_needs_partial_upload(self, app: webtest.TestApp, storage: Path,
+                                                   content_type: str | None) -> None:
+        """An interop-6 (draft-05) PATCH with a body of another media type, or none, is a 415 and appends nothing."""
+        draft = {"Upload-Draft-Interop-Version": "6"}
+        url = path_of(app.post("/files/", headers={**draft, "Upload-Complete": "?0"}, status=201))
+        typed = {"Content-Type": content_type} if content_type else {}
+        response = app.patch(url, params=b"ab", status=415,
+                             headers={**draft, **typed, "Upload-Offset": "0", "Upload-Complete": "?0"})
+        assert "application/partial-upload" in response.text and stored(storage, url) == b""
+
+    def test_draft_05_media_type_may_carry_parameters_and_draft_03_needs_none(self, app: webtest.TestApp,
+                                                                             storage: Path) -> None:
+        """application/partial-upload with a parameter is accepted under interop 6; interop 5 needs no type."""
+        for interop, headers in (("6", {"Content-Type": "Application/Partial-Upload; x=1"}), ("5", {})):
+            draft = {"Upload-Draft-Interop-Version": interop}
+            url = path_of(app.post("/files/", headers={**draft, "Upload-Complete": "?0"}, status=201))
+            app.patch(url, params=b"ab", status=204,
+                      headers={**draft, **headers, "Upload-Offset": "0", "Upload-Complete": "?0"})
+            assert stored(storage, url) == b"ab"
 
     def test_missing_upload_complete_is_400(self, app: webtest.TestApp) -> None:
         """A draft creation without Upload-Complete is a 400."""
@@ -712,7 +734,7 @@ class TestReviewFindings:
         url = path_of(create(app, None, **{"Upload-Defer-Length": "1"}))
         patch(app, url, 0, b"x" * 900)
         app.patch(url, params=b"y" * 4000, headers={**IETF, "Upload-Offset": "900", "Upload-Complete": "?1",
-                                                    "Content-Type": OCTETS}, status=413)
+                                                    "Content-Type": "application/partial-upload"}, status=413)
         assert len(stored(storage, url)) == 900
 
     def test_upload_complete_is_ignored_on_tus_requests(self, app: webtest.TestApp, storage: Path) -> None:

@@ -34,13 +34,14 @@ from ..errors import BadRequest, BodyTooLarge, UploadGuardError
 
 __all__ = [
     "TUS_VERSION", "TUS_EXTENSIONS", "CHECKSUM_ALGORITHMS", "INTEROP_VERSIONS", "OFFSET_CONTENT_TYPE",
-    "MAX_METADATA_SIZE",
+    "PARTIAL_UPLOAD_CONTENT_TYPE", "MAX_METADATA_SIZE",
     "ResumableError", "UnsupportedVersion", "UnsupportedMediaType", "OffsetMismatch", "ChecksumMismatch",
     "UploadLocked", "UploadNotFound", "UploadGone", "UploadIncomplete", "MethodNotAllowed", "Forbidden",
     "HookFailed",
     "Checksum", "Concat", "Dialect",
     "method_of", "dialect_of", "parse_number", "parse_optional_number", "parse_metadata", "encode_metadata",
-    "parse_checksum", "parse_concat", "parse_upload_complete", "check_offset", "check_append",
+    "parse_checksum", "parse_concat", "parse_upload_complete", "check_partial_upload_type", "check_offset",
+    "check_append",
     "creation_too_large", "http_date",
 ]
 
@@ -90,7 +91,7 @@ class UnsupportedVersion(ResumableError):
 
 
 class UnsupportedMediaType(ResumableError):
-    """415: a tus PATCH whose body is not ``application/offset+octet-stream``."""
+    """415: a tus PATCH whose body is not ``application/offset+octet-stream`` (a draft-05 one: ``application/partial-upload``)."""
 
     status_code = 415
     title = "Unsupported Media Type"
@@ -339,6 +340,19 @@ def parse_upload_complete(value: str | None) -> bool | None:
     if text == "?0":
         return False
     raise BadRequest(f"Upload-Complete must be ?0 or ?1, not {value[:20]!r}.", reason="bad_header")
+
+
+def check_partial_upload_type(interop: int, content_type: str | None, *, has_body: bool) -> None:
+    """The draft's PATCH media type: from interop version 6 (draft-05) an append with content must be
+    ``application/partial-upload`` (parameters allowed); anything else is a 415.  Interop 5 names none.
+    An empty append carries no representation, so no type is required of it.
+    """
+    if interop < 6 or not has_body:
+        return
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != PARTIAL_UPLOAD_CONTENT_TYPE:
+        raise UnsupportedMediaType(f"A PATCH body of Upload-Draft-Interop-Version {interop} must be "
+                                   f"{PARTIAL_UPLOAD_CONTENT_TYPE}, not {(content_type or 'none')[:60]!r}.")
 
 
 def check_offset(requested: int, current: int) -> None:

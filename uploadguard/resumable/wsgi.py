@@ -596,6 +596,9 @@ class ResumableUploads:
         if request.ietf:
             if complete is None:
                 raise BadRequest("Upload-Complete (?0 or ?1) is required.", reason="missing_header")
+            assert request.interop is not None
+            p.check_partial_upload_type(request.interop, request.header("Content-Type"),
+                                        has_body=content_length != 0)
         elif request.header("Content-Type") != p.OFFSET_CONTENT_TYPE:
             raise p.UnsupportedMediaType(f"A PATCH body must be {p.OFFSET_CONTENT_TYPE}.")
         checksum = p.parse_checksum(request.header("Upload-Checksum"))
