@@ -369,6 +369,32 @@ class TestStorageFailures:
         response = requests.post(server.endpoint, headers={**TUS, "Upload-Length": "10"}, timeout=30)
         assert response.status_code == 503 and response.headers["Retry-After"] == "5"
 
+    def test_storage_replaced_by_a_file_mid_patch_is_503(self, server: Server) -> None:
+        """The storage dir swapped for a file while a PATCH streams: the answer is 503 + Retry-After, and once the
+        dir is back the upload has every byte that was sent."""
+        half = 64 * 1024
+        body = os.urandom(2 * half)
+        url = server.create(len(body))
+        data_path = server.data_path(url)
+        away = server.storage.with_name("uploads.away")
+        sock = server.open_patch(url, 0, len(body), body[:half])
+        try:
+            wait_until(lambda: data_path.exists() and data_path.stat().st_size >= half, what="first half stored")
+            server.storage.rename(away)
+            server.storage.write_text("not a directory")
+            sock.sendall(body[half:])
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
+        finally:
+            sock.close()
+        head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        assert head.startswith("HTTP/1.1 503 "), head
+        assert "\r\nRetry-After: 5" in head
+        server.storage.unlink()
+        away.rename(server.storage)
+        assert server.offset(url) == len(body) and data_path.read_bytes() == body
+
     @needs_root
     def test_read_only_tmpfs_is_503(self, server: Server) -> None:
         """Storage on a read-only tmpfs: 503 + Retry-After."""

@@ -679,6 +679,33 @@ class TestStacking:
 
 
 class TestStorage:
+    def test_storage_replaced_by_a_file_during_a_patch_is_503(self, endpoint: ResumableUploads,
+                                                                app: webtest.TestApp, storage: Path,
+                                                                hooks: Hooks) -> None:
+        """The storage dir swapped for a file while a PATCH streams: 503 + Retry-After (not a 404 that makes the
+        client start again), and once the dir is back every byte is there and the upload completes."""
+        import io
+
+        url = path_of(create(app, 6))
+        away = storage.with_name("uploads.away")
+
+        class Swapping(io.BytesIO):
+            def read(self, size: int | None = -1) -> bytes:
+                if self.tell() == 3 and not away.exists():
+                    storage.rename(away)
+                    storage.write_text("not a directory")
+                return super().read(min(size, 3) if size is not None and size >= 0 else 3)
+
+        environ = {"REQUEST_METHOD": "PATCH", "PATH_INFO": url, "HTTP_TUS_RESUMABLE": "1.0.0",
+                   "HTTP_UPLOAD_OFFSET": "0", "CONTENT_TYPE": OCTETS, "CONTENT_LENGTH": "6",
+                   "wsgi.input": Swapping(b"abcdef")}
+        status, headers, _ = endpoint.handle(environ)
+        assert status.startswith("503 ") and ("Retry-After", "5") in headers
+        storage.unlink()
+        away.rename(storage)
+        head = app.head(url, headers=TUS, status=200)
+        assert head.headers["Upload-Offset"] == "6" and [c[3] for c in hooks.calls] == [b"abcdef"]
+
     def test_vanished_storage_404_then_new_uploads_work(self, app: webtest.TestApp, storage: Path) -> None:
         """Uploads in a deleted storage dir are 404; the dir is recreated and new uploads work."""
         url = path_of(create(app, 5))

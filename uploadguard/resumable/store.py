@@ -216,12 +216,15 @@ class LocalStore:
         return self.get(info.id)
 
     def get(self, upload_id: str) -> UploadInfo:
+        # A missing file is an unknown upload (404); a file where the directory should be (ENOTDIR) is
+        # the storage being unusable, which the handler answers 503 + Retry-After: the uploads may well
+        # be back once the directory is, and a 404 would make their clients start again.
         info_path, data_path = self._path(upload_id, ".info"), self._path(upload_id, ".bin")
         try:
             with open(info_path, "rb") as fh:
                 raw = fh.read()
                 info_mtime = os.fstat(fh.fileno()).st_mtime
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             raise UploadNotFound(f"No upload {upload_id}.") from None
         try:
             info = UploadInfo.from_json(raw, offset=0, updated=info_mtime)
@@ -231,7 +234,7 @@ class LocalStore:
             raise UploadNotFound(f"No upload {upload_id}.") from None
         try:
             st = os.stat(data_path)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             if info.completed and info.length is not None:
                 # on_complete moved the data away: still complete for a client that asks again
                 # (its last response may have been lost), so it never uploads the file twice.
@@ -244,7 +247,7 @@ class LocalStore:
         data_path = self._path(upload_id, ".bin")
         try:
             fd = os.open(data_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             raise UploadNotFound(f"No upload {upload_id}.") from None
         try:
             check_offset(offset, os.fstat(fd).st_size)
@@ -323,7 +326,7 @@ class LocalStore:
     def open(self, upload_id: str) -> BinaryIO:
         try:
             return open(self._path(upload_id, ".bin"), "rb")
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             raise UploadNotFound(f"No data for upload {upload_id} (never stored, or moved away).") from None
 
     def local_path(self, upload_id: str) -> str | None:
