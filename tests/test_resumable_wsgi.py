@@ -636,8 +636,85 @@ class TestSettings:
     def test_keyword_arguments_win(self, endpoint: ResumableUploads, storage: Path) -> None:
         """Keyword arguments override the settings (sizes and durations in their text form too)."""
         made = ResumableUploads(fallback, storage=storage, max_size="1K", expires_after="30m", idle_timeout=5,
-                                settings=endpoint.settings)
-        assert (made.max_size, made.expires_after, made.idle_timeout) == (1024, 1800.0, 5.0)
+                                keep_completed="2d", settings=endpoint.settings)
+        assert (made.max_size, made.expires_after, made.idle_timeout, made.keep_completed) == (
+            1024, 1800.0, 5.0, 2 * 86400.0)
+
+    def test_keep_completed_is_a_finite_setting(self, tmp_path: Path) -> None:
+        """keep_completed defaults to 7 days, comes from UPLOADGUARD_RESUMABLE_KEEP_COMPLETED (0 = forever), and a bad
+        value names the variable."""
+        from uploadguard.config import ConfigError
+
+        assert Settings.from_environ({}).resumable_keep_completed == 7 * 86400.0
+        settings = Settings.from_environ({"UPLOADGUARD_RESUMABLE_KEEP_COMPLETED": "0"}, temp_dir=tmp_path)
+        assert ResumableUploads(fallback, storage=tmp_path / "s", settings=settings).keep_completed == 0.0
+        with pytest.raises(ConfigError, match="UPLOADGUARD_RESUMABLE_KEEP_COMPLETED"):
+            Settings.from_environ({"UPLOADGUARD_RESUMABLE_KEEP_COMPLETED": "a while"})
+
+
+class TestKeepCompleted:
+    """Completed uploads the application never deletes are kept keep_completed after they completed, then go."""
+
+    @staticmethod
+    def age(endpoint: ResumableUploads, url: str, seconds: float) -> None:
+        """Make the upload as if it completed ``seconds`` ago."""
+        import dataclasses
+
+        info = endpoint.store.get(url.rsplit("/", 1)[1])
+        endpoint.store.update(dataclasses.replace(info, completed_at=info.completed_at - seconds))
+
+    def test_past_keep_completed_a_completed_upload_is_gone(self, endpoint: ResumableUploads,
+                                                           app: webtest.TestApp) -> None:
+        """HEAD of a completed upload past keep_completed (7 days by default) is a 410 and get() raises
+        UploadNotFound; before that it is a 200; the application may still delete it."""
+        url = path_of(create(app, 3))
+        patch(app, url, 0, b"abc")
+        self.age(endpoint, url, 6 * 86400)
+        assert app.head(url, headers=TUS, status=200).headers["Upload-Offset"] == "3"
+        self.age(endpoint, url, 2 * 86400)
+        app.head(url, headers=TUS, status=410)
+        with pytest.raises(UploadNotFound):
+            endpoint.get(url)
+        endpoint.delete(url)
+        app.head(url, headers=TUS, status=404)
+
+    def test_unclaimed_empty_uploads_are_cleaned(self, endpoint: ResumableUploads, app: webtest.TestApp,
+                                                 storage: Path, hooks: Hooks) -> None:
+        """The issue's reproduction: Upload-Length: 0 creations complete at once; a year later clean_expired() has
+        removed them (the default keep_completed applies), leaving an empty storage."""
+        from uploadguard.resumable import clean_expired
+
+        for _ in range(20):
+            create(app, 0)
+        assert len(hooks.calls) == 20 and len(list(endpoint.store.uploads())) == 20
+        assert clean_expired(endpoint.store, now=time.time() + 6 * 86400).uploads == 0
+        result = clean_expired(endpoint.store, now=time.time() + 365 * 86400)
+        assert (result.uploads, result.completed, result.errors) == (20, 20, [])
+        assert [name for name in os.listdir(storage) if not name.startswith(".")] == []
+
+    def test_an_upload_moved_away_by_on_complete_is_cleaned_later(self, tmp_path: Path, storage: Path,
+                                                                  endpoint: ResumableUploads) -> None:
+        """The documented flow (on_complete moves the file away) keeps working, and the info it leaves is removed
+        keep_completed later."""
+        import shutil
+
+        from uploadguard.resumable import clean_expired
+
+        kept = tmp_path / "media"
+        kept.mkdir()
+
+        def stored(upload: Upload) -> None:
+            shutil.move(upload.path or "", kept / upload.id)
+
+        made = ResumableUploads(fallback, storage=storage, on_complete=stored, settings=endpoint.settings)
+        client = webtest.TestApp(made)
+        url = path_of(create(client, 3))
+        patch(client, url, 0, b"abc")
+        assert client.head(url, headers=TUS).headers["Upload-Offset"] == "3"
+        assert (kept / url.rsplit("/", 1)[1]).read_bytes() == b"abc"
+        assert clean_expired(made.store, now=time.time() + 8 * 86400).completed == 1
+        assert [name for name in os.listdir(storage) if not name.startswith(".")] == []
+        assert (kept / url.rsplit("/", 1)[1]).read_bytes() == b"abc"
 
 
 class TestStacking:

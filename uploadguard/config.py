@@ -137,6 +137,7 @@ _PARSERS: dict[str, Callable[..., Any]] = {
     "resumable_storage": lambda value, *, name: None if value is None else _parse_storage(value, name=name),
     "resumable_expires_after": parse_duration,
     "resumable_idle_timeout": parse_duration,
+    "resumable_keep_completed": parse_duration,
 }
 
 
@@ -211,6 +212,8 @@ class Settings:
     resumable_storage: Path | str | None = None  # directory or s3://bucket/prefix; None = default_resumable_storage()
     resumable_expires_after: float = 86400.0  # seconds of inactivity before an incomplete upload expires; 0 = never
     resumable_idle_timeout: float = 30.0  # seconds without a byte that end a resumable PATCH
+    #: seconds a completed resumable upload the app has not deleted is kept after it completed; 0 = forever
+    resumable_keep_completed: float = 7 * 86400.0
 
     def __post_init__(self) -> None:
         # Direct construction goes through the same parsers as every other source.
@@ -275,7 +278,8 @@ class Settings:
             f"drain_timeout={self.drain_timeout:g}s check_interval={self.check_interval:g}s "
             f"resumable_storage={self.resumable_storage or 'default'} "
             f"resumable_expires_after={self.resumable_expires_after:g}s "
-            f"resumable_idle_timeout={self.resumable_idle_timeout:g}s"
+            f"resumable_idle_timeout={self.resumable_idle_timeout:g}s "
+            f"resumable_keep_completed={self.resumable_keep_completed:g}s"
         )
 
 

@@ -87,6 +87,10 @@ class UploadInfo:
     parts: tuple[str, ...] | None = None  # ids of the parts of a final concatenation
     completed: bool = False  # all bytes in and fsynced
     hook_done: bool = False  # on_complete returned
+    #: seconds a completed upload is kept after it completed (0 = forever); ``None``: not recorded
+    #: (an info written before uploadguard recorded it), so the reader's default applies
+    keep_completed: float | None = None
+    completed_at: float = 0.0  # epoch seconds of the completion; 0 = not completed, or not recorded
     offset: int = 0  # bytes stored
     updated: float = 0.0  # epoch seconds of the last write
 
@@ -100,6 +104,23 @@ class UploadInfo:
         if (self.completed and not self.partial) or self.expires_after is None:
             return None
         return max(self.created, self.updated) + self.expires_after
+
+    def discard_at(self, default_keep: float) -> float | None:
+        """When a completed upload the application never deleted is removed (epoch seconds), or ``None``.
+
+        ``keep_completed`` seconds after it completed (``default_keep`` when the
+        info recorded none; 0 = never).  Without it, every completed upload no
+        form ever claims -- an ``Upload-Length: 0`` creation completes at once --
+        would stay for good.  Concatenation parts expire by :attr:`expires`
+        instead.  An upload completed before the time was recorded counts from
+        its last write.
+        """
+        if not self.completed or self.partial:
+            return None
+        keep = default_keep if self.keep_completed is None else self.keep_completed
+        if not keep:
+            return None
+        return (self.completed_at or max(self.created, self.updated)) + keep
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)
@@ -309,7 +330,7 @@ class LocalStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        info = dataclasses.replace(self.get(upload_id), completed=True)
+        info = dataclasses.replace(self.get(upload_id), completed=True, completed_at=time.time())
         self._write_info(info)  # fsyncs the directory too
         return info
 

@@ -247,6 +247,7 @@ class ResumableUploads:
         cors_origins: Iterable[str] | str = (),  # "*" or exact origins ("https://example.com")
         lock_timeout: float = 5.0,  # seconds a request waits for a held upload before a 423
         idle_timeout: float | str | None = None,  # seconds without a byte that end a PATCH; None = settings
+        keep_completed: float | str | None = None,  # seconds a completed upload is kept; None = settings (7 d); 0 = forever
     ) -> None:
         self.app = app
         if not prefix.startswith("/"):
@@ -269,6 +270,8 @@ class ResumableUploads:
                               else parse_duration(expires_after, name="expires_after"))
         self.idle_timeout = (self.settings.resumable_idle_timeout if idle_timeout is None
                              else parse_duration(idle_timeout, name="idle_timeout"))
+        self.keep_completed = (self.settings.resumable_keep_completed if keep_completed is None
+                               else parse_duration(keep_completed, name="keep_completed"))
         self.on_complete = on_complete
         self.authorize = authorize
         origins = (cors_origins,) if isinstance(cors_origins, str) else tuple(cors_origins)
@@ -397,7 +400,7 @@ class ResumableUploads:
         upload_id = self.upload_id(id_or_url)
         if upload_id is None:
             raise p.UploadNotFound(f"{id_or_url[:80]!r} does not name an upload of {self.prefix}.")
-        self._find(upload_id, owner)
+        self._find(upload_id, owner, live=False)  # an expired upload is still the app's to delete
         with self.locker.acquire(upload_id, timeout=self.lock_timeout) as lock:
             self.store.terminate(upload_id)
             self.locker.remove(lock)
@@ -497,6 +500,7 @@ class ResumableUploads:
         info = self.store.create(UploadInfo(
             id=new_upload_id(), length=length, metadata=metadata, owner=request.owner, created=time.time(),
             expires_after=self.expires_after or None, partial=concat is not None,
+            keep_completed=self.keep_completed,
         ))
         request.headers.append(("Location", self._location(request, info.id)))
         log.info("created upload %s (%s bytes)", info.id,
@@ -535,7 +539,7 @@ class ResumableUploads:
         self._check_health(total)
         info = self.store.create(UploadInfo(
             id=new_upload_id(), length=total, metadata=metadata, owner=request.owner, created=time.time(),
-            expires_after=self.expires_after or None, parts=tuple(part_ids),
+            expires_after=self.expires_after or None, parts=tuple(part_ids), keep_completed=self.keep_completed,
         ))
         with contextlib.ExitStack() as held:
             lock = held.enter_context(self.locker.acquire(info.id, timeout=self.lock_timeout))
@@ -716,14 +720,21 @@ class ResumableUploads:
         self.store.update(info)
         return info
 
-    def _find(self, upload_id: str, owner: str | None) -> UploadInfo:
-        """The upload if ``owner`` may see it; 404 otherwise, 410 once expired."""
+    def _find(self, upload_id: str, owner: str | None, *, live: bool = True) -> UploadInfo:
+        """The upload if ``owner`` may see it; 404 otherwise.  With ``live``, 410 once expired, or once a
+        completed upload is past ``keep_completed`` (the clean-up removes it; until then it is as gone)."""
         info = self.store.get(upload_id)
         if info.owner is not None and info.owner != owner:
             raise p.UploadNotFound(f"No upload {upload_id}.")
+        if not live:
+            return info
+        now = time.time()
         expires = info.expires
-        if expires is not None and expires < time.time():
+        if expires is not None and expires < now:
             raise p.UploadGone(f"Upload {upload_id} expired; start a new upload.")
+        discard = info.discard_at(self.keep_completed)
+        if discard is not None and discard < now:
+            raise p.UploadGone(f"Upload {upload_id} was completed too long ago and is no longer kept.")
         return info
 
     def _check_health(self, need: int = 0, *, writing: bool = True) -> None:
