@@ -91,7 +91,7 @@ class UnsupportedVersion(ResumableError):
 
 
 class UnsupportedMediaType(ResumableError):
-    """415: a tus PATCH whose body is not ``application/offset+octet-stream`` (a draft-05 one: ``application/partial-upload``)."""
+    """415: a PATCH body of the wrong type (tus: ``application/offset+octet-stream``, draft-05: ``partial-upload``)."""
 
     status_code = 415
     title = "Unsupported Media Type"

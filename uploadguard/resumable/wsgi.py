@@ -247,7 +247,7 @@ class ResumableUploads:
         cors_origins: Iterable[str] | str = (),  # "*" or exact origins ("https://example.com")
         lock_timeout: float = 5.0,  # seconds a request waits for a held upload before a 423
         idle_timeout: float | str | None = None,  # seconds without a byte that end a PATCH; None = settings
-        keep_completed: float | str | None = None,  # seconds a completed upload is kept; None = settings (7 d); 0 = forever
+        keep_completed: float | str | None = None,  # seconds a completed upload is kept; None = settings; 0 = forever
     ) -> None:
         self.app = app
         if not prefix.startswith("/"):
