@@ -1050,3 +1050,29 @@ class TestPlantedSymlinks:
         data.symlink_to(victim)
         patch(app, url, 0, b"abc", status=503)
         assert victim.read_bytes() == b""
+
+
+class TestRefusedCreationsLeaveNothing:
+    """A creation refused for its headers or its body leaves no upload behind and names none."""
+
+    @pytest.mark.parametrize("headers, body, status", [
+        pytest.param({"Upload-Checksum": "sha1 " + base64.b64encode(hashlib.sha1(b"other").digest()).decode()},
+                     b"abc", 460, id="wrong-checksum"),
+        pytest.param({"Upload-Checksum": "crc32 AAAA"}, b"abc", 400, id="unknown-checksum-algorithm"),
+        pytest.param({}, b"abcdefghi", 413, id="body-past-the-length"),
+    ])
+    def test_tus(self, app: webtest.TestApp, storage: Path, headers: dict[str, str], body: bytes,
+                 status: int) -> None:
+        """tus creation-with-upload refused (460, 400, 413): no Location, and no upload in the storage."""
+        response = app.post("/files/", params=body, status=status,
+                            headers={**TUS, "Upload-Length": "5", "Content-Type": OCTETS, **headers})
+        assert "Location" not in response.headers
+        assert not storage.exists() or not list(storage.glob("*.info"))
+
+    def test_ietf_complete_with_a_wrong_checksum(self, app: webtest.TestApp, storage: Path) -> None:
+        """The draft's Upload-Complete: ?1 creation with a wrong checksum is a 460 and leaves no upload."""
+        wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+        response = app.post("/files/", params=b"whole", status=460, headers={
+            **IETF, "Upload-Complete": "?1", "Upload-Checksum": f"sha1 {wrong}"})
+        assert "Location" not in response.headers
+        assert not storage.exists() or not list(storage.glob("*.info"))

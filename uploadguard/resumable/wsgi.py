@@ -496,6 +496,7 @@ class ResumableUploads:
             raise too_large
         if concat is not None and concat.final:
             return self._concatenate(request, concat, metadata)
+        checksum = p.parse_checksum(request.header("Upload-Checksum"))  # a bad one creates nothing
         self._check_health(content_length or 0)
         info = self.store.create(UploadInfo(
             id=new_upload_id(), length=length, metadata=metadata, owner=request.owner, created=time.time(),
@@ -506,10 +507,18 @@ class ResumableUploads:
         log.info("created upload %s (%s bytes)", info.id,
                  length if length is not None else "deferred")
         if content_length or (content_length is None) or length == 0:
-            checksum = p.parse_checksum(request.header("Upload-Checksum"))
             with self.locker.acquire(info.id, timeout=self.lock_timeout) as lock:
-                info = self._append(request, lock, info, offset=0, content_length=content_length,
-                                    complete=complete, checksum=checksum)
+                try:
+                    info = self._append(request, lock, info, offset=0, content_length=content_length,
+                                        complete=complete, checksum=checksum)
+                except (BadRequest, BodyTooLarge, p.ChecksumMismatch):
+                    # The body was refused (nothing of it was appended): undo the creation too, so the
+                    # refused request leaves nothing behind, and name no upload in the answer.
+                    self.store.terminate(info.id)
+                    self.locker.remove(lock)
+                    request.headers = [item for item in request.headers if item[0] != "Location"]
+                    log.info("removed upload %s: its creation body was refused", info.id)
+                    raise
         return self._respond(request, "201 Created", [*request.headers, *self._state(request, info)])
 
     def _concatenate(self, request: _Request, concat: p.Concat, metadata: dict[str, str]) -> Response:
