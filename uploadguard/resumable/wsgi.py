@@ -527,7 +527,7 @@ class ResumableUploads:
         tus lets a server delete the parts once joined, or keep them for more
         final uploads.  Kept, a client could have one 200 MB part copied again
         and again for a few bytes of header each, every copy a completed upload
-        that never expires -- so each part joins one final upload, once: the
+        kept for days -- so each part joins one final upload, once: the
         parts are locked (in id order: two joins never deadlock) and checked
         again under their locks, and deleted only after ``on_complete``
         returned.  If anything fails before that, the final upload goes and the
