@@ -578,22 +578,40 @@ class TestMetadataCapOverASocket:
         assert not server.storage.exists() or not list(server.storage.glob("*.info"))
 
 
+def read_head(reader: io.BufferedReader) -> tuple[int, dict[str, str]]:
+    """The status and (lower-cased) headers of one HTTP/1.1 response read from ``reader``."""
+    status_line = reader.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers
+
+
 class TestMethodOverrideOverASocket:
-    def test_a_post_overridden_to_head_keeps_the_connection_usable(self, server: Server) -> None:
-        """POST + X-HTTP-Method-Override: HEAD for an unknown upload: the 404's body matches its Content-Length,
-        and the next request on the same keep-alive connection is answered."""
+    @pytest.mark.parametrize("args", [pytest.param((), id="sync"), pytest.param(("--threads", "2"), id="gthread")])
+    def test_a_post_overridden_to_head_keeps_the_connection_usable(self, tmp_path: Path,
+                                                                   args: tuple[str, ...]) -> None:
+        """POST + X-HTTP-Method-Override: HEAD for an unknown upload: the 404's body matches its Content-Length, and
+        the connection is then either kept alive and answers the next request (gthread) or closed cleanly (sync)."""
         from uploadguard.resumable.store import new_upload_id
 
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        server = Server(tmp_path, args=args)
         try:
-            connection.request("POST", f"/files/{new_upload_id()}", body=b"",
-                               headers={**TUS, "X-HTTP-Method-Override": "HEAD"})
-            first = connection.getresponse()
-            body = first.read()  # a body-less answer with a Content-Length would time out here
-            assert first.status == 404 and len(body) == int(first.headers["Content-Length"])
-            connection.request("OPTIONS", "/files/")
-            second = connection.getresponse()
-            second.read()
-            assert second.status == 204 and second.headers["Tus-Version"] == "1.0.0"
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, \
+                    sock.makefile("rb") as reader:
+                sock.sendall(f"POST /files/{new_upload_id()} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                             "X-HTTP-Method-Override: HEAD\r\nContent-Length: 0\r\n\r\n".encode())
+                status, headers = read_head(reader)
+                body = reader.read(int(headers["content-length"]))  # short (a timeout) if the body were missing
+                assert status == 404 and len(body) == int(headers["content-length"]) > 0
+                if headers.get("connection", "").lower() == "close":
+                    assert reader.read() == b""  # closed cleanly: nothing after the answer
+                    assert args == ()
+                    return
+                sock.sendall(b"OPTIONS /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+                status, headers = read_head(reader)
+                assert status == 204 and headers["tus-version"] == "1.0.0"
         finally:
-            connection.close()
+            server.gunicorn.stop()
