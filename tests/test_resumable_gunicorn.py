@@ -56,11 +56,13 @@ class Server:
         self.storage = tmp_path / "uploads"
         self.hook_log = tmp_path / "hooks.log"
         self.hook_fail = tmp_path / "hook-fail"
+        self.hook_die = tmp_path / "hook-die"
         (tmp_path / "tmp").mkdir(exist_ok=True)
         self.gunicorn = Gunicorn(
             "resumable_apps:application", tmp_path=tmp_path, config=GUNICORN_CONF, workers=workers, args=args,
             env={"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"), "RESUMABLE_TEST_STORAGE": str(self.storage),
                  "RESUMABLE_TEST_HOOK_LOG": str(self.hook_log), "RESUMABLE_TEST_HOOK_FAIL": str(self.hook_fail),
+                 "RESUMABLE_TEST_HOOK_DIE": str(self.hook_die),
                  "UPLOADGUARD_MAX_BODY_SIZE": "64M", **(env or {})},
         )
         self.port = self.gunicorn.port
@@ -316,6 +318,32 @@ class TestWorkerLifecycle:
         finally:
             sock.close()
 
+    def test_sigkill_inside_on_complete_of_a_final_upload(self, server: Server) -> None:
+        """A worker SIGKILLed inside on_complete of a final upload (its data already fsynced): the client's
+        retry of the join runs on_complete for that final upload and consumes the parts -- one final
+        upload, never a second copy left beside the first."""
+        parts, data = [], [os.urandom(300_000), os.urandom(200_000)]
+        for chunk in data:
+            response = requests.post(server.endpoint, headers={**TUS, "Upload-Length": str(len(chunk)),
+                                                               "Upload-Concat": "partial"}, timeout=30)
+            assert response.status_code == 201, response.text
+            url = urljoin(server.endpoint, response.headers["Location"])
+            assert server.patch(url, 0, chunk).status_code == 204
+            parts.append(response.headers["Location"])
+        join = {**TUS, "Upload-Concat": "final;" + " ".join(parts)}
+        server.hook_die.touch()
+        with pytest.raises(requests.ConnectionError):
+            requests.post(server.endpoint, headers=join, timeout=30)
+        assert not server.hook_die.exists()  # on_complete ran, and its worker died in it
+
+        retry = requests.post(server.endpoint, headers=join, timeout=30)
+
+        assert retry.status_code == 201, retry.text
+        final_id = retry.headers["Location"].rsplit("/", 1)[1]
+        assert sorted(path.name for path in server.storage.glob("*.info")) == [f"{final_id}.info"]
+        assert [hook[:2] for hook in server.hooks()] == [[final_id, sha256(b"".join(data))]]
+        assert (server.storage / f"{final_id}.bin").read_bytes() == b"".join(data)
+
     def test_hup_mid_patch(self, server: Server, data: bytes) -> None:
         """A HUP (reload) while a PATCH hangs: the client resumes from the durable offset on the new workers."""
         url = server.create(len(data))
@@ -511,6 +539,26 @@ class TestRateFloor:
         finally:
             server.gunicorn.stop()
 
+    def test_a_client_slowing_down_after_a_fast_start_is_not_cut(self, tmp_path: Path) -> None:
+        """3 MiB at full speed (reads grow to 1 MiB), then 100 KB/s -- 12 times the floor of 16 KiB per 2 s
+        window, but a 1 MiB read now takes 10 s: bytes are counted as they reach the socket, not as
+        reads return, so the PATCH runs to its end instead of being cut as too slow."""
+        server = Server(tmp_path, workers=1, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "2"})
+        fast, tick, ticks = 3 * MiB, 10_000, 60  # then 10 KB every 0.1 s for 6 s (three windows)
+        size = fast + tick * ticks
+        try:
+            url = server.create(size)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+                sock.sendall(raw_patch(server, url, f"Content-Length: {size}") + bytes(fast))
+                for _ in range(ticks):
+                    sock.sendall(bytes(tick))
+                    time.sleep(0.1)
+                answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 204"), answer[:200]
+            assert f"Upload-Offset: {size}".encode() in answer, answer[:300]
+        finally:
+            server.gunicorn.stop()
+
     @pytest.mark.parametrize("sent", [1000, 65_000, 99_000])
     def test_a_stalled_patch_keeps_every_byte_that_arrived(self, tmp_path: Path, sent: int) -> None:
         """A client that sends part of its PATCH body and goes silent: when the idle window ends the PATCH,
@@ -541,6 +589,90 @@ class TestRateFloor:
                 answer = sock.recv(65536)  # blocks until the server gives up on the rest (30 s at most)
             assert answer.startswith(b"HTTP/1.1 204"), answer[:200]
             assert sent - 16 * 1024 <= server.offset(url) <= sent
+        finally:
+            server.gunicorn.stop()
+
+
+class TestAdmission:
+    """Slow phones cannot take a sync worker pool: bodies read at once stay below the worker count."""
+
+    @staticmethod
+    def hold(server: Server, url: str, length: int) -> socket.socket:
+        """A PATCH that is admitted and being read (its first 64 KiB on disk), then goes quiet."""
+        sock = server.open_patch(url, 0, length, bytes(64 * 1024))
+        wait_until(lambda: server.size(url) == 64 * 1024, what="the held PATCH's first bytes on disk")
+        return sock
+
+    def test_the_site_answers_while_slow_patches_fill_every_slot(self, tmp_path: Path) -> None:
+        """3 sync workers read at most 2 bodies at once: a third PATCH is answered 503 + Retry-After at once,
+        reading nothing, and GET / is served -- without the cap the held PATCHes (idle timeout 120 s) would
+        keep all 3 workers and the GET would wait minutes."""
+        server = Server(tmp_path, workers=3, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "120"})
+        try:
+            urls = [server.create(MiB) for _ in range(3)]
+            held = [self.hold(server, url, MiB) for url in urls[:2]]
+            try:
+                refused = server.patch(urls[2], 0, bytes(MiB))
+                assert refused.status_code == 503, refused.text
+                assert refused.headers["Retry-After"] == "5"
+                assert server.size(urls[2]) == 0  # nothing was read into the upload
+                for _ in range(5):  # any worker that answers: the free one
+                    assert requests.get(server.gunicorn.url + "/", timeout=20).text == "app"
+            finally:
+                for sock in held:
+                    sock.close()
+            # The slots come back as the held PATCHes end: the refused client's retry goes through.
+            wait_until(lambda: server.patch(urls[2], 0, bytes(MiB)).status_code == 204, timeout=30,
+                       what="the refused upload accepted on retry")
+        finally:
+            server.gunicorn.stop()
+
+    def test_a_client_resuming_its_own_held_upload_is_admitted(self, tmp_path: Path, data: bytes) -> None:
+        """Every slot held, one by a silent PATCH of this very upload: its client's resume takes the upload
+        (and the slot it frees) instead of a 503 until the idle timeout."""
+        server = Server(tmp_path, workers=3, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "120"})
+        try:
+            mine, other = server.create(len(data)), server.create(MiB)
+            with self.hold(server, mine, len(data)), self.hold(server, other, MiB):
+                response = server.patch(mine, 64 * 1024, data[64 * 1024:])
+                assert response.status_code == 204, response.text
+            assert server.offset(mine) == len(data)
+        finally:
+            server.gunicorn.stop()
+
+    def test_threaded_workers_keep_a_thread_each(self, tmp_path: Path) -> None:
+        """gthread, 1 worker x 3 threads: 2 bodies at once, the third is refused and GET / still answers."""
+        server = Server(tmp_path, workers=1, args=("--threads", "3"),
+                        env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "120"})
+        try:
+            urls = [server.create(MiB) for _ in range(3)]
+            held = [self.hold(server, url, MiB) for url in urls[:2]]
+            try:
+                assert server.patch(urls[2], 0, bytes(MiB)).status_code == 503
+                assert requests.get(server.gunicorn.url + "/", timeout=20).text == "app"
+            finally:
+                for sock in held:
+                    sock.close()
+        finally:
+            server.gunicorn.stop()
+
+    def test_an_explicit_cap_and_no_cap(self, tmp_path: Path) -> None:
+        """UPLOADGUARD_RESUMABLE_MAX_STREAMS=1 admits one body on 3 workers; 0 turns the cap off."""
+        server = Server(tmp_path, workers=3, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "120",
+                                                  "UPLOADGUARD_RESUMABLE_MAX_STREAMS": "1"})
+        try:
+            first, second = server.create(MiB), server.create(MiB)
+            with self.hold(server, first, MiB):
+                assert server.patch(second, 0, bytes(MiB)).status_code == 503
+        finally:
+            server.gunicorn.stop()
+        (tmp_path / "off").mkdir()
+        server = Server(tmp_path / "off", workers=2, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "120",
+                                                          "UPLOADGUARD_RESUMABLE_MAX_STREAMS": "0"})
+        try:
+            first, second = server.create(MiB), server.create(MiB)
+            with self.hold(server, first, MiB):
+                assert server.patch(second, 0, bytes(MiB)).status_code == 204
         finally:
             server.gunicorn.stop()
 

@@ -25,7 +25,7 @@ import pytest
 from uploadguard.cli import main
 from uploadguard.errors import BodyTooLarge
 from uploadguard.resumable import LocalStore, UploadInfo, clean_expired
-from uploadguard.resumable.locking import FileLocker, ReleaseWatcher
+from uploadguard.resumable.locking import FileLocker, ReleaseWatcher, StreamSlots
 from uploadguard.resumable.protocol import Checksum, ChecksumMismatch, OffsetMismatch, UploadLocked, UploadNotFound
 from uploadguard.resumable.store import ID_PATTERN, Store, new_upload_id, valid_upload_id
 
@@ -377,6 +377,59 @@ class TestLocking:
             client.sendall(b"data")
             time.sleep(0.05)  # several polls pass; nothing must happen
             assert server.recv(10) == b"data" and not watcher.preempted
+
+
+class TestStreamSlots:
+    def test_at_most_total_at_once(self, tmp_path: Path) -> None:
+        """Two slots: two takers, the third gets None; a release frees one slot for the next taker."""
+        slots = StreamSlots(tmp_path, 2)
+        first, second = slots.try_take(), slots.try_take()
+        assert first is not None and second is not None and slots.try_take() is None
+        first()
+        third = slots.try_take()
+        assert third is not None and slots.try_take() is None
+        second()
+        third()
+
+    def test_shared_across_processes_and_freed_on_kill(self, tmp_path: Path) -> None:
+        """A slot held by another process (a worker) counts here; SIGKILL of that process frees it."""
+        code = ("import time; from uploadguard.resumable.locking import StreamSlots;"
+                f"held = StreamSlots({str(tmp_path)!r}, 1).try_take();"
+                "print('held' if held else 'busy', flush=True); time.sleep(60)")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+            slots = StreamSlots(tmp_path, 1)
+            assert slots.try_take() is None
+            proc.kill()
+            proc.wait(timeout=10)
+            release = slots.try_take()
+            assert release is not None
+            release()
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def test_per_process_cap(self, tmp_path: Path) -> None:
+        """per_process=1 admits one body in this process even when the host has slots to spare."""
+        slots = StreamSlots(tmp_path, 5, per_process=1)
+        release = slots.try_take()
+        assert release is not None and slots.try_take() is None
+        release()
+        again = slots.try_take()
+        assert again is not None
+        again()
+
+    def test_unusable_directory_does_not_refuse(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """Slots in a directory that is gone are not enforced (logged once): uploads keep working."""
+        slots = StreamSlots(tmp_path / "gone", 1)
+        first, second = slots.try_take(), slots.try_take()
+        assert first is not None and second is not None
+        assert sum("stream slots" in record.getMessage() for record in caplog.records) == 1
+        first()
+        second()
 
 
 class TestExpiry:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import logging
 import os
 import subprocess
@@ -19,7 +20,7 @@ import webtest
 from tests.support import needs_root, tmpfs
 from uploadguard.config import Settings
 from uploadguard.resumable import ResumableUploads, Upload, UploadIncomplete, UploadNotFound
-from uploadguard.resumable.store import new_upload_id
+from uploadguard.resumable.store import UploadInfo, new_upload_id
 
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTETS = "application/offset+octet-stream"
@@ -208,12 +209,16 @@ class TestConcatenation:
 
     def test_a_part_joins_one_final_upload_only(self, app: webtest.TestApp, hooks: Hooks) -> None:
         """The parts are consumed by the final upload (the spec allows it): otherwise a few bytes of header
-        would copy a 200 MB part again and again, each copy a completed upload that never expires."""
+        would copy a 200 MB part again and again, each copy a completed upload that never expires.  The same
+        join again (a retry whose answer was lost) is answered with that final upload, not a second copy."""
         part = path_of(create(app, 3, **{"Upload-Concat": "partial"}))
         patch(app, part, 0, b"abc")
         final = path_of(create(app, None, **{"Upload-Concat": f"final;{part}"}))
         app.head(part, headers=TUS, status=404)
-        create(app, None, status=404, **{"Upload-Concat": f"final;{part}"})
+        assert path_of(create(app, None, **{"Upload-Concat": f"final;{part}"})) == final
+        other = path_of(create(app, 3, **{"Upload-Concat": "partial"}))
+        patch(app, other, 0, b"def")
+        create(app, None, status=404, **{"Upload-Concat": f"final;{part} {other}"})  # another join of it: gone
         assert app.head(final, headers=TUS).headers["Upload-Offset"] == "3"
         assert [c[3] for c in hooks.calls] == [b"abc"]
 
@@ -259,6 +264,26 @@ class TestConcatenation:
         assert second.status_int == 423 and first[0].status_int == 201
         assert [c[3] for c in hooks.calls] == [b"abc"]
         assert [info.id for info in endpoint.store.uploads()] == [path_of(first[0]).rsplit("/", 1)[1]]
+
+    def test_a_final_upload_left_half_copied_is_completed_by_the_retry(self, app: webtest.TestApp, hooks: Hooks,
+                                                                       endpoint: ResumableUploads) -> None:
+        """What a worker killed while joining leaves -- the final upload with the first part and a byte of
+        the second -- is completed from its offset by the client's retry: one final upload, the whole data."""
+        first = path_of(create(app, 3, **{"Upload-Concat": "partial"}))
+        second = path_of(create(app, 2, **{"Upload-Concat": "partial"}))
+        patch(app, first, 0, b"abc")
+        patch(app, second, 0, b"de")
+        part_ids = [first.rsplit("/", 1)[1], second.rsplit("/", 1)[1]]
+        left = endpoint._final_id(None, part_ids)  # the killed join's final upload, as it had made it
+        endpoint.store.create(UploadInfo(id=left, length=5, metadata={}, owner=None, created=time.time(),
+                                         parts=tuple(part_ids)))
+        endpoint.store.write(left, 0, io.BytesIO(b"abcd").read, 4)
+
+        final = path_of(create(app, None, **{"Upload-Concat": f"final;{first} {second}"}))
+
+        assert final == f"/files/{left}"
+        assert [c[3] for c in hooks.calls] == [b"abcde"]
+        assert [info.id for info in endpoint.store.uploads()] == [left]
 
     def test_a_part_named_twice_is_refused(self, app: webtest.TestApp, hooks: Hooks) -> None:
         """final;<a> <a> would double a part's bytes at no cost to the client: 400, nothing created."""

@@ -90,7 +90,9 @@ from typing import ParamSpec as _ParamSpec
 from typing import Protocol as _Protocol
 
 from .config import ConfigError as _ConfigError
+from .config import ServerPool as _ServerPool
 from .config import Settings as _Settings
+from .config import note_server_pool as _note_server_pool
 from .config import default_temp_dir as _default_temp_dir
 from .config import parse_duration as _parse_duration
 from .tempdir import Health as _Health
@@ -196,6 +198,7 @@ class _Server(_Protocol):  # gunicorn.arbiter.Arbiter
 
 class _Worker(_Protocol):  # gunicorn.workers.base.Worker
     log: _Log
+    cfg: _Any
 
 
 class _Request(_Protocol):  # gunicorn.http.message.Request
@@ -336,7 +339,8 @@ def child_exit(server: _Server, worker: _Worker) -> None:
 
 @_never_raises
 def post_worker_init(worker: _Worker) -> None:
-    """Worker, after the user switch: a usable upload temp dir that tempfile and TMPDIR name."""
+    """Worker, after the user switch: a usable upload temp dir that tempfile and TMPDIR name; the pool noted."""
+    _note_server_pool(_pool_of(worker))
     path = _Settings.from_environ().temp_dir
     health = _ensure_temp_dir(path)
     if health.ok:
@@ -347,6 +351,16 @@ def post_worker_init(worker: _Worker) -> None:
         _tempfile.tempdir = None  # drop the master's cached choice: tempfile finds a working dir again
         worker.log.error("uploadguard: upload temp dir %s is unusable (%s): %s; uploads are answered "
                          "503 while it stays so", path, health.reason, health.detail)
+
+
+def _pool_of(worker: _Worker) -> _ServerPool | None:
+    """The pool ``worker`` serves in, for the resumable endpoint's cap on bodies read at once."""
+    cfg = getattr(worker, "cfg", None)
+    if cfg is None:
+        return None
+    # The instance's module names the class gunicorn chose: "sync" with threads > 1 runs gthread.
+    kind = type(worker).__module__.rpartition(".")[2]
+    return _ServerPool(workers=int(cfg.workers), threads=int(cfg.threads), worker_class=kind)
 
 
 @_never_raises

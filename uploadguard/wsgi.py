@@ -17,7 +17,9 @@ reference"), as keyword arguments; ``None`` takes the configured value.
 How each decision is made, and where:
 
 * :func:`body_length` -- the one reading of ``Content-Length`` and
-  ``Transfer-Encoding`` (400 for a malformed length).
+  ``Transfer-Encoding`` (400 for a malformed length, 411 for a chunked body
+  the server will not deliver; under uWSGI it reads one through
+  ``uwsgi.chunked_read`` where that works).
 * :meth:`UploadGuard.refusal` -- the 413 or 503 a body gets before anyone reads
   it (the Django middleware asks the same method).
 * :meth:`UploadGuard.answer_for` -- what an exception from the application
@@ -71,6 +73,7 @@ import collections
 import contextlib
 import enum
 import errno
+import importlib
 import logging
 import os
 import socket
@@ -81,7 +84,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings, format_size
-from .errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
+from .errors import BadRequest, BodyTooLarge, InternalError, LengthRequired, TempDirUnavailable, UploadGuardError
 from .tempdir import Health, Reason, TempDirGuard, reason_for_errno
 
 if TYPE_CHECKING:
@@ -96,6 +99,7 @@ __all__ = [
     "Event",
     "GuardStats",
     "GuardedInput",
+    "ServerChunks",
     "UploadGuard",
     "body_length",
     "remember_exception",
@@ -120,6 +124,7 @@ class Event(enum.StrEnum):
     REJECTED = "413"  # body over the limit
     UNAVAILABLE = "503"  # the temp dir could not take the body; reason = the temp-dir reason
     BAD_REQUEST = "400"  # malformed Content-Length
+    LENGTH_REQUIRED = "411"  # a chunked body the server would not deliver
     ERROR = "500"  # another OSError; reason = its errno name
     HEALED = "heal"  # a vanished temp dir was recreated
 
@@ -162,6 +167,7 @@ class GuardStats:
             "rejected_413": self.total(Event.REJECTED),
             "unavailable_503": self.by_reason(Event.UNAVAILABLE),
             "bad_requests_400": self.total(Event.BAD_REQUEST),
+            "length_required_411": self.total(Event.LENGTH_REQUIRED),
             "heals": self.total(Event.HEALED),
             "errors_500": self.total(Event.ERROR),
         }
@@ -170,19 +176,121 @@ class GuardStats:
 def body_length(environ: WSGIEnvironment) -> int | None:
     """The request body's length: ``0`` for none, ``None`` for a chunked body of unknown length.
 
-    A body without ``Content-Length`` counts only where the server says it
-    ends it (``wsgi.input_terminated``, as gunicorn does for chunked bodies);
-    elsewhere it cannot be read safely and is left alone.  Raises
-    :class:`~uploadguard.errors.BadRequest` for a malformed ``Content-Length``.
+    The one decision about what body a request has.  A chunked body (no
+    ``Content-Length``) is read where the server ends it in ``wsgi.input``
+    (``wsgi.input_terminated``: gunicorn; waitress even dechunks it and sets
+    ``Content-Length``).  uWSGI does not: its ``wsgi.input`` stops at
+    ``Content-Length``, so the application would read an empty body and
+    answer as if all were well.  Where uWSGI gets the chunks to the worker
+    (see :func:`_uwsgi_delivers_chunks`) ``wsgi.input`` becomes a
+    :class:`ServerChunks` over ``uwsgi.chunked_read`` and is marked
+    terminated; anywhere else the body cannot be had, and
+    :class:`~uploadguard.errors.LengthRequired` (411, naming the fix) is
+    raised.  Raises :class:`~uploadguard.errors.BadRequest` for a malformed
+    ``Content-Length``.
     """
     raw = environ.get("CONTENT_LENGTH")
     if raw:
         if not (raw.isascii() and raw.isdigit()):
             raise BadRequest(f"Invalid Content-Length {raw!r}.")
         return int(raw)
-    if environ.get("wsgi.input_terminated") and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return 0
+    if environ.get("wsgi.input_terminated"):
         return None
-    return 0
+    if "uwsgi.version" in environ:
+        uwsgi = _uwsgi_module()
+        if uwsgi is not None and _uwsgi_delivers_chunks(getattr(uwsgi, "opt", {})):
+            environ["wsgi.input"] = ServerChunks(uwsgi.chunked_read)
+            environ["wsgi.input_terminated"] = True
+            return None
+        raise LengthRequired("send the body with a Content-Length. (uWSGI reads a chunked body only with "
+                             "--http-socket, or --http with --http-chunked-input, in the serving instance.)")
+    raise LengthRequired("send the body with a Content-Length.")
+
+
+def _uwsgi_module() -> Any:
+    """uWSGI's embedded ``uwsgi`` module (importable only inside a uWSGI worker), else ``None``."""
+    try:
+        return importlib.import_module("uwsgi")
+    except ImportError:
+        return None
+
+
+def _uwsgi_delivers_chunks(options: Any) -> bool:
+    """Whether the raw chunks of a request reach this uWSGI worker, for ``uwsgi.chunked_read``.
+
+    ``options`` is ``uwsgi.opt``, the instance's command line.  Its own HTTP
+    router forwards them only with ``--http-chunked-input`` (without it the
+    body is dropped and ``chunked_read`` waits for its timeout); a worker on
+    ``--http-socket`` parses HTTP itself and gets them -- unless a router
+    without the option shares the instance.  A router in another instance
+    cannot be seen from here: not delivered.
+    """
+    if options.get("http-chunked-input"):
+        return True
+    return ("http-socket" in options or "https-socket" in options) and not ("http" in options or "https" in options)
+
+
+class ServerChunks:
+    """A ``wsgi.input`` over a server's chunk-at-a-time body reader (uWSGI's ``uwsgi.chunked_read``).
+
+    ``next_chunk()`` returns the next chunk, ``b""`` at the end.  Reads
+    return ``size`` bytes unless the body ends first, like gunicorn's body;
+    at most ``size`` plus one chunk is held.
+    """
+
+    __slots__ = ("_next_chunk", "_buffer", "_done")
+
+    def __init__(self, next_chunk: Callable[[], bytes]) -> None:
+        self._next_chunk = next_chunk
+        self._buffer = bytearray()
+        self._done = False
+
+    def _fill(self) -> bool:
+        if self._done:
+            return False
+        chunk = self._next_chunk()
+        if not chunk:
+            self._done = True
+            return False
+        self._buffer += chunk
+        return True
+
+    def _pop(self, size: int) -> bytes:
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            return self._pop(len(self._buffer))
+        while len(self._buffer) < size and self._fill():
+            pass
+        return self._pop(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = -1 if size is None else size
+        while b"\n" not in self._buffer and (limit < 0 or len(self._buffer) < limit) and self._fill():
+            pass
+        end = self._buffer.find(b"\n") + 1 or len(self._buffer)
+        return self._pop(end if limit < 0 else min(end, limit))
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
 
 
 def request_socket(environ: WSGIEnvironment) -> socket.socket | None:
@@ -814,6 +922,9 @@ class UploadGuard:
             self.stats.record(Event.UNAVAILABLE, error.reason)
             log.warning("503 %s: upload temp dir %s unusable (%s): %s",
                         where, error.path, error.reason, error.cause or error.detail)
+        elif isinstance(error, LengthRequired):
+            self.stats.record(Event.LENGTH_REQUIRED)
+            log.warning("411 %s: a chunked body this server will not deliver: %s", where, error.fix)
         elif isinstance(error, BadRequest):
             self.stats.record(Event.BAD_REQUEST)
             log.warning("400 %s: %s", where, error.detail)
