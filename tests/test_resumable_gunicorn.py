@@ -397,6 +397,32 @@ class TestStorageFailures:
         response = requests.post(server.endpoint, headers={**TUS, "Upload-Length": "10"}, timeout=30)
         assert response.status_code == 503 and response.headers["Retry-After"] == "5"
 
+    def test_storage_replaced_by_a_file_mid_patch_is_503(self, server: Server) -> None:
+        """The storage dir swapped for a file while a PATCH streams: the answer is 503 + Retry-After, and once the
+        dir is back the upload has every byte that was sent."""
+        half = 64 * 1024
+        body = os.urandom(2 * half)
+        url = server.create(len(body))
+        data_path = server.data_path(url)
+        away = server.storage.with_name("uploads.away")
+        sock = server.open_patch(url, 0, len(body), body[:half])
+        try:
+            wait_until(lambda: data_path.exists() and data_path.stat().st_size >= half, what="first half stored")
+            server.storage.rename(away)
+            server.storage.write_text("not a directory")
+            sock.sendall(body[half:])
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
+        finally:
+            sock.close()
+        head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        assert head.startswith("HTTP/1.1 503 "), head
+        assert "\r\nRetry-After: 5" in head
+        server.storage.unlink()
+        away.rename(server.storage)
+        assert server.offset(url) == len(body) and data_path.read_bytes() == body
+
     @needs_root
     def test_read_only_tmpfs_is_503(self, server: Server) -> None:
         """Storage on a read-only tmpfs: 503 + Retry-After."""
@@ -667,3 +693,57 @@ class TestOnComplete:
         assert server.patch(url, len(data), b"").status_code == 204  # a retried final PATCH
         assert server.offset(url) == len(data)
         assert [line[:2] for line in server.hooks()] == [[url.rsplit("/", 1)[1], sha256(data)]]
+
+
+class TestMetadataCapOverASocket:
+    def test_repeated_metadata_lines_are_refused(self, server: Server) -> None:
+        """Upload-Metadata on 90 header lines (gunicorn joins them) is a 400 naming the cap, and nothing is stored."""
+        lines = "".join(f"Upload-Metadata: n{i} {'dmFsdWVz' * 10}\r\n" for i in range(90))  # 60 bytes each
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(f"POST /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                         f"Upload-Length: 10\r\n{lines}Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+        assert b"4096" in answer
+        assert not server.storage.exists() or not list(server.storage.glob("*.info"))
+
+
+def read_head(reader: io.BufferedReader) -> tuple[int, dict[str, str]]:
+    """The status and (lower-cased) headers of one HTTP/1.1 response read from ``reader``."""
+    status_line = reader.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers
+
+
+class TestMethodOverrideOverASocket:
+    @pytest.mark.parametrize("args", [pytest.param((), id="sync"), pytest.param(("--threads", "2"), id="gthread")])
+    def test_a_post_overridden_to_head_keeps_the_connection_usable(self, tmp_path: Path,
+                                                                   args: tuple[str, ...]) -> None:
+        """POST + X-HTTP-Method-Override: HEAD for an unknown upload: the 404's body matches its Content-Length, and
+        the connection is then either kept alive and answers the next request (gthread) or closed cleanly (sync)."""
+        from uploadguard.resumable.store import new_upload_id
+
+        server = Server(tmp_path, args=args)
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, \
+                    sock.makefile("rb") as reader:
+                sock.sendall(f"POST /files/{new_upload_id()} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                             "X-HTTP-Method-Override: HEAD\r\nContent-Length: 0\r\n\r\n".encode())
+                status, headers = read_head(reader)
+                body = reader.read(int(headers["content-length"]))  # short (a timeout) if the body were missing
+                assert status == 404 and len(body) == int(headers["content-length"]) > 0
+                if headers.get("connection", "").lower() == "close":
+                    assert reader.read() == b""  # closed cleanly: nothing after the answer
+                    assert args == ()
+                    return
+                sock.sendall(b"OPTIONS /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+                status, headers = read_head(reader)
+                assert status == 204 and headers["tus-version"] == "1.0.0"
+        finally:
+            server.gunicorn.stop()

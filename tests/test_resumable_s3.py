@@ -1026,3 +1026,20 @@ class TestEndpointOnS3:
         assert "removed 1 expired resumable upload " in capsys.readouterr().out
         assert [info.id for info in store.uploads()] == [fresh.id]
         assert [key for key, _ in store.multipart_uploads()] == [f"uploads/{fresh.id}"]
+
+    def test_a_refused_patch_declares_no_length(self, aws_env: dict[str, str], bucket: str, tmp_path: Path) -> None:
+        """On S3 too, Upload-Length: 7 with a wrong checksum is a 460 that records no length; the real 9 works."""
+        import base64
+
+        completed: list[bytes] = []
+        app = self.app(f"s3://{bucket}/uploads", tmp_path, completed)
+        created = app.post("/files/", headers={**TUS, "Upload-Defer-Length": "1"}, status=201)
+        path = created.headers["Location"]
+        wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+        app.request(path, method="PATCH", body=b"abcdefg", status=460, headers={
+            **TUS, "Upload-Offset": "0", "Content-Type": OCTETS, "Upload-Length": "7",
+            "Upload-Checksum": f"sha1 {wrong}"})
+        assert "Upload-Length" not in app.head(path, headers=TUS, status=200).headers
+        app.request(path, method="PATCH", body=b"abcdefghi", status=204, headers={
+            **TUS, "Upload-Offset": "0", "Content-Type": OCTETS, "Upload-Length": "9"})
+        assert completed == [b"abcdefghi"]

@@ -149,6 +149,7 @@ _PARSERS: dict[str, Callable[..., Any]] = {
     "resumable_storage": lambda value, *, name: None if value is None else _parse_storage(value, name=name),
     "resumable_expires_after": parse_duration,
     "resumable_idle_timeout": parse_duration,
+    "resumable_keep_completed": parse_duration,
     "resumable_max_streams": _parse_streams,
 }
 
@@ -224,6 +225,8 @@ class Settings:
     resumable_storage: Path | str | None = None  # directory or s3://bucket/prefix; None = default_resumable_storage()
     resumable_expires_after: float = 86400.0  # seconds of inactivity before an incomplete upload expires; 0 = never
     resumable_idle_timeout: float = 30.0  # seconds without a byte that end a resumable PATCH
+    #: seconds a completed resumable upload the app has not deleted is kept after it completed; 0 = forever
+    resumable_keep_completed: float = 7 * 86400.0
     resumable_max_streams: int | None = None  # PATCH bodies read at once per host; None = auto; 0 = no cap
 
     def __post_init__(self) -> None:
@@ -290,6 +293,7 @@ class Settings:
             f"resumable_storage={self.resumable_storage or 'default'} "
             f"resumable_expires_after={self.resumable_expires_after:g}s "
             f"resumable_idle_timeout={self.resumable_idle_timeout:g}s "
+            f"resumable_keep_completed={self.resumable_keep_completed:g}s "
             f"resumable_max_streams={'auto' if self.resumable_max_streams is None else self.resumable_max_streams}"
         )
 

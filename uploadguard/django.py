@@ -683,8 +683,8 @@ def delete_resumable(request: Any, url: str) -> None:
     """Remove the upload ``url`` names (data, info, lock) -- only for whoever created it.
 
     Call it once the file is where it belongs (after :func:`save_resumable`
-    or reading :func:`resumable_file`): a completed upload never expires on
-    its own, because until the application took it the data is the user's.
+    or reading :func:`resumable_file`): otherwise a completed upload stays
+    ``UPLOADGUARD_RESUMABLE_KEEP_COMPLETED`` (7 days) after it completed.
     Raises what :func:`resumable_file` raises for an unknown or another's
     upload, and :class:`uploadguard.resumable.UploadLocked` while a request
     still holds it (for ``lock_timeout`` seconds).

@@ -132,7 +132,7 @@ class FileLocker:
     def try_acquire(self, upload_id: str) -> UploadLock | None:
         """The lock if nobody holds it, else ``None``; never asks a holder to let go."""
         lock_path, release_path = self._paths(upload_id)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # never a planted link
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -175,7 +175,7 @@ class FileLocker:
         """Ask the holder of ``upload_id`` to let go (create ``<id>.release``)."""
         _, release_path = self._paths(upload_id)
         try:
-            os.close(os.open(release_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            os.close(os.open(release_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # the directory vanished: acquire() will fail on its own
                 raise

@@ -100,8 +100,9 @@ corrupt file) -- a store that does not check part ETags might not.  Keep
 ``lease`` well above the time one part takes to upload.
 
 **Expiry**: ``uploadguard clean`` (``clean_expired(store)``) aborts the
-multipart uploads of expired incomplete uploads and deletes all their objects,
-taking each upload's lock first; an hour after the last write it does the same
+multipart uploads of expired incomplete uploads and deletes all their objects
+(and those of completed uploads past ``keep_completed``), taking each upload's
+lock first; an hour after the last write it does the same
 for ids without ``<id>.info`` (:meth:`S3Store.orphans`: a host died between
 two steps of a create or a termination).  Completion deletes every
 ``<id>.tail.*``, committed or not.  Nothing leaks.
@@ -576,11 +577,11 @@ class S3Store:
             self._call("abort_multipart_upload", Key=key, UploadId=state.multipart)
             self._put(key, b"")
         state.multipart = None
-        state.info = dataclasses.replace(state.info, completed=True)
+        state.info = dataclasses.replace(state.info, completed=True, completed_at=time.time())
         self._commit(state, touch=False)
         with contextlib.suppress(S3Unavailable):
             # The committed incomplete part, and any a PATCH stored but could not commit (preempted,
-            # killed): a completed upload never expires, so nothing else would ever delete them.
+            # killed): a completed upload stays keep_completed, and nothing else looks for them meanwhile.
             for stray in self._keys(self._key(upload_id, ".tail.")):
                 self._delete(stray)
         return state.info

@@ -110,6 +110,9 @@ class _Request:
         self.environ = environ
         self.owner = owner
         self.method = p.method_of(environ)
+        #: The method on the wire, which decides the response's framing: a POST overridden to HEAD
+        #: still gets a body its Content-Length describes (a body-less one would desync the connection).
+        self.wire_method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         self.reader: _BodyReader | None = None  # the PATCH body being read, once it is
         self.release_slot: Callable[[], None] | None = None  # the stream slot held while a body is read
         self.busy = False  # refused for want of a stream slot
@@ -279,6 +282,7 @@ class ResumableUploads:
         cors_origins: Iterable[str] | str = (),  # "*" or exact origins ("https://example.com")
         lock_timeout: float = 5.0,  # seconds a request waits for a held upload before a 423
         idle_timeout: float | str | None = None,  # seconds without a byte that end a PATCH; None = settings
+        keep_completed: float | str | None = None,  # seconds a completed upload is kept; None = settings; 0 = forever
         max_streams: int | str | None = None,  # bodies read at once per host; None = settings ("auto"); 0 = no cap
     ) -> None:
         self.app = app
@@ -302,6 +306,8 @@ class ResumableUploads:
                               else parse_duration(expires_after, name="expires_after"))
         self.idle_timeout = (self.settings.resumable_idle_timeout if idle_timeout is None
                              else parse_duration(idle_timeout, name="idle_timeout"))
+        self.keep_completed = (self.settings.resumable_keep_completed if keep_completed is None
+                               else parse_duration(keep_completed, name="keep_completed"))
         self.on_complete = on_complete
         self.authorize = authorize
         origins = (cors_origins,) if isinstance(cors_origins, str) else tuple(cors_origins)
@@ -443,7 +449,7 @@ class ResumableUploads:
         upload_id = self.upload_id(id_or_url)
         if upload_id is None:
             raise p.UploadNotFound(f"{id_or_url[:80]!r} does not name an upload of {self.prefix}.")
-        self._find(upload_id, owner)
+        self._find(upload_id, owner, live=False)  # an expired upload is still the app's to delete
         with self.locker.acquire(upload_id, timeout=self.lock_timeout) as lock:
             self.store.terminate(upload_id)
             self.locker.remove(lock)
@@ -539,21 +545,31 @@ class ResumableUploads:
             raise too_large
         if concat is not None and concat.final:
             return self._concatenate(request, concat, metadata)
+        checksum = p.parse_checksum(request.header("Upload-Checksum"))  # a bad one creates nothing
         self._check_health(content_length or 0)
         if content_length != 0:
             self._admit(request)  # before the upload exists: a refused creation leaves nothing behind
         info = self.store.create(UploadInfo(
             id=new_upload_id(), length=length, metadata=metadata, owner=request.owner, created=time.time(),
             expires_after=self.expires_after or None, partial=concat is not None,
+            keep_completed=self.keep_completed,
         ))
         request.headers.append(("Location", self._location(request, info.id)))
         log.info("created upload %s (%s bytes)", info.id,
                  length if length is not None else "deferred")
         if content_length or (content_length is None) or length == 0:
-            checksum = p.parse_checksum(request.header("Upload-Checksum"))
             with self.locker.acquire(info.id, timeout=self.lock_timeout) as lock:
-                info = self._append(request, lock, info, offset=0, content_length=content_length,
-                                    complete=complete, checksum=checksum)
+                try:
+                    info = self._append(request, lock, info, offset=0, content_length=content_length,
+                                        complete=complete, checksum=checksum)
+                except (BadRequest, BodyTooLarge, p.ChecksumMismatch):
+                    # The body was refused (nothing of it was appended): undo the creation too, so the
+                    # refused request leaves nothing behind, and name no upload in the answer.
+                    self.store.terminate(info.id)
+                    self.locker.remove(lock)
+                    request.headers = [item for item in request.headers if item[0] != "Location"]
+                    log.info("removed upload %s: its creation body was refused", info.id)
+                    raise
         return self._respond(request, "201 Created", [*request.headers, *self._state(request, info)])
 
     def _concatenate(self, request: _Request, concat: p.Concat, metadata: dict[str, str]) -> Response:
@@ -562,7 +578,7 @@ class ResumableUploads:
         tus lets a server delete the parts once joined, or keep them for more
         final uploads.  Kept, a client could have one 200 MB part copied again
         and again for a few bytes of header each, every copy a completed upload
-        that never expires -- so each part joins one final upload, once: the
+        kept for days -- so each part joins one final upload, once: the
         parts are locked (in id order: two joins never deadlock) and checked
         again under their locks, and deleted only after ``on_complete``
         returned.  If ``on_complete`` fails, the final upload goes and the
@@ -604,6 +620,7 @@ class ResumableUploads:
                         info = self.store.create(UploadInfo(
                             id=final_id, length=total, metadata=metadata, owner=request.owner, created=time.time(),
                             expires_after=self.expires_after or None, parts=tuple(part_ids),
+                            keep_completed=self.keep_completed,
                         ))
                     else:
                         log.info("completing upload %s, which an earlier join left at %d of %d bytes",
@@ -688,6 +705,9 @@ class ResumableUploads:
         if request.ietf:
             if complete is None:
                 raise BadRequest("Upload-Complete (?0 or ?1) is required.", reason="missing_header")
+            assert request.interop is not None
+            p.check_partial_upload_type(request.interop, request.header("Content-Type"),
+                                        has_body=content_length != 0)
         elif request.header("Content-Type") != p.OFFSET_CONTENT_TYPE:
             raise p.UnsupportedMediaType(f"A PATCH body must be {p.OFFSET_CONTENT_TYPE}.")
         checksum = p.parse_checksum(request.header("Upload-Checksum"))
@@ -700,11 +720,12 @@ class ResumableUploads:
         with self.locker.acquire(upload_id, timeout=self.lock_timeout) as lock:
             info = self._find(upload_id, request.owner)
             p.check_offset(offset, info.offset)
+            declare: int | None = None  # a deferred length this PATCH declares, recorded once its body is taken
             if length is not None and info.length is None:
                 if length < info.offset or (self.max_size and length > self.max_size):
                     raise BodyTooLarge(self.max_size, length=length) if length >= info.offset else BadRequest(
                         "Upload-Length is below the bytes already stored.", reason="bad_header")
-                info = self.store.declare_length(upload_id, length)
+                declare = length
             elif length is not None and length != info.length:
                 raise BadRequest("Upload-Length differs from the upload's length.", reason="bad_header")
             if self._whole(info):
@@ -716,7 +737,7 @@ class ResumableUploads:
                 info = self._completed(request, lock, info)
                 return self._respond(request, "204 No Content", [*request.headers, *self._state(request, info)])
             info = self._append(request, lock, info, offset=offset, content_length=content_length,
-                                complete=complete, checksum=checksum)
+                                complete=complete, checksum=checksum, declare=declare)
         return self._respond(request, "204 No Content", [*request.headers, *self._state(request, info)])
 
     def _delete(self, request: _Request, upload_id: str) -> Response:
@@ -729,18 +750,29 @@ class ResumableUploads:
 
     def _append(self, request: _Request, lock: HeldLock, info: UploadInfo, *, offset: int,
                 content_length: int | None, complete: bool | None,
-                checksum: p.Checksum | None = None) -> UploadInfo:
-        """Write the request body at ``offset`` under ``lock``; complete the upload when it is whole."""
+                checksum: p.Checksum | None = None, declare: int | None = None) -> UploadInfo:
+        """Write the request body at ``offset`` under ``lock``; complete the upload when it is whole.
+
+        ``declare`` is a deferred length the request states (tus ``Upload-Length``; the draft's
+        ``Upload-Complete: ?1`` with a ``Content-Length``).  It bounds the body like a declared
+        length, but is recorded only once the body was taken: a request refused for its body
+        (413, 460, a failed write) changes nothing, so the client can retry with the right length.
+        A crash between the write and the record leaves a deferred upload whose offset is the
+        bytes stored; the client's next PATCH (an empty one at that offset) declares it then.
+        """
         if not request.ietf:
             complete = None  # Upload-Complete is the draft's; a tus request declares lengths with Upload-Length
         if complete and info.length is None and content_length is not None:
             if self.max_size and offset + content_length > self.max_size:
                 raise BodyTooLarge(self.max_size, length=offset + content_length)
-            info = self.store.declare_length(info.id, offset + content_length)
+            if declare is not None and declare != offset + content_length:
+                raise BadRequest("Upload-Length disagrees with the complete body's length.", reason="bad_header")
+            declare = offset + content_length
         elif complete and info.length is not None and content_length is not None \
                 and offset + content_length != info.length:
             raise BadRequest("Upload-Complete: ?1 but the body does not end the upload.", reason="bad_header")
-        budget = p.check_append(offset=offset, length=info.length, max_size=self.max_size,
+        length = info.length if info.length is not None else declare
+        budget = p.check_append(offset=offset, length=length, max_size=self.max_size,
                                 content_length=content_length)
         sock = request_socket(request.environ)
         stream = request.environ["wsgi.input"]
@@ -763,7 +795,9 @@ class ResumableUploads:
         if reader.cut is not None:
             log.info("PATCH of upload %s ended early (%s) at %d bytes", info.id, reader.cut, new_offset)
         info = self.store.get(info.id)
-        if complete and info.length is None and reader.cut is None:
+        if declare is not None and info.length is None:
+            info = self.store.declare_length(info.id, declare)  # the body was taken: the length stands
+        elif complete and info.length is None and reader.cut is None:
             info = self.store.declare_length(info.id, new_offset)  # a chunked final body: now we know
         if info.length is not None and info.offset == info.length:
             info = self._completed(request, lock, info)
@@ -793,14 +827,21 @@ class ResumableUploads:
         self.store.update(info)
         return info
 
-    def _find(self, upload_id: str, owner: str | None) -> UploadInfo:
-        """The upload if ``owner`` may see it; 404 otherwise, 410 once expired."""
+    def _find(self, upload_id: str, owner: str | None, *, live: bool = True) -> UploadInfo:
+        """The upload if ``owner`` may see it; 404 otherwise.  With ``live``, 410 once expired, or once a
+        completed upload is past ``keep_completed`` (the clean-up removes it; until then it is as gone)."""
         info = self.store.get(upload_id)
         if info.owner is not None and info.owner != owner:
             raise p.UploadNotFound(f"No upload {upload_id}.")
+        if not live:
+            return info
+        now = time.time()
         expires = info.expires
-        if expires is not None and expires < time.time():
+        if expires is not None and expires < now:
             raise p.UploadGone(f"Upload {upload_id} expired; start a new upload.")
+        discard = info.discard_at(self.keep_completed)
+        if discard is not None and discard < now:
+            raise p.UploadGone(f"Upload {upload_id} was completed too long ago and is no longer kept.")
         return info
 
     def _stream_slots(self) -> StreamSlots | None:
@@ -902,7 +943,7 @@ class ResumableUploads:
         if origin is not None and self._origin_allowed(origin):
             headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", _EXPOSED),
                         ("Vary", "Origin")]
-        if not any(name == "Content-Length" for name, _ in headers) and request.method != "HEAD":
+        if not any(name == "Content-Length" for name, _ in headers) and request.wire_method != "HEAD":
             headers.append(("Content-Length", "0"))
         return Response(status, headers, [])
 
@@ -914,4 +955,4 @@ class ResumableUploads:
         # is named, so the client can ask for it instead of creating it again.
         headers.extend(item for item in request.headers if item[0] == "Location")
         response = self._respond(request, status, headers)
-        return Response(response.status, response.headers, [] if request.method == "HEAD" else [body])
+        return Response(response.status, response.headers, [] if request.wire_method == "HEAD" else [body])
