@@ -7,6 +7,8 @@ Configured from the environment so one module serves every test:
 ``RESUMABLE_TEST_HOOK_LOG`` (a file ``on_complete`` appends ``<id> <sha256> <pid> [<host>]``
 lines to; hosts may share it: appends of one short line are atomic),
 ``RESUMABLE_TEST_HOOK_FAIL`` (a file whose existence makes ``on_complete`` raise),
+``RESUMABLE_TEST_HOOK_DIE`` (a file whose existence makes ``on_complete`` delete it and SIGKILL its
+worker: a death after the upload's last fsync and before the hook returned),
 ``RESUMABLE_TEST_HOST`` (this host's name: the other paths answer it).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,6 +33,10 @@ def on_complete(upload: Upload) -> None:
     fail = os.environ.get("RESUMABLE_TEST_HOOK_FAIL")
     if fail and os.path.exists(fail):
         raise RuntimeError("on_complete told to fail")
+    die = os.environ.get("RESUMABLE_TEST_HOOK_DIE")
+    if die and os.path.exists(die):
+        os.unlink(die)
+        os.kill(os.getpid(), signal.SIGKILL)
     digest = hashlib.sha256()
     with upload.open() as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

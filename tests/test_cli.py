@@ -113,6 +113,20 @@ class TestClean:
         assert sorted(p.name for p in uploads.iterdir()) == ["busy-dir", "fresh-dir"]
         assert (result.files, result.directories) == (1, 2)
 
+    def test_age_is_the_last_write_not_the_last_read(self, uploads: Path) -> None:
+        """A file still being written (fresh mtime) stays however long ago it was read (old atime); an old
+        write goes even when the file was just read."""
+        now = time.time()
+        writing = write(uploads / "writing")
+        os.utime(writing, (now - 2 * DAY, now))
+        read = write(uploads / "read")
+        os.utime(read, (now, now - 2 * DAY))
+
+        result = clean_old_files(uploads, older_than=DAY)
+
+        assert [p.name for p in uploads.iterdir()] == ["writing"]
+        assert result.files == 1
+
     def test_links_removed_never_followed(self, uploads: Path, tmp_path: Path) -> None:
         """An old symlink is removed itself; its target (a file or a directory outside DIR) is never touched."""
         outside = write(tmp_path / "outside" / "precious", old=2 * DAY)

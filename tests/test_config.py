@@ -10,11 +10,13 @@ import pytest
 from uploadguard.config import (
     SETTING_NAMES,
     ConfigError,
+    ServerPool,
     Settings,
     default_temp_dir,
     format_size,
     parse_duration,
     parse_size,
+    stream_caps,
 )
 
 
@@ -92,6 +94,11 @@ class TestParseDuration:
         """A bad, huge or non-finite duration is a ConfigError naming the variable, never an OverflowError."""
         with pytest.raises(ConfigError, match=f"UPLOADGUARD_RETRY_AFTER={text!r}"):
             parse_duration(text, name="UPLOADGUARD_RETRY_AFTER")
+
+    @pytest.mark.parametrize(("text", "seconds"), [("0.5", 1), ("1.2", 2), ("0", 0), ("3", 3)])
+    def test_retry_after_rounds_up(self, text: str, seconds: int) -> None:
+        """A fractional Retry-After is rounded up to whole seconds: 0.5 s is 1, never 0 (retry at once)."""
+        assert Settings.from_environ({"UPLOADGUARD_RETRY_AFTER": text}).retry_after == seconds
 
     def test_huge_retry_after_from_the_environment(self) -> None:
         """A 400-digit UPLOADGUARD_RETRY_AFTER is one clear error, not an OverflowError from rounding."""
@@ -220,3 +227,31 @@ class TestOneReferenceTable:
         from uploadguard.config import _PARSERS
 
         assert list(_PARSERS) == [field.name for field in dataclasses.fields(Settings)]
+
+
+class TestStreamCaps:
+    @pytest.mark.parametrize(("setting", "pool", "caps"), [
+        pytest.param(None, ServerPool(5, 1, "sync"), (4, 0), id="sync-keeps-one-worker"),
+        pytest.param(None, ServerPool(1, 1, "sync"), (1, 0), id="one-sync-worker-still-uploads"),
+        pytest.param(None, ServerPool(2, 1, "sync"), (1, 0), id="two-sync-workers"),
+        pytest.param(None, ServerPool(3, 4, "gthread"), (9, 3), id="gthread-keeps-a-thread-each"),
+        pytest.param(None, ServerPool(2, 2, "gthread"), (2, 1), id="gthread-two-threads"),
+        pytest.param(None, ServerPool(4, 1, "asgi"), (0, 0), id="event-loop-no-cap"),
+        pytest.param(None, None, (0, 0), id="unknown-server-no-cap"),
+        pytest.param(7, ServerPool(5, 1, "sync"), (7, 0), id="explicit"),
+        pytest.param(0, ServerPool(5, 1, "sync"), (0, 0), id="explicit-off"),
+    ])
+    def test_caps(self, setting: int | None, pool: ServerPool | None, caps: tuple[int, int]) -> None:
+        """auto leaves the rest of the site a worker (sync) or a thread per worker (gthread); a number caps the host."""
+        assert stream_caps(setting, pool) == caps
+
+    @pytest.mark.parametrize(("raw", "value"), [("auto", None), (" AUTO ", None), ("0", 0), ("12", 12), (3, 3)])
+    def test_parsed(self, raw: str | int, value: int | None) -> None:
+        """UPLOADGUARD_RESUMABLE_MAX_STREAMS takes auto or a whole number."""
+        assert Settings.from_environ({"UPLOADGUARD_RESUMABLE_MAX_STREAMS": str(raw)}).resumable_max_streams == value
+
+    @pytest.mark.parametrize("raw", ["-1", "2.5", "many", True])
+    def test_refused(self, raw: object) -> None:
+        """A bad value names the setting."""
+        with pytest.raises(ConfigError, match="resumable_max_streams"):
+            Settings.from_environ({}, resumable_max_streams=raw)

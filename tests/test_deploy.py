@@ -253,11 +253,11 @@ def upload(port: int, size: int) -> tuple[int, dict[str, str], bytes, str]:
         conn.close()
 
 
-def headers_only(port: int, size: int) -> bytes:
-    """Announce a body of ``size`` bytes and read the response head without sending the body."""
-    request = (f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {size}\r\n"
-               "Content-Type: application/octet-stream\r\n\r\n").encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+def headers_only(port: int, size: int, *, path: str = "/upload", body: bytes = b"", timeout: float = 20) -> bytes:
+    """Announce a body of ``size`` bytes, send ``body`` (nothing: the default) and read the response head."""
+    request = (f"{'PATCH' if path.startswith('/files/') else 'POST'} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Content-Length: {size}\r\nContent-Type: application/octet-stream\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(request)
         head = b""
         while b"\r\n\r\n" not in head:
@@ -308,3 +308,26 @@ class TestNginxInFront:
             assert status == 200 and json.loads(body) == {"size": 200 * MiB, "sha256": sha}
             response = headers_only(nginx.port, 200 * MiB + 1)
         assert response.startswith(b"HTTP/1.1 413 ") and b"Server: nginx" in response
+
+    def test_one_client_holds_at_most_four_resumable_streams(self, tmp_path: Path) -> None:
+        """Four requests to /files/ that are still sending their bodies: a fifth from the same address gets
+        nginx's 503 at once (limit_conn), so one client cannot take every stream slot of the host."""
+        with stack(tmp_path, limit=None) as (nginx, _):
+            held = []
+            try:
+                for _ in range(4):
+                    sock = socket.create_connection(("127.0.0.1", nginx.port), timeout=20)
+                    sock.sendall(b"PATCH /files/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n"
+                                 b"Content-Type: application/offset+octet-stream\r\n\r\n" + bytes(1000))
+                    held.append(sock)
+                fifth = b""
+                deadline = time.monotonic() + 20
+                while not fifth.startswith(b"HTTP/1.1 503") and time.monotonic() < deadline:
+                    # nginx counts a held request once it has read its head: ask until all four count.
+                    with contextlib.suppress(TimeoutError):  # forwarded: it holds a connection too
+                        fifth = headers_only(nginx.port, 10, path="/files/y", body=bytes(10), timeout=3)
+                assert fifth.startswith(b"HTTP/1.1 503 ") and b"Server: nginx" in fifth, fifth[:200]
+            finally:
+                for sock in held:
+                    sock.close()
+

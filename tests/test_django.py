@@ -319,6 +319,14 @@ class TestBodyLimit:
 
         assert response.status_code == 400
 
+    def test_a_chunked_body_the_server_will_not_deliver_is_411(self) -> None:
+        """Without wsgi.input_terminated (uWSGI) a chunked body is a 411 naming the fix; the view never runs."""
+        environ = chunked_environ("/raw/", b"x" * 5000)
+        del environ["wsgi.input_terminated"]
+        code, _, body = call(get_wsgi_application(), environ)
+
+        assert code == 411 and b"Content-Length" in body
+
     @pytest.mark.parametrize(("size", "status"), [
         pytest.param(5000, 200, id="under"),
         pytest.param(9000, 413, id="over"),

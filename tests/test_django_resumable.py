@@ -258,6 +258,136 @@ class TestAnonymousOwnership:
             assert client.head(url, **TUS).status_code == 200
 
 
+class Backend:
+    """An authentication backend without a database: each user id names an unsaved ``User``."""
+
+    def get_user(self, user_id: int) -> Any:
+        from django.contrib.auth.models import User
+
+        return User(id=user_id, username=f"user{user_id}")
+
+
+LOGIN_MIDDLEWARE = [
+    "uploadguard.django.UploadGuardMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "uploadguard.django.ResumableUploadsMiddleware",
+]
+
+
+@pytest.fixture
+def logins() -> Any:
+    """Django's own sessions (signed cookies: no database), authentication and login()."""
+    from django.contrib.auth.signals import user_logged_in
+
+    with override_settings(INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth",
+                                           "uploadguard.django.UploadGuardConfig"],
+                           MIDDLEWARE=LOGIN_MIDDLEWARE, AUTHENTICATION_BACKENDS=[f"{__name__}.Backend"],
+                           SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies"):
+        user_logged_in.disconnect(dispatch_uid="update_last_login")  # it saves the user: there is no database
+        yield
+
+
+def log_in(client: Client, token: str, user: int) -> str:
+    """Log ``client`` in as ``user``; return the CSRF token it holds from then on (login rotates it)."""
+    response = client.post("/login/", {"user": str(user), "csrfmiddlewaretoken": token})
+    assert response.status_code == 200, response.content
+    rotated: str = client.cookies["csrftoken"].value
+    assert rotated != token
+    return rotated
+
+
+@pytest.mark.usefixtures("logins")
+class TestLoggingIn:
+    def test_an_upload_begun_before_logging_in_is_the_users(self, dirs: dict[str, Path]) -> None:  # noqa: F811
+        """Begun anonymously, an upload resumes, completes and is fetched after login, as the user's own."""
+        client, token = csrf_client()
+        url = create(client, token, 6)["Location"]
+        assert patch(client, token, url, 0, b"abc").status_code == 204
+
+        token = log_in(client, token, 7)
+
+        head = client.head(url, **TUS)
+        assert (head.status_code, head["Upload-Offset"]) == (200, "3")
+        assert patch(client, token, url, 3, b"def").status_code == 204
+        done = client.post("/resumable-done/", {"upload": url, "csrfmiddlewaretoken": token})
+        assert done.status_code == 200 and done.json()["size"] == 6
+        assert (dirs["store"] / "cat.jpg").read_bytes() == b"abcdef"
+        elsewhere, other_token = csrf_client()
+        log_in(elsewhere, other_token, 7)
+        assert elsewhere.head(url, **TUS).status_code == 200  # the user's, from any browser now
+
+    def test_parts_begun_before_logging_in_are_joined_after(self) -> None:
+        """The parts of a concatenation, uploaded anonymously, are joined by the user they now belong to."""
+        client, token = csrf_client()
+        parts = []
+        for data in (b"abc", b"def"):
+            url = create(client, token, 3, HTTP_UPLOAD_CONCAT="partial")["Location"]
+            assert patch(client, token, url, 0, data).status_code == 204
+            parts.append(url)
+
+        token = log_in(client, token, 7)
+
+        final = client.generic("POST", "/files/", b"", **TUS, HTTP_X_CSRFTOKEN=token,
+                               HTTP_UPLOAD_CONCAT="final;" + " ".join(parts))
+        assert final.status_code == 201, final.content
+        assert client.head(final["Location"], **TUS)["Upload-Offset"] == "6"
+
+    def test_another_browser_logging_in_takes_nothing(self) -> None:
+        """Uploads begun anonymously in one browser stay its own when anybody logs in elsewhere."""
+        owner, owner_token = csrf_client()
+        url = create(owner, owner_token, 3)["Location"]
+        thief, thief_token = csrf_client()
+        thief_token = log_in(thief, thief_token, 7)
+
+        assert thief.head(url, **TUS).status_code == 404
+        assert patch(thief, thief_token, url, 0, b"abc").status_code == 404
+        assert thief.post("/resumable-done/", {"upload": url, "csrfmiddlewaretoken": thief_token}).status_code == 404
+        assert owner.head(url, **TUS).status_code == 200
+        log_in(owner, owner_token, 8)
+        assert owner.head(url, **TUS).status_code == 200
+
+
+class TakingUploads:
+    """An endpoint whose ``on_complete`` moves the data away (to ``STORE_DIR/taken``), as applications do."""
+
+    def __new__(cls, get_response: Any) -> Any:
+        from django.conf import settings
+
+        from uploadguard.django import ResumableUploadsMiddleware
+
+        class Taking(ResumableUploadsMiddleware):
+            def on_complete(self, upload: Any) -> None:
+                os.makedirs(os.path.join(settings.STORE_DIR, "taken"), exist_ok=True)
+                os.replace(upload.path, os.path.join(settings.STORE_DIR, "taken", upload.id))
+
+        return Taking(get_response)
+
+
+class TestDataTakenByOnComplete:
+    def test_resumable_file_of_moved_data_is_a_404(self) -> None:
+        """resumable_file and save_resumable for an upload whose data on_complete moved away: 404, not a 500."""
+        from django.core.files.storage import FileSystemStorage
+        from django.http import Http404
+        from django.test import RequestFactory
+
+        from uploadguard.django import save_resumable
+
+        with override_settings(MIDDLEWARE=[*MIDDLEWARE[:-1], f"{__name__}.TakingUploads"]):
+            client, token = csrf_client()
+            url = create(client, token, 3)["Location"]
+            assert patch(client, token, url, 0, b"abc").status_code == 204
+
+            response = client.post("/resumable-done/", {"upload": url, "csrfmiddlewaretoken": token})
+
+            assert response.status_code == 404
+            request = RequestFactory().post("/photos/")
+            request.META["CSRF_COOKIE"] = client.cookies["csrftoken"].value
+            with pytest.raises(Http404):
+                save_resumable(request, url, storage=FileSystemStorage(location=os.devnull + "-never"))
+
+
 class TestSaveResumable:
     def test_saves_into_a_django_storage_for_the_owner_only(self, tmp_path: Path) -> None:
         """save_resumable copies a finished upload into any storage under its filename; a stranger gets 404."""

@@ -280,6 +280,18 @@ class TestPreRequest:
         assert req.body is body and req.must_close is False
 
     @pytest.mark.usefixtures("isolated")
+    def test_asgi_worker_request_untouched(self, module: types.ModuleType, caplog: pytest.LogCaptureFixture) -> None:
+        """A request of gunicorn's ASGI worker (-k asgi, which sends 100 Continue on the first receive itself) is left alone, no error logged."""
+        from gunicorn.asgi.parser import CallbackRequest
+
+        req = CallbackRequest()
+        req.method, req.path, req.content_length, req._expect_100_continue = "POST", "/u", 4, True
+        with caplog.at_level(logging.DEBUG):
+            module.pre_request(types.SimpleNamespace(log=logging.getLogger("tests.gunicorn")), req)
+        assert [r.getMessage() for r in caplog.records] == ["POST /u"]
+        assert req._expect_100_continue is True and req.must_close is False
+
+    @pytest.mark.usefixtures("isolated")
     def test_keeps_gunicorns_debug_line(self, module: types.ModuleType, caplog: pytest.LogCaptureFixture) -> None:
         """Like gunicorn's default pre_request, it logs the method and path at debug."""
         req = parse_request(b"GET /page?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -35,7 +35,12 @@ def install_section() -> str:
 
 
 def named(text: str) -> list[list[str]]:
-    return [[extra.strip() for extra in group.split(",")] for group in PIP_INSTALL.findall(text)]
+    """The extras of each ``pip install`` line with extras in ``text``; every such line must be understood."""
+    lines = [[extra.strip() for extra in group.split(",")] for group in PIP_INSTALL.findall(text)]
+    with_extras = re.findall(r"pip install [^\n`]*\[", text)
+    assert len(lines) == len(with_extras), f"PIP_INSTALL no longer reads every install line: {with_extras}"
+    assert lines, "no pip install line with extras"
+    return lines
 
 
 class TestReadmeInstall:
@@ -54,15 +59,16 @@ class TestReadmeInstall:
     def test_framework_install_lines_bring_gunicorn(self, framework: str) -> None:
         """A line installing a framework extra also installs gunicorn, which the README's serving command needs."""
         known = extras()
-        for line in named(README):
-            if framework in line:
-                assert "gunicorn" in set().union(*(known[extra] for extra in line)), line
+        lines = [line for line in named(README) if framework in line]
+        assert lines, f"no install line for {framework}"
+        for line in lines:
+            assert "gunicorn" in set().union(*(known[extra] for extra in line)), line
 
     def test_table_lists_every_extra_with_what_it_brings(self) -> None:
         """The extras table has one row per setup.cfg extra, naming the distributions it brings."""
         rows = dict(re.findall(r"^\| `([a-z0-9]+)` \| ([^|]+) \|", install_section(), re.M))
         known = extras()
-        assert sorted(rows) == sorted(known)
+        assert rows and sorted(rows) == sorted(known)
         for name, brings in rows.items():
             if name != "test":
                 assert {word.lower() for word in re.split(r",\s*", brings.strip())} == known[name], name

@@ -56,11 +56,13 @@ class Server:
         self.storage = tmp_path / "uploads"
         self.hook_log = tmp_path / "hooks.log"
         self.hook_fail = tmp_path / "hook-fail"
+        self.hook_die = tmp_path / "hook-die"
         (tmp_path / "tmp").mkdir(exist_ok=True)
         self.gunicorn = Gunicorn(
             "resumable_apps:application", tmp_path=tmp_path, config=GUNICORN_CONF, workers=workers, args=args,
             env={"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"), "RESUMABLE_TEST_STORAGE": str(self.storage),
                  "RESUMABLE_TEST_HOOK_LOG": str(self.hook_log), "RESUMABLE_TEST_HOOK_FAIL": str(self.hook_fail),
+                 "RESUMABLE_TEST_HOOK_DIE": str(self.hook_die),
                  "UPLOADGUARD_MAX_BODY_SIZE": "64M", **(env or {})},
         )
         self.port = self.gunicorn.port
@@ -316,6 +318,32 @@ class TestWorkerLifecycle:
         finally:
             sock.close()
 
+    def test_sigkill_inside_on_complete_of_a_final_upload(self, server: Server) -> None:
+        """A worker SIGKILLed inside on_complete of a final upload (its data already fsynced): the client's
+        retry of the join runs on_complete for that final upload and consumes the parts -- one final
+        upload, never a second copy left beside the first."""
+        parts, data = [], [os.urandom(300_000), os.urandom(200_000)]
+        for chunk in data:
+            response = requests.post(server.endpoint, headers={**TUS, "Upload-Length": str(len(chunk)),
+                                                               "Upload-Concat": "partial"}, timeout=30)
+            assert response.status_code == 201, response.text
+            url = urljoin(server.endpoint, response.headers["Location"])
+            assert server.patch(url, 0, chunk).status_code == 204
+            parts.append(response.headers["Location"])
+        join = {**TUS, "Upload-Concat": "final;" + " ".join(parts)}
+        server.hook_die.touch()
+        with pytest.raises(requests.ConnectionError):
+            requests.post(server.endpoint, headers=join, timeout=30)
+        assert not server.hook_die.exists()  # on_complete ran, and its worker died in it
+
+        retry = requests.post(server.endpoint, headers=join, timeout=30)
+
+        assert retry.status_code == 201, retry.text
+        final_id = retry.headers["Location"].rsplit("/", 1)[1]
+        assert sorted(path.name for path in server.storage.glob("*.info")) == [f"{final_id}.info"]
+        assert [hook[:2] for hook in server.hooks()] == [[final_id, sha256(b"".join(data))]]
+        assert (server.storage / f"{final_id}.bin").read_bytes() == b"".join(data)
+
     def test_hup_mid_patch(self, server: Server, data: bytes) -> None:
         """A HUP (reload) while a PATCH hangs: the client resumes from the durable offset on the new workers."""
         url = server.create(len(data))
@@ -368,6 +396,32 @@ class TestStorageFailures:
         server.storage.write_text("x")
         response = requests.post(server.endpoint, headers={**TUS, "Upload-Length": "10"}, timeout=30)
         assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+
+    def test_storage_replaced_by_a_file_mid_patch_is_503(self, server: Server) -> None:
+        """The storage dir swapped for a file while a PATCH streams: the answer is 503 + Retry-After, and once the
+        dir is back the upload has every byte that was sent."""
+        half = 64 * 1024
+        body = os.urandom(2 * half)
+        url = server.create(len(body))
+        data_path = server.data_path(url)
+        away = server.storage.with_name("uploads.away")
+        sock = server.open_patch(url, 0, len(body), body[:half])
+        try:
+            wait_until(lambda: data_path.exists() and data_path.stat().st_size >= half, what="first half stored")
+            server.storage.rename(away)
+            server.storage.write_text("not a directory")
+            sock.sendall(body[half:])
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
+        finally:
+            sock.close()
+        head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        assert head.startswith("HTTP/1.1 503 "), head
+        assert "\r\nRetry-After: 5" in head
+        server.storage.unlink()
+        away.rename(server.storage)
+        assert server.offset(url) == len(body) and data_path.read_bytes() == body
 
     @needs_root
     def test_read_only_tmpfs_is_503(self, server: Server) -> None:
@@ -485,6 +539,26 @@ class TestRateFloor:
         finally:
             server.gunicorn.stop()
 
+    def test_a_client_slowing_down_after_a_fast_start_is_not_cut(self, tmp_path: Path) -> None:
+        """3 MiB at full speed (reads grow to 1 MiB), then 100 KB/s -- 12 times the floor of 16 KiB per 2 s
+        window, but a 1 MiB read now takes 10 s: bytes are counted as they reach the socket, not as
+        reads return, so the PATCH runs to its end instead of being cut as too slow."""
+        server = Server(tmp_path, workers=1, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "2"})
+        fast, tick, ticks = 3 * MiB, 10_000, 60  # then 10 KB every 0.1 s for 6 s (three windows)
+        size = fast + tick * ticks
+        try:
+            url = server.create(size)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+                sock.sendall(raw_patch(server, url, f"Content-Length: {size}") + bytes(fast))
+                for _ in range(ticks):
+                    sock.sendall(bytes(tick))
+                    time.sleep(0.1)
+                answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 204"), answer[:200]
+            assert f"Upload-Offset: {size}".encode() in answer, answer[:300]
+        finally:
+            server.gunicorn.stop()
+
     @pytest.mark.parametrize("sent", [1000, 65_000, 99_000])
     def test_a_stalled_patch_keeps_every_byte_that_arrived(self, tmp_path: Path, sent: int) -> None:
         """A client that sends part of its PATCH body and goes silent: when the idle window ends the PATCH,
@@ -519,6 +593,90 @@ class TestRateFloor:
             server.gunicorn.stop()
 
 
+class TestAdmission:
+    """Slow phones cannot take a sync worker pool: bodies read at once stay below the worker count."""
+
+    @staticmethod
+    def hold(server: Server, url: str, length: int) -> socket.socket:
+        """A PATCH that is admitted and being read (its first 64 KiB on disk), then goes quiet."""
+        sock = server.open_patch(url, 0, length, bytes(64 * 1024))
+        wait_until(lambda: server.size(url) == 64 * 1024, what="the held PATCH's first bytes on disk")
+        return sock
+
+    def test_the_site_answers_while_slow_patches_fill_every_slot(self, tmp_path: Path) -> None:
+        """3 sync workers read at most 2 bodies at once: a third PATCH is answered 503 + Retry-After at once,
+        reading nothing, and GET / is served -- without the cap the held PATCHes (idle timeout 120 s) would
+        keep all 3 workers and the GET would wait minutes."""
+        server = Server(tmp_path, workers=3, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "120"})
+        try:
+            urls = [server.create(MiB) for _ in range(3)]
+            held = [self.hold(server, url, MiB) for url in urls[:2]]
+            try:
+                refused = server.patch(urls[2], 0, bytes(MiB))
+                assert refused.status_code == 503, refused.text
+                assert refused.headers["Retry-After"] == "5"
+                assert server.size(urls[2]) == 0  # nothing was read into the upload
+                for _ in range(5):  # any worker that answers: the free one
+                    assert requests.get(server.gunicorn.url + "/", timeout=20).text == "app"
+            finally:
+                for sock in held:
+                    sock.close()
+            # The slots come back as the held PATCHes end: the refused client's retry goes through.
+            wait_until(lambda: server.patch(urls[2], 0, bytes(MiB)).status_code == 204, timeout=30,
+                       what="the refused upload accepted on retry")
+        finally:
+            server.gunicorn.stop()
+
+    def test_a_client_resuming_its_own_held_upload_is_admitted(self, tmp_path: Path, data: bytes) -> None:
+        """Every slot held, one by a silent PATCH of this very upload: its client's resume takes the upload
+        (and the slot it frees) instead of a 503 until the idle timeout."""
+        server = Server(tmp_path, workers=3, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "120"})
+        try:
+            mine, other = server.create(len(data)), server.create(MiB)
+            with self.hold(server, mine, len(data)), self.hold(server, other, MiB):
+                response = server.patch(mine, 64 * 1024, data[64 * 1024:])
+                assert response.status_code == 204, response.text
+            assert server.offset(mine) == len(data)
+        finally:
+            server.gunicorn.stop()
+
+    def test_threaded_workers_keep_a_thread_each(self, tmp_path: Path) -> None:
+        """gthread, 1 worker x 3 threads: 2 bodies at once, the third is refused and GET / still answers."""
+        server = Server(tmp_path, workers=1, args=("--threads", "3"),
+                        env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "120"})
+        try:
+            urls = [server.create(MiB) for _ in range(3)]
+            held = [self.hold(server, url, MiB) for url in urls[:2]]
+            try:
+                assert server.patch(urls[2], 0, bytes(MiB)).status_code == 503
+                assert requests.get(server.gunicorn.url + "/", timeout=20).text == "app"
+            finally:
+                for sock in held:
+                    sock.close()
+        finally:
+            server.gunicorn.stop()
+
+    def test_an_explicit_cap_and_no_cap(self, tmp_path: Path) -> None:
+        """UPLOADGUARD_RESUMABLE_MAX_STREAMS=1 admits one body on 3 workers; 0 turns the cap off."""
+        server = Server(tmp_path, workers=3, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "120",
+                                                  "UPLOADGUARD_RESUMABLE_MAX_STREAMS": "1"})
+        try:
+            first, second = server.create(MiB), server.create(MiB)
+            with self.hold(server, first, MiB):
+                assert server.patch(second, 0, bytes(MiB)).status_code == 503
+        finally:
+            server.gunicorn.stop()
+        (tmp_path / "off").mkdir()
+        server = Server(tmp_path / "off", workers=2, env={"UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "120",
+                                                          "UPLOADGUARD_RESUMABLE_MAX_STREAMS": "0"})
+        try:
+            first, second = server.create(MiB), server.create(MiB)
+            with self.hold(server, first, MiB):
+                assert server.patch(second, 0, bytes(MiB)).status_code == 204
+        finally:
+            server.gunicorn.stop()
+
+
 class TestOnComplete:
     def test_once_and_500_then_retrievable(self, server: Server) -> None:
         """A raising hook: the final PATCH is a 500 (a response, not a dropped connection), the data stays,
@@ -535,3 +693,57 @@ class TestOnComplete:
         assert server.patch(url, len(data), b"").status_code == 204  # a retried final PATCH
         assert server.offset(url) == len(data)
         assert [line[:2] for line in server.hooks()] == [[url.rsplit("/", 1)[1], sha256(data)]]
+
+
+class TestMetadataCapOverASocket:
+    def test_repeated_metadata_lines_are_refused(self, server: Server) -> None:
+        """Upload-Metadata on 90 header lines (gunicorn joins them) is a 400 naming the cap, and nothing is stored."""
+        lines = "".join(f"Upload-Metadata: n{i} {'dmFsdWVz' * 10}\r\n" for i in range(90))  # 60 bytes each
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(f"POST /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                         f"Upload-Length: 10\r\n{lines}Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+        assert b"4096" in answer
+        assert not server.storage.exists() or not list(server.storage.glob("*.info"))
+
+
+def read_head(reader: io.BufferedReader) -> tuple[int, dict[str, str]]:
+    """The status and (lower-cased) headers of one HTTP/1.1 response read from ``reader``."""
+    status_line = reader.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers
+
+
+class TestMethodOverrideOverASocket:
+    @pytest.mark.parametrize("args", [pytest.param((), id="sync"), pytest.param(("--threads", "2"), id="gthread")])
+    def test_a_post_overridden_to_head_keeps_the_connection_usable(self, tmp_path: Path,
+                                                                   args: tuple[str, ...]) -> None:
+        """POST + X-HTTP-Method-Override: HEAD for an unknown upload: the 404's body matches its Content-Length, and
+        the connection is then either kept alive and answers the next request (gthread) or closed cleanly (sync)."""
+        from uploadguard.resumable.store import new_upload_id
+
+        server = Server(tmp_path, args=args)
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, \
+                    sock.makefile("rb") as reader:
+                sock.sendall(f"POST /files/{new_upload_id()} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                             "X-HTTP-Method-Override: HEAD\r\nContent-Length: 0\r\n\r\n".encode())
+                status, headers = read_head(reader)
+                body = reader.read(int(headers["content-length"]))  # short (a timeout) if the body were missing
+                assert status == 404 and len(body) == int(headers["content-length"]) > 0
+                if headers.get("connection", "").lower() == "close":
+                    assert reader.read() == b""  # closed cleanly: nothing after the answer
+                    assert args == ()
+                    return
+                sock.sendall(b"OPTIONS /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+                status, headers = read_head(reader)
+                assert status == 204 and headers["tus-version"] == "1.0.0"
+        finally:
+            server.gunicorn.stop()

@@ -118,6 +118,22 @@ class TestMetadata:
         with pytest.raises(BadRequest):
             p.parse_metadata(header)
 
+    def test_up_to_the_cap_is_accepted(self) -> None:
+        """Metadata of exactly MAX_METADATA_SIZE decoded bytes (keys and values) is accepted."""
+        value = "x" * (p.MAX_METADATA_SIZE - len("note") - len("k"))
+        assert p.parse_metadata(f"note {b64(value)},k") == {"note": value, "k": ""}
+
+    @pytest.mark.parametrize("header", [
+        pytest.param(f"note {b64('x' * (4096 - 3))}", id="one-byte-over"),
+        pytest.param(",".join(f"k{i} {b64('v' * 100)}" for i in range(90)), id="many-pairs"),
+        pytest.param("a" * 9000, id="long-undecoded"),
+    ])
+    def test_over_the_cap_is_400_naming_it(self, header: str) -> None:
+        """Metadata over MAX_METADATA_SIZE decoded bytes is a 400 whose message names the cap."""
+        with pytest.raises(BadRequest) as caught:
+            p.parse_metadata(header)
+        assert str(p.MAX_METADATA_SIZE) in caught.value.detail and caught.value.status_code == 400
+
     def test_round_trip(self) -> None:
         """What HEAD sends back parses to the same dict."""
         metadata = {"filename": "a b.txt", "flag": ""}
@@ -187,8 +203,9 @@ class TestUploadComplete:
 
 class TestDecisions:
     def test_offset_equal(self) -> None:
-        """The client's offset equal to the stored one appends."""
-        p.check_offset(10, 10)
+        """The client's offset equal to the stored one appends: no error, whatever the offset."""
+        for offset in (0, 10, 2**40):
+            assert p.check_offset(offset, offset) is None
 
     @pytest.mark.parametrize("requested, current", [
         pytest.param(5, 10, id="behind"), pytest.param(11, 10, id="ahead"), pytest.param(0, 10, id="restart"),

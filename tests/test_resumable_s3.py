@@ -329,13 +329,85 @@ class TestS3Store:
         assert "uploadguard[s3]" in out
 
 
+class RacingS3:
+    """A stand-in for boto3's S3 client holding objects in a dict, whose conditional PUTs lose their race
+    the way AWS S3 reports it when two conditional writes of one key overlap: 409
+    ``ConditionalRequestConflict`` (SeaweedFS only ever answers 412, so this is the only place it is seen)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.racing = False
+
+    @staticmethod
+    def _error(code: str, status: int, operation: str) -> Exception:
+        from botocore.exceptions import ClientError
+
+        return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                           operation)
+
+    def put_object(self, *, Bucket: str, Key: str, Body: bytes, **conditions: str) -> dict[str, Any]:
+        if conditions and self.racing:
+            raise self._error("ConditionalRequestConflict", 409, "PutObject")
+        self.objects[Key] = Body
+        return {"ETag": '"%s"' % hashlib.md5(Body).hexdigest()}
+
+    def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        import datetime
+        from email.utils import formatdate
+
+        if Key not in self.objects:
+            raise self._error("NoSuchKey", 404, "GetObject")
+        body = self.objects[Key]
+        return {"Body": io.BytesIO(body), "ETag": '"%s"' % hashlib.md5(body).hexdigest(),
+                "LastModified": datetime.datetime.now(datetime.timezone.utc),
+                "ResponseMetadata": {"HTTPHeaders": {"date": formatdate(usegmt=True)}}}
+
+    def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        return self.get_object(Bucket=Bucket, Key=Key)
+
+    def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        self.objects.pop(Key, None)
+        return {}
+
+    def create_multipart_upload(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        return {"UploadId": "multipart-1"}
+
+
+class TestConflictClassification:
+    """A conditional write that lost to another request's is contention (423, retry soon), whatever S3 calls
+    it -- never an S3 outage (503)."""
+
+    def test_a_lock_lost_to_a_racing_writer_is_a_423(self) -> None:
+        """AWS's 409 ConditionalRequestConflict on the lock's creation, the lock held by another: 423."""
+        client = RacingS3()
+        store = S3Store("s3://bucket/uploads", client=client)
+        upload_id = new_upload_id()
+        client.objects[f"uploads/{upload_id}.lock"] = b'{"token": "another", "serial": 0, "free": false}'
+        client.racing = True
+        with pytest.raises(UploadLocked) as caught:
+            store.locker.acquire(upload_id, timeout=0)
+        assert caught.value.status_code == 423
+
+    def test_a_commit_lost_to_a_racing_writer_is_a_423(self) -> None:
+        """AWS's 409 ConditionalRequestConflict on an info commit (If-Match): 423, as SeaweedFS's 412 is."""
+        client = RacingS3()
+        store = S3Store("s3://bucket/uploads", client=client)
+        info = store.create(new_info(10))
+        client.racing = True
+        with pytest.raises(UploadLocked) as caught:
+            store.update(info)
+        assert caught.value.status_code == 423
+
+
 class AnswerLosingProxy:
     """An HTTP proxy to SeaweedFS that forwards every request but, for the first ``losses`` conditional
     PUTs (If-None-Match / If-Match) of keys ending in ``suffix``, drops the connection instead of
     answering: the write landed, the client never heard -- what a timeout or a cut link does, and what
-    boto3 answers by retrying."""
+    boto3 answers by retrying.  With ``delay``, every such PUT is answered that many seconds after it
+    was written (a slow link, or an answer that came only to a retry)."""
 
-    def __init__(self, upstream: str, suffix: str, losses: int = 1, condition: str | None = None) -> None:
+    def __init__(self, upstream: str, suffix: str, losses: int = 1, condition: str | None = None,
+                 delay: float = 0.0) -> None:
         import http.client
         import http.server
         from urllib.parse import urlsplit
@@ -362,11 +434,13 @@ class AnswerLosingProxy:
                 conditional = (self.headers.get(condition) if condition else
                                self.headers.get("If-None-Match") or self.headers.get("If-Match"))
                 path = self.path.split("?")[0]
-                if (self.command == "PUT" and conditional and path.endswith(suffix) and response.status == 200
-                        and len(proxy.lost) < losses):
+                matched = self.command == "PUT" and conditional and path.endswith(suffix)
+                if matched and response.status == 200 and len(proxy.lost) < losses:
                     proxy.lost.append(path)
                     self.close_connection = True  # the answer is lost
                     return
+                if matched and delay:
+                    time.sleep(delay)  # written already; the answer is late
                 self.send_response_only(response.status, response.reason)
                 for name, value in response.getheaders():
                     if name.lower() not in ("transfer-encoding", "content-length", "connection"):
@@ -454,6 +528,57 @@ class TestRetriedConditionalWrites:
         again = make_store(bucket).locker.try_acquire(upload_id)
         assert again is not None  # freed by If-Match on the ETag the renewal adopted
         again.release()
+
+
+class TestLeaseClock:
+    """The lease runs from when the lock's write was sent, and a holder that may have outlived it writes nothing."""
+
+    @pytest.fixture
+    def slow_lock_writes(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                         monkeypatch: pytest.MonkeyPatch) -> Iterator[AnswerLosingProxy]:
+        """Every conditional write of a lock (taking, renewing, freeing it) answered 1.5 s after it landed:
+        more than two thirds of a 2 s lease."""
+        proxy = AnswerLosingProxy(seaweed.endpoint, ".lock", losses=0, delay=1.5)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy
+        proxy.close()
+
+    def test_a_lock_answered_late_counts_its_lease_from_the_request(self, slow_lock_writes: AnswerLosingProxy,
+                                                                     bucket: str) -> None:
+        """A lock whose creation was answered 1.5 s after it was written has spent 1.5 s of its 2 s lease:
+        it already counts as possibly lost (was: a fresh lease from the answer)."""
+        store = make_store(bucket, lease=2)
+        lock = store.locker.try_acquire(new_upload_id())
+        assert lock is not None
+        try:
+            assert lock.lost and lock.release_requested()
+        finally:
+            lock.release()
+
+    def test_a_holder_whose_lease_may_have_lapsed_writes_nothing(self, aws_env: dict[str, str], seaweed: SeaweedFS,
+                                                                 bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A PATCH under a lock whose lease may have lapsed uploads no part and commits nothing: a 423, and
+        the upload stands where it was."""
+        store = make_store(bucket, lease=2)
+        info = store.create(new_info(6 * MiB))
+        proxy = AnswerLosingProxy(seaweed.endpoint, ".lock", losses=0, delay=1.5)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        try:
+            holder = make_store(bucket, lease=2)  # its lock writes go through the slow link
+            lock = holder.locker.try_acquire(info.id)
+            assert lock is not None
+            try:
+                with pytest.raises(UploadLocked) as caught:
+                    holder.write(info.id, 0, reader(patterned(6 * MiB)), 6 * MiB)
+            finally:
+                lock.release()
+        finally:
+            proxy.close()
+        assert caught.value.status_code == 423
+        assert store.get(info.id).offset == 0
+        state = store._load(info.id)
+        parts = store.client.list_parts(Bucket=bucket, Key=store._key(info.id), UploadId=state.multipart)
+        assert not parts.get("Parts")
 
 
 class TestS3Locking:
@@ -901,3 +1026,20 @@ class TestEndpointOnS3:
         assert "removed 1 expired resumable upload " in capsys.readouterr().out
         assert [info.id for info in store.uploads()] == [fresh.id]
         assert [key for key, _ in store.multipart_uploads()] == [f"uploads/{fresh.id}"]
+
+    def test_a_refused_patch_declares_no_length(self, aws_env: dict[str, str], bucket: str, tmp_path: Path) -> None:
+        """On S3 too, Upload-Length: 7 with a wrong checksum is a 460 that records no length; the real 9 works."""
+        import base64
+
+        completed: list[bytes] = []
+        app = self.app(f"s3://{bucket}/uploads", tmp_path, completed)
+        created = app.post("/files/", headers={**TUS, "Upload-Defer-Length": "1"}, status=201)
+        path = created.headers["Location"]
+        wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+        app.request(path, method="PATCH", body=b"abcdefg", status=460, headers={
+            **TUS, "Upload-Offset": "0", "Content-Type": OCTETS, "Upload-Length": "7",
+            "Upload-Checksum": f"sha1 {wrong}"})
+        assert "Upload-Length" not in app.head(path, headers=TUS, status=200).headers
+        app.request(path, method="PATCH", body=b"abcdefghi", status=204, headers={
+            **TUS, "Upload-Offset": "0", "Content-Type": OCTETS, "Upload-Length": "9"})
+        assert completed == [b"abcdefghi"]

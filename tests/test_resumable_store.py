@@ -25,7 +25,7 @@ import pytest
 from uploadguard.cli import main
 from uploadguard.errors import BodyTooLarge
 from uploadguard.resumable import LocalStore, UploadInfo, clean_expired
-from uploadguard.resumable.locking import FileLocker, ReleaseWatcher
+from uploadguard.resumable.locking import FileLocker, ReleaseWatcher, StreamSlots
 from uploadguard.resumable.protocol import Checksum, ChecksumMismatch, OffsetMismatch, UploadLocked, UploadNotFound
 from uploadguard.resumable.store import ID_PATTERN, Store, new_upload_id, valid_upload_id
 
@@ -157,6 +157,52 @@ class TestStoreContract:
         store.write(info.id, 0, reader(b"x"), 1)
         assert store.finish(info.id).expires is not None
 
+    def test_finish_records_when_the_upload_completed(self, store: Store) -> None:
+        """finish() stores the completion time, and the keep_completed given at creation survives it."""
+        info = store.create(new_info(3, keep_completed=60.0))
+        store.write(info.id, 0, reader(b"abc"), 3)
+        before = time.time()
+        store.finish(info.id)
+        got = store.get(info.id)
+        assert before - 1 <= got.completed_at <= time.time() + 1 and got.keep_completed == 60.0
+        discard = got.discard_at(0.0)
+        assert discard is not None and abs(discard - (got.completed_at + 60.0)) < 1e-6
+
+    def test_clean_removes_completed_uploads_past_keep_completed(self, store: Store) -> None:
+        """A completed upload is removed by clean_expired() keep_completed after it completed, under its lock (busy
+        while held); one kept forever (0), a partial and an incomplete one stay."""
+        done = store.create(new_info(3, keep_completed=60.0))
+        forever = store.create(new_info(3, keep_completed=0.0))
+        for info in (done, forever):
+            store.write(info.id, 0, reader(b"abc"), 3)
+            store.finish(info.id)
+        part = store.create(new_info(1, keep_completed=60.0, partial=True))
+        store.write(part.id, 0, reader(b"x"), 1)
+        store.finish(part.id)
+        live = store.create(new_info(3, keep_completed=60.0))
+        assert clean_expired(store, now=time.time() + 30).uploads == 0
+        later = time.time() + 120
+        with store.locker.try_acquire(done.id) or pytest.fail("not acquired"):
+            assert clean_expired(store, now=later).busy == 1
+        result = clean_expired(store, now=later)
+        assert (result.uploads, result.completed, result.bytes, result.errors) == (1, 1, 3, [])
+        with pytest.raises(UploadNotFound):
+            store.get(done.id)
+        assert {info.id for info in store.uploads()} == {forever.id, part.id, live.id}
+        assert clean_expired(store, now=time.time() + 365 * 86400).completed == 0
+
+    def test_clean_applies_its_default_to_uploads_that_recorded_no_keep_completed(self, store: Store) -> None:
+        """A completed upload whose info recorded no keep_completed (written before it existed) is kept by clean's
+        keep_completed; without one (0) it stays."""
+        old = store.create(new_info(3))
+        store.write(old.id, 0, reader(b"abc"), 3)
+        store.finish(old.id)
+        later = time.time() + 120
+        assert clean_expired(store, now=later).uploads == 0
+        assert clean_expired(store, now=later, keep_completed=60.0).completed == 1
+        with pytest.raises(UploadNotFound):
+            store.get(old.id)
+
     def test_expired_lists_only_expired_incomplete_uploads(self, store: Store) -> None:
         """expired(now) yields the incomplete uploads whose expiry is past, nothing else."""
         old = store.create(new_info(3, expires_after=60.0))
@@ -167,6 +213,12 @@ class TestStoreContract:
 
 
 class TestLocalStore:
+    def test_an_upload_completed_before_the_time_was_recorded_counts_from_its_last_write(self) -> None:
+        """An info without completed_at (written before it was recorded) is kept keep_completed after its last write."""
+        info = UploadInfo(id=new_upload_id(), length=3, created=100.0, completed=True, updated=500.0)
+        assert info.discard_at(60.0) == 560.0 and info.discard_at(0.0) is None
+        assert dataclasses.replace(info, keep_completed=0.0).discard_at(60.0) is None
+
     def test_ids_are_unguessable(self) -> None:
         """Ids carry at least 128 random bits and match the strict pattern."""
         upload_id = new_upload_id()
@@ -325,6 +377,59 @@ class TestLocking:
             client.sendall(b"data")
             time.sleep(0.05)  # several polls pass; nothing must happen
             assert server.recv(10) == b"data" and not watcher.preempted
+
+
+class TestStreamSlots:
+    def test_at_most_total_at_once(self, tmp_path: Path) -> None:
+        """Two slots: two takers, the third gets None; a release frees one slot for the next taker."""
+        slots = StreamSlots(tmp_path, 2)
+        first, second = slots.try_take(), slots.try_take()
+        assert first is not None and second is not None and slots.try_take() is None
+        first()
+        third = slots.try_take()
+        assert third is not None and slots.try_take() is None
+        second()
+        third()
+
+    def test_shared_across_processes_and_freed_on_kill(self, tmp_path: Path) -> None:
+        """A slot held by another process (a worker) counts here; SIGKILL of that process frees it."""
+        code = ("import time; from uploadguard.resumable.locking import StreamSlots;"
+                f"held = StreamSlots({str(tmp_path)!r}, 1).try_take();"
+                "print('held' if held else 'busy', flush=True); time.sleep(60)")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+            slots = StreamSlots(tmp_path, 1)
+            assert slots.try_take() is None
+            proc.kill()
+            proc.wait(timeout=10)
+            release = slots.try_take()
+            assert release is not None
+            release()
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def test_per_process_cap(self, tmp_path: Path) -> None:
+        """per_process=1 admits one body in this process even when the host has slots to spare."""
+        slots = StreamSlots(tmp_path, 5, per_process=1)
+        release = slots.try_take()
+        assert release is not None and slots.try_take() is None
+        release()
+        again = slots.try_take()
+        assert again is not None
+        again()
+
+    def test_unusable_directory_does_not_refuse(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """Slots in a directory that is gone are not enforced (logged once): uploads keep working."""
+        slots = StreamSlots(tmp_path / "gone", 1)
+        first, second = slots.try_take(), slots.try_take()
+        assert first is not None and second is not None
+        assert sum("stream slots" in record.getMessage() for record in caplog.records) == 1
+        first()
+        second()
 
 
 class TestExpiry:
@@ -494,6 +599,27 @@ class TestExpiry:
         assert {info.id for info in store.uploads()} == {fresh.id}
         with pytest.raises(UploadNotFound):
             store.get(old.id)
+
+    def test_cli_clean_removes_unclaimed_completed_uploads(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+        """`uploadguard clean` removes a completed upload past the keep_completed it recorded, and one that recorded
+        none past UPLOADGUARD_RESUMABLE_KEEP_COMPLETED; a fresh completed upload stays."""
+        store = LocalStore(tmp_path / "uploads")
+        store.health()
+        uploads = {}
+        for name, keep, age in (("recorded", 3600.0, 7200), ("legacy", None, 7200), ("fresh", 3600.0, 0)):
+            info = store.create(new_info(2, keep_completed=keep))
+            store.write(info.id, 0, reader(b"ab"), 2)
+            done = store.finish(info.id)
+            store.update(dataclasses.replace(done, completed_at=done.completed_at - age))
+            uploads[name] = info.id
+        (tmp_path / "tmp").mkdir()
+        monkeypatch.setenv("UPLOADGUARD_TEMP_DIR", str(tmp_path / "tmp"))
+        monkeypatch.setenv("UPLOADGUARD_RESUMABLE_STORAGE", str(tmp_path / "uploads"))
+        monkeypatch.setenv("UPLOADGUARD_RESUMABLE_KEEP_COMPLETED", "1h")
+        assert main(["clean", "--older-than", "24h"]) == 0
+        assert "removed 2 expired resumable uploads (4B, 2 of them completed and unclaimed)" in capsys.readouterr().out
+        assert [info.id for info in store.uploads()] == [uploads["fresh"]]
 
     def test_cli_clean_with_dir_leaves_uploads(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """`uploadguard clean DIR` cleans only DIR."""

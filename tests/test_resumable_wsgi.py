@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import logging
 import os
 import subprocess
@@ -19,7 +20,7 @@ import webtest
 from tests.support import needs_root, tmpfs
 from uploadguard.config import Settings
 from uploadguard.resumable import ResumableUploads, Upload, UploadIncomplete, UploadNotFound
-from uploadguard.resumable.store import new_upload_id
+from uploadguard.resumable.store import UploadInfo, new_upload_id
 
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTETS = "application/offset+octet-stream"
@@ -208,12 +209,16 @@ class TestConcatenation:
 
     def test_a_part_joins_one_final_upload_only(self, app: webtest.TestApp, hooks: Hooks) -> None:
         """The parts are consumed by the final upload (the spec allows it): otherwise a few bytes of header
-        would copy a 200 MB part again and again, each copy a completed upload that never expires."""
+        would copy a 200 MB part again and again, each copy a completed upload that never expires.  The same
+        join again (a retry whose answer was lost) is answered with that final upload, not a second copy."""
         part = path_of(create(app, 3, **{"Upload-Concat": "partial"}))
         patch(app, part, 0, b"abc")
         final = path_of(create(app, None, **{"Upload-Concat": f"final;{part}"}))
         app.head(part, headers=TUS, status=404)
-        create(app, None, status=404, **{"Upload-Concat": f"final;{part}"})
+        assert path_of(create(app, None, **{"Upload-Concat": f"final;{part}"})) == final
+        other = path_of(create(app, 3, **{"Upload-Concat": "partial"}))
+        patch(app, other, 0, b"def")
+        create(app, None, status=404, **{"Upload-Concat": f"final;{part} {other}"})  # another join of it: gone
         assert app.head(final, headers=TUS).headers["Upload-Offset"] == "3"
         assert [c[3] for c in hooks.calls] == [b"abc"]
 
@@ -260,6 +265,26 @@ class TestConcatenation:
         assert [c[3] for c in hooks.calls] == [b"abc"]
         assert [info.id for info in endpoint.store.uploads()] == [path_of(first[0]).rsplit("/", 1)[1]]
 
+    def test_a_final_upload_left_half_copied_is_completed_by_the_retry(self, app: webtest.TestApp, hooks: Hooks,
+                                                                       endpoint: ResumableUploads) -> None:
+        """What a worker killed while joining leaves -- the final upload with the first part and a byte of
+        the second -- is completed from its offset by the client's retry: one final upload, the whole data."""
+        first = path_of(create(app, 3, **{"Upload-Concat": "partial"}))
+        second = path_of(create(app, 2, **{"Upload-Concat": "partial"}))
+        patch(app, first, 0, b"abc")
+        patch(app, second, 0, b"de")
+        part_ids = [first.rsplit("/", 1)[1], second.rsplit("/", 1)[1]]
+        left = endpoint._final_id(None, part_ids)  # the killed join's final upload, as it had made it
+        endpoint.store.create(UploadInfo(id=left, length=5, metadata={}, owner=None, created=time.time(),
+                                         parts=tuple(part_ids)))
+        endpoint.store.write(left, 0, io.BytesIO(b"abcd").read, 4)
+
+        final = path_of(create(app, None, **{"Upload-Concat": f"final;{first} {second}"}))
+
+        assert final == f"/files/{left}"
+        assert [c[3] for c in hooks.calls] == [b"abcde"]
+        assert [info.id for info in endpoint.store.uploads()] == [left]
+
     def test_a_part_named_twice_is_refused(self, app: webtest.TestApp, hooks: Hooks) -> None:
         """final;<a> <a> would double a part's bytes at no cost to the client: 400, nothing created."""
         part = path_of(create(app, 3, **{"Upload-Concat": "partial"}))
@@ -286,8 +311,8 @@ class TestIetfDraft:
         assert (head.headers["Upload-Offset"], head.headers["Upload-Complete"]) == ("0", "?0")
         app.patch(url, params=b"abc", headers={**draft, "Upload-Offset": "0", "Upload-Complete": "?0",
                                                "Content-Type": "application/partial-upload"}, status=204)
-        done = app.patch(url, params=b"def", headers={**draft, "Upload-Offset": "3", "Upload-Complete": "?1"},
-                         status=204)
+        done = app.patch(url, params=b"def", status=204, headers={
+            **draft, "Upload-Offset": "3", "Upload-Complete": "?1", "Content-Type": "application/partial-upload"})
         assert (done.headers["Upload-Offset"], done.headers["Upload-Complete"]) == ("6", "?1")
         assert stored(storage, url) == b"abcdef" and len(hooks.calls) == 1
 
@@ -301,9 +326,31 @@ class TestIetfDraft:
         """Without Upload-Length, the length is known when a PATCH says ?1."""
         draft = {"Upload-Draft-Interop-Version": "6"}
         url = path_of(app.post("/files/", headers={**draft, "Upload-Complete": "?0"}, status=201))
-        app.patch(url, params=b"ab", headers={**draft, "Upload-Offset": "0", "Upload-Complete": "?0"})
-        app.patch(url, params=b"c", headers={**draft, "Upload-Offset": "2", "Upload-Complete": "?1"})
+        partial = {**draft, "Content-Type": "application/partial-upload"}
+        app.patch(url, params=b"ab", headers={**partial, "Upload-Offset": "0", "Upload-Complete": "?0"})
+        app.patch(url, params=b"c", headers={**partial, "Upload-Offset": "2", "Upload-Complete": "?1"})
         assert [c[3] for c in hooks.calls] == [b"abc"]
+
+    @pytest.mark.parametrize("content_type", [None, OCTETS, "application/octet-stream"])
+    def test_draft_05_append_needs_partial_upload(self, app: webtest.TestApp, storage: Path,
+                                                   content_type: str | None) -> None:
+        """An interop-6 (draft-05) PATCH with a body of another media type, or none, is a 415 and appends nothing."""
+        draft = {"Upload-Draft-Interop-Version": "6"}
+        url = path_of(app.post("/files/", headers={**draft, "Upload-Complete": "?0"}, status=201))
+        typed = {"Content-Type": content_type} if content_type else {}
+        response = app.patch(url, params=b"ab", status=415,
+                             headers={**draft, **typed, "Upload-Offset": "0", "Upload-Complete": "?0"})
+        assert "application/partial-upload" in response.text and stored(storage, url) == b""
+
+    def test_draft_05_media_type_may_carry_parameters_and_draft_03_needs_none(self, app: webtest.TestApp,
+                                                                             storage: Path) -> None:
+        """application/partial-upload with a parameter is accepted under interop 6; interop 5 needs no type."""
+        for interop, headers in (("6", {"Content-Type": "Application/Partial-Upload; x=1"}), ("5", {})):
+            draft = {"Upload-Draft-Interop-Version": interop}
+            url = path_of(app.post("/files/", headers={**draft, "Upload-Complete": "?0"}, status=201))
+            app.patch(url, params=b"ab", status=204,
+                      headers={**draft, **headers, "Upload-Offset": "0", "Upload-Complete": "?0"})
+            assert stored(storage, url) == b"ab"
 
     def test_missing_upload_complete_is_400(self, app: webtest.TestApp) -> None:
         """A draft creation without Upload-Complete is a 400."""
@@ -614,8 +661,85 @@ class TestSettings:
     def test_keyword_arguments_win(self, endpoint: ResumableUploads, storage: Path) -> None:
         """Keyword arguments override the settings (sizes and durations in their text form too)."""
         made = ResumableUploads(fallback, storage=storage, max_size="1K", expires_after="30m", idle_timeout=5,
-                                settings=endpoint.settings)
-        assert (made.max_size, made.expires_after, made.idle_timeout) == (1024, 1800.0, 5.0)
+                                keep_completed="2d", settings=endpoint.settings)
+        assert (made.max_size, made.expires_after, made.idle_timeout, made.keep_completed) == (
+            1024, 1800.0, 5.0, 2 * 86400.0)
+
+    def test_keep_completed_is_a_finite_setting(self, tmp_path: Path) -> None:
+        """keep_completed defaults to 7 days, comes from UPLOADGUARD_RESUMABLE_KEEP_COMPLETED (0 = forever), and a bad
+        value names the variable."""
+        from uploadguard.config import ConfigError
+
+        assert Settings.from_environ({}).resumable_keep_completed == 7 * 86400.0
+        settings = Settings.from_environ({"UPLOADGUARD_RESUMABLE_KEEP_COMPLETED": "0"}, temp_dir=tmp_path)
+        assert ResumableUploads(fallback, storage=tmp_path / "s", settings=settings).keep_completed == 0.0
+        with pytest.raises(ConfigError, match="UPLOADGUARD_RESUMABLE_KEEP_COMPLETED"):
+            Settings.from_environ({"UPLOADGUARD_RESUMABLE_KEEP_COMPLETED": "a while"})
+
+
+class TestKeepCompleted:
+    """Completed uploads the application never deletes are kept keep_completed after they completed, then go."""
+
+    @staticmethod
+    def age(endpoint: ResumableUploads, url: str, seconds: float) -> None:
+        """Make the upload as if it completed ``seconds`` ago."""
+        import dataclasses
+
+        info = endpoint.store.get(url.rsplit("/", 1)[1])
+        endpoint.store.update(dataclasses.replace(info, completed_at=info.completed_at - seconds))
+
+    def test_past_keep_completed_a_completed_upload_is_gone(self, endpoint: ResumableUploads,
+                                                           app: webtest.TestApp) -> None:
+        """HEAD of a completed upload past keep_completed (7 days by default) is a 410 and get() raises
+        UploadNotFound; before that it is a 200; the application may still delete it."""
+        url = path_of(create(app, 3))
+        patch(app, url, 0, b"abc")
+        self.age(endpoint, url, 6 * 86400)
+        assert app.head(url, headers=TUS, status=200).headers["Upload-Offset"] == "3"
+        self.age(endpoint, url, 2 * 86400)
+        app.head(url, headers=TUS, status=410)
+        with pytest.raises(UploadNotFound):
+            endpoint.get(url)
+        endpoint.delete(url)
+        app.head(url, headers=TUS, status=404)
+
+    def test_unclaimed_empty_uploads_are_cleaned(self, endpoint: ResumableUploads, app: webtest.TestApp,
+                                                 storage: Path, hooks: Hooks) -> None:
+        """The issue's reproduction: Upload-Length: 0 creations complete at once; a year later clean_expired() has
+        removed them (the default keep_completed applies), leaving an empty storage."""
+        from uploadguard.resumable import clean_expired
+
+        for _ in range(20):
+            create(app, 0)
+        assert len(hooks.calls) == 20 and len(list(endpoint.store.uploads())) == 20
+        assert clean_expired(endpoint.store, now=time.time() + 6 * 86400).uploads == 0
+        result = clean_expired(endpoint.store, now=time.time() + 365 * 86400)
+        assert (result.uploads, result.completed, result.errors) == (20, 20, [])
+        assert [name for name in os.listdir(storage) if not name.startswith(".")] == []
+
+    def test_an_upload_moved_away_by_on_complete_is_cleaned_later(self, tmp_path: Path, storage: Path,
+                                                                  endpoint: ResumableUploads) -> None:
+        """The documented flow (on_complete moves the file away) keeps working, and the info it leaves is removed
+        keep_completed later."""
+        import shutil
+
+        from uploadguard.resumable import clean_expired
+
+        kept = tmp_path / "media"
+        kept.mkdir()
+
+        def stored(upload: Upload) -> None:
+            shutil.move(upload.path or "", kept / upload.id)
+
+        made = ResumableUploads(fallback, storage=storage, on_complete=stored, settings=endpoint.settings)
+        client = webtest.TestApp(made)
+        url = path_of(create(client, 3))
+        patch(client, url, 0, b"abc")
+        assert client.head(url, headers=TUS).headers["Upload-Offset"] == "3"
+        assert (kept / url.rsplit("/", 1)[1]).read_bytes() == b"abc"
+        assert clean_expired(made.store, now=time.time() + 8 * 86400).completed == 1
+        assert [name for name in os.listdir(storage) if not name.startswith(".")] == []
+        assert (kept / url.rsplit("/", 1)[1]).read_bytes() == b"abc"
 
 
 class TestStacking:
@@ -657,6 +781,33 @@ class TestStacking:
 
 
 class TestStorage:
+    def test_storage_replaced_by_a_file_during_a_patch_is_503(self, endpoint: ResumableUploads,
+                                                                app: webtest.TestApp, storage: Path,
+                                                                hooks: Hooks) -> None:
+        """The storage dir swapped for a file while a PATCH streams: 503 + Retry-After (not a 404 that makes the
+        client start again), and once the dir is back every byte is there and the upload completes."""
+        import io
+
+        url = path_of(create(app, 6))
+        away = storage.with_name("uploads.away")
+
+        class Swapping(io.BytesIO):
+            def read(self, size: int | None = -1) -> bytes:
+                if self.tell() == 3 and not away.exists():
+                    storage.rename(away)
+                    storage.write_text("not a directory")
+                return super().read(min(size, 3) if size is not None and size >= 0 else 3)
+
+        environ = {"REQUEST_METHOD": "PATCH", "PATH_INFO": url, "HTTP_TUS_RESUMABLE": "1.0.0",
+                   "HTTP_UPLOAD_OFFSET": "0", "CONTENT_TYPE": OCTETS, "CONTENT_LENGTH": "6",
+                   "wsgi.input": Swapping(b"abcdef")}
+        status, headers, _ = endpoint.handle(environ)
+        assert status.startswith("503 ") and ("Retry-After", "5") in headers
+        storage.unlink()
+        away.rename(storage)
+        head = app.head(url, headers=TUS, status=200)
+        assert head.headers["Upload-Offset"] == "6" and [c[3] for c in hooks.calls] == [b"abcdef"]
+
     def test_vanished_storage_404_then_new_uploads_work(self, app: webtest.TestApp, storage: Path) -> None:
         """Uploads in a deleted storage dir are 404; the dir is recreated and new uploads work."""
         url = path_of(create(app, 5))
@@ -712,7 +863,7 @@ class TestReviewFindings:
         url = path_of(create(app, None, **{"Upload-Defer-Length": "1"}))
         patch(app, url, 0, b"x" * 900)
         app.patch(url, params=b"y" * 4000, headers={**IETF, "Upload-Offset": "900", "Upload-Complete": "?1",
-                                                    "Content-Type": OCTETS}, status=413)
+                                                    "Content-Type": "application/partial-upload"}, status=413)
         assert len(stored(storage, url)) == 900
 
     def test_upload_complete_is_ignored_on_tus_requests(self, app: webtest.TestApp, storage: Path) -> None:
@@ -787,3 +938,166 @@ class TestRateFloor:
             received += chunk
             assert time.monotonic() - started < 30, "never cut"
         assert reader.cut == "slow" and 0 < len(received) < 10_000
+
+
+class TestRefusedRequestsChangeNothing:
+    """A PATCH refused for its body (460, 413) records none of its headers: the client retries with the truth."""
+
+    def test_a_wrong_checksum_does_not_declare_the_length(self, app: webtest.TestApp, storage: Path,
+                                                          hooks: Hooks) -> None:
+        """Upload-Length: 7 with a wrong Upload-Checksum is a 460, HEAD shows no length, and the real length 9 works."""
+        url = path_of(create(app, None, **{"Upload-Defer-Length": "1"}))
+        wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+        patch(app, url, 0, b"abcdefg", status=460, **{"Upload-Length": "7", "Upload-Checksum": f"sha1 {wrong}"})
+        head = app.head(url, headers=TUS, status=200)
+        assert "Upload-Length" not in head.headers and head.headers["Upload-Defer-Length"] == "1"
+        right = base64.b64encode(hashlib.sha1(b"abcdefghi").digest()).decode()
+        patch(app, url, 0, b"abcdefghi", **{"Upload-Length": "9", "Upload-Checksum": f"sha1 {right}"})
+        assert app.head(url, headers=TUS).headers["Upload-Length"] == "9"
+        assert [c[3] for c in hooks.calls] == [b"abcdefghi"]
+
+    @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+    def test_a_413_does_not_declare_the_length(self, endpoint: ResumableUploads, app: webtest.TestApp,
+                                               hooks: Hooks, chunked: bool) -> None:
+        """Upload-Length: 7 with a 9-byte body is a 413 (before the body, or after a chunked one), and changes
+        nothing: HEAD shows no length, and the real length 9 then completes the upload."""
+        import io
+
+        url = path_of(create(app, None, **{"Upload-Defer-Length": "1"}))
+        if chunked:
+            environ = {"REQUEST_METHOD": "PATCH", "PATH_INFO": url, "HTTP_TUS_RESUMABLE": "1.0.0",
+                       "HTTP_UPLOAD_OFFSET": "0", "HTTP_UPLOAD_LENGTH": "7", "CONTENT_TYPE": OCTETS,
+                       "wsgi.input_terminated": True, "wsgi.input": io.BytesIO(b"abcdefghi")}
+            assert endpoint.handle(environ).status.startswith("413 ")
+        else:
+            app.patch(url, params=b"abcdefghi", status=413,
+                      headers={**TUS, "Upload-Offset": "0", "Content-Type": OCTETS, "Upload-Length": "7"})
+        head = app.head(url, headers=TUS, status=200)
+        assert "Upload-Length" not in head.headers and head.headers["Upload-Offset"] == "0"
+        patch(app, url, 0, b"abcdefghi", **{"Upload-Length": "9"})
+        assert [c[3] for c in hooks.calls] == [b"abcdefghi"]
+
+    def test_ietf_complete_with_a_wrong_checksum_declares_nothing(self, app: webtest.TestApp,
+                                                                   hooks: Hooks) -> None:
+        """The draft's Upload-Complete: ?1 PATCH refused with a 460 leaves the length unknown; the right body
+        then completes the upload."""
+        url = path_of(app.post("/files/", headers={**IETF, "Upload-Complete": "?0"}, status=201))
+        wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+        draft_patch = {**IETF, "Upload-Offset": "0", "Upload-Complete": "?1",
+                       "Content-Type": "application/partial-upload"}
+        app.patch(url, params=b"abcdefg", headers={**draft_patch, "Upload-Checksum": f"sha1 {wrong}"}, status=460)
+        head = app.head(url, headers=IETF, status=204)
+        assert "Upload-Length" not in head.headers and head.headers["Upload-Complete"] == "?0"
+        app.patch(url, params=b"abcdefghi", headers=draft_patch, status=204)
+        assert [c[3] for c in hooks.calls] == [b"abcdefghi"]
+
+    def test_a_crash_between_the_write_and_the_length_is_resumed(self, endpoint: ResumableUploads,
+                                                                 app: webtest.TestApp, hooks: Hooks) -> None:
+        """Every byte stored but the declared length never recorded (a worker killed in between): HEAD shows the
+        offset, and an empty PATCH declaring the length completes the upload."""
+        url = path_of(create(app, None, **{"Upload-Defer-Length": "1"}))
+        upload_id = url.rsplit("/", 1)[1]
+        pieces = iter([b"abcde", b""])
+        endpoint.store.write(upload_id, 0, lambda size: next(pieces), 5)  # as if the worker died here
+        head = app.head(url, headers=TUS, status=200)
+        assert head.headers["Upload-Offset"] == "5" and "Upload-Length" not in head.headers
+        patch(app, url, 5, b"", **{"Upload-Length": "5"})
+        assert [c[3] for c in hooks.calls] == [b"abcde"]
+
+
+class TestMetadataCap:
+    def test_large_metadata_is_400_and_stores_nothing(self, app: webtest.TestApp, storage: Path) -> None:
+        """A creation whose Upload-Metadata decodes to more than 4 KiB is a 400 naming the cap; nothing is stored."""
+        from uploadguard.resumable.protocol import MAX_METADATA_SIZE
+
+        metadata = ",".join(f"k{i} {b64('v' * 100)}" for i in range(90))
+        response = create(app, 10, status=400, **{"Upload-Metadata": metadata})
+        assert str(MAX_METADATA_SIZE) in response.text
+        assert not storage.exists() or [name for name in os.listdir(storage) if not name.startswith(".")] == []
+
+
+class TestMethodOverrideFraming:
+    @pytest.mark.parametrize("known", [False, True], ids=["unknown-upload", "known-upload"])
+    def test_a_post_overridden_to_head_gets_the_body_its_length_says(self, app: webtest.TestApp,
+                                                                     known: bool) -> None:
+        """POST + X-HTTP-Method-Override: HEAD answers with HEAD's headers, framed as the POST it is on the wire:
+        Content-Length matches the body sent (a body-less answer would desync a keep-alive connection)."""
+        url = path_of(create(app, 3)) if known else f"/files/{new_upload_id()}"
+        response = app.post(url, headers={**TUS, "X-HTTP-Method-Override": "HEAD"}, status=200 if known else 404)
+        assert response.headers["Content-Length"] == str(len(response.body))
+        if known:
+            assert response.headers["Upload-Offset"] == "0" and response.headers["Upload-Length"] == "3"
+
+
+class TestPlantedSymlinks:
+    """A symlink planted under an upload's side-file names is refused (503), never followed to its target."""
+
+    def test_checksum_side_file(self, app: webtest.TestApp, storage: Path, tmp_path: Path) -> None:
+        """<id>.chk linked to another file: a checksummed PATCH is a 503 and the target is neither truncated
+        nor written."""
+        url = path_of(create(app, 3))
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        (storage / (url.rsplit("/", 1)[1] + ".chk")).symlink_to(victim)
+        digest = base64.b64encode(hashlib.sha256(b"abc").digest()).decode()
+        response = patch(app, url, 0, b"abc", status=503, **{"Upload-Checksum": f"sha256 {digest}"})
+        assert int(response.headers["Retry-After"]) > 0
+        assert victim.read_bytes() == b"precious"
+        assert app.head(url, headers=TUS).headers["Upload-Offset"] == "0"
+
+    def test_lock_file(self, app: webtest.TestApp, storage: Path, tmp_path: Path) -> None:
+        """<id>.lock linked to a path that does not exist: a PATCH is a 503 and nothing is created there."""
+        url = path_of(create(app, 3))
+        victim = tmp_path / "created-by-nobody"
+        (storage / (url.rsplit("/", 1)[1] + ".lock")).symlink_to(victim)
+        response = patch(app, url, 0, b"abc", status=503)
+        assert int(response.headers["Retry-After"]) > 0 and not os.path.lexists(victim)
+
+    def test_release_file(self, app: webtest.TestApp, endpoint: ResumableUploads, storage: Path,
+                          tmp_path: Path) -> None:
+        """<id>.release linked to a path that does not exist while the upload is held: a contending HEAD is a 503
+        and nothing is created there."""
+        url = path_of(create(app, 3))
+        upload_id = url.rsplit("/", 1)[1]
+        victim = tmp_path / "created-by-nobody"
+        with endpoint.locker.try_acquire(upload_id) or pytest.fail("not acquired"):
+            (storage / (upload_id + ".release")).symlink_to(victim)
+            response = app.head(url, headers=TUS, status=503)
+        assert int(response.headers["Retry-After"]) > 0 and not os.path.lexists(victim)
+
+    def test_data_file(self, app: webtest.TestApp, storage: Path, tmp_path: Path) -> None:
+        """<id>.bin replaced by a link to an empty file: a PATCH is a 503 and the target gets no byte."""
+        url = path_of(create(app, 3))
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"")
+        data = storage / (url.rsplit("/", 1)[1] + ".bin")
+        data.unlink()
+        data.symlink_to(victim)
+        patch(app, url, 0, b"abc", status=503)
+        assert victim.read_bytes() == b""
+
+
+class TestRefusedCreationsLeaveNothing:
+    """A creation refused for its headers or its body leaves no upload behind and names none."""
+
+    @pytest.mark.parametrize("headers, body, status", [
+        pytest.param({"Upload-Checksum": "sha1 " + base64.b64encode(hashlib.sha1(b"other").digest()).decode()},
+                     b"abc", 460, id="wrong-checksum"),
+        pytest.param({"Upload-Checksum": "crc32 AAAA"}, b"abc", 400, id="unknown-checksum-algorithm"),
+        pytest.param({}, b"abcdefghi", 413, id="body-past-the-length"),
+    ])
+    def test_tus(self, app: webtest.TestApp, storage: Path, headers: dict[str, str], body: bytes,
+                 status: int) -> None:
+        """tus creation-with-upload refused (460, 400, 413): no Location, and no upload in the storage."""
+        response = app.post("/files/", params=body, status=status,
+                            headers={**TUS, "Upload-Length": "5", "Content-Type": OCTETS, **headers})
+        assert "Location" not in response.headers
+        assert not storage.exists() or not list(storage.glob("*.info"))
+
+    def test_ietf_complete_with_a_wrong_checksum(self, app: webtest.TestApp, storage: Path) -> None:
+        """The draft's Upload-Complete: ?1 creation with a wrong checksum is a 460 and leaves no upload."""
+        wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+        response = app.post("/files/", params=b"whole", status=460, headers={
+            **IETF, "Upload-Complete": "?1", "Upload-Checksum": f"sha1 {wrong}"})
+        assert "Location" not in response.headers
+        assert not storage.exists() or not list(storage.glob("*.info"))

@@ -3,7 +3,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -301,6 +303,50 @@ class TestGuard:
         guard.min_free_space = 1 << 62  # a full check would now say no_space
         assert guard.preflight(need=free // 2).ok  # fits the cached verdict
         assert guard.preflight(need=free // 2 + 2).reason == "no_space"  # does not: checked afresh
+
+    def test_cached_answers_only_from_a_verdict_that_holds(self, tmp_path: Path) -> None:
+        """cached() (the ASGI driver's on-loop path) gives the reused verdict, else None and changes nothing."""
+        path = tmp_path / "up"
+        guard = TempDirGuard(path, check_interval=60)
+        assert guard.cached() is None  # nothing checked yet: a full check is needed
+        assert guard.preflight().ok
+        assert guard.cached(need=10) is not None and guard.cached(need=10).ok  # type: ignore[union-attr]
+        path.rmdir()
+        assert guard.cached() is None and not path.exists()  # a miss heals nothing: preflight() does
+
+    def test_requests_at_once_never_spend_the_same_budget(self, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        """Two gthread requests admitted at the same moment, whose bodies together exceed the cached free
+        space: one is admitted on the cached verdict, the other checked afresh (never both on the cache)."""
+        guard = TempDirGuard(tmp_path / "up", check_interval=60)
+        free = guard.preflight().free_bytes
+        assert free is not None
+        guard.min_free_space = 1 << 62  # a full check would now say no_space
+        racers: set[threading.Thread] = set()
+        both_looked = threading.Barrier(2, timeout=10)
+        real_lstat = os.lstat
+
+        def lstat_together(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            """The real lstat, once both requests reached their first: both have passed the first budget check."""
+            if threading.current_thread() in racers and os.fspath(path) == guard.path:
+                racers.discard(threading.current_thread())
+                both_looked.wait()
+            return real_lstat(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "lstat", lstat_together)
+        verdicts: list[str] = []
+
+        def request() -> None:
+            health = guard.preflight(need=free // 2 + 1)
+            verdicts.append("ok" if health.ok else str(health.reason))
+
+        threads = [threading.Thread(target=request) for _ in range(2)]
+        racers.update(threads)
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(verdicts) == ["no_space", "ok"]
 
     def test_interval_zero_checks_every_time(self, tmp_path: Path) -> None:
         """check_interval=0 sees a deletion on the very next request."""

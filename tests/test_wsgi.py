@@ -15,7 +15,7 @@ import webtest
 
 from tests.support import as_user, fill, needs_root, tmpfs, traversable_dir, unlinked_dir
 from uploadguard import BodyTooLarge, UploadGuard
-from uploadguard.wsgi import ContinueOnRead
+from uploadguard.wsgi import ContinueOnRead, ServerChunks, _uwsgi_delivers_chunks
 
 LIMIT = 1024
 
@@ -157,10 +157,28 @@ class TestBodyLimit:
         guard = UploadGuard(forgiving, temp_dir=temp_dir, max_body_size=LIMIT, min_free_space=0)
         assert call(guard, b"x" * 5000, chunked=True)[0].startswith("413")
 
-    def test_chunked_without_input_terminated_is_left_alone(self, guard: UploadGuard, app: Recorder) -> None:
-        """A server that does not promise to end chunked input gets no wrapper that could read past the body."""
-        status, _, _, environ = call(guard, b"x" * 10, chunked=True, **{"wsgi.input_terminated": False})
-        assert status == "200 OK" and "uploadguard.input" not in environ
+    def test_chunked_body_the_server_will_not_deliver_is_411(self, guard: UploadGuard, app: Recorder) -> None:
+        """A chunked body the server does not end in wsgi.input (uWSGI's way) is a 411 naming the fix, not an empty 200."""
+        status, headers, body, environ = call(guard, b"x" * 10, chunked=True, HTTP_ACCEPT="application/json",
+                                              **{"wsgi.input_terminated": False})
+        assert status == "411 Length Required" and app.calls == 0
+        assert headers["Cache-Control"] == "no-store" and "uploadguard.input" not in environ
+        assert json.loads(body)["error"] == "length_required"
+        assert "Content-Length" in json.loads(body)["fix"]
+        assert guard.stats.snapshot()["length_required_411"] == 1
+
+    def test_411_names_the_uwsgi_options(self, guard: UploadGuard, app: Recorder) -> None:
+        """Under uWSGI the 411 says which options get a chunked body to the application."""
+        status, _, body, _ = call(guard, b"x" * 10, chunked=True, **{"wsgi.input_terminated": False,
+                                                                     "uwsgi.version": b"2.0.31"})
+        assert status.startswith("411") and b"--http-chunked-input" in body and b"--http-socket" in body
+
+    def test_a_chunked_body_without_transfer_encoding_chunked_is_no_body(self, guard: UploadGuard,
+                                                                          app: Recorder) -> None:
+        """Transfer-Encoding without chunked and no Content-Length carries no body to guard (as before)."""
+        status, _, body, _ = call(guard, b"", chunked=True, HTTP_TRANSFER_ENCODING="identity",
+                                  **{"wsgi.input_terminated": False})
+        assert status == "200 OK" and body == b"stored 0"
 
     @pytest.mark.parametrize("value", ["abc", "-1", "1.5"])
     def test_bad_content_length(self, guard: UploadGuard, value: str, app: Recorder) -> None:
@@ -500,8 +518,8 @@ class TestLoggingAndStats:
         client.post("/upload", b"abc")
         client.post("/upload", b"x" * 2000, status=413)
         assert guard.stats.snapshot() == {
-            "guarded": 2, "rejected_413": 1, "unavailable_503": {}, "bad_requests_400": 0, "heals": 0,
-            "errors_500": 0,
+            "guarded": 2, "rejected_413": 1, "unavailable_503": {}, "bad_requests_400": 0,
+            "length_required_411": 0, "heals": 0, "errors_500": 0,
         }
 
     def test_listeners_see_events_and_cannot_break_requests(self, client: webtest.TestApp, guard: UploadGuard) -> None:
@@ -564,3 +582,41 @@ class TestHttp2:
             assert server.gettimeout() is None
             client.sendall(b"still open")
             assert server.recv(100) == b"still open"
+
+
+class TestServerChunks:
+    """uWSGI hands a chunked body over one chunk at a time (``uwsgi.chunked_read``); the reader is a file."""
+
+    @staticmethod
+    def reader(*chunks: bytes) -> ServerChunks:
+        parts = iter(chunks)
+        return ServerChunks(lambda: next(parts, b""))
+
+    def test_read_sizes_span_chunks(self) -> None:
+        """read(n) gives n bytes across chunk borders until the body ends, then b""."""
+        body = self.reader(b"abc", b"defg", b"h")
+        assert [body.read(3), body.read(4), body.read(5), body.read(5)] == [b"abc", b"defg", b"h", b""]
+
+    def test_read_all_and_lines(self) -> None:
+        """read() takes the rest; readline and iteration split on newlines across chunks."""
+        assert self.reader(b"a\nb", b"c\n", b"d").readlines() == [b"a\n", b"bc\n", b"d"]
+        body = self.reader(b"one\ntw", b"o\nthree")
+        assert body.readline() == b"one\n" and body.readline(2) == b"tw" and body.read() == b"o\nthree"
+
+    def test_the_guard_cuts_it_at_the_limit(self, guard: UploadGuard, app: Recorder) -> None:
+        """Behind the guard, a body read from server chunks is counted and cut at the limit like any other."""
+        chunks = [b"x" * 500] * 4
+        status, _, _, _ = call(guard, b"", chunked=True, **{"wsgi.input": self.reader(*chunks)})
+        assert status.startswith("413")
+
+    @pytest.mark.parametrize(("options", "delivers"), [
+        pytest.param({"http": b"127.0.0.1:8000"}, False, id="router"),
+        pytest.param({"http": b"127.0.0.1:8000", "http-chunked-input": True}, True, id="router-chunked-input"),
+        pytest.param({"http-socket": b"127.0.0.1:8000"}, True, id="http-socket"),
+        pytest.param({"http-socket": b"127.0.0.1:8000", "http": b"127.0.0.1:8001"}, False,
+                     id="http-socket-beside-a-router"),
+        pytest.param({"socket": b"/run/app.sock"}, False, id="uwsgi-protocol"),
+    ])
+    def test_which_uwsgi_set_ups_deliver_chunks(self, options: dict[str, object], delivers: bool) -> None:
+        """Only the in-instance router with --http-chunked-input, or --http-socket alone, get chunks to the worker."""
+        assert _uwsgi_delivers_chunks(options) is delivers

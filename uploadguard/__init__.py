@@ -13,7 +13,7 @@ the ``UPLOADGUARD_*`` settings, :mod:`uploadguard.django` and
 from __future__ import annotations
 
 from .config import ConfigError, Settings
-from .errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
+from .errors import BadRequest, BodyTooLarge, InternalError, LengthRequired, TempDirUnavailable, UploadGuardError
 from .wsgi import GuardStats, UploadGuard
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "GuardStats",
     "InternalError",
+    "LengthRequired",
     "Settings",
     "TempDirUnavailable",
     "UploadGuard",

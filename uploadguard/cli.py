@@ -187,12 +187,15 @@ def _clean_resumable(args: argparse.Namespace) -> tuple[int, dict[str, Any] | No
     Returns the error count and what was removed (``None``: no storage to clean).
 
     Each upload expires by the ``expires_after`` it was created with (not
-    ``--older-than``); an upload a request holds right now is left alone.
+    ``--older-than``), a completed one by its ``keep_completed`` (uploads that
+    recorded none: ``UPLOADGUARD_RESUMABLE_KEEP_COMPLETED``); an upload a
+    request holds right now is left alone.
     """
     if args.dir:
         return 0, None
     try:
-        directory = Settings.from_environ().effective_resumable_storage()
+        settings = Settings.from_environ()
+        directory = settings.effective_resumable_storage()
     except ConfigError:
         return 0, None  # no resumable storage configured and no default: nothing to clean
     from .resumable import LocalStore, S3Store, Store, clean_expired
@@ -205,7 +208,7 @@ def _clean_resumable(args: argparse.Namespace) -> tuple[int, dict[str, Any] | No
     else:
         return 0, None
     try:
-        result = clean_expired(store, dry_run=args.dry_run)
+        result = clean_expired(store, dry_run=args.dry_run, keep_completed=settings.resumable_keep_completed)
     except UploadGuardError as exc:  # the object storage failed (S3Unavailable)
         print(f"uploadguard clean: cannot clean {directory}: {getattr(exc, 'cause', '') or exc}", file=sys.stderr)
         return 1, None
@@ -213,8 +216,9 @@ def _clean_resumable(args: argparse.Namespace) -> tuple[int, dict[str, Any] | No
         busy = f"; {result.busy} in use left alone" if result.busy else ""
         orphans = (f" and the leftovers of {result.orphans} upload{'' if result.orphans == 1 else 's'} "
                    f"a crash cut short" if result.orphans else "")
+        completed = f", {result.completed} of them completed and unclaimed" if result.completed else ""
         print(f"uploadguard clean: {'would remove' if args.dry_run else 'removed'} {result.uploads} expired "
-              f"resumable upload{'' if result.uploads == 1 else 's'} ({_human(result.bytes)}){orphans} "
+              f"resumable upload{'' if result.uploads == 1 else 's'} ({_human(result.bytes)}{completed}){orphans} "
               f"from {result.path}{busy}")
     for message in result.errors:
         print(f"uploadguard clean: {message}", file=sys.stderr)

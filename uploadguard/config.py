@@ -38,7 +38,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "Settings", "parse_size", "parse_duration", "ENV_PREFIX", "SETTING_NAMES"]
+__all__ = ["ConfigError", "Settings", "parse_size", "parse_duration", "ENV_PREFIX", "SETTING_NAMES", "ServerPool",
+           "note_server_pool", "server_pool", "stream_caps"]
 
 ENV_PREFIX = "UPLOADGUARD_"
 
@@ -145,6 +146,17 @@ def _parse_optional_size(value: str | int | None, *, name: str) -> int | None:
     return None if value is None else parse_size(value, name=name)
 
 
+def _parse_streams(value: str | int | None, *, name: str) -> int | None:
+    """``"auto"`` (or ``None``): from the server's pool (:func:`stream_caps`); else a whole number, 0 = no cap."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) < 10:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10**9:
+        raise ConfigError(f"{name}={value!r} is not a number of streams; use a whole number (0 = no cap) or auto")
+    return value
+
+
 #: The parser of every field: the one decision of what each setting accepts, for every source.
 _PARSERS: dict[str, Callable[..., Any]] = {
     "temp_dir": _parse_path,
@@ -157,6 +169,8 @@ _PARSERS: dict[str, Callable[..., Any]] = {
     "resumable_storage": lambda value, *, name: None if value is None else _parse_storage(value, name=name),
     "resumable_expires_after": parse_duration,
     "resumable_idle_timeout": parse_duration,
+    "resumable_keep_completed": parse_duration,
+    "resumable_max_streams": _parse_streams,
 }
 
 
@@ -231,6 +245,9 @@ class Settings:
     resumable_storage: Path | str | None = None  # directory or s3://bucket/prefix; None = default_resumable_storage()
     resumable_expires_after: float = 86400.0  # seconds of inactivity before an incomplete upload expires; 0 = never
     resumable_idle_timeout: float = 30.0  # seconds without a byte that end a resumable PATCH
+    #: seconds a completed resumable upload the app has not deleted is kept after it completed; 0 = forever
+    resumable_keep_completed: float = 7 * 86400.0
+    resumable_max_streams: int | None = None  # PATCH bodies read at once per host; None = auto; 0 = no cap
 
     def __post_init__(self) -> None:
         # Direct construction goes through the same parsers as every other source.
@@ -295,7 +312,9 @@ class Settings:
             f"drain_timeout={self.drain_timeout:g}s check_interval={self.check_interval:g}s "
             f"resumable_storage={self._storage_text()} "
             f"resumable_expires_after={self.resumable_expires_after:g}s "
-            f"resumable_idle_timeout={self.resumable_idle_timeout:g}s"
+            f"resumable_idle_timeout={self.resumable_idle_timeout:g}s "
+            f"resumable_keep_completed={self.resumable_keep_completed:g}s "
+            f"resumable_max_streams={'auto' if self.resumable_max_streams is None else self.resumable_max_streams}"
         )
 
 
@@ -318,6 +337,55 @@ def _parse_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 #: Every variable :meth:`Settings.from_environ` reads (and every framework setting name).
 SETTING_NAMES = tuple(ENV_PREFIX + field.name.upper() for field in dataclasses.fields(Settings))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerPool:
+    """The worker pool serving this process's requests, as the server reported it (gunicorn's hooks)."""
+
+    workers: int
+    threads: int  # request threads per worker
+    worker_class: str  # gunicorn's name: "sync", "gthread", "asgi", "gevent"...
+
+    @property
+    def blocking(self) -> bool:
+        """Whether a request holds a whole thread (sync, gthread) rather than a coroutine for its duration."""
+        return self.worker_class in ("sync", "gthread")
+
+
+_server_pool: ServerPool | None = None
+
+
+def note_server_pool(pool: ServerPool | None) -> None:
+    """Record the pool this process serves in (called by :func:`uploadguard.gunicorn.post_worker_init`)."""
+    global _server_pool
+    _server_pool = pool
+
+
+def server_pool() -> ServerPool | None:
+    """The pool :func:`note_server_pool` recorded, or ``None`` (another server, or gunicorn without the hooks)."""
+    return _server_pool
+
+
+def stream_caps(setting: int | None, pool: ServerPool | None) -> tuple[int, int]:
+    """How many request bodies the resumable endpoint reads at once: (per host pool, per process); 0 = no cap.
+
+    A PATCH body is streamed as the phone sends it, so under a blocking
+    worker class each one holds a worker (sync) or a thread (gthread) for as
+    long as the phone takes: without a cap, as many slow phones as there are
+    workers stop the whole site.  ``auto`` keeps one of each worker's threads
+    (sync: one worker of the pool) for everything else: sync workers read at
+    most ``workers - 1`` bodies (at least 1), gthread workers ``threads - 1``
+    each.  An event loop (the ASGI worker) holds no thread per body: no cap.
+    An explicit number caps the pool only.
+    """
+    if setting is not None:
+        return setting, 0
+    if pool is None or not pool.blocking:
+        return 0, 0
+    if pool.threads > 1:
+        return pool.workers * (pool.threads - 1), pool.threads - 1
+    return max(1, pool.workers - 1), 0
 
 
 def format_size(size: int) -> str:

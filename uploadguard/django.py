@@ -69,7 +69,9 @@ middleware never changes:
 spools it.  Code that reads ``request.META["wsgi.input"]`` directly does; for
 it the middleware wraps that stream, as the WSGI middleware does, when the
 server marks where the body ends (``wsgi.input_terminated``, as gunicorn
-does): it is counted as it is read and cut at the limit with a 413.
+does): it is counted as it is read and cut at the limit with a 413.  Where
+the server will not deliver it (uWSGI without a way to) the answer is the
+WSGI guard's 411 (:func:`uploadguard.wsgi.body_length` decides both).
 
 **With the WSGI middleware too** (``application = UploadGuard(get_wsgi_application())``):
 the outer guard counts the request and checks its limit and temp dir; the
@@ -98,6 +100,7 @@ before any middleware runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -418,7 +421,9 @@ class ResumableUploadsMiddleware:
     the ``UPLOADGUARD_*`` ones (storage, expiry, idle timeout; the README's
     table).  Each upload belongs to whoever created it: the logged-in user, or
     an anonymous visitor's browser, named by its CSRF secret; anybody else
-    gets 404.  Fetch a completed upload in a
+    gets 404.  The uploads a visitor began before ``login()`` (which rotates
+    that secret) become the user's at their next request, with Django's
+    ``SessionMiddleware`` installed.  Fetch a completed upload in a
     view with :func:`resumable_file`.
 
     Subclass to change :attr:`prefix`, :attr:`cors_origins` or to act on
@@ -458,7 +463,19 @@ class ResumableUploadsMiddleware:
                 return refused
         elif "CSRF_COOKIE" not in request.META:
             self._csrf.process_request(request)  # the CSRF secret names an anonymous visitor's uploads
-        status, headers, body = self.uploads.handle(request.META, owner=_owner(request))
+        owner = _owner(request)
+        refusal: UploadGuardError | None = None
+        try:
+            _adopt(request, owner, self._named_uploads(request))
+        except UploadGuardError as error:  # the upload is held (423) or the storage failed (503)
+            refusal = error
+        except OSError as exc:  # the storage failed: the endpoint's own answer says how (503)
+            log.debug("could not adopt the uploads of %s: %r", request.path_info, exc)
+        if refusal is not None:
+            status, headers, answer = refusal.response(request.META)
+            body: Iterable[bytes] = [answer]
+        else:
+            status, headers, body = self.uploads.handle(request.META, owner=owner)
         code, _, reason = status.partition(" ")
         response = HttpResponse(b"".join(body), status=int(code), reason=reason or None)
         if not any(name.lower() == "content-type" for name, _ in headers):
@@ -468,6 +485,14 @@ class ResumableUploadsMiddleware:
         response._has_been_logged = True  # the endpoint logs what matters; a 409 on resume is routine
         return response
 
+
+    def _named_uploads(self, request: Any) -> list[str]:
+        """The ids of the uploads a request names: in its path, or the parts a concatenation joins."""
+        ids = [self.uploads.upload_id(request.path_info)]
+        concat = request.headers.get("Upload-Concat")
+        if request.method == "POST" and concat and concat.strip().startswith("final;"):
+            ids += [self.uploads.upload_id(url) for url in concat.strip()[len("final;"):].split()]
+        return [upload_id for upload_id in ids if upload_id is not None]
 
     def _checked_csrf(self, request: Any) -> Any:
         """Django's CSRF verdict on the header alone.
@@ -498,13 +523,90 @@ def _owner(request: Any) -> str | None:
     user = getattr(request, "user", None)
     if user is not None and getattr(user, "is_authenticated", False):
         return f"user:{user.pk}"
-    secret = request.META.get("CSRF_COOKIE")
+    return _anonymous_owner(request.META.get("CSRF_COOKIE"))
+
+
+def _anonymous_owner(secret: str | None) -> str | None:
+    """``"anon:<keyed digest of the CSRF secret>"``, or ``None`` without a secret."""
     if not secret:
         return None
     from django.utils.crypto import salted_hmac
 
     digest: str = salted_hmac("uploadguard.django.owner", secret, algorithm="sha256").hexdigest()
     return "anon:" + digest[:32]
+
+
+#: The session key holding the anonymous owner a visitor was just before logging in (see _remember_anonymous).
+SESSION_PREVIOUS_OWNER = "uploadguard.previous_owner"
+
+
+def _remember_anonymous(sender: object, request: Any = None, user: Any = None, **kwargs: Any) -> None:
+    """``user_logged_in`` receiver: keep, in the session, who the visitor was before logging in.
+
+    Django's ``login()`` rotates the CSRF secret, which names an anonymous
+    visitor's uploads, so an upload begun before logging in would be another
+    owner's (404) after it.  The secret the browser sent with the login request
+    (its cookie, or the session's copy with ``CSRF_USE_SESSIONS``: Django
+    replaces those only in the response) is the one the uploads were created
+    with; its digest goes into the session, which only this browser holds, and
+    the user's requests then adopt those uploads (:func:`_adopt`).  Nobody else
+    can: the digest is of a secret only this browser had, and it is stored
+    server-side (or signed), never taken from the request.
+    """
+    session = getattr(request, "session", None)
+    if session is None or user is None:
+        return
+    from django.middleware.csrf import CsrfViewMiddleware
+
+    csrf = _endpoint._csrf if _endpoint is not None else CsrfViewMiddleware(lambda request: None)
+    try:
+        previous = _anonymous_owner(csrf._get_secret(request))  # the secret before rotate_token
+    except Exception as exc:  # a malformed cookie, or a Django without _get_secret: nothing to adopt
+        log.debug("no anonymous owner to remember at login: %r", exc)
+        return
+    if previous is not None:
+        session[SESSION_PREVIOUS_OWNER] = previous
+
+
+def _connect_login_signal() -> None:
+    from django.contrib.auth.signals import user_logged_in
+
+    user_logged_in.connect(_remember_anonymous, dispatch_uid=SESSION_PREVIOUS_OWNER)
+
+
+_connect_login_signal()
+
+
+def _adopt(request: Any, owner: str | None, upload_ids: Iterable[str]) -> None:
+    """Make the uploads the visitor began before logging in the user's, as the request names them.
+
+    Only uploads owned by the anonymous owner this very session recorded at
+    login are taken, under their lock (a PATCH of the old owner is preempted
+    as by any request).  Raises the endpoint's errors (423, 503).
+    """
+    session = getattr(request, "session", None)
+    if _endpoint is None or session is None or owner is None or not owner.startswith("user:"):
+        return
+    try:
+        previous = session.get(SESSION_PREVIOUS_OWNER)
+    except Exception:  # a session that cannot be read is no reason to fail the request
+        return
+    if not isinstance(previous, str) or not previous.startswith("anon:"):
+        return
+    from .resumable import UploadNotFound
+
+    uploads = _endpoint.uploads
+    for upload_id in upload_ids:
+        try:
+            if uploads.store.get(upload_id).owner != previous:
+                continue
+            with uploads.locker.acquire(upload_id, timeout=uploads.lock_timeout):
+                info = uploads.store.get(upload_id)
+                if info.owner == previous:
+                    uploads.store.update(dataclasses.replace(info, owner=owner))
+                    log.info("upload %s begun before logging in is now %s's", upload_id, owner)
+        except UploadNotFound:
+            continue
 
 
 class ResumableUploadedFile(UploadedFile):  # type: ignore[misc]  # Django ships no type hints
@@ -548,8 +650,10 @@ def _get_upload(request: Any, url: str) -> Any:
 
     if _endpoint is None:
         raise ImproperlyConfigured("uploadguard.django.ResumableUploadsMiddleware is not in MIDDLEWARE")
+    owner = _owner(request)
     try:
-        return _endpoint.uploads.get(url, owner=_owner(request))
+        _adopt(request, owner, [upload_id] if (upload_id := _endpoint.uploads.upload_id(url)) else [])
+        return _endpoint.uploads.get(url, owner=owner)
     except UploadNotFound as exc:
         raise _NotFound(exc.detail) from None
     except UploadIncomplete as exc:
@@ -564,16 +668,23 @@ def resumable_file(request: Any, url: str) -> ResumableUploadedFile:
     (still being uploaded); both are also Django's ``Http404`` and
     ``BadRequest``, so an uncaught one is a 404 or 400 in any view.
     ``ImproperlyConfigured`` without :class:`ResumableUploadsMiddleware`.
+    An upload whose data ``on_complete`` moved away is not found either.
     """
-    return ResumableUploadedFile(_get_upload(request, url))
+    from .resumable import UploadNotFound
+
+    upload = _get_upload(request, url)
+    try:
+        return ResumableUploadedFile(upload)
+    except UploadNotFound as exc:  # completed, but on_complete took the data
+        raise _NotFound(exc.detail) from None
 
 
 def delete_resumable(request: Any, url: str) -> None:
     """Remove the upload ``url`` names (data, info, lock) -- only for whoever created it.
 
     Call it once the file is where it belongs (after :func:`save_resumable`
-    or reading :func:`resumable_file`): a completed upload never expires on
-    its own, because until the application took it the data is the user's.
+    or reading :func:`resumable_file`): otherwise a completed upload stays
+    ``UPLOADGUARD_RESUMABLE_KEEP_COMPLETED`` (7 days) after it completed.
     Raises what :func:`resumable_file` raises for an unknown or another's
     upload, and :class:`uploadguard.resumable.UploadLocked` while a request
     still holds it (for ``lock_timeout`` seconds).
@@ -582,8 +693,10 @@ def delete_resumable(request: Any, url: str) -> None:
 
     if _endpoint is None:
         raise ImproperlyConfigured("uploadguard.django.ResumableUploadsMiddleware is not in MIDDLEWARE")
+    owner = _owner(request)
     try:
-        _endpoint.uploads.delete(url, owner=_owner(request))
+        _adopt(request, owner, [upload_id] if (upload_id := _endpoint.uploads.upload_id(url)) else [])
+        _endpoint.uploads.delete(url, owner=owner)
     except UploadNotFound as exc:
         raise _NotFound(exc.detail) from None
 
@@ -607,4 +720,9 @@ def save_resumable(request: Any, url: str, name: str | None = None, storage: Any
         storage = default_storage
     if name is None:
         name = os.path.basename(upload.metadata.get("filename") or upload.metadata.get("name") or upload.id)
-    return save_to_storage(upload, storage, name or upload.id)
+    from .resumable import UploadNotFound
+
+    try:
+        return save_to_storage(upload, storage, name or upload.id)
+    except UploadNotFound as exc:  # completed, but on_complete took the data
+        raise _NotFound(exc.detail) from None

@@ -16,6 +16,8 @@ failure.
   temporarily impossible (temp dir missing, full, read-only, unsafe...);
   the client should send the same request again later.
 * :class:`BadRequest` -- 400, e.g. a ``Content-Length`` that is not a number.
+* :class:`LengthRequired` -- 411 for a chunked body the server will not hand
+  to the application (uWSGI without a way to read it); says the fix.
 * :class:`InternalError` -- 500 for an ``OSError`` that is not about the temp
   dir, so the client gets an answer instead of gunicorn's dropped connection.
 """
@@ -37,7 +39,7 @@ CONTENT_HEADERS = frozenset({
     "content-range", "content-type", "etag", "expires", "last-modified", "retry-after", "transfer-encoding",
 })
 
-__all__ = ["CONTENT_HEADERS", "UploadGuardError", "BodyTooLarge", "TempDirUnavailable", "BadRequest", "InternalError"]
+__all__ = ["CONTENT_HEADERS", "UploadGuardError", "BodyTooLarge", "TempDirUnavailable", "BadRequest", "LengthRequired", "InternalError"]
 
 
 class UploadGuardError(Exception):
@@ -160,6 +162,26 @@ class BadRequest(UploadGuardError):
     status_code = 400
     title = "Bad Request"
     reason = "bad_request"
+
+
+class LengthRequired(BadRequest):
+    """A chunked body the server will not deliver: without this answer the app would see an empty body.
+
+    A :class:`BadRequest`, because every place that handles one answers it
+    the same way: at once, with no body to drain (the server holds none for
+    the application).  ``fix`` names what makes such uploads work.
+    """
+
+    status_code = 411
+    title = "Length Required"
+    reason = "length_required"
+
+    def __init__(self, fix: str) -> None:
+        self.fix = fix
+        super().__init__(f"This server does not pass a chunked request body to the application; {fix}")
+
+    def payload(self) -> dict[str, object]:
+        return {**super().payload(), "fix": self.fix}
 
 
 class InternalError(UploadGuardError):

@@ -297,9 +297,9 @@ def _endpoint() -> Any:
 def delete_resumable(url: str) -> None:
     """Remove the upload ``url`` names (data, info, lock) -- only for whoever created it.
 
-    Call it once the file is where it belongs: a completed upload never
-    expires on its own, because until the application took it the data is
-    the user's.  Raises what :func:`resumable_file` raises for an unknown or
+    Call it once the file is where it belongs: otherwise a completed upload
+    stays ``UPLOADGUARD_RESUMABLE_KEEP_COMPLETED`` (7 days) after it
+    completed.  Raises what :func:`resumable_file` raises for an unknown or
     another's upload, and :class:`uploadguard.resumable.UploadLocked` while
     a request still holds it.
     """

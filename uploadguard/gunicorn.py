@@ -70,7 +70,9 @@ whole server when ``post_worker_init``, ``child_exit`` or
                       reads the body (:class:`~uploadguard.wsgi.ContinueOnRead`),
                       so a 413 or 503 -- whatever limit or check decided it,
                       ``UploadGuard``, Django or Flask settings -- reaches the
-                      client before it sends a byte.
+                      client before it sends a byte.  gunicorn's ASGI worker
+                      (``-k asgi``) does that itself (``100 Continue`` on the
+                      first ``receive()``): there the hook only logs.
 ``child_exit``        also calls :func:`uploadguard.metrics.child_exit`;
                       ``on_starting`` calls :func:`uploadguard.metrics.on_starting`.
 
@@ -90,7 +92,9 @@ from typing import ParamSpec as _ParamSpec
 from typing import Protocol as _Protocol
 
 from .config import ConfigError as _ConfigError
+from .config import ServerPool as _ServerPool
 from .config import Settings as _Settings
+from .config import note_server_pool as _note_server_pool
 from .config import default_temp_dir as _default_temp_dir
 from .config import parse_duration as _parse_duration
 from .tempdir import Health as _Health
@@ -196,6 +200,7 @@ class _Server(_Protocol):  # gunicorn.arbiter.Arbiter
 
 class _Worker(_Protocol):  # gunicorn.workers.base.Worker
     log: _Log
+    cfg: _Any
 
 
 class _Request(_Protocol):  # gunicorn.http.message.Request
@@ -337,7 +342,8 @@ def child_exit(server: _Server, worker: _Worker) -> None:
 
 @_never_raises
 def post_worker_init(worker: _Worker) -> None:
-    """Worker, after the user switch: a usable upload temp dir that tempfile and TMPDIR name."""
+    """Worker, after the user switch: a usable upload temp dir that tempfile and TMPDIR name; the pool noted."""
+    _note_server_pool(_pool_of(worker))
     path = _Settings.from_environ().temp_dir
     health = _ensure_temp_dir(path)
     if health.ok:
@@ -350,11 +356,23 @@ def post_worker_init(worker: _Worker) -> None:
                          "503 while it stays so", path, health.reason, health.detail)
 
 
+def _pool_of(worker: _Worker) -> _ServerPool | None:
+    """The pool ``worker`` serves in, for the resumable endpoint's cap on bodies read at once."""
+    cfg = getattr(worker, "cfg", None)
+    if cfg is None:
+        return None
+    # The instance's module names the class gunicorn chose: "sync" with threads > 1 runs gthread.
+    kind = type(worker).__module__.rpartition(".")[2]
+    return _ServerPool(workers=int(cfg.workers), threads=int(cfg.threads), worker_class=kind)
+
+
 @_never_raises
 def pre_request(worker: _Worker, req: _Request) -> None:
     """Worker, before each request: ``100 Continue`` only once the application reads the body."""
     worker.log.debug("%s %s", req.method, req.path)
-    if req._expected_100_continue:
+    # Only a WSGI worker's request has the flag: gunicorn's ASGI worker (-k asgi) already sends
+    # 100 Continue when the application first calls receive(), the deferral this hook adds.
+    if getattr(req, "_expected_100_continue", False):
         _defer_continue(req)
 
 

@@ -14,8 +14,9 @@ Metrics (counters; the ``_created`` series ``prometheus_client`` adds are omitte
     ``code="413"`` ``reason="body_too_large"``; ``code="503"`` with the
     temp-dir reason (``missing``, ``no_space``, ``unlinked``... see
     :mod:`uploadguard.tempdir`); ``code="500"`` with the ``errno`` name of the
-    ``OSError`` (``EIO``...); ``code="400"`` ``reason="bad_request"``.  The
-    413, 400 and 503 series exist from the start at 0, so ``increase()``
+    ``OSError`` (``EIO``...); ``code="400"`` ``reason="bad_request"``; ``code="411"``
+    ``reason="length_required"`` (a chunked body the server would not
+    deliver).  The 413, 400, 411 and 503 series exist from the start at 0, so ``increase()``
     sees the first one.
 ``uploadguard_temp_dir_heals_total``
     Times a vanished upload temp dir was recreated.
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from prometheus_client import Counter
 
+    from .asgi import UploadGuard as ASGIUploadGuard
     from .wsgi import UploadGuard
 
 __all__ = ["child_exit", "install", "metrics_app", "on_starting", "with_metrics", "MULTIPROC_ENV"]
@@ -89,8 +91,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: The temp-dir reasons (:class:`uploadguard.tempdir.Reason`), pre-initialised as 503 series.
 TEMP_DIR_REASONS = tuple(reason.value for reason in Reason)
 #: Reasons for the events whose guard reason is empty.
-_DEFAULT_REASONS = {Event.REJECTED: "body_too_large", Event.BAD_REQUEST: "bad_request"}
-_ERROR_EVENTS = frozenset({Event.REJECTED, Event.UNAVAILABLE, Event.ERROR, Event.BAD_REQUEST})
+_DEFAULT_REASONS = {Event.REJECTED: "body_too_large", Event.BAD_REQUEST: "bad_request",
+                    Event.LENGTH_REQUIRED: "length_required"}
+_ERROR_EVENTS = frozenset({Event.REJECTED, Event.UNAVAILABLE, Event.ERROR, Event.BAD_REQUEST, Event.LENGTH_REQUIRED})
 
 #: The files prometheus_client's multiprocess mode writes: ``<type>_<pid>.db`` (see its ``values.py``).
 _OWN_FILE = re.compile(r"(?:counter|histogram|summary|gauge_(?:live)?(?:all|min|max|sum|mostrecent))_[0-9]+\.db")
@@ -154,7 +157,7 @@ def _record(event: str, reason: str) -> None:
         counters.errors.labels(code=event, reason=reason or _DEFAULT_REASONS.get(Event(event), "unknown")).inc()
 
 
-def install(guard: UploadGuard) -> None:
+def install(guard: UploadGuard | ASGIUploadGuard) -> None:
     """Count ``guard``'s events in Prometheus counters; idempotent, never raises.
 
     A no-op (one DEBUG line) when ``prometheus_client`` is not installed.

@@ -315,7 +315,8 @@ class TempDirGuard:
         if os.path.lexists(self.path):
             _seen.add(self.path)
         self._parents = self.path in default_dirs()  # decided once: the defaults follow the environment
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # serialises healing
+        self._budget_lock = threading.Lock()  # the cached verdict: its budget is checked and spent in one step
         self._healthy = Health(self.path)
         self._healthy_until = 0.0  # time.monotonic() deadline of the cached verdict
         self._budget = 0  # bytes that may still be admitted under the cached verdict
@@ -324,31 +325,50 @@ class TempDirGuard:
     def __repr__(self) -> str:
         return f"<TempDirGuard {self.path!r}>"
 
-    def preflight(self, need: int = 0, *, fresh: bool = False) -> Health:
-        """Check before a body of ``need`` bytes is read; recreate the dir if it vanished."""
-        if not fresh and need <= self._budget and time.monotonic() < self._healthy_until:
+    def cached(self, need: int = 0) -> Health | None:
+        """The cached healthy verdict if it still holds for ``need`` more bytes, else ``None``.
+
+        One ``lstat``, no more: the ASGI driver asks this on the event loop and
+        sends only a miss (a full check, maybe a heal) to a thread.
+        """
+        if need <= self._budget and time.monotonic() < self._healthy_until:
             # One lstat still runs: deletion, replacement and chmod are the failures that
             # matter most, and they show in the inode's identity and mode.
             try:
                 st = os.lstat(self.path)
             except OSError:
                 st = None
-            if st is not None and st.st_nlink and (st.st_ino, st.st_dev, st.st_mode, st.st_uid) == self._identity:
-                self._budget -= need
-                return self._healthy
+            if st is not None and st.st_nlink:
+                with self._budget_lock:
+                    # Checked again and taken in one step: gthread requests admitted at once must not
+                    # each spend the same bytes.
+                    if ((st.st_ino, st.st_dev, st.st_mode, st.st_uid) == self._identity and need <= self._budget
+                            and time.monotonic() < self._healthy_until):
+                        self._budget -= need
+                        return self._healthy
+        return None
+
+    def preflight(self, need: int = 0, *, fresh: bool = False) -> Health:
+        """Check before a body of ``need`` bytes is read; recreate the dir if it vanished."""
+        if not fresh:
+            cached = self.cached(need)
+            if cached is not None:
+                return cached
         health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)
         if health.reason is Reason.MISSING:
             health = self.heal(need)
-        self._healthy_until = 0.0
+        with self._budget_lock:
+            self._healthy_until = 0.0
         if health.ok and self.check_interval > 0 and health.free_bytes is not None:
             try:
                 st = os.lstat(self.path)
             except OSError:
                 return health
-            self._identity = (st.st_ino, st.st_dev, st.st_mode, st.st_uid)
-            self._healthy = dataclasses.replace(health, healed=False)
-            self._budget = health.free_bytes - self.min_free_space - need
-            self._healthy_until = time.monotonic() + self.check_interval
+            with self._budget_lock:
+                self._identity = (st.st_ino, st.st_dev, st.st_mode, st.st_uid)
+                self._healthy = dataclasses.replace(health, healed=False)
+                self._budget = health.free_bytes - self.min_free_space - need
+                self._healthy_until = time.monotonic() + self.check_interval
         return health
 
     def heal(self, need: int = 0) -> Health:

@@ -14,10 +14,14 @@ Requests without a body pass straight through (no system call, no wrapper).
 The options are the settings of :mod:`uploadguard.config` (README, "Settings
 reference"), as keyword arguments; ``None`` takes the configured value.
 
-How each decision is made, and where:
+How each decision is made, and where (the decisions themselves are plain
+functions of :mod:`uploadguard.guard`, shared with the ASGI driver; the
+methods below bring them the request's state):
 
 * :func:`body_length` -- the one reading of ``Content-Length`` and
-  ``Transfer-Encoding`` (400 for a malformed length).
+  ``Transfer-Encoding`` (400 for a malformed length, 411 for a chunked body
+  the server will not deliver; under uWSGI it reads one through
+  ``uwsgi.chunked_read`` where that works).
 * :meth:`UploadGuard.refusal` -- the 413 or 503 a body gets before anyone reads
   it (the Django middleware asks the same method).
 * :meth:`UploadGuard.answer_for` -- what an exception from the application
@@ -67,10 +71,8 @@ so no outer layer answers or counts it again) and ``uploadguard.exception``
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import enum
-import errno
+import importlib
 import logging
 import os
 import socket
@@ -80,9 +82,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .config import Settings, format_size
-from .errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
-from .tempdir import Health, Reason, TempDirGuard, reason_for_errno
+from . import guard
+from .config import Settings
+from .errors import BadRequest, BodyTooLarge, InternalError, LengthRequired, TempDirUnavailable, UploadGuardError
+from .guard import printable as _printable
+from .stats import Event, GuardStats
+from .tempdir import Health, TempDirGuard
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -96,6 +101,7 @@ __all__ = [
     "Event",
     "GuardStats",
     "GuardedInput",
+    "ServerChunks",
     "UploadGuard",
     "body_length",
     "remember_exception",
@@ -113,76 +119,115 @@ ENVIRON_ANSWERED = "uploadguard.answered"
 ENVIRON_EXCEPTION = "uploadguard.exception"
 
 
-class Event(enum.StrEnum):
-    """What :class:`GuardStats` counts (a ``str`` enum: logs and JSON stay readable)."""
-
-    GUARDED = "guarded"  # a request with a body was checked
-    REJECTED = "413"  # body over the limit
-    UNAVAILABLE = "503"  # the temp dir could not take the body; reason = the temp-dir reason
-    BAD_REQUEST = "400"  # malformed Content-Length
-    ERROR = "500"  # another OSError; reason = its errno name
-    HEALED = "heal"  # a vanished temp dir was recreated
-
-
-class GuardStats:
-    """In-process counters of :class:`Event` values, by reason.
-
-    ``listeners`` are called as ``listener(event, reason)`` for every count,
-    which is how :mod:`uploadguard.metrics` exports them.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.listeners: list[Callable[[str, str], None]] = []
-
-    def record(self, event: Event, reason: str = "") -> None:
-        key = (str(event), str(reason))  # plain strings: an enum member hashes in Python, ~10x slower
-        with self._lock:
-            self.counts[key] += 1
-        for listener in self.listeners:
-            try:
-                listener(event, reason)
-            except Exception:  # a metrics backend must never break a request
-                log.exception("stats listener failed")
-
-    def total(self, event: Event | str) -> int:
-        """All counts of ``event``."""
-        with self._lock:
-            return sum(n for (e, _), n in self.counts.items() if e == event)
-
-    def by_reason(self, event: Event | str) -> dict[str, int]:
-        with self._lock:
-            return {r: n for (e, r), n in self.counts.items() if e == event}
-
-    def snapshot(self) -> dict[str, Any]:
-        """A plain dict for logs, tests and health endpoints: every event."""
-        return {
-            "guarded": self.total(Event.GUARDED),
-            "rejected_413": self.total(Event.REJECTED),
-            "unavailable_503": self.by_reason(Event.UNAVAILABLE),
-            "bad_requests_400": self.total(Event.BAD_REQUEST),
-            "heals": self.total(Event.HEALED),
-            "errors_500": self.total(Event.ERROR),
-        }
-
-
 def body_length(environ: WSGIEnvironment) -> int | None:
     """The request body's length: ``0`` for none, ``None`` for a chunked body of unknown length.
 
-    A body without ``Content-Length`` counts only where the server says it
-    ends it (``wsgi.input_terminated``, as gunicorn does for chunked bodies);
-    elsewhere it cannot be read safely and is left alone.  Raises
-    :class:`~uploadguard.errors.BadRequest` for a malformed ``Content-Length``.
+    The decision is :func:`uploadguard.guard.body_length` (400 for a malformed
+    ``Content-Length``, 411 for a chunked body the server will not deliver);
+    this driver adds what only a WSGI server can: uWSGI does not end a chunked
+    body in ``wsgi.input`` (it stops at ``Content-Length``, so the application
+    would read an empty body and answer as if all were well).  Where uWSGI gets
+    the chunks to the worker (see :func:`_uwsgi_delivers_chunks`)
+    ``wsgi.input`` becomes a :class:`ServerChunks` over
+    ``uwsgi.chunked_read`` and is marked terminated; anywhere else
+    :class:`~uploadguard.errors.LengthRequired` names the fix.
     """
-    raw = environ.get("CONTENT_LENGTH")
-    if raw:
-        if not (raw.isascii() and raw.isdigit()):
-            raise BadRequest(f"Invalid Content-Length {raw!r}.")
-        return int(raw)
-    if environ.get("wsgi.input_terminated") and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+    try:
+        return guard.body_length(environ)
+    except LengthRequired:
+        if "uwsgi.version" not in environ:
+            raise
+    uwsgi = _uwsgi_module()
+    if uwsgi is not None and _uwsgi_delivers_chunks(getattr(uwsgi, "opt", {})):
+        environ["wsgi.input"] = ServerChunks(uwsgi.chunked_read)
+        environ["wsgi.input_terminated"] = True
         return None
-    return 0
+    raise LengthRequired("send the body with a Content-Length. (uWSGI reads a chunked body only with "
+                         "--http-socket, or --http with --http-chunked-input, in the serving instance.)")
+
+
+def _uwsgi_module() -> Any:
+    """uWSGI's embedded ``uwsgi`` module (importable only inside a uWSGI worker), else ``None``."""
+    try:
+        return importlib.import_module("uwsgi")
+    except ImportError:
+        return None
+
+
+def _uwsgi_delivers_chunks(options: Any) -> bool:
+    """Whether the raw chunks of a request reach this uWSGI worker, for ``uwsgi.chunked_read``.
+
+    ``options`` is ``uwsgi.opt``, the instance's command line.  Its own HTTP
+    router forwards them only with ``--http-chunked-input`` (without it the
+    body is dropped and ``chunked_read`` waits for its timeout); a worker on
+    ``--http-socket`` parses HTTP itself and gets them -- unless a router
+    without the option shares the instance.  A router in another instance
+    cannot be seen from here: not delivered.
+    """
+    if options.get("http-chunked-input"):
+        return True
+    return ("http-socket" in options or "https-socket" in options) and not ("http" in options or "https" in options)
+
+
+class ServerChunks:
+    """A ``wsgi.input`` over a server's chunk-at-a-time body reader (uWSGI's ``uwsgi.chunked_read``).
+
+    ``next_chunk()`` returns the next chunk, ``b""`` at the end.  Reads
+    return ``size`` bytes unless the body ends first, like gunicorn's body;
+    at most ``size`` plus one chunk is held.
+    """
+
+    __slots__ = ("_next_chunk", "_buffer", "_done")
+
+    def __init__(self, next_chunk: Callable[[], bytes]) -> None:
+        self._next_chunk = next_chunk
+        self._buffer = bytearray()
+        self._done = False
+
+    def _fill(self) -> bool:
+        if self._done:
+            return False
+        chunk = self._next_chunk()
+        if not chunk:
+            self._done = True
+            return False
+        self._buffer += chunk
+        return True
+
+    def _pop(self, size: int) -> bytes:
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            return self._pop(len(self._buffer))
+        while len(self._buffer) < size and self._fill():
+            pass
+        return self._pop(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = -1 if size is None else size
+        while b"\n" not in self._buffer and (limit < 0 or len(self._buffer) < limit) and self._fill():
+            pass
+        end = self._buffer.find(b"\n") + 1 or len(self._buffer)
+        return self._pop(end if limit < 0 else min(end, limit))
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
 
 
 def request_socket(environ: WSGIEnvironment) -> socket.socket | None:
@@ -207,14 +252,6 @@ def shut_reading(sock: socket.socket) -> None:
     """
     with contextlib.suppress(OSError):
         socket.socket.shutdown(sock, socket.SHUT_RD)
-
-
-def _printable(text: object) -> str:
-    """``text`` for a log line: control characters escaped, so a request path cannot forge lines."""
-    value = str(text)
-    if value.isprintable():
-        return value
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in value)
 
 
 def remember_exception(environ: WSGIEnvironment, exc: BaseException) -> None:
@@ -378,12 +415,10 @@ class GuardedInput:
         timer shuts the socket for reading at the deadline, which wakes any
         read blocked inside the server's body reader.
         """
-        if self.eof or self.remaining == 0:
-            return True
-        if self.remaining is not None and self.remaining > max_bytes:
-            return False
-        if timeout <= 0:
-            return False
+        plan = guard.drain_plan(waiting=False, eof=self.eof, remaining=self.remaining, max_bytes=max_bytes,
+                                timeout=timeout)
+        if plan is not guard.Drain.READ:
+            return plan is guard.Drain.DONE
         deadline = time.monotonic() + timeout
         alarm = _ReadDeadline(sock, timeout) if sock is not None else None
         previous = sock.gettimeout() if sock is not None else None
@@ -670,9 +705,9 @@ class UploadGuard:
         by the Django middleware.
         """
         self.stats.record(Event.GUARDED)
-        limit = self.settings.max_body_size
-        if limit and length is not None and length > limit:
-            return BodyTooLarge(limit, length=length)
+        too_large = guard.limit_refusal(self.settings.max_body_size, length)
+        if too_large is not None:
+            return too_large
         health = self.temp.preflight((length or 0) if spooled else 0)
         if health.healed:
             self.stats.record(Event.HEALED)
@@ -686,8 +721,9 @@ class UploadGuard:
         outer guard's stream, so a chunked body is cut at the smallest limit.
         """
         limit = self.settings.max_body_size
-        if limit and length is not None and length > limit:
-            return BodyTooLarge(limit, length=length)
+        too_large = guard.limit_refusal(limit, length)
+        if too_large is not None:
+            return too_large
         stream = environ.get(ENVIRON_INPUT)
         if isinstance(stream, GuardedInput):
             stream.tighten(limit)
@@ -707,21 +743,12 @@ class UploadGuard:
         return health
 
     def answer_for(self, exc: BaseException, environ: WSGIEnvironment) -> UploadGuardError | None:
-        """The response an exception from the application deserves, or ``None`` to let it propagate."""
-        if isinstance(exc, UploadGuardError):
-            return exc
+        """The response an exception from the application deserves, or ``None`` to let it propagate (:func:`guard.classify`)."""
         stream = environ.get(ENVIRON_INPUT)
-        if isinstance(stream, GuardedInput) and stream.exceeded:
-            return BodyTooLarge(stream.limit)
-        if not isinstance(exc, OSError):
-            return None
-        if isinstance(stream, GuardedInput) and stream.failed:
-            return None  # reading the body failed: the client went away; the server logs that itself
-        if reason_for_errno(exc.errno) is not None:
-            unavailable = self.temp_dir_error(exc, self._checked_temp_dir(fresh=True), spooled=_spooled(environ))
-            if unavailable is not None:
-                return unavailable
-        return InternalError(exc)
+        body = stream if isinstance(stream, GuardedInput) else None
+        health = self._checked_temp_dir(fresh=True) if guard.needs_health(exc, body) else None
+        return guard.classify(exc, body, health, temp=self.temp, retry_after=self.settings.retry_after,
+                              spooled=_spooled(environ))
 
     def answer_for_caught(self, environ: WSGIEnvironment, status_code: int) -> UploadGuardError | None:
         """What replaces a framework's own error response, or ``None`` to keep it.
@@ -737,38 +764,14 @@ class UploadGuard:
         return None if isinstance(error, InternalError) else error
 
     def temp_dir_error(self, exc: OSError, health: Health, *, spooled: int = 0) -> TempDirUnavailable | None:
-        """A 503 for an ``OSError`` that is about the temp dir, else ``None``; decides, changes nothing.
-
-        ``health`` is the temp dir checked just now (by the caller, which heals
-        and counts).  The error is about the temp dir when the directory is
-        unhealthy (or was just recreated), when the error names a path inside
-        it (both paths, for a two-path error such as a rename), or -- for an
-        error without a path, like ENOSPC from writing a spooled file -- when
-        the directory could not have held the ``spooled`` bytes of body.
-        """
-        reason = reason_for_errno(exc.errno)
-        if reason is None or isinstance(exc, ConnectionError):
-            return None
-        if health.ok and not health.healed:
-            first, second = exc.filename, getattr(exc, "filename2", None)
-            if first is not None:
-                if not (self.temp.owns(first) and (second is None or self.temp.owns(second))):
-                    return None
-            elif not (reason is Reason.NO_SPACE and spooled
-                      and (health.free_bytes or 0) < spooled + self.temp.min_free_space):
-                return None
-        unavailable = self.unavailable(health if not health.ok else None, reason=reason)
-        unavailable.cause = f"{type(exc).__name__}: {exc}" + (f"; now: {health.detail}" if not health.ok else "")
-        return unavailable
+        """A 503 for an ``OSError`` that is about the temp dir, else ``None`` (:func:`guard.temp_dir_error`)."""
+        return guard.temp_dir_error(exc, health, temp=self.temp, retry_after=self.settings.retry_after,
+                                    spooled=spooled)
 
     def unavailable(self, health: Health | None, *, reason: str = "") -> TempDirUnavailable:
         """The retryable 503 for an unhealthy temp dir (or, without ``health``, for ``reason``)."""
-        return TempDirUnavailable(
-            health.reason or reason if health else reason,
-            path=str(self.temp.path),
-            retry_after=self.settings.retry_after,
-            cause=health.detail if health else "",
-        )
+        return guard.unavailable(health, path=str(self.temp.path), retry_after=self.settings.retry_after,
+                                 reason=reason)
 
     # -- answering ---------------------------------------------------------------------
 
@@ -805,23 +808,5 @@ class UploadGuard:
         if environ.get(ENVIRON_ANSWERED) is error:
             return
         environ[ENVIRON_ANSWERED] = error
-        where = _printable(f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}")
-        if isinstance(error, BodyTooLarge):
-            self.stats.record(Event.REJECTED)
-            sent = f"Content-Length {error.length}" if error.length is not None else "chunked body"
-            log.warning("413 %s: %s over the limit of %s", where, sent, format_size(error.limit))
-        elif isinstance(error, TempDirUnavailable):
-            self.stats.record(Event.UNAVAILABLE, error.reason)
-            log.warning("503 %s: upload temp dir %s unusable (%s): %s",
-                        where, error.path, error.reason, error.cause or error.detail)
-        elif isinstance(error, BadRequest):
-            self.stats.record(Event.BAD_REQUEST)
-            log.warning("400 %s: %s", where, error.detail)
-        elif isinstance(error, InternalError):
-            exc = error.exception
-            if isinstance(exc, OSError) and exc.errno:
-                reason = errno.errorcode.get(exc.errno, str(exc.errno))
-            else:
-                reason = type(exc).__name__ if exc is not None else error.reason
-            self.stats.record(Event.ERROR, reason)
-            log.error("%s on %s; answering 500", reason, where, exc_info=exc)
+        guard.record(error, _printable(f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}"),
+                     self.stats)

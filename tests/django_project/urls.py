@@ -9,4 +9,5 @@ urlpatterns = [
     path("raw/", views.raw),
     path("broken/", views.broken),
     path("resumable-done/", views.resumable_done),
+    path("login/", views.login),
 ]

@@ -77,3 +77,13 @@ def resumable_done(request):
         delete_resumable(request, request.POST["upload"])
     return JsonResponse({"name": upload.name, "size": upload.size, "content_type": upload.content_type,
                          "sha256": digest.hexdigest()})
+
+
+def login(request):
+    """Log in as the user ``user`` names (``django.contrib.auth.login``: the session key and CSRF secret rotate)."""
+    from django.contrib.auth import login
+    from django.contrib.auth.models import User
+
+    user = User(id=int(request.POST["user"]), username="user" + request.POST["user"])  # never saved: no database
+    login(request, user, backend="tests.test_django_resumable.Backend")
+    return JsonResponse({})

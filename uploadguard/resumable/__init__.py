@@ -32,6 +32,14 @@ value from :class:`~uploadguard.config.Settings`, i.e. ``UPLOADGUARD_*``):
                    upload expires (``UPLOADGUARD_RESUMABLE_EXPIRES_AFTER``, default 24 h;
                    0 = never).  Requests for it get 410; ``uploadguard clean`` removes it.
 ``on_complete``    ``on_complete(upload)``, see below.
+``keep_completed`` seconds (or ``"7d"``) a *completed* upload the application has not
+                   deleted is kept after it completed (``UPLOADGUARD_RESUMABLE_KEEP_COMPLETED``,
+                   default 7 days; 0 = until the application deletes it).  Then requests
+                   for it get 410 and ``uploadguard clean`` removes it.  Finite by default
+                   because an ``Upload-Length: 0`` creation completes at once: unbounded,
+                   uploads no form ever claims would fill the storage.  The documented
+                   flows take the file in ``on_complete`` (copy or move it) or in the
+                   form's view and then delete the upload, long before.
 ``authorize``      ``authorize(environ) -> str | None``: the requester's identity.  An
                    upload created by identity X is visible only to requests of X; anybody
                    else gets 404.  May raise an :class:`~uploadguard.errors.UploadGuardError`
@@ -63,7 +71,7 @@ disk, or ``None`` for a remote store), ``url`` (``/files/<id>``), ``owner``.
 :meth:`ResumableUploads.get` returns one for an id or URL, or raises
 :class:`UploadNotFound` (unknown, another owner's, expired) or
 :class:`UploadIncomplete`.  Completed uploads stay until the application
-removes them: ``on_complete`` may move ``upload.path`` away (a rename on the
+removes them (or ``keep_completed`` passes): ``on_complete`` may move ``upload.path`` away (a rename on the
 same file system costs nothing; the upload keeps answering as complete, so a
 client whose last response was lost does not upload it again), and
 :meth:`ResumableUploads.delete` removes what is left (not from inside

@@ -1,8 +1,12 @@
-"""Removing expired incomplete uploads, safely while others are in progress.
+"""Removing expired incomplete uploads and unclaimed completed ones, safely while others are in progress.
 
-An upload expires ``expires_after`` seconds (stored per upload at creation)
-after its last write; completed uploads never expire here (the application
-took them in ``on_complete``, or removes them itself).  An upload whose lock
+An incomplete upload expires ``expires_after`` seconds (stored per upload at
+creation) after its last write.  A completed upload the application has not
+deleted is removed ``keep_completed`` seconds (also stored at creation; 0 =
+never) after it completed: the documented flows take the file in
+``on_complete`` or a form's view and delete it, so what is left that long is
+an upload no form ever claimed (an ``Upload-Length: 0`` creation completes at
+once), and would otherwise stay for good.  An upload whose lock
 is held -- a PATCH is writing it right now -- is never touched: the lock is
 taken without waiting, the expiry checked again under it, and only then are
 the files removed (info first, so the upload is unknown from that moment).
@@ -25,7 +29,7 @@ from collections.abc import Callable
 
 from ..errors import UploadGuardError
 from .protocol import UploadNotFound
-from .store import Store
+from .store import Store, UploadInfo
 
 __all__ = ["CleanExpiredResult", "clean_expired"]
 
@@ -42,27 +46,40 @@ class CleanExpiredResult:
     uploads: int = 0
     bytes: int = 0
     busy: int = 0  # expired but locked by a request in progress: left alone
+    completed: int = 0  # of ``uploads``: completed ones past their keep_completed
     orphans: int = 0  # leftovers of uploads without info (a crash between two steps)
     stray_parts: int = 0  # incomplete parts no info names (S3): a PATCH that could not commit its part
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
-def clean_expired(store: Store, *, now: float | None = None, dry_run: bool = False) -> CleanExpiredResult:
-    """Remove every expired incomplete upload of ``store`` that nobody holds (locks from ``store.locker``),
-    and the leftovers of uploads without info.
+def clean_expired(store: Store, *, now: float | None = None, dry_run: bool = False,
+                  keep_completed: float = 0.0) -> CleanExpiredResult:
+    """Remove every expired incomplete upload of ``store``, and every completed one past its
+    ``keep_completed``, that nobody holds (locks from ``store.locker``), and the leftovers of uploads
+    without info.
 
-    A failure on one upload (a file system error, S3 failing) is reported in
-    ``errors`` and the rest are still cleaned.
+    ``keep_completed`` (seconds; 0 = keep) applies to completed uploads whose
+    info recorded none (written before uploadguard recorded it); ``uploadguard
+    clean`` passes ``UPLOADGUARD_RESUMABLE_KEEP_COMPLETED``.  A failure on one
+    upload (a file system error, S3 failing) is reported in ``errors`` and the
+    rest are still cleaned.
     """
     now = time.time() if now is None else now
     result = CleanExpiredResult(str(getattr(store, "directory", store)))
+
+    def due(info: UploadInfo) -> bool:
+        expires = info.expires
+        if expires is not None and expires < now:
+            return True
+        discard = info.discard_at(keep_completed)
+        return discard is not None and discard < now
 
     def expired_still(upload_id: str) -> int | None:
         try:
             current = store.get(upload_id)
         except UploadNotFound:
             return None
-        if current.expires is None or current.expires >= now:
+        if not due(current):
             return None  # written to since it was listed
         return current.offset
 
@@ -74,13 +91,19 @@ def clean_expired(store: Store, *, now: float | None = None, dry_run: bool = Fal
         return None  # created after all (the info came after the listing)
 
     try:
-        for info in store.expired(now):
+        for info in store.uploads():
+            if not due(info):
+                continue
             removed = _remove(store, info.id, expired_still, result, dry_run=dry_run)
             if removed is not None:
                 if not dry_run:
-                    log.info("removed expired upload %s (%d bytes)", info.id, removed)
+                    log.info("removed %s upload %s (%d bytes)",
+                             "completed, unclaimed" if info.completed and not info.partial else "expired",
+                             info.id, removed)
                 result.uploads += 1
                 result.bytes += removed
+                if info.completed and not info.partial:
+                    result.completed += 1
     except _StoreGone:
         return result
     sweep = getattr(store, "remove_stray_parts", None)  # stores that keep parts beside the info (S3)

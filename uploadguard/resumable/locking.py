@@ -43,7 +43,7 @@ from typing import Protocol
 from ..wsgi import shut_reading
 from .protocol import UploadLocked
 
-__all__ = ["HeldLock", "Locker", "FileLocker", "UploadLock", "ReleaseWatcher"]
+__all__ = ["HeldLock", "Locker", "FileLocker", "UploadLock", "ReleaseWatcher", "StreamSlots"]
 
 log = logging.getLogger("uploadguard")
 
@@ -132,7 +132,7 @@ class FileLocker:
     def try_acquire(self, upload_id: str) -> UploadLock | None:
         """The lock if nobody holds it, else ``None``; never asks a holder to let go."""
         lock_path, release_path = self._paths(upload_id)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # never a planted link
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -175,7 +175,7 @@ class FileLocker:
         """Ask the holder of ``upload_id`` to let go (create ``<id>.release``)."""
         _, release_path = self._paths(upload_id)
         try:
-            os.close(os.open(release_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            os.close(os.open(release_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # the directory vanished: acquire() will fail on its own
                 raise
@@ -234,3 +234,71 @@ class ReleaseWatcher:
                 if self.sock is not None:
                     shut_reading(self.sock)
                 return
+
+
+class StreamSlots:
+    """At most ``total`` request bodies read at once by the processes that share ``directory``.
+
+    What keeps slow phones from taking a blocking worker pool down: each
+    PATCH body holds a worker (or thread) for as long as its client takes to
+    send it, so a body beyond the cap is refused at once (503 +
+    ``Retry-After``, which tus clients retry) instead of waiting for a
+    worker that the rest of the site needs.  Slot *i* is an ``flock`` on
+    ``stream-slot-<i>.lock`` in ``directory``: every worker of the host
+    shares them, and the kernel frees the slot of a worker that dies, even by
+    ``SIGKILL``.  ``per_process`` (threads) is a cap within this process too,
+    so each gthread worker keeps a thread free.  When the directory cannot be
+    used the cap is not enforced (logged): uploads keep working.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], total: int, *, per_process: int = 0) -> None:
+        if total < 0 or per_process < 0:
+            raise ValueError(f"stream caps must not be negative (total={total}, per_process={per_process})")
+        self.total = total
+        self.per_process = per_process
+        self._locker = FileLocker(directory)
+        self._in_process = threading.BoundedSemaphore(per_process) if per_process else None
+        self._warned = False
+
+    def __repr__(self) -> str:
+        return f"<StreamSlots {self.total} in {self._locker.directory!r} per_process={self.per_process}>"
+
+    def try_take(self) -> Callable[[], None] | None:
+        """A free slot's release function (call it once), or ``None`` when every slot is taken."""
+        if self._in_process is not None and not self._in_process.acquire(blocking=False):
+            return None
+        try:
+            lock = self._take_file_slot() if self.total else None
+        except _AllTaken:
+            if self._in_process is not None:
+                self._in_process.release()
+            return None
+        in_process = self._in_process
+
+        def release() -> None:
+            if lock is not None:
+                lock.release()
+            if in_process is not None:
+                in_process.release()
+
+        return release
+
+    def _take_file_slot(self) -> UploadLock | None:
+        """A held slot; ``None`` when the slots cannot be used (not enforced); :class:`_AllTaken` when full."""
+        start = os.getpid() % self.total  # workers start their search at different slots
+        try:
+            for step in range(self.total):
+                lock = self._locker.try_acquire(f"stream-slot-{(start + step) % self.total}")
+                if lock is not None:
+                    return lock
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot use the stream slots in %s (%s): bodies are not capped until it is fixed",
+                            self._locker.directory, exc)
+            return None
+        raise _AllTaken
+
+
+class _AllTaken(Exception):
+    """Every stream slot is held."""

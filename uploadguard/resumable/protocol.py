@@ -34,12 +34,14 @@ from ..errors import BadRequest, BodyTooLarge, UploadGuardError
 
 __all__ = [
     "TUS_VERSION", "TUS_EXTENSIONS", "CHECKSUM_ALGORITHMS", "INTEROP_VERSIONS", "OFFSET_CONTENT_TYPE",
+    "PARTIAL_UPLOAD_CONTENT_TYPE", "MAX_METADATA_SIZE",
     "ResumableError", "UnsupportedVersion", "UnsupportedMediaType", "OffsetMismatch", "ChecksumMismatch",
     "UploadLocked", "UploadNotFound", "UploadGone", "UploadIncomplete", "MethodNotAllowed", "Forbidden",
     "HookFailed",
     "Checksum", "Concat", "Dialect",
     "method_of", "dialect_of", "parse_number", "parse_optional_number", "parse_metadata", "encode_metadata",
-    "parse_checksum", "parse_concat", "parse_upload_complete", "check_offset", "check_append",
+    "parse_checksum", "parse_concat", "parse_upload_complete", "check_partial_upload_type", "check_offset",
+    "check_append",
     "creation_too_large", "http_date",
 ]
 
@@ -59,6 +61,10 @@ PARTIAL_UPLOAD_CONTENT_TYPE = "application/partial-upload"
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _METADATA_KEY = re.compile(r"[!-+\--~]+")  # visible ASCII except "," (tus: no spaces, no commas)
 _MAX_NUMBER = 2**63 - 1  # what off_t holds
+#: The most ``Upload-Metadata`` may hold, decoded (keys and values, in bytes).  It is stored with the
+#: upload and echoed on every HEAD: unbounded, repeated header lines (which servers join) stored
+#: hundreds of KB and answered them as one header line that clients and proxies refuse.
+MAX_METADATA_SIZE = 4 * 1024
 
 
 class ResumableError(UploadGuardError):
@@ -85,7 +91,7 @@ class UnsupportedVersion(ResumableError):
 
 
 class UnsupportedMediaType(ResumableError):
-    """415: a tus PATCH whose body is not ``application/offset+octet-stream``."""
+    """415: a PATCH body of the wrong type (tus: ``application/offset+octet-stream``, draft-05: ``partial-upload``)."""
 
     status_code = 415
     title = "Unsupported Media Type"
@@ -253,11 +259,18 @@ def parse_metadata(value: str | None) -> dict[str, str]:
 
     Values must be strict base64 of UTF-8 text (the API hands the app ``str``);
     keys are unique.  Anything else is a 400: a malformed header must not create
-    an upload whose file name the app would then guess.
+    an upload whose file name the app would then guess.  So is metadata over
+    :data:`MAX_METADATA_SIZE` decoded bytes (a header this long is refused before
+    it is decoded).
     """
     metadata: dict[str, str] = {}
     if value is None or not value.strip():
         return metadata
+    too_large = BadRequest(f"Upload-Metadata is larger than {MAX_METADATA_SIZE} bytes decoded "
+                           f"(keys and values); send less.", reason="metadata_too_large")
+    if len(value) > 2 * MAX_METADATA_SIZE:  # base64 is 4/3 of the bytes: this cannot decode within the cap
+        raise too_large
+    size = 0
     for pair in value.split(","):
         parts = pair.strip().split(" ")
         if len(parts) > 2 or not _METADATA_KEY.fullmatch(parts[0]):
@@ -270,6 +283,9 @@ def parse_metadata(value: str | None) -> dict[str, str]:
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise BadRequest(f"Upload-Metadata value of {key!r} is not base64 of UTF-8 text.",
                              reason="bad_metadata") from None
+        size += len(key) + len(metadata[key].encode())
+        if size > MAX_METADATA_SIZE:
+            raise too_large
     return metadata
 
 
@@ -324,6 +340,19 @@ def parse_upload_complete(value: str | None) -> bool | None:
     if text == "?0":
         return False
     raise BadRequest(f"Upload-Complete must be ?0 or ?1, not {value[:20]!r}.", reason="bad_header")
+
+
+def check_partial_upload_type(interop: int, content_type: str | None, *, has_body: bool) -> None:
+    """The draft's PATCH media type: from interop version 6 (draft-05) an append with content must be
+    ``application/partial-upload`` (parameters allowed); anything else is a 415.  Interop 5 names none.
+    An empty append carries no representation, so no type is required of it.
+    """
+    if interop < 6 or not has_body:
+        return
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != PARTIAL_UPLOAD_CONTENT_TYPE:
+        raise UnsupportedMediaType(f"A PATCH body of Upload-Draft-Interop-Version {interop} must be "
+                                   f"{PARTIAL_UPLOAD_CONTENT_TYPE}, not {(content_type or 'none')[:60]!r}.")
 
 
 def check_offset(requested: int, current: int) -> None:

@@ -63,9 +63,14 @@ completion).  On completion the incomplete part becomes the last part and
 MinIO and AWS S3 (since 2024) honour: a request takes an upload by creating
 ``<id>.lock`` with ``If-None-Match: *``; the holder renews its lease every
 ``lease / 3`` seconds with ``If-Match`` on its last ETag and frees the lock the
-same way.  A lock whose ``Last-Modified`` is more than ``lease`` seconds before
-the S3 server's own ``Date`` (one clock: hosts' clocks do not matter) is
-stale and taken over with ``If-Match``.  Preemption works as on one host: a
+same way.  The holder counts its lease from when each of those writes was
+*sent* (a retried PUT may answer long after its first attempt wrote the
+object) and deems it lost two thirds of the lease after the last renewal sent:
+from then until a renewal succeeds, its PATCH writes nothing more (no part, no
+commit) and answers 423, keeping what it committed.  A lock whose
+``Last-Modified`` is more than ``lease`` seconds before the S3 server's own
+``Date`` (one clock: hosts' clocks do not matter) is stale and taken over with
+``If-Match``.  Preemption works as on one host: a
 contender writes ``<id>.release``; the holder's lock thread sees it within
 0.25 s and the :class:`~uploadguard.resumable.locking.ReleaseWatcher` shuts
 the blocked PATCH's socket, so a client that reconnected through another host
@@ -86,15 +91,18 @@ Object storage that refuses conditional writes answers the lock's creation
 with an error, so requests get 503; one that silently *ignores* them would
 make locks non-exclusive -- check yours (``TestConditionalWrites`` in
 ``tests/test_resumable_s3.py`` is the probe).  The
-residual risk of a lease: a holder stalled longer than ``lease`` inside one
-``UploadPart`` call may overwrite that part number after a new holder wrote
+residual risk of a lease: the lease is checked before each ``UploadPart``, but
+one call lasts up to ``max_attempts`` x (``connect_timeout`` +
+``read_timeout``) (66 s by default, far past the 10 s lease); a holder stalled
+that long inside it may overwrite that part number after a new holder wrote
 it; AWS S3 then refuses the completion on the part's ETag (an error, not a
 corrupt file) -- a store that does not check part ETags might not.  Keep
 ``lease`` well above the time one part takes to upload.
 
 **Expiry**: ``uploadguard clean`` (``clean_expired(store)``) aborts the
-multipart uploads of expired incomplete uploads and deletes all their objects,
-taking each upload's lock first; an hour after the last write it does the same
+multipart uploads of expired incomplete uploads and deletes all their objects
+(and those of completed uploads past ``keep_completed``), taking each upload's
+lock first; an hour after the last write it does the same
 for ids without ``<id>.info`` (:meth:`S3Store.orphans`: a host died between
 two steps of a create or a termination).  Completion deletes every
 ``<id>.tail.*``, committed or not.  Nothing leaks.
@@ -451,6 +459,19 @@ class S3Store:
             return self.part_size
         return max(self.part_size, -(-info.length // (MAX_PARTS - 1)))
 
+    def _check_lease(self, upload_id: str) -> None:
+        """423 if this process's lock on the upload may have lapsed: another host may be writing it now.
+
+        Checked before every write a PATCH makes (a part, the incomplete part,
+        a commit): a holder whose renewals hang stops writing, keeping what it
+        committed, before a contender may take the lease over.
+        """
+        lock = self.locker.holding(upload_id)
+        if lock is not None and lock.lost:
+            log.warning("the lease of upload %s may have lapsed; stopping its PATCH", upload_id)
+            raise UploadLocked(f"Upload {upload_id} was held too long without a renewed lease; retry.",
+                               retry_after=1)
+
     def _append(self, state: _State, read: Callable[[int], bytes], max_bytes: int) -> int:
         before = dataclasses.replace(state, parts=list(state.parts))
         start = state.offset
@@ -484,11 +505,14 @@ class S3Store:
                         # not S3's refusal of part 10,001 on every retry.
                         raise BodyTooLarge(sum(size for _, size, _ in state.parts) + part_size - 1,
                                            length=state.offset + buffer.size)
+                    self._check_lease(state.info.id)
                     self._upload_part(state, buffer)
                     state.tail = None
+                    self._check_lease(state.info.id)
                     self._commit(state)
             if not written:
                 return start  # nothing came: nothing changes
+            self._check_lease(state.info.id)
             if buffer.size >= MIN_PART:
                 self._upload_part(state, buffer)
                 state.tail = None
@@ -498,6 +522,7 @@ class S3Store:
                 state.tail = (key, buffer.size)
             else:
                 state.tail = None
+            self._check_lease(state.info.id)
             self._commit(state)
         finally:
             buffer.close()
@@ -552,11 +577,11 @@ class S3Store:
             self._call("abort_multipart_upload", Key=key, UploadId=state.multipart)
             self._put(key, b"")
         state.multipart = None
-        state.info = dataclasses.replace(state.info, completed=True)
+        state.info = dataclasses.replace(state.info, completed=True, completed_at=time.time())
         self._commit(state, touch=False)
         with contextlib.suppress(S3Unavailable):
             # The committed incomplete part, and any a PATCH stored but could not commit (preempted,
-            # killed): a completed upload never expires, so nothing else would ever delete them.
+            # killed): a completed upload stays keep_completed, and nothing else looks for them meanwhile.
             for stray in self._keys(self._key(upload_id, ".tail.")):
                 self._delete(stray)
         return state.info
@@ -871,7 +896,7 @@ class S3File(_SeekableReader):
 class S3Lock:
     """A held upload lock on S3: a thread renews the lease and watches for release requests."""
 
-    def __init__(self, locker: S3Locker, upload_id: str, etag: str, token: str) -> None:
+    def __init__(self, locker: S3Locker, upload_id: str, etag: str, token: str, *, sent: float) -> None:
         self.locker = locker
         self.upload_id = upload_id
         self._etag = etag
@@ -880,7 +905,9 @@ class S3Lock:
         self._held = True
         self._requested = False
         self._lost = False
-        self._renewed = time.monotonic()
+        #: time.monotonic() when the write that took the lock was sent: the object may have been written
+        #: from then on (a retried PUT returns long after its first attempt landed), so the lease runs from it.
+        self._renewed = sent
         self._stop = threading.Event()
         self._mutex = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"uploadguard-s3lock-{upload_id[:8]}", daemon=True)
@@ -911,7 +938,7 @@ class S3Lock:
     def _run(self) -> None:
         store = self.locker.store
         renew_every = store.lease / 3
-        next_renewal = time.monotonic() + renew_every
+        next_renewal = self._renewed + renew_every
         while not self._stop.wait(_POLL):
             try:
                 if not self._requested and self.locker.release_pending(self.upload_id):
@@ -945,6 +972,7 @@ class S3Lock:
             if not self._held:
                 return
             self._held = False
+        self.locker._forget(self)
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
@@ -969,9 +997,21 @@ class S3Locker:
 
     def __init__(self, store: S3Store) -> None:
         self.store = store
+        self._holding: dict[str, S3Lock] = {}  # the locks this process holds, by upload id
+        self._holding_mutex = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<S3Locker {self.store.url}>"
+
+    def holding(self, upload_id: str) -> S3Lock | None:
+        """The lock this process holds on ``upload_id``, if any (the store checks its lease before writing)."""
+        with self._holding_mutex:
+            return self._holding.get(upload_id)
+
+    def _forget(self, lock: S3Lock) -> None:
+        with self._holding_mutex:
+            if self._holding.get(lock.upload_id) is lock:
+                del self._holding[lock.upload_id]
 
     def _write(self, upload_id: str, token: str, serial: int, *, if_match: str | None = None,
                free: bool = False) -> str:
@@ -1002,6 +1042,7 @@ class S3Locker:
         """The lock if it is free or its lease lapsed, else ``None``; never asks a holder to let go."""
         store = self.store
         token = secrets.token_hex(12)
+        sent = time.monotonic()  # before the request: whenever its answer comes, the object may be older
         try:
             etag = self._write(upload_id, token, 0)
         except _Precondition:
@@ -1018,13 +1059,17 @@ class S3Locker:
                 if not free:
                     log.warning("the lock of upload %s lapsed (a host died holding it?); taking it over",
                                 upload_id)
+                sent = time.monotonic()
                 try:
                     etag = self._write(upload_id, token, 0, if_match=current.etag)
                 except _Precondition:
                     return None
+        lock = S3Lock(self, upload_id, etag, token, sent=sent)
+        with self._holding_mutex:
+            self._holding[upload_id] = lock
         with contextlib.suppress(S3Unavailable):
             store._delete(store._key(upload_id, ".release"))  # any request for the previous holder is answered now
-        return S3Lock(self, upload_id, etag, token)
+        return lock
 
     def acquire(self, upload_id: str, *, timeout: float = 5.0, retry_after: int = 1) -> S3Lock:  # seconds
         """The lock, asking a holder to let go; :class:`UploadLocked` (423) after ``timeout``."""

@@ -20,7 +20,9 @@ meanwhile never leaves unverified bytes counted.
 
 The info (length, metadata, owner, state) is JSON in ``<id>.info``, written
 atomically: ``<id>.info.tmp``, fsync, rename, fsync of the directory.  The
-locks are ``<id>.lock`` and ``<id>.release`` beside them.  Ids are
+locks are ``<id>.lock`` and ``<id>.release`` beside them.  Every file written
+or truncated here is opened with ``O_NOFOLLOW``: a symlink planted in the
+directory is refused (a 503, ``symlink``), never followed to its target.  Ids are
 :func:`secrets.token_urlsafe` strings of 144 bits and are matched against
 :data:`ID_PATTERN` before they are used in a path.
 """
@@ -85,6 +87,10 @@ class UploadInfo:
     parts: tuple[str, ...] | None = None  # ids of the parts of a final concatenation
     completed: bool = False  # all bytes in and fsynced
     hook_done: bool = False  # on_complete returned
+    #: seconds a completed upload is kept after it completed (0 = forever); ``None``: not recorded
+    #: (an info written before uploadguard recorded it), so the reader's default applies
+    keep_completed: float | None = None
+    completed_at: float = 0.0  # epoch seconds of the completion; 0 = not completed, or not recorded
     offset: int = 0  # bytes stored
     updated: float = 0.0  # epoch seconds of the last write
 
@@ -98,6 +104,23 @@ class UploadInfo:
         if (self.completed and not self.partial) or self.expires_after is None:
             return None
         return max(self.created, self.updated) + self.expires_after
+
+    def discard_at(self, default_keep: float) -> float | None:
+        """When a completed upload the application never deleted is removed (epoch seconds), or ``None``.
+
+        ``keep_completed`` seconds after it completed (``default_keep`` when the
+        info recorded none; 0 = never).  Without it, every completed upload no
+        form ever claims -- an ``Upload-Length: 0`` creation completes at once --
+        would stay for good.  Concatenation parts expire by :attr:`expires`
+        instead.  An upload completed before the time was recorded counts from
+        its last write.
+        """
+        if not self.completed or self.partial:
+            return None
+        keep = default_keep if self.keep_completed is None else self.keep_completed
+        if not keep:
+            return None
+        return (self.completed_at or max(self.created, self.updated)) + keep
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)
@@ -214,12 +237,15 @@ class LocalStore:
         return self.get(info.id)
 
     def get(self, upload_id: str) -> UploadInfo:
+        # A missing file is an unknown upload (404); a file where the directory should be (ENOTDIR) is
+        # the storage being unusable, which the handler answers 503 + Retry-After: the uploads may well
+        # be back once the directory is, and a 404 would make their clients start again.
         info_path, data_path = self._path(upload_id, ".info"), self._path(upload_id, ".bin")
         try:
             with open(info_path, "rb") as fh:
                 raw = fh.read()
                 info_mtime = os.fstat(fh.fileno()).st_mtime
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             raise UploadNotFound(f"No upload {upload_id}.") from None
         try:
             info = UploadInfo.from_json(raw, offset=0, updated=info_mtime)
@@ -229,7 +255,7 @@ class LocalStore:
             raise UploadNotFound(f"No upload {upload_id}.") from None
         try:
             st = os.stat(data_path)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             if info.completed and info.length is not None:
                 # on_complete moved the data away: still complete for a client that asks again
                 # (its last response may have been lost), so it never uploads the file twice.
@@ -241,8 +267,8 @@ class LocalStore:
               checksum: Checksum | None = None) -> int:
         data_path = self._path(upload_id, ".bin")
         try:
-            fd = os.open(data_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
+            fd = os.open(data_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
             raise UploadNotFound(f"No upload {upload_id}.") from None
         try:
             check_offset(offset, os.fstat(fd).st_size)
@@ -267,7 +293,7 @@ class LocalStore:
 
     def _write_verified(self, upload_id: str, fd: int, read: Reader, max_bytes: int, checksum: Checksum) -> int:
         side_path = self._path(upload_id, ".chk")
-        side = os.open(side_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        side = os.open(side_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             digest = checksum.new()
             written = _copy(read, side, max_bytes, digest.update)
@@ -304,7 +330,7 @@ class LocalStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        info = dataclasses.replace(self.get(upload_id), completed=True)
+        info = dataclasses.replace(self.get(upload_id), completed=True, completed_at=time.time())
         self._write_info(info)  # fsyncs the directory too
         return info
 
@@ -321,7 +347,7 @@ class LocalStore:
     def open(self, upload_id: str) -> BinaryIO:
         try:
             return open(self._path(upload_id, ".bin"), "rb")
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             raise UploadNotFound(f"No data for upload {upload_id} (never stored, or moved away).") from None
 
     def local_path(self, upload_id: str) -> str | None:

@@ -10,22 +10,27 @@ for the parameters and the rules.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 from urllib.parse import urlsplit
 
-from ..config import Settings, parse_duration, parse_size
+from ..config import Settings, parse_duration, parse_size, server_pool, stream_caps
 from ..errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
 from ..tempdir import Reason, reason_for_errno
 from ..wsgi import GuardedInput, body_length, request_socket, waiting_for_continue
 from . import protocol as p
-from .locking import HeldLock, Locker, ReleaseWatcher
+from .locking import FileLocker, HeldLock, Locker, ReleaseWatcher, StreamSlots
 from .s3 import RAM_PART_LIMIT as S3_RAM_PART_LIMIT
 from .s3 import S3Store, is_s3_url
 from .store import LocalStore, Store, UploadInfo, new_upload_id, valid_upload_id
@@ -105,7 +110,12 @@ class _Request:
         self.environ = environ
         self.owner = owner
         self.method = p.method_of(environ)
+        #: The method on the wire, which decides the response's framing: a POST overridden to HEAD
+        #: still gets a body its Content-Length describes (a body-less one would desync the connection).
+        self.wire_method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         self.reader: _BodyReader | None = None  # the PATCH body being read, once it is
+        self.release_slot: Callable[[], None] | None = None  # the stream slot held while a body is read
+        self.busy = False  # refused for want of a stream slot
         self.dialect: str | None = None
         self.interop: int | None = None
         self.headers: list[tuple[str, str]] = [("Cache-Control", "no-store")]
@@ -133,12 +143,29 @@ _RATE_FLOOR = 16 * 1024
 _MAX_READ = 1024 * 1024  # bytes one read of a PATCH body asks for at most (see _BodyReader)
 
 
+_TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in Linux's struct tcp_info (since 4.1)
+
+
+def bytes_received(sock: socket.socket | None) -> int | None:
+    """The bytes the kernel has received on a TCP connection so far, or ``None`` (not TCP, not Linux)."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), 256)
+    except OSError:
+        return None
+    if len(raw) < _TCPI_BYTES_RECEIVED + 8:
+        return None
+    value: int = struct.unpack_from("=Q", raw, _TCPI_BYTES_RECEIVED)[0]
+    return value
+
+
 class _BodyReader:
     """``read(n)`` over ``wsgi.input`` for the store; any end of the body (timeout, preemption, a
     vanished client) is just the end of this PATCH: the bytes before it count, nothing after is read."""
 
     def __init__(self, stream: Any, length: int | None, watcher: ReleaseWatcher | None,
-                 window: float = 0.0) -> None:
+                 window: float = 0.0, sock: socket.socket | None = None) -> None:
         self.stream = stream
         self.remaining = length  # None: chunked, read to the end
         self.watcher = watcher
@@ -156,6 +183,11 @@ class _BodyReader:
         self._total = 0
         self._counted_at = self._window_start  # when bytes were last counted
         self._counting = threading.Lock()  # the reader counts, the watcher's too_slow() rolls the window
+        #: Where the kernel counts the bytes that arrived (TCP): then the floor sees a client's bytes as
+        #: they come, whatever the reads wait for; elsewhere (a Unix socket) only returned reads count,
+        #: so reads stay at the floor's size and a client above it always completes one per window.
+        self._arrivals = sock if window and bytes_received(sock) is not None else None
+        self._arrived: int = (bytes_received(self._arrivals) or 0) if self._arrivals is not None else 0
 
     def too_slow(self) -> bool:
         """A window of ``idle_timeout`` seconds brought less than the floor (checked by the watcher too).
@@ -168,6 +200,11 @@ class _BodyReader:
             return False
         with self._counting:
             now = time.monotonic()
+            if self._arrivals is not None:
+                arrived = bytes_received(self._arrivals)
+                if arrived is not None and arrived > self._arrived:
+                    self._window_bytes += arrived - self._arrived
+                    self._arrived, self._counted_at = arrived, now
             if now - self._window_start < self._window:
                 return False
             if self._window_bytes >= _RATE_FLOOR:
@@ -212,14 +249,15 @@ class _BodyReader:
             self.remaining -= len(data)
         if self._window:
             now = time.monotonic()
-            with self._counting:
-                self._window_bytes += len(data)
-                if data:
-                    self._counted_at = now
+            if self._arrivals is None:
+                with self._counting:
+                    self._window_bytes += len(data)
+                    if data:
+                        self._counted_at = now
             self._total += len(data)
             took = now - began
-            if self.remaining is None:
-                pass  # chunked: at the floor (see _read_size)
+            if self.remaining is None or self._arrivals is None:
+                pass  # chunked, or counted by the reads: at the floor (see _read_size)
             elif took < self._window / 8:
                 self._read_size = min(2 * self._read_size, max(self._read_size, self._total), _MAX_READ)
             elif took > self._window / 4:
@@ -244,6 +282,8 @@ class ResumableUploads:
         cors_origins: Iterable[str] | str = (),  # "*" or exact origins ("https://example.com")
         lock_timeout: float = 5.0,  # seconds a request waits for a held upload before a 423
         idle_timeout: float | str | None = None,  # seconds without a byte that end a PATCH; None = settings
+        keep_completed: float | str | None = None,  # seconds a completed upload is kept; None = settings; 0 = forever
+        max_streams: int | str | None = None,  # bodies read at once per host; None = settings ("auto"); 0 = no cap
     ) -> None:
         self.app = app
         if not prefix.startswith("/"):
@@ -266,6 +306,8 @@ class ResumableUploads:
                               else parse_duration(expires_after, name="expires_after"))
         self.idle_timeout = (self.settings.resumable_idle_timeout if idle_timeout is None
                              else parse_duration(idle_timeout, name="idle_timeout"))
+        self.keep_completed = (self.settings.resumable_keep_completed if keep_completed is None
+                               else parse_duration(keep_completed, name="keep_completed"))
         self.on_complete = on_complete
         self.authorize = authorize
         origins = (cors_origins,) if isinstance(cors_origins, str) else tuple(cors_origins)
@@ -273,6 +315,10 @@ class ResumableUploads:
         if not lock_timeout >= 0:
             raise ValueError(f"lock_timeout={lock_timeout!r} must be >= 0 seconds")
         self.lock_timeout = lock_timeout
+        self.max_streams = (self.settings.resumable_max_streams if max_streams is None
+                            else self.settings.replace(resumable_max_streams=max_streams).resumable_max_streams)
+        self._slots: StreamSlots | None = None
+        self._slots_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<ResumableUploads {self.prefix} -> {self.store!r}>"
@@ -326,6 +372,13 @@ class ResumableUploads:
         """
         request = _Request(environ, owner)
         try:
+            return self._serve(request)
+        finally:
+            if request.release_slot is not None:
+                request.release_slot()
+
+    def _serve(self, request: _Request) -> Response:
+        try:
             return self._dispatch(request)
         except UploadGuardError as error:
             answer = error
@@ -350,6 +403,8 @@ class ResumableUploads:
         reader = request.reader
         if reader is not None and (reader.cut is not None or reader.remaining == 0):
             return
+        if request.busy:
+            return  # the refusal must cost the pool nothing: no worker waits for a slow body (see _admit)
         environ = request.environ
         stream = environ.get("wsgi.input")
         if stream is None or waiting_for_continue(environ):
@@ -394,7 +449,7 @@ class ResumableUploads:
         upload_id = self.upload_id(id_or_url)
         if upload_id is None:
             raise p.UploadNotFound(f"{id_or_url[:80]!r} does not name an upload of {self.prefix}.")
-        self._find(upload_id, owner)
+        self._find(upload_id, owner, live=False)  # an expired upload is still the app's to delete
         with self.locker.acquire(upload_id, timeout=self.lock_timeout) as lock:
             self.store.terminate(upload_id)
             self.locker.remove(lock)
@@ -490,19 +545,31 @@ class ResumableUploads:
             raise too_large
         if concat is not None and concat.final:
             return self._concatenate(request, concat, metadata)
+        checksum = p.parse_checksum(request.header("Upload-Checksum"))  # a bad one creates nothing
         self._check_health(content_length or 0)
+        if content_length != 0:
+            self._admit(request)  # before the upload exists: a refused creation leaves nothing behind
         info = self.store.create(UploadInfo(
             id=new_upload_id(), length=length, metadata=metadata, owner=request.owner, created=time.time(),
             expires_after=self.expires_after or None, partial=concat is not None,
+            keep_completed=self.keep_completed,
         ))
         request.headers.append(("Location", self._location(request, info.id)))
         log.info("created upload %s (%s bytes)", info.id,
                  length if length is not None else "deferred")
         if content_length or (content_length is None) or length == 0:
-            checksum = p.parse_checksum(request.header("Upload-Checksum"))
             with self.locker.acquire(info.id, timeout=self.lock_timeout) as lock:
-                info = self._append(request, lock, info, offset=0, content_length=content_length,
-                                    complete=complete, checksum=checksum)
+                try:
+                    info = self._append(request, lock, info, offset=0, content_length=content_length,
+                                        complete=complete, checksum=checksum)
+                except (BadRequest, BodyTooLarge, p.ChecksumMismatch):
+                    # The body was refused (nothing of it was appended): undo the creation too, so the
+                    # refused request leaves nothing behind, and name no upload in the answer.
+                    self.store.terminate(info.id)
+                    self.locker.remove(lock)
+                    request.headers = [item for item in request.headers if item[0] != "Location"]
+                    log.info("removed upload %s: its creation body was refused", info.id)
+                    raise
         return self._respond(request, "201 Created", [*request.headers, *self._state(request, info)])
 
     def _concatenate(self, request: _Request, concat: p.Concat, metadata: dict[str, str]) -> Response:
@@ -511,11 +578,19 @@ class ResumableUploads:
         tus lets a server delete the parts once joined, or keep them for more
         final uploads.  Kept, a client could have one 200 MB part copied again
         and again for a few bytes of header each, every copy a completed upload
-        that never expires -- so each part joins one final upload, once: the
+        kept for days -- so each part joins one final upload, once: the
         parts are locked (in id order: two joins never deadlock) and checked
         again under their locks, and deleted only after ``on_complete``
-        returned.  If anything fails before that, the final upload goes and the
+        returned.  If ``on_complete`` fails, the final upload goes and the
         parts stay, so the client's retry joins them again.
+
+        The final upload's id follows from its owner and parts
+        (:meth:`_final_id`), so a retry of the request finds what an earlier
+        attempt left instead of making a second copy: a worker killed while
+        copying left a final upload the retry completes from its offset, one
+        killed between the last fsync and ``on_complete`` a completed one whose
+        ``on_complete`` the retry runs, one whose answer was lost a final
+        upload the retry answers again.
         """
         part_ids: list[str] = []
         for url in concat.parts:
@@ -525,33 +600,50 @@ class ResumableUploads:
             if part_id in part_ids:
                 raise BadRequest(f"Upload-Concat names upload {part_id} twice.", reason="bad_concat")
             part_ids.append(part_id)
-        parts = self._joinable(part_ids, request.owner)
-        total = sum(part.offset for part in parts)
-        if self.max_size and total > self.max_size:
-            raise BodyTooLarge(self.max_size, length=total)
-        self._check_health(total)
-        info = self.store.create(UploadInfo(
-            id=new_upload_id(), length=total, metadata=metadata, owner=request.owner, created=time.time(),
-            expires_after=self.expires_after or None, parts=tuple(part_ids),
-        ))
+        final_id = self._final_id(request.owner, part_ids)
+        if self._earlier_final(final_id, request.owner) is None:
+            parts = self._joinable(part_ids, request.owner)
+            total = sum(part.offset for part in parts)
+            if self.max_size and total > self.max_size:
+                raise BodyTooLarge(self.max_size, length=total)
+            self._check_health(total)
         with contextlib.ExitStack() as held:
-            lock = held.enter_context(self.locker.acquire(info.id, timeout=self.lock_timeout))
+            lock = held.enter_context(self.locker.acquire(final_id, timeout=self.lock_timeout))
+            info = self._earlier_final(final_id, request.owner)  # as it is now that nobody else can join them
             try:
                 part_locks = [held.enter_context(self.locker.acquire(part_id, timeout=self.lock_timeout))
                               for part_id in sorted(part_ids)]
-                parts = self._joinable(part_ids, request.owner)  # as they are now that nobody else can join them
-                offset = 0
-                for part in parts:
-                    with self.store.open(part.id) as source:
-                        offset = self.store.write(info.id, offset, source.read, part.offset)
-                if offset != total:
-                    raise TempDirUnavailable(Reason.IO_ERROR, retry_after=self.settings.retry_after,
-                                             cause=f"joined {offset} of {total} bytes into {info.id}")
-                info = self._completed(request, lock, self.store.finish(info.id))
+                if info is None or not info.completed:
+                    parts = self._joinable(part_ids, request.owner)
+                    total = sum(part.offset for part in parts)
+                    if info is None:
+                        info = self.store.create(UploadInfo(
+                            id=final_id, length=total, metadata=metadata, owner=request.owner, created=time.time(),
+                            expires_after=self.expires_after or None, parts=tuple(part_ids),
+                            keep_completed=self.keep_completed,
+                        ))
+                    else:
+                        log.info("completing upload %s, which an earlier join left at %d of %d bytes",
+                                 final_id, info.offset, total)
+                    offset, start = info.offset, 0
+                    for part in parts:
+                        end = start + part.offset
+                        if offset < end:
+                            with self.store.open(part.id) as source:
+                                if offset > start:
+                                    source.seek(offset - start)
+                                offset = self.store.write(info.id, offset, source.read, end - offset)
+                        start = end
+                    if offset != total:
+                        raise TempDirUnavailable(Reason.IO_ERROR, retry_after=self.settings.retry_after,
+                                                 cause=f"joined {offset} of {total} bytes into {info.id}")
+                    info = self.store.finish(info.id)
+                info = self._completed(request, lock, info)
             except BaseException:
-                with contextlib.suppress(Exception):
-                    self.store.terminate(info.id)
-                    self.locker.remove(lock)
+                if info is None or not info.hook_done:  # what on_complete took stays; else the parts count
+                    with contextlib.suppress(Exception):
+                        self.store.terminate(final_id)
+                        self.locker.remove(lock)
                 raise
             for part_lock in part_locks:
                 try:
@@ -562,6 +654,26 @@ class ResumableUploads:
                                 exc_info=True)
         request.headers.append(("Location", self._location(request, info.id)))
         return self._respond(request, "201 Created", [*request.headers, *self._state(request, info)])
+
+    @staticmethod
+    def _final_id(owner: str | None, part_ids: list[str]) -> str:
+        """The id of the final upload joining ``part_ids`` for ``owner``: the same for a retry.
+
+        As unguessable as the part ids it is made of (a digest of them): only
+        who knows the parts can name it.
+        """
+        digest = hashlib.sha256(json.dumps([owner, part_ids]).encode()).digest()
+        return base64.urlsafe_b64encode(digest).decode()[:24]
+
+    def _earlier_final(self, final_id: str, owner: str | None) -> UploadInfo | None:
+        """What an earlier attempt of this join left (``None``: nothing); expired or not, it is resumed."""
+        try:
+            info = self.store.get(final_id)
+        except p.UploadNotFound:
+            return None
+        if info.owner != owner or info.parts is None:  # never: the id is a digest of the owner and the parts
+            raise p.UploadNotFound(f"No upload {final_id}.")
+        return info
 
     def _joinable(self, part_ids: list[str], owner: str | None) -> list[UploadInfo]:
         parts = []
@@ -593,6 +705,9 @@ class ResumableUploads:
         if request.ietf:
             if complete is None:
                 raise BadRequest("Upload-Complete (?0 or ?1) is required.", reason="missing_header")
+            assert request.interop is not None
+            p.check_partial_upload_type(request.interop, request.header("Content-Type"),
+                                        has_body=content_length != 0)
         elif request.header("Content-Type") != p.OFFSET_CONTENT_TYPE:
             raise p.UnsupportedMediaType(f"A PATCH body must be {p.OFFSET_CONTENT_TYPE}.")
         checksum = p.parse_checksum(request.header("Upload-Checksum"))
@@ -600,14 +715,17 @@ class ResumableUploads:
         info = self._find(upload_id, request.owner)
         if info.parts is not None:
             raise p.Forbidden("A final concatenated upload cannot be patched.")
+        if content_length != 0:
+            self._admit(request, upload_id)  # before the lock: a refused PATCH never preempts the one reading
         with self.locker.acquire(upload_id, timeout=self.lock_timeout) as lock:
             info = self._find(upload_id, request.owner)
             p.check_offset(offset, info.offset)
+            declare: int | None = None  # a deferred length this PATCH declares, recorded once its body is taken
             if length is not None and info.length is None:
                 if length < info.offset or (self.max_size and length > self.max_size):
                     raise BodyTooLarge(self.max_size, length=length) if length >= info.offset else BadRequest(
                         "Upload-Length is below the bytes already stored.", reason="bad_header")
-                info = self.store.declare_length(upload_id, length)
+                declare = length
             elif length is not None and length != info.length:
                 raise BadRequest("Upload-Length differs from the upload's length.", reason="bad_header")
             if self._whole(info):
@@ -619,7 +737,7 @@ class ResumableUploads:
                 info = self._completed(request, lock, info)
                 return self._respond(request, "204 No Content", [*request.headers, *self._state(request, info)])
             info = self._append(request, lock, info, offset=offset, content_length=content_length,
-                                complete=complete, checksum=checksum)
+                                complete=complete, checksum=checksum, declare=declare)
         return self._respond(request, "204 No Content", [*request.headers, *self._state(request, info)])
 
     def _delete(self, request: _Request, upload_id: str) -> Response:
@@ -632,24 +750,35 @@ class ResumableUploads:
 
     def _append(self, request: _Request, lock: HeldLock, info: UploadInfo, *, offset: int,
                 content_length: int | None, complete: bool | None,
-                checksum: p.Checksum | None = None) -> UploadInfo:
-        """Write the request body at ``offset`` under ``lock``; complete the upload when it is whole."""
+                checksum: p.Checksum | None = None, declare: int | None = None) -> UploadInfo:
+        """Write the request body at ``offset`` under ``lock``; complete the upload when it is whole.
+
+        ``declare`` is a deferred length the request states (tus ``Upload-Length``; the draft's
+        ``Upload-Complete: ?1`` with a ``Content-Length``).  It bounds the body like a declared
+        length, but is recorded only once the body was taken: a request refused for its body
+        (413, 460, a failed write) changes nothing, so the client can retry with the right length.
+        A crash between the write and the record leaves a deferred upload whose offset is the
+        bytes stored; the client's next PATCH (an empty one at that offset) declares it then.
+        """
         if not request.ietf:
             complete = None  # Upload-Complete is the draft's; a tus request declares lengths with Upload-Length
         if complete and info.length is None and content_length is not None:
             if self.max_size and offset + content_length > self.max_size:
                 raise BodyTooLarge(self.max_size, length=offset + content_length)
-            info = self.store.declare_length(info.id, offset + content_length)
+            if declare is not None and declare != offset + content_length:
+                raise BadRequest("Upload-Length disagrees with the complete body's length.", reason="bad_header")
+            declare = offset + content_length
         elif complete and info.length is not None and content_length is not None \
                 and offset + content_length != info.length:
             raise BadRequest("Upload-Complete: ?1 but the body does not end the upload.", reason="bad_header")
-        budget = p.check_append(offset=offset, length=info.length, max_size=self.max_size,
+        length = info.length if info.length is not None else declare
+        budget = p.check_append(offset=offset, length=length, max_size=self.max_size,
                                 content_length=content_length)
         sock = request_socket(request.environ)
         stream = request.environ["wsgi.input"]
         previous_timeout = sock.gettimeout() if sock is not None else None
         with ReleaseWatcher(lock, sock) as watcher:
-            reader = request.reader = _BodyReader(stream, content_length, watcher, self.idle_timeout)
+            reader = request.reader = _BodyReader(stream, content_length, watcher, self.idle_timeout, sock)
             watcher.too_slow = reader.too_slow
             if sock is not None and self.idle_timeout:
                 # The watcher ends a PATCH whose window brought too few bytes by shutting the socket
@@ -666,7 +795,9 @@ class ResumableUploads:
         if reader.cut is not None:
             log.info("PATCH of upload %s ended early (%s) at %d bytes", info.id, reader.cut, new_offset)
         info = self.store.get(info.id)
-        if complete and info.length is None and reader.cut is None:
+        if declare is not None and info.length is None:
+            info = self.store.declare_length(info.id, declare)  # the body was taken: the length stands
+        elif complete and info.length is None and reader.cut is None:
             info = self.store.declare_length(info.id, new_offset)  # a chunked final body: now we know
         if info.length is not None and info.offset == info.length:
             info = self._completed(request, lock, info)
@@ -696,15 +827,75 @@ class ResumableUploads:
         self.store.update(info)
         return info
 
-    def _find(self, upload_id: str, owner: str | None) -> UploadInfo:
-        """The upload if ``owner`` may see it; 404 otherwise, 410 once expired."""
+    def _find(self, upload_id: str, owner: str | None, *, live: bool = True) -> UploadInfo:
+        """The upload if ``owner`` may see it; 404 otherwise.  With ``live``, 410 once expired, or once a
+        completed upload is past ``keep_completed`` (the clean-up removes it; until then it is as gone)."""
         info = self.store.get(upload_id)
         if info.owner is not None and info.owner != owner:
             raise p.UploadNotFound(f"No upload {upload_id}.")
+        if not live:
+            return info
+        now = time.time()
         expires = info.expires
-        if expires is not None and expires < time.time():
+        if expires is not None and expires < now:
             raise p.UploadGone(f"Upload {upload_id} expired; start a new upload.")
+        discard = info.discard_at(self.keep_completed)
+        if discard is not None and discard < now:
+            raise p.UploadGone(f"Upload {upload_id} was completed too long ago and is no longer kept.")
         return info
+
+    def _stream_slots(self) -> StreamSlots | None:
+        """The cap on bodies read at once, resolved on first use (gunicorn notes its pool after loading the app)."""
+        if self._slots is None:
+            with self._slots_lock:
+                if self._slots is None:
+                    total, per_process = stream_caps(self.max_streams, server_pool())
+                    locker = self.locker
+                    directory = (locker.directory if isinstance(locker, FileLocker)
+                                 else str(self.settings.temp_dir))
+                    self._slots = StreamSlots(directory, total, per_process=per_process)
+                    if total or per_process:
+                        log.info("resumable bodies read at once: at most %s per host%s", total or "(no cap)",
+                                 f", {per_process} per process" if per_process else "")
+        slots = self._slots
+        return slots if slots.total or slots.per_process else None
+
+    def _admit(self, request: _Request, upload_id: str | None = None) -> None:
+        """Take a stream slot for the body about to be read, or refuse at once (503 + Retry-After).
+
+        Under sync or gthread workers a body holds a worker for as long as
+        its client takes to send it; past the cap the rest of the site would
+        wait (see :func:`~uploadguard.config.stream_caps`).  The refusal reads
+        nothing, so it costs a worker a few milliseconds, and tus clients
+        retry a 503.  One exception: a client resuming ``upload_id`` while a
+        stale request of its own (a silent drop) still holds the upload and
+        its slot asks that request to let go and waits ``lock_timeout`` for
+        the slot it frees.
+        """
+        slots = self._stream_slots()
+        if slots is None:
+            return
+        release = slots.try_take()
+        if release is None and upload_id is not None and self._held_elsewhere(upload_id):
+            deadline = time.monotonic() + self.lock_timeout
+            with self.locker.acquire(upload_id, timeout=self.lock_timeout):
+                pass  # the stale request let go of the upload; its slot follows as it answers
+            while release is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                release = slots.try_take()
+        if release is None:
+            request.busy = True
+            log.warning("resumable body refused: all %s stream slots in use", slots.total or slots.per_process)
+            raise TempDirUnavailable("busy", path=self.directory, retry_after=self.settings.retry_after,
+                                     cause="every stream slot is in use")
+        request.release_slot = release
+
+    def _held_elsewhere(self, upload_id: str) -> bool:
+        lock = self.locker.try_acquire(upload_id)
+        if lock is None:
+            return True
+        lock.release()
+        return False
 
     def _check_health(self, need: int = 0, *, writing: bool = True) -> None:
         """503 + Retry-After unless the storage can be used; a full disk still answers HEAD and DELETE."""
@@ -752,7 +943,7 @@ class ResumableUploads:
         if origin is not None and self._origin_allowed(origin):
             headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", _EXPOSED),
                         ("Vary", "Origin")]
-        if not any(name == "Content-Length" for name, _ in headers) and request.method != "HEAD":
+        if not any(name == "Content-Length" for name, _ in headers) and request.wire_method != "HEAD":
             headers.append(("Content-Length", "0"))
         return Response(status, headers, [])
 
@@ -764,4 +955,4 @@ class ResumableUploads:
         # is named, so the client can ask for it instead of creating it again.
         headers.extend(item for item in request.headers if item[0] == "Location")
         response = self._respond(request, status, headers)
-        return Response(response.status, response.headers, [] if request.method == "HEAD" else [body])
+        return Response(response.status, response.headers, [] if request.wire_method == "HEAD" else [body])

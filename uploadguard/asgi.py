@@ -1,0 +1,352 @@
+"""``UploadGuard`` for ASGI: the WSGI guard's promises on an event loop.
+
+Wrap any ASGI application (FastAPI, Starlette, Django's ``get_asgi_application()``)::
+
+    from uploadguard.asgi import UploadGuard
+    app = UploadGuard(app)              # or, with Starlette/FastAPI: app.add_middleware(UploadGuard)
+
+A pure ASGI middleware (standard library only): the keywords and settings
+are the WSGI guard's (:class:`uploadguard.wsgi.UploadGuard`; the README's
+"Settings reference"), and every decision is the same function of
+:mod:`uploadguard.guard`.  For a request with a body:
+
+* **413 the client reads.**  A ``Content-Length`` over the limit is answered
+  before the application runs; a chunked body is cut as soon as it passes
+  the limit (``receive()`` raises :class:`~uploadguard.errors.BodyTooLarge`
+  into the application, and whatever the application makes of it -- FastAPI
+  answers 400 -- becomes the 413).  Before the answer the rest of the body is
+  read and discarded within ``drain_max`` bytes and ``drain_timeout``
+  seconds, so the client, which reads only once it has sent, sees it.
+* **Expect: 100-continue.**  uvicorn and gunicorn's ASGI worker send
+  ``100 Continue`` when the application first calls ``receive()``; a 413 or
+  503 decided before that goes out instead, and the client never sends the body.
+* **The temp dir.**  Before the application reads a byte the temp dir is
+  checked (a cached verdict with one ``lstat`` on the loop, a full check in
+  a thread: a hung file system must not stop the loop); a
+  vanished one is recreated, an unusable one answered 503 + ``Retry-After``
+  while the rest of the site works.  :mod:`tempfile` (and ``TMPDIR``) point
+  at it, so FastAPI's ``UploadFile`` and Django's body spool land there.  An
+  ``OSError`` about it raised by the application is the same 503; a 400 a
+  framework made of one (FastAPI) too, when a fresh check blames the dir.
+  Any other ``OSError`` is a logged 500; other exceptions propagate to the
+  server, which logs them and answers 500.
+* **A client gone mid-body** ends the request quietly (one INFO line), never
+  with a traceback: nothing can be answered to it.
+
+``http.response.start`` is held until the first body message, so an error
+raised in between can still be answered.  Requests without a body, and
+``lifespan`` and ``websocket`` scopes, pass straight through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from . import guard
+from .config import Settings
+from .errors import BadRequest, BodyTooLarge, UploadGuardError
+from .stats import Event, GuardStats
+from .tempdir import Health, TempDirGuard, use_as_tempdir
+
+__all__ = ["UploadGuard"]
+
+log = logging.getLogger("uploadguard")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SCOPE_GUARD = "uploadguard.guard"  # the outermost guard, which counts the request
+SCOPE_BODY = "uploadguard.body"  # its body counter
+
+
+def _head(scope: Scope) -> dict[str, Any] | None:
+    """The body headers under their WSGI names (what :func:`guard.body_length` reads); ``None`` for no body."""
+    length = encoding = None
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length" and length is None:
+            length = value.decode("latin-1")
+        elif name == b"transfer-encoding":
+            encoding = value.decode("latin-1")
+    if not length and encoding is None:
+        return None
+    return {"CONTENT_LENGTH": length, "HTTP_TRANSFER_ENCODING": encoding or "", "wsgi.input_terminated": True}
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope.get("headers", ()))
+
+
+class _Body:
+    """The application's ``receive``: counts the body and cuts it at the limit (a :class:`guard.BodyState`)."""
+
+    def __init__(self, receive: Receive, *, length: int | None, limit: int, expects_continue: bool) -> None:
+        self._receive = receive
+        self.length = length
+        self.limit = limit  # bytes; 0 = none
+        self.consumed = 0
+        self.exceeded = False
+        self.failed = False  # the client went away before the body ended
+        self.eof = False
+        self.asked = False  # receive() was called: the server has sent any 100 Continue
+        self.expects_continue = expects_continue
+
+    @property
+    def waiting(self) -> bool:
+        """The client still waits for a ``100 Continue`` nobody sent: it has sent no body."""
+        return self.expects_continue and not self.asked
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.length is None else self.length - self.consumed
+
+    def tighten(self, limit: int) -> None:
+        """Apply a smaller limit (a nested guard's); a larger one or 0 changes nothing."""
+        if limit and (not self.limit or limit < self.limit):
+            self.limit = limit
+
+    async def receive(self) -> Message:
+        if self.exceeded:
+            raise BodyTooLarge(self.limit)
+        message = await self.next()
+        if self.limit and self.consumed > self.limit:
+            self.exceeded = True
+            raise BodyTooLarge(self.limit)
+        return message
+
+    async def next(self) -> Message:
+        """The server's next message, counted."""
+        self.asked = True
+        message = await self._receive()
+        kind = message.get("type")
+        if kind == "http.request":
+            self.consumed += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.eof = True
+        elif kind == "http.disconnect" and not self.eof:
+            self.failed = True
+        return message
+
+    async def drain(self, *, max_bytes: int, timeout: float) -> bool:
+        """Read and discard the rest within the bounds (:func:`guard.drain_plan`); ``True`` if all was read."""
+        plan = guard.drain_plan(waiting=self.waiting, eof=self.eof or self.failed, remaining=self.remaining,
+                                max_bytes=max_bytes, timeout=timeout)
+        if plan is not guard.Drain.READ:
+            return plan is guard.Drain.DONE
+        budget = self.consumed + max_bytes
+        try:
+            async with asyncio.timeout(timeout):
+                while not (self.eof or self.failed) and self.consumed <= budget:
+                    await self.next()
+        except TimeoutError:
+            return False
+        return self.eof
+
+
+class _Exchange:
+    """The application's ``send``: holds ``http.response.start`` until the first body message."""
+
+    def __init__(self, send: Send, body: _Body, decide: Callable[[int], Awaitable[UploadGuardError | None]]) -> None:
+        self._send = send
+        self._body = body
+        self._decide = decide
+        self.start: Message | None = None
+        self.sent = False  # the server has the response start
+        self.replaced: UploadGuardError | None = None  # our answer instead of the application's
+
+    async def send(self, message: Message) -> None:
+        if self.replaced is not None or self._body.failed:
+            return  # replaced by our answer, or the client is gone: the rest goes nowhere
+        kind = message.get("type")
+        if kind == "http.response.start" and not self.sent and self.start is None:
+            self.start = message
+            return
+        if self.start is not None and not self.sent:
+            self.replaced = await self._decide(int(self.start["status"]))
+            if self.replaced is not None:
+                return
+            self.sent = True
+            await self._send(self.start)
+        await self._send(message)
+
+
+class UploadGuard:
+    """ASGI middleware; see the module documentation for what it guarantees and how."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        temp_dir: str | os.PathLike[str] | None = None,
+        max_body_size: int | str | None = None,  # bytes, or "200M"; 0 = no limit
+        retry_after: int | None = None,  # seconds
+        min_free_space: int | str | None = None,  # bytes, or "16M"
+        drain_max: int | str | None = None,  # bytes, or "400M"
+        drain_timeout: float | None = None,  # seconds
+        check_interval: float | None = None,  # seconds
+        settings: Settings | None = None,
+    ) -> None:
+        overrides: dict[str, Any] = dict(
+            temp_dir=temp_dir, max_body_size=max_body_size, retry_after=retry_after,
+            min_free_space=min_free_space, drain_max=drain_max, drain_timeout=drain_timeout,
+            check_interval=check_interval,
+        )
+        self.settings = settings.replace(**overrides) if settings else Settings.from_environ(None, **overrides)
+        self.app = app
+        self.temp = TempDirGuard(self.settings.temp_dir, min_free_space=self.settings.min_free_space,
+                                 check_interval=self.settings.check_interval)
+        self.stats = GuardStats()
+        from . import metrics  # Prometheus counters when prometheus_client is installed; else nothing
+
+        metrics.install(self)
+
+    def __repr__(self) -> str:
+        return f"<asgi.UploadGuard {self.settings.describe()}>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)  # lifespan, websocket: not ours
+            return
+        head = _head(scope)
+        if head is None:
+            await self.app(scope, receive, send)  # the common case, no body: nothing to guard
+            return
+        outer = scope.get(SCOPE_GUARD)
+        try:
+            length = guard.body_length(head)
+        except BadRequest as malformed:
+            if outer is not None:
+                await self.app(scope, receive, send)
+            else:
+                await self._answer(malformed, scope, send, None)
+            return
+        if length == 0:
+            await self.app(scope, receive, send)
+            return
+        if outer is not None:
+            await self._nested(scope, receive, send, length)
+            return
+        await self._guarded(scope, receive, send, length)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, length: int | None) -> None:
+        body = _Body(receive, length=length, limit=self.settings.max_body_size,
+                     expects_continue=_expects_continue(scope))
+        self.stats.record(Event.GUARDED)
+        refusal: UploadGuardError | None = guard.limit_refusal(self.settings.max_body_size, length)
+        if refusal is None:
+            health = await self._checked_temp_dir(length or 0)
+            refusal = None if health.ok else self._unavailable(health)
+        if refusal is not None:
+            await self._answer(refusal, scope, send, body)
+            return
+        self._point_tempfile()
+        scope = {**scope, SCOPE_GUARD: self, SCOPE_BODY: body}
+
+        async def decide(status: int) -> UploadGuardError | None:
+            return await self._replacement(status, body)
+
+        exchange = _Exchange(send, body, decide)
+        try:
+            await self.app(scope, body.receive, exchange.send)
+        except Exception as exc:
+            if body.failed:
+                log.info("client went away during the body of %s; %s ended the request",
+                         _where(scope), type(exc).__name__)
+                return
+            if exchange.sent:
+                log.error("error after the response started (%s); cannot answer it", _where(scope), exc_info=True)
+                raise
+            fresh = await self._checked_temp_dir(fresh=True) if guard.needs_health(exc, body) else None
+            error = guard.classify(exc, body, fresh, temp=self.temp, retry_after=self.settings.retry_after,
+                                   spooled=body.consumed or (length or 0))
+            if error is None:
+                raise
+            await self._answer(error, scope, send, body)
+            return
+        if body.failed:
+            log.info("client went away during the body of %s", _where(scope))
+            return
+        if exchange.replaced is None and exchange.start is not None and not exchange.sent:
+            exchange.replaced = await self._replacement(int(exchange.start["status"]), body)
+            if exchange.replaced is None:
+                await send(exchange.start)  # a start without a body message: pass it on as it came
+        if exchange.replaced is None and exchange.start is None and body.exceeded:
+            exchange.replaced = BodyTooLarge(body.limit)  # the application answered nothing at all
+        if exchange.replaced is not None:
+            await self._answer(exchange.replaced, scope, send, body)
+
+    async def _nested(self, scope: Scope, receive: Receive, send: Send, length: int | None) -> None:
+        """Inside another guard: not counted again; this guard's smaller limit, and its own temp dir."""
+        refusal: UploadGuardError | None = guard.limit_refusal(self.settings.max_body_size, length)
+        body = scope.get(SCOPE_BODY)
+        if isinstance(body, _Body):
+            body.tighten(self.settings.max_body_size)
+        outer = scope.get(SCOPE_GUARD)
+        if refusal is None and not (isinstance(outer, UploadGuard) and outer.temp.path == self.temp.path):
+            health = await self._checked_temp_dir(length or 0)
+            refusal = None if health.ok else self._unavailable(health)
+        if refusal is not None:
+            await self._answer(refusal, scope, send, body if isinstance(body, _Body) else None)
+            return
+        await self.app(scope, receive, send)
+
+    # -- deciding ----------------------------------------------------------------------
+
+    async def _replacement(self, status: int, body: _Body) -> UploadGuardError | None:
+        """What replaces the application's response of ``status``, or ``None`` to keep it."""
+        if body.exceeded:
+            return BodyTooLarge(body.limit)  # the application swallowed our 413 and answered something else
+        if status == 400:
+            health = await self._checked_temp_dir(fresh=True)
+            return guard.classify_status(status, health, path=self.temp.path, retry_after=self.settings.retry_after)
+        return None
+
+    async def _checked_temp_dir(self, need: int = 0, *, fresh: bool = False) -> Health:
+        """The temp dir's health (a vanished one recreated and counted).
+
+        A verdict still cached (``check_interval``) costs one ``lstat`` on the
+        loop; a full check or a heal runs in a thread, so a hung file system
+        cannot stop the loop.
+        """
+        cached = None if fresh else self.temp.cached(need)
+        if cached is not None:
+            return cached
+        health = await asyncio.to_thread(self.temp.preflight, need, fresh=fresh)
+        if health.healed:
+            self.stats.record(Event.HEALED)
+        return health
+
+    def _unavailable(self, health: Health) -> UploadGuardError:
+        return guard.unavailable(health, path=self.temp.path, retry_after=self.settings.retry_after)
+
+    def _point_tempfile(self) -> None:
+        """Make :mod:`tempfile` (FastAPI's ``UploadFile``, Django's body spool) use the guarded, healthy dir."""
+        if tempfile.tempdir != self.temp.path:
+            use_as_tempdir(self.temp.path)
+
+    # -- answering ---------------------------------------------------------------------
+
+    async def _answer(self, error: UploadGuardError, scope: Scope, send: Send, body: _Body | None) -> None:
+        guard.record(error, _where(scope), self.stats)
+        if body is not None:
+            await body.drain(max_bytes=self.settings.drain_bytes, timeout=self.settings.drain_timeout)
+        accept = ""
+        for name, value in scope.get("headers", ()):
+            if name == b"accept":
+                accept = value.decode("latin-1")
+        content_type, payload = error.render(accept)
+        headers = [("content-type", content_type), ("content-length", str(len(payload))), *error.headers()]
+        await send({"type": "http.response.start", "status": error.status_code,
+                    "headers": [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]})
+        await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+def _where(scope: Scope) -> str:
+    return guard.printable(f"{scope.get('method', '?')} {scope.get('path', '')}")
