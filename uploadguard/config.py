@@ -4,7 +4,7 @@ Every knob of uploadguard is parsed and validated here and only here, so the
 WSGI middleware, the Django and Flask integrations, the gunicorn hooks and the
 ``uploadguard`` command can never disagree about where uploads are spooled or
 how large they may be.  The settings, their defaults and their meaning are
-listed once, in the README's "Settings reference" table.
+listed once, in SETTING_HELP below (rendered as the settings reference of the docs).
 
 Three sources, one parser per setting:
 
@@ -173,6 +173,43 @@ _PARSERS: dict[str, Callable[..., Any]] = {
     "resumable_max_streams": _parse_streams,
 }
 
+#: One line per field for the settings reference (docs/settings.md is generated from this table and
+#: the defaults below, never copied): ``(default as written in an environment variable, meaning)``.
+SETTING_HELP: dict[str, tuple[str, str]] = {
+    "temp_dir": ("`~/.cache/uploadguard/tmp`", "where upload temp files go; owned by the user the workers run as, "
+                 "or root (workers running as root may use a directory of any owner, e.g. an app-owned volume)"),
+    "max_body_size": ("`200M`", "largest body, inclusive; binary K/M/G as nginx (`1.5G` too, rounded down to "
+                      "whole bytes); `0` = off"),
+    "retry_after": ("`5`", "seconds in `Retry-After`"),
+    "min_free_space": ("`16M`", "free space kept after spooling the announced body"),
+    "drain_max": ("2 × limit", "body bytes read so a client can see an early error (64 MiB when the limit is off)"),
+    "drain_timeout": ("`10`", "seconds spent draining at most"),
+    "check_interval": ("`0.1`", "seconds a busy worker reuses a healthy temp-dir verdict (`0` = check every request)"),
+    "resumable_storage": ("`~/.local/share/uploadguard/uploads`", "where resumable uploads live: a persistent "
+                          "directory (never `/tmp`), or `s3://bucket/prefix` (several hosts)"),
+    "resumable_expires_after": ("`24h`", "inactivity after which an incomplete resumable upload expires "
+                                "(`0` = never)"),
+    "resumable_idle_timeout": ("`30`", "seconds without a byte that end a resumable PATCH (the bytes received count)"),
+    "resumable_keep_completed": ("`7d`", "how long a completed resumable upload the app has not deleted is kept "
+                                 "after it completed (`0` = forever); then it is 410 and `uploadguard clean` "
+                                 "removes it"),
+    "resumable_max_streams": ("`auto`", "resumable bodies read at once by the host's workers; more get 503 + "
+                              "`Retry-After` at once (`auto`: sync workers − 1, gthread threads − 1 per worker, no "
+                              "cap on an event loop; `0` = no cap)"),
+}
+
+
+def settings_reference() -> str:
+    """The settings reference as a Markdown table, one row per field in declaration order.
+
+    The documentation renders this (``docs/hooks.py``) so the one list of settings is the code's.
+    """
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for field in _PARSERS:
+        default, meaning = SETTING_HELP[field]
+        rows.append(f"| `{ENV_PREFIX}{field.upper()}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
 
 def default_temp_dir(environ: Mapping[str, str] | None = None) -> Path:
     """Where uploads spool when nobody said: a per-user cache dir, found without needing a home.
@@ -233,7 +270,7 @@ def default_resumable_storage(environ: Mapping[str, str] | None = None) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Effective uploadguard settings; immutable, validated on creation (see the README's table)."""
+    """Effective uploadguard settings; immutable, validated on creation (see the settings reference in the docs)."""
 
     temp_dir: Path
     max_body_size: int = 200 * 1024**2  # bytes, inclusive; 0 = no limit
