@@ -215,12 +215,27 @@ class TestSettingsValidation:
 
 
 class TestOneReferenceTable:
-    def test_the_readme_table_lists_every_setting_once(self) -> None:
-        """The README's settings reference names exactly the settings Settings reads, so it cannot drift."""
-        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-        section = readme.split("## Settings reference", 1)[1].split("\n## ", 1)[0]
-        rows = re.findall(r"^\| `(UPLOADGUARD_[A-Z_]+)` \|", section, re.M)
-        assert sorted(rows) == sorted(SETTING_NAMES)
+    def test_the_generated_table_lists_every_setting_once(self) -> None:
+        """The settings reference rendered from the code names exactly the settings Settings reads, in order."""
+        from uploadguard.config import settings_reference
+
+        rows = re.findall(r"^\| `(UPLOADGUARD_[A-Z_]+)` \|", settings_reference(), re.M)
+        assert rows == list(SETTING_NAMES)
+
+    def test_every_setting_has_a_default_and_a_meaning(self) -> None:
+        """Each field has a one-line help entry (default as written, meaning), and no entry names a missing field."""
+        from uploadguard.config import SETTING_HELP
+
+        assert list(SETTING_HELP) == [field.name for field in dataclasses.fields(Settings)]
+        for name, (default, meaning) in SETTING_HELP.items():
+            assert default.strip() and meaning.strip() and "\n" not in meaning and "|" not in meaning, name
+
+    def test_no_page_copies_the_table_by_hand(self) -> None:
+        """The docs and the README hold no hand-written settings rows: the only table is the one rendered."""
+        root = Path(__file__).resolve().parent.parent
+        for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+            assert not re.search(r"^\| `UPLOADGUARD_[A-Z_]+` \|", page.read_text(), re.M), page
+        assert "<!-- uploadguard:settings-table -->" in (root / "docs" / "settings.md").read_text()
 
     def test_every_field_has_one_parser(self) -> None:
         """Each field is parsed by one function, whatever the source (environment, framework, keyword)."""

@@ -300,11 +300,11 @@ class TestFlaskExample:
     ])
     def test_documented_command_listens_on_loopback_unless_host_is_named(self, tmp_path: Path, host: str | None,
                                                                          listening: str) -> None:
-        """The example's documented gunicorn command (the README's too) with PORT set listens on loopback, on HOST if set."""
+        """The example's documented gunicorn command (the docs' too) with PORT set listens on loopback, on HOST if set."""
         pytest.importorskip("flask")
         doc = (ROOT / "examples" / "flask_app.py").read_text()
         [command] = [line.strip() for line in doc.splitlines() if line.strip().startswith("gunicorn ")]
-        assert f"(`{command}`" in (ROOT / "README.md").read_text()
+        assert f"(`{command}`" in (ROOT / "docs" / "getting-started.md").read_text()
         port = free_port()
         env = {name: value for name, value in os.environ.items() if not name.startswith(("UPLOADGUARD_", "HOST"))}
         env.update(PORT=str(port), HOME=str(tmp_path), WEB_CONCURRENCY="1", UPLOADGUARD_TEMP_DIR=str(tmp_path),

@@ -1,4 +1,7 @@
-"""The README's code blocks, run as written.
+"""The documentation's resumable code block, run as written under real gunicorn and driven by tuspy.
+
+docs/test_docs.py runs every Python block of README.md and docs/ in-process; this one also serves the
+plain-WSGI resumable block (docs/resumable.md, repeated unchanged in README.md) for a real client.
 
 A block is found by the heading of its section and the line that introduces
 it, never by line numbers, so editing the README around it cannot silently
@@ -18,18 +21,19 @@ import pytest
 from tests.support import ROOT, Gunicorn
 
 README = ROOT / "README.md"
+RESUMABLE = ROOT / "docs" / "resumable.md"
 
 
-def readme_block(section: str, lead: str, *, language: str = "python") -> str:
-    """The first ``language`` code block after the line starting with ``lead`` in the README's ``section``."""
-    text = README.read_text()
+def readme_block(section: str, lead: str, *, language: str = "python", page: Path = RESUMABLE) -> str:
+    """The first ``language`` code block after the line starting with ``lead`` in ``page``'s ``section``."""
+    text = page.read_text()
     match = re.search(rf"^{re.escape(section)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-    assert match, f"README.md has no {section!r} section"
+    assert match, f"{page.name} has no {section!r} section"
     body = match.group(1)
     start = re.search(rf"^{re.escape(lead)}", body, re.M)
-    assert start, f"README.md's {section!r} has no line starting with {lead!r}"
+    assert start, f"{page.name}: {section!r} has no line starting with {lead!r}"
     block = re.search(rf"^```{language}\n(.*?)^```", body[start.end():], re.S | re.M)
-    assert block, f"README.md's {section!r} has no {language} block after {lead!r}"
+    assert block, f"{page.name}: {section!r} has no {language} block after {lead!r}"
     return block.group(1)
 
 
@@ -44,7 +48,7 @@ class TestPlainWsgiResumable:
         home = tmp_path / "home"  # a fresh account: no ~/.cache, no ~/.local
         work.mkdir()
         home.mkdir()
-        (work / "app.py").write_text(readme_block("## Resumable uploads", "**Plain WSGI**"))
+        (work / "app.py").write_text(readme_block("# Resumable uploads", "**Plain WSGI**"))
         server = Gunicorn("app:application", tmp_path=tmp_path, config="python:uploadguard.gunicorn",
                           args=["--chdir", str(work)], pythonpath=[work],
                           env={"HOME": str(home), "XDG_CACHE_HOME": "", "XDG_DATA_HOME": ""})
@@ -61,3 +65,10 @@ class TestPlainWsgiResumable:
             assert " 500 " not in server.log() and "Traceback" not in server.log()
         finally:
             server.stop()
+
+
+class TestReadmeRepeatsTheDocs:
+    def test_the_readme_resumable_block_is_the_docs_block(self) -> None:
+        """README.md's plain-WSGI resumable block is docs/resumable.md's, unchanged, so the gunicorn run above covers both."""
+        readme = README.read_text()
+        assert readme_block("# Resumable uploads", "**Plain WSGI**") in readme
