@@ -6,7 +6,7 @@ Wrap any ASGI application (FastAPI, Starlette, Django's ``get_asgi_application()
     app = UploadGuard(app)              # or, with Starlette/FastAPI: app.add_middleware(UploadGuard)
 
 A pure ASGI middleware (standard library only): the keywords and settings
-are the WSGI guard's (:class:`uploadguard.wsgi.UploadGuard`; the README's
+are the WSGI guard's (:class:`uploadguard.wsgi.UploadGuard`; the docs'
 "Settings reference"), and every decision is the same function of
 :mod:`uploadguard.guard`.  For a request with a body:
 

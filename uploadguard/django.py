@@ -42,7 +42,7 @@ exception reaches the middleware itself and gets the same answer.  Django's
 test ``Client`` re-raises every exception that reached the signal: pass
 ``raise_request_exception=False`` to see the 503.
 
-**Settings.**  The ``UPLOADGUARD_*`` settings (the README's "Settings
+**Settings.**  The ``UPLOADGUARD_*`` settings (the docs' "Settings
 reference") in Django settings, typed values taken as they are; a Django
 setting wins over the environment.  A bad value raises
 ``ImproperlyConfigured`` naming it when the middleware loads.
@@ -418,7 +418,7 @@ class ResumableUploadsMiddleware:
     middleware above it: the guard's limit, temp-dir check and retryable 503
     cover them, and **CSRF protection holds** -- a POST, PATCH or DELETE must
     carry the ``X-CSRFToken`` header like any unsafe request.  Settings are
-    the ``UPLOADGUARD_*`` ones (storage, expiry, idle timeout; the README's
+    the ``UPLOADGUARD_*`` ones (storage, expiry, idle timeout; the docs'
     table).  Each upload belongs to whoever created it: the logged-in user, or
     an anonymous visitor's browser, named by its CSRF secret; anybody else
     gets 404.  The uploads a visitor began before ``login()`` (which rotates

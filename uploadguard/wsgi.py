@@ -11,7 +11,7 @@ client can read for a body over the limit, a vanished temp dir recreated, a
 retryable 503 + ``Retry-After`` for an unusable one, and a response -- never
 gunicorn's dropped connection -- for any ``OSError`` the application raises.
 Requests without a body pass straight through (no system call, no wrapper).
-The options are the settings of :mod:`uploadguard.config` (README, "Settings
+The options are the settings of :mod:`uploadguard.config` (the docs, "Settings
 reference"), as keyword arguments; ``None`` takes the configured value.
 
 How each decision is made, and where (the decisions themselves are plain
