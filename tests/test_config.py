@@ -230,6 +230,22 @@ class TestOneReferenceTable:
         for name, (default, meaning) in SETTING_HELP.items():
             assert default.strip() and meaning.strip() and "\n" not in meaning and "|" not in meaning, name
 
+    def test_the_documented_defaults_are_the_code_defaults(self) -> None:
+        """Each default the reference shows parses, with the setting's own parser, to the value the code uses."""
+        from uploadguard.config import _PARSERS, SETTING_HELP, default_resumable_storage, default_temp_dir
+
+        for field in dataclasses.fields(Settings):
+            shown = SETTING_HELP[field.name][0]
+            if field.name == "temp_dir":
+                assert _PARSERS["temp_dir"](shown.strip("`"), name="temp_dir") == default_temp_dir({}), shown
+            elif field.name == "drain_max":
+                assert field.default is None and shown == "2 × limit"
+            elif field.name == "resumable_storage":
+                parsed = _PARSERS["resumable_storage"](shown.strip("`"), name="resumable_storage")
+                assert field.default is None and parsed == default_resumable_storage({}), shown
+            else:
+                assert _PARSERS[field.name](shown.strip("`"), name=field.name) == field.default, field.name
+
     def test_no_page_copies_the_table_by_hand(self) -> None:
         """The docs and the README hold no hand-written settings rows: the only table is the one rendered."""
         root = Path(__file__).resolve().parent.parent

@@ -32,7 +32,7 @@ def run_snippets(page: Path) -> subprocess.CompletedProcess[str]:
 
 class TestSite:
     def test_builds_strictly_with_the_references_rendered(self, tmp_path: Path) -> None:
-        """`mkdocs build --strict` succeeds offline; the built site lists every setting, every CLI command and the API."""
+        """`mkdocs build --strict` succeeds offline; the site lists every setting, CLI command and API, and has the plots."""
         done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", str(ROOT / "mkdocs.yml"),
                                "-d", str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
@@ -47,6 +47,8 @@ class TestSite:
                      "UploadGuardMiddleware", "resumable_file"):
             assert f'id="uploadguard.' in api and name in api, name
         assert (site / "images" / "demo-resumable.png").stat().st_size > 10_000
+        for plot in ("images-cpu", "images-memory", "s3-throughput", "slow-patches"):  # drawn from bench/README.md
+            assert (site / "images" / f"bench-{plot}.svg").read_text().count("<rect") >= 3, plot
         assert "## [Unreleased]" not in (site / "changelog" / "index.html").read_text()  # rendered, not raw
 
 
