@@ -105,6 +105,15 @@ def on_files(files: Files, config: Any, **kwargs: Any) -> Files:
     return files
 
 
+#: Sphinx roles left in the docstrings (``:class:`X```), rendered by mkdocstrings as a role name before the code.
+SPHINX_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|exc|data|obj):(?=<code>)")
+
+
+def on_page_content(html: str, **kwargs: Any) -> str:
+    """Drop the Sphinx role names mkdocstrings leaves in the rendered docstrings; the code they mark stays."""
+    return SPHINX_ROLE.sub("", html)
+
+
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     """Replace the marks with the tables rendered from the code."""
     if SETTINGS_MARK in markdown:

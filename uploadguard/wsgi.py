@@ -6,7 +6,7 @@ Wrap any WSGI application::
     application = UploadGuard(application)
 
 What it guarantees for a request **with a body** (a ``Content-Length`` above 0,
-or a chunked body the server terminates), in the README's words: a 413 the
+or a chunked body the server terminates), in the docs' words: a 413 the
 client can read for a body over the limit, a vanished temp dir recreated, a
 retryable 503 + ``Retry-After`` for an unusable one, and a response -- never
 gunicorn's dropped connection -- for any ``OSError`` the application raises.
