@@ -2,7 +2,7 @@
 
 tests/test_docs.py runs every Python block in-process; this file serves the blocks that define an app with
 the shell commands the README gives for them (``gunicorn -c gunicorn_conf.py app:application``, the
-installed ``-c python:uploadguard.gunicorn`` and ``-k asgi`` for the FastAPI block), so a command or an
+installed ``-c python:uploadguard.gunicorn``; uvicorn and ``-k asgi`` for the FastAPI block), so a command or an
 app block that stops working under a real server fails here.  Only the bind address is the test's own.
 """
 
@@ -65,8 +65,28 @@ class TestReadmeServers:
         finally:
             server.stop()
 
+    def test_the_fastapi_block_under_uvicorn(self, tmp_path: Path) -> None:
+        """The README's FastAPI block, served as its comment says first (uvicorn app:app), stores a file and refuses a large one with 413."""
+        pytest.importorskip("fastapi")
+        from tests.test_asgi import Uvicorn
+
+        source = block("ASGI (FastAPI, Starlette, Django ASGI)", "python")
+        [app] = re.findall(r"run with: uvicorn (\S+)", source)
+        work = tmp_path / "work"
+        work.mkdir()
+        (work / f"{app.split(':')[0]}.py").write_text(source)
+        server = Uvicorn(app, tmp_path=tmp_path, env={"PYTHONPATH": str(work), "UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"),
+                                                     "UPLOADGUARD_MAX_BODY_SIZE": "1K"})
+        url = f"http://127.0.0.1:{server.port}/upload"
+        try:
+            small = requests.post(url, files={"file": ("a.txt", b"abc")}, timeout=10)
+            assert small.status_code == 200 and small.json() == {"size": 3}, small.text
+            assert requests.post(url, files={"file": ("b.bin", b"x" * 4096)}, timeout=10).status_code == 413
+        finally:
+            server.stop()
+
     def test_the_fastapi_block_under_gunicorn_asgi(self, tmp_path: Path) -> None:
-        """The README's FastAPI block, served as its comment says (gunicorn -k asgi), stores a file and refuses a large one with 413."""
+        """The README's FastAPI block, served as its comment says second (gunicorn -k asgi), stores a file and refuses a large one with 413."""
         pytest.importorskip("fastapi")
         source = block("ASGI (FastAPI, Starlette, Django ASGI)", "python")
         [command] = gunicorn_commands(source)
