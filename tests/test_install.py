@@ -61,7 +61,7 @@ class TestReadmeInstall:
     def test_framework_install_lines_bring_gunicorn(self, framework: str) -> None:
         """A line installing a framework extra also installs gunicorn, which the README's serving command needs."""
         known = extras()
-        lines = [line for line in named(README) if framework in line]
+        lines = [line for line in named(README) + named(GETTING_STARTED) if framework in line]
         assert lines, f"no install line for {framework}"
         for line in lines:
             assert "gunicorn" in set().union(*(known[extra] for extra in line)), line

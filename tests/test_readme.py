@@ -1,10 +1,10 @@
 """The documentation's resumable code block, run as written under real gunicorn and driven by tuspy.
 
-docs/test_docs.py runs every Python block of README.md and docs/ in-process; this one also serves the
+tests/test_docs.py runs every Python block of README.md and docs/ in-process; this one also serves the
 plain-WSGI resumable block (docs/resumable.md, repeated unchanged in README.md) for a real client.
 
 A block is found by the heading of its section and the line that introduces
-it, never by line numbers, so editing the README around it cannot silently
+it, never by line numbers, so editing the page around it cannot silently
 test something else; a block that is gone or renamed fails the test.
 """
 
