@@ -119,6 +119,7 @@ from django.utils.module_loading import import_string
 
 from .config import ConfigError, Settings
 from .errors import BadRequest, InternalError, UploadGuardError
+from .guard import may_have_body
 from .wsgi import (
     ENVIRON_EXCEPTION,
     ENVIRON_GUARD,
@@ -239,7 +240,7 @@ class UploadGuardMiddleware:
 
     def __call__(self, request: Any) -> Any:
         environ = request.META
-        if not environ.get("CONTENT_LENGTH") and "HTTP_TRANSFER_ENCODING" not in environ:
+        if not may_have_body(environ):
             return self.get_response(request)  # no body: nothing to guard
         outer = environ.get(ENVIRON_GUARD)
         try:
