@@ -374,6 +374,37 @@ def print_config(*args: str, config: Path | str = GUNICORN_CONF, **env: str) -> 
 
 
 @pytest.mark.slow
+class TestServerPool:
+    @staticmethod
+    def pool_of(worker_class: type) -> Any:
+        from uploadguard.gunicorn import _pool_of
+
+        worker = object.__new__(worker_class)  # the hook reads only the class and cfg
+        worker.cfg = types.SimpleNamespace(workers=5, threads=4)
+        return _pool_of(worker)
+
+    def test_blocking_workers_and_their_subclasses(self) -> None:
+        """sync and gthread workers, and an application's own subclasses of them, hold a thread per request."""
+        from gunicorn.workers.gthread import ThreadWorker
+        from gunicorn.workers.sync import SyncWorker
+
+        class MySync(SyncWorker):  # type: ignore[misc]
+            pass
+
+        assert (self.pool_of(MySync).worker_class, self.pool_of(MySync).blocking) == ("sync", True)
+        assert (self.pool_of(ThreadWorker).worker_class, self.pool_of(ThreadWorker).blocking) == ("gthread", True)
+        assert self.pool_of(ThreadWorker).threads == 4 and self.pool_of(ThreadWorker).workers == 5
+
+    def test_the_asgi_worker_is_an_event_loop(self) -> None:
+        """gunicorn's ASGI worker holds no thread per body: the resumable endpoint caps nothing there."""
+        from gunicorn.workers.gasgi import ASGIWorker
+
+        from uploadguard.config import stream_caps
+
+        pool = self.pool_of(ASGIWorker)
+        assert not pool.blocking and stream_caps(None, pool) == (0, 0)
+
+
 class TestPrecedence:
     @pytest.mark.parametrize(("env", "args", "expected"), [
         pytest.param({}, (), "600", id="file"),

@@ -422,6 +422,15 @@ class TestStreamSlots:
         assert again is not None
         again()
 
+    def test_a_taken_slot_is_never_old(self, tmp_path: Path) -> None:
+        """Taking a slot refreshes its file's mtime, so an age-based clean of the directory leaves it alone."""
+        StreamSlots(tmp_path, 1).try_take()()  # type: ignore[misc]
+        slot = next(tmp_path.glob("stream-slot-*.lock"))
+        os.utime(slot, (time.time() - 3 * 86400,) * 2)
+        release = StreamSlots(tmp_path, 1).try_take()
+        assert release is not None and time.time() - slot.stat().st_mtime < 3600
+        release()
+
     def test_unusable_directory_does_not_refuse(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         """Slots in a directory that is gone are not enforced (logged once): uploads keep working."""
         slots = StreamSlots(tmp_path / "gone", 1)

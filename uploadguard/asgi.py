@@ -75,9 +75,11 @@ def _head(scope: Scope) -> dict[str, Any] | None:
             length = value.decode("latin-1")
         elif name == b"transfer-encoding":
             encoding = value.decode("latin-1")
-    if not length and encoding is None:
+    version = str(scope.get("http_version", "1.1"))
+    if not length and encoding is None and not version.startswith(("2", "3")):
         return None
-    return {"CONTENT_LENGTH": length, "HTTP_TRANSFER_ENCODING": encoding or "", "wsgi.input_terminated": True}
+    return {"CONTENT_LENGTH": length, "HTTP_TRANSFER_ENCODING": encoding or "", "wsgi.input_terminated": True,
+            "SERVER_PROTOCOL": f"HTTP/{version}", "REQUEST_METHOD": scope.get("method", "")}
 
 
 def _expects_continue(scope: Scope) -> bool:

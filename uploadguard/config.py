@@ -382,7 +382,7 @@ class ServerPool:
 
     workers: int
     threads: int  # request threads per worker
-    worker_class: str  # gunicorn's name: "sync", "gthread", "asgi", "gevent"...
+    worker_class: str  # "sync" or "gthread" (gunicorn's blocking workers), else the worker's class name
 
     @property
     def blocking(self) -> bool:

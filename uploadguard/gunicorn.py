@@ -361,8 +361,16 @@ def _pool_of(worker: _Worker) -> _ServerPool | None:
     cfg = getattr(worker, "cfg", None)
     if cfg is None:
         return None
-    # The instance's module names the class gunicorn chose: "sync" with threads > 1 runs gthread.
-    kind = type(worker).__module__.rpartition(".")[2]
+    from gunicorn.workers.gthread import ThreadWorker  # type: ignore[import-untyped]
+    from gunicorn.workers.sync import SyncWorker  # type: ignore[import-untyped]
+
+    # The instance tells what gunicorn runs ("sync" with threads > 1 is gthread), subclasses included.
+    if isinstance(worker, ThreadWorker):
+        kind = "gthread"
+    elif isinstance(worker, SyncWorker):
+        kind = "sync"
+    else:
+        kind = type(worker).__name__
     return _ServerPool(workers=int(cfg.workers), threads=int(cfg.threads), worker_class=kind)
 
 

@@ -374,14 +374,16 @@ class TempDirGuard:
     def heal(self, need: int = 0) -> Health:
         """Create a missing directory (logged at INFO, counted) and probe it.
 
-        Only its last component: a missing parent is ``missing`` with a detail
-        naming it (see :func:`ensure_temp_dir`).  The log says "recreated" for
-        a directory this process saw before, "created" for a first creation.
+        A first creation makes only the last component: a missing parent is
+        ``missing`` with a detail naming it (see :func:`ensure_temp_dir`), so a
+        typo in a configured path is seen.  A directory this process saw exist
+        is no typo: it is recreated with its parents (an ``rm -rf`` of the
+        app's directory above it, a tmp cleaner), logged as "recreated".
         """
         with self._lock:
             existed = self.path in _seen
             health = ensure_temp_dir(self.path, min_free_space=self.min_free_space, mode=self.mode,
-                                     parents=self._parents)
+                                     parents=self._parents or existed)
             if health.healed and health.ok:
                 if existed:
                     log.info("recreated missing upload temp dir %s", self.path)

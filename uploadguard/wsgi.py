@@ -626,7 +626,7 @@ class UploadGuard:
     # -- the request path ------------------------------------------------------------
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if not environ.get("CONTENT_LENGTH") and "HTTP_TRANSFER_ENCODING" not in environ:
+        if not guard.may_have_body(environ):
             return self.app(environ, start_response)  # the common case, no body: nothing to guard
         outer = environ.get(ENVIRON_GUARD)
         try:
