@@ -114,7 +114,7 @@ def __getattr__(name: str) -> Any:
         return UploadGuard(ResumableUploads(_site, storage=storage, on_complete=_hook_log))
     if name == "asgi_app":
         from uploadguard.asgi import UploadGuard as AsgiGuard
-        from uploadguard.resumable.asgi import ResumableUploads as AsgiResumable  # type: ignore[import-not-found]
+        from uploadguard.resumable.asgi import ResumableUploads as AsgiResumable
 
         return AsgiGuard(AsgiResumable(_asgi_site, storage=storage, on_complete=_hook_log))
     raise AttributeError(name)
