@@ -494,6 +494,7 @@ class TestDoctor:
         assert f"this shell's temp dir (tempfile.gettempdir()) is {tempfile.gettempdir()}" in detail
         assert f"gunicorn workers started with uploadguard's hooks" in detail
         assert f"point tempfile and TMPDIR at {uploads} themselves" in detail
+        assert "uploadguard.asgi.UploadGuard (uvicorn, gunicorn -k asgi)" in detail  # the ASGI guard does too
 
     def test_a_missing_parent_is_named(self, private_dir: Path, env: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:

@@ -438,8 +438,9 @@ def _tempfile_check(path: str) -> Check:
                      f"this shell's temp dir (tempfile.gettempdir()) is {current} ({source}), not {path}; "
                      f"it does not apply to the server: gunicorn workers started with uploadguard's hooks "
                      f"(gunicorn_conf.py or python:uploadguard.gunicorn) point tempfile and TMPDIR at {path} "
-                     f"themselves. Under another server (uWSGI, manage.py runserver) set TMPDIR={path} in its "
-                     "environment.")
+                     f"themselves, and so does uploadguard.asgi.UploadGuard (uvicorn, gunicorn -k asgi) in the "
+                     f"process it guards. Under another WSGI server (uWSGI, manage.py runserver) set TMPDIR={path} "
+                     "in its environment.")
     return Check("tempfile", "warn",
                  f"tempfile.gettempdir() is {current}, not {path}: libraries that spool with tempfile "
                  "(Django, Werkzeug) write there unless the app's processes are pointed at the upload temp dir.",
