@@ -143,10 +143,12 @@ class Cluster:
 
 
 def render_upstreams(site: str, second_port: int) -> str:
-    """The shipped site with a second upstream server after the first (nginx's default: round robin)."""
-    marker = "    server 127.0.0.1:8000;\n"
-    assert marker in site, "the site's upstream changed"
-    return site.replace(marker, marker + f"    server 127.0.0.1:{second_port};\n", 1)
+    """The shipped site with a second server in each upstream, the site's and /files/' (nginx's default:
+    round robin); both hosts serve the whole project, /files/ included."""
+    for marker in ("    server 127.0.0.1:8000;\n", "    server 127.0.0.1:8001;\n"):
+        assert marker in site, "the site's upstreams changed"
+        site = site.replace(marker, marker + f"    server 127.0.0.1:{second_port};\n", 1)
+    return site
 
 
 def open_patch(port: int, path: str, offset: int, length: int, first: bytes) -> socket.socket:
