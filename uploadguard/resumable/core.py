@@ -21,7 +21,7 @@ from . import protocol as p
 from .store import UploadInfo
 
 __all__ = ["Head", "Response", "state_headers", "finish_headers", "options_headers", "preflight_headers",
-           "error_response", "final_id", "whole", "liveness", "RateFloor", "RATE_FLOOR"]
+           "error_response", "interim_headers", "final_id", "whole", "liveness", "RateFloor", "RATE_FLOOR"]
 
 EXPOSED = ("Location, Upload-Offset, Upload-Length, Upload-Metadata, Upload-Defer-Length, Upload-Expires, "
            "Upload-Concat, Upload-Complete, Upload-Draft-Interop-Version, Tus-Resumable, Tus-Version, "
@@ -152,6 +152,18 @@ def error_response(head: Head, error: UploadGuardError, origins: frozenset[str])
     # is named, so the client can ask for it instead of creating it again.
     headers.extend(item for item in head.headers if item[0] == "Location")
     return Response(status, finish_headers(head, headers, origins), [] if head.wire_method == "HEAD" else [body])
+
+
+def interim_headers(head: Head) -> list[tuple[str, str]] | None:
+    """The IETF draft's ``104 Upload Resumption Supported`` for a creation whose upload exists, else ``None``.
+
+    Sent before the body is read, it tells the client where to resume if the
+    connection breaks mid-body.  tus has no such response.
+    """
+    location = [item for item in head.headers if item[0] == "Location"]
+    if not head.ietf or head.method != "POST" or not location:
+        return None
+    return [*location, ("Upload-Draft-Interop-Version", str(head.interop))]
 
 
 def whole(info: UploadInfo) -> bool:
