@@ -1,0 +1,302 @@
+"""The resumable endpoint on ASGI: what only an event loop shows (the protocol itself is tests/resumable_cases.py).
+
+Fast tests drive :class:`uploadguard.resumable.asgi.ResumableUploads` in-process:
+requests run concurrently on one loop, their bodies fed message by message
+through a queue, so a stalled, dripping or vanished client is a test's own
+doing.  The slow ones run real uvicorn and ``gunicorn -k asgi`` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from uploadguard.config import Settings
+from uploadguard.resumable import LocalStore, Upload
+from uploadguard.resumable.asgi import ResumableUploads
+
+TUS = {"Tus-Resumable": "1.0.0"}
+OCTETS = "application/offset+octet-stream"
+
+
+@dataclasses.dataclass
+class Answer:
+    status: int | None = None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    informational: list[tuple[int, dict[str, str]]] = dataclasses.field(default_factory=list)
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class Request:
+    """One request in flight: ``feed`` body messages to it; ``answer`` is what it was sent."""
+
+    def __init__(self, app: Any, method: str, path: str, headers: dict[str, str], *,
+                 extensions: dict[str, Any] | None = None) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.answer = Answer()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
+        if extensions is not None:
+            scope["extensions"] = extensions
+        self.task = asyncio.ensure_future(app(scope, self._receive, self._send))
+
+    async def _receive(self) -> dict[str, Any]:
+        return await self.queue.get()
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        headers = {k.decode(): v.decode() for k, v in message.get("headers", [])}
+        if message["type"] == "http.response.informational":
+            self.answer.informational.append((message["status"], headers))
+        elif message["type"] == "http.response.start":
+            self.answer.status, self.answer.headers = message["status"], headers
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            self.answer.done.set()
+
+    def feed(self, body: bytes, *, more: bool = True) -> None:
+        self.queue.put_nowait({"type": "http.request", "body": body, "more_body": more})
+
+    def disconnect(self) -> None:
+        self.queue.put_nowait({"type": "http.disconnect"})
+
+    async def result(self) -> Answer:
+        await asyncio.wait_for(self.task, 30)
+        return self.answer
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 60))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings.from_environ({}, temp_dir=tmp_path / "tmp", min_free_space=0)
+
+
+def endpoint(tmp_path: Path, settings: Settings, **options: Any) -> ResumableUploads:
+    options.setdefault("storage", tmp_path / "uploads")
+    return ResumableUploads(max_size=10_000_000, settings=settings, **options)
+
+
+async def create(app: ResumableUploads, length: int | None = 10) -> str:
+    request = Request(app, "POST", "/files/", {**TUS, "Upload-Length": str(length)})
+    request.feed(b"", more=False)
+    answer = await request.result()
+    assert answer.status == 201
+    return answer.headers["location"]
+
+
+def patch(app: ResumableUploads, url: str, offset: int, length: int | None) -> Request:
+    headers = {**TUS, "Upload-Offset": str(offset), "Content-Type": OCTETS}
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    else:
+        headers["Transfer-Encoding"] = "chunked"
+    return Request(app, "PATCH", url, headers)
+
+
+def stored(tmp_path: Path, url: str) -> bytes:
+    return (tmp_path / "uploads" / (url.rsplit("/", 1)[1] + ".bin")).read_bytes()
+
+
+class TestBody:
+    def test_a_client_gone_mid_patch_keeps_every_byte_that_arrived(self, tmp_path: Path, settings: Settings,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+        """``http.disconnect`` mid-PATCH: the bytes before it are stored, nothing is answered, nothing is logged as an error."""
+        app = endpoint(tmp_path, settings)
+
+        async def test() -> None:
+            url = await create(app, 10)
+            request = patch(app, url, 0, 10)
+            request.feed(b"abc")
+            request.feed(b"def")
+            request.disconnect()
+            answer = await request.result()
+            assert answer.status is None and stored(tmp_path, url) == b"abcdef"
+
+        with caplog.at_level(logging.INFO, "uploadguard"):
+            run(test)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    def test_a_silent_patch_is_preempted_by_a_head_and_keeps_its_bytes(self, tmp_path: Path,
+                                                                        settings: Settings) -> None:
+        """A HEAD for an upload whose PATCH went silent ends that PATCH: the HEAD answers the bytes it stored."""
+        app = endpoint(tmp_path, settings, lock_timeout=10)
+
+        async def test() -> None:
+            url = await create(app, 10)
+            stale = patch(app, url, 0, 10)
+            stale.feed(b"abcd")
+            while not (tmp_path / "uploads" / (url.rsplit("/", 1)[1] + ".bin")).stat().st_size:
+                await asyncio.sleep(0.05)  # the bytes reach the store while the client is quiet
+            head = Request(app, "HEAD", url, TUS)
+            head.feed(b"", more=False)
+            answer = await head.result()
+            assert answer.status == 200 and answer.headers["upload-offset"] == "4"
+            assert (await stale.result()).status == 204
+            assert stored(tmp_path, url) == b"abcd"
+
+        run(test)
+
+    def test_a_drip_under_the_rate_floor_ends_and_keeps_its_bytes(self, tmp_path: Path, settings: Settings) -> None:
+        """A PATCH bringing less than the floor per ``idle_timeout`` window ends with a 204 at the bytes it brought."""
+        app = endpoint(tmp_path, settings, idle_timeout=0.5)
+
+        async def test() -> None:
+            url = await create(app, 1000)
+            request = patch(app, url, 0, 1000)
+
+            async def drip() -> None:
+                while not request.task.done():
+                    request.feed(b"x")
+                    await asyncio.sleep(0.05)
+
+            dripping = asyncio.ensure_future(drip())
+            answer = await request.result()
+            dripping.cancel()
+            assert answer.status == 204
+            kept = int(answer.headers["upload-offset"])
+            assert 0 < kept < 1000 and stored(tmp_path, url) == b"x" * kept
+
+        run(test)
+
+    def test_store_writes_leave_the_loop_free(self, tmp_path: Path, settings: Settings) -> None:
+        """While the store is stuck writing a PATCH's bytes, another request is answered (the write is off the loop)."""
+        release = threading.Event()
+
+        class StuckStore(LocalStore):
+            def append(self, *args: Any, **kwargs: Any) -> Any:
+                appender = super().append(*args, **kwargs)
+                write = appender.write
+
+                def stuck(data: bytes) -> None:
+                    assert release.wait(20), "the other request was never answered"
+                    write(data)
+
+                appender.write = stuck  # type: ignore[method-assign]
+                return appender
+
+        app = endpoint(tmp_path, settings, storage=StuckStore(tmp_path / "uploads"))
+
+        async def test() -> None:
+            url = await create(app, 3)
+            writing = patch(app, url, 0, 3)
+            writing.feed(b"abc", more=False)
+            other = Request(app, "OPTIONS", "/files/", {})
+            other.feed(b"", more=False)
+            assert (await other.result()).status == 204
+            release.set()
+            assert (await writing.result()).status == 204
+
+        run(test)
+
+
+class TestHooks:
+    def test_coroutine_hooks_are_awaited(self, tmp_path: Path, settings: Settings) -> None:
+        """``authorize`` and ``on_complete`` may be coroutine functions: the owner is theirs, the hook runs once."""
+        completed: list[tuple[str | None, int]] = []
+
+        async def authorize(scope: dict[str, Any]) -> str:
+            return "alice"
+
+        async def on_complete(upload: Upload) -> None:
+            completed.append((upload.owner, upload.length))
+
+        app = endpoint(tmp_path, settings, authorize=authorize, on_complete=on_complete)
+
+        async def test() -> None:
+            url = await create(app, 3)
+            request = patch(app, url, 0, 3)
+            request.feed(b"abc", more=False)
+            assert (await request.result()).status == 204
+            head = Request(app, "HEAD", url, TUS)
+            head.feed(b"", more=False)
+            assert (await head.result()).status == 200
+
+        run(test)
+        assert completed == [("alice", 3)]
+
+
+class TestInterim:
+    def ietf_creation(self, app: ResumableUploads, extensions: dict[str, Any] | None) -> Answer:
+        answers: list[Answer] = []
+
+        async def test() -> None:
+            request = Request(app, "POST", "/files/", {"Upload-Draft-Interop-Version": "6", "Upload-Complete": "?1",
+                                                      "Transfer-Encoding": "chunked"}, extensions=extensions)
+            request.feed(b"hel")
+            while not request.answer.informational and extensions is not None:
+                await asyncio.sleep(0.01)  # the 104 comes before the rest of the body is sent
+            request.feed(b"lo", more=False)
+            answers.append(await request.result())
+
+        run(test)
+        return answers[0]
+
+    def test_104_with_location_where_the_server_takes_interim_responses(self, tmp_path: Path,
+                                                                        settings: Settings) -> None:
+        """A creation in an IETF interop version gets 104 with the Location before its body is read."""
+        answer = self.ietf_creation(endpoint(tmp_path, settings), {"http.response.informational": {}})
+        assert answer.status == 201
+        [(status, headers)] = answer.informational
+        assert status == 104 and headers["location"] == answer.headers["location"]
+        assert headers["upload-draft-interop-version"] == "6"
+
+    def test_no_104_where_the_server_does_not_take_it(self, tmp_path: Path, settings: Settings) -> None:
+        """Without the server's word (uvicorn), no interim response is sent and the creation works."""
+        answer = self.ietf_creation(endpoint(tmp_path, settings), None)
+        assert answer.status == 201 and answer.informational == []
+
+
+class TestRouting:
+    def test_other_paths_and_scopes_go_to_the_app(self, tmp_path: Path, settings: Settings) -> None:
+        """Requests outside the prefix, and lifespan scopes, reach the wrapped application."""
+        seen: list[tuple[str, str]] = []
+
+        async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            seen.append((scope["type"], scope.get("path", "")))
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"app"})
+
+        app = endpoint(tmp_path, settings)
+        app.app = inner
+
+        async def test() -> None:
+            request = Request(app, "GET", "/elsewhere", {})
+            assert (await request.result()).status == 200
+            await app({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
+
+        run(test)
+        assert seen == [("http", "/elsewhere"), ("lifespan", "")]
+
+    def test_without_an_app_other_paths_are_404(self, tmp_path: Path, settings: Settings) -> None:
+        """With no application, a path outside the prefix is 404."""
+        app = endpoint(tmp_path, settings)
+
+        async def test() -> None:
+            request = Request(app, "GET", "/elsewhere", {})
+            assert (await request.result()).status == 404
+
+        run(test)
+
+    def test_storage_trouble_is_503_with_retry_after(self, tmp_path: Path, settings: Settings) -> None:
+        """A storage directory that is a file: a creation gets 503 + Retry-After."""
+        (tmp_path / "uploads").write_text("not a directory")
+        app = endpoint(tmp_path, settings)
+
+        async def test() -> None:
+            request = Request(app, "POST", "/files/", {**TUS, "Upload-Length": "3"})
+            request.feed(b"", more=False)
+            answer = await request.result()
+            assert answer.status == 503 and answer.headers["retry-after"] == str(settings.retry_after)
+
+        run(test)
