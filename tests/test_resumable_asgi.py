@@ -300,3 +300,235 @@ class TestRouting:
             assert answer.status == 503 and answer.headers["retry-after"] == str(settings.retry_after)
 
         run(test)
+
+
+# -- real servers ---------------------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+class Served:
+    """``tests.resumable_asgi_apps:<app>`` under uvicorn or ``gunicorn -c gunicorn_conf.py -k asgi``."""
+
+    def __init__(self, kind: str, tmp_path: Path, app: str = "application", **env: str) -> None:
+        from tests.support import GUNICORN_CONF, Gunicorn
+        from tests.test_asgi import Uvicorn
+
+        self.kind = kind
+        self.storage = tmp_path / "uploads"
+        self.records = tmp_path / "records"
+        full_env = {"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"), "UPLOADGUARD_MIN_FREE_SPACE": "0",
+                    "UPLOADGUARD_RETRY_AFTER": "1", "TEST_RESUMABLE_STORAGE": str(self.storage),
+                    "TEST_RECORDS": str(self.records), "PYTHONPATH": str(Path(__file__).parent), **env}
+        if kind == "uvicorn":
+            self.server: Any = Uvicorn(f"resumable_asgi_apps:{app}", tmp_path=tmp_path, env=full_env)
+        else:
+            self.server = Gunicorn(f"resumable_asgi_apps:{app}", tmp_path=tmp_path, config=GUNICORN_CONF,
+                                   args=["-k", "asgi", "--log-level", "info"], env=full_env)
+        self.port = self.server.port
+        self.endpoint = f"http://127.0.0.1:{self.port}/files/"
+
+    def log(self) -> str:
+        return str(self.server.log())
+
+    def record(self, url: str) -> dict[str, Any] | None:
+        import json
+
+        path = self.records / f"{url.rstrip('/').rsplit('/', 1)[-1]}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def data(self, url: str) -> bytes:
+        return (self.storage / (url.rstrip("/").rsplit("/", 1)[-1] + ".bin")).read_bytes()
+
+
+@pytest.fixture(params=["uvicorn", "gunicorn"])
+def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    started: list[Served] = []
+
+    def start(app: str = "application", **env: str) -> Served:
+        served = Served(request.param, tmp_path, app, **env)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.server.stop()
+
+
+def _http(port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict[str, str]]:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        connection.close()
+
+
+def _open_patch(port: int, url: str, offset: int, length: int, first: bytes) -> Any:
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall((f"PATCH {url} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: {offset}\r\n"
+                  f"Content-Type: {OCTETS}\r\nContent-Length: {length}\r\n\r\n").encode() + first)
+    return sock
+
+
+def _wait_for_size(path: Path, size: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.stat().st_size >= size):
+        assert time.monotonic() < deadline, f"{path} never reached {size} bytes"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+class TestServers:
+    def test_tuspy_upload_is_byte_identical(self, serve: Any) -> None:
+        """tuspy uploads 8 MiB in 1 MiB chunks; what is stored and what on_complete read are the file."""
+        import hashlib
+        import io
+        import os
+
+        from tusclient import client as tus_client
+
+        served = serve()
+        data = os.urandom(8 * MiB)
+        uploader = tus_client.TusClient(served.endpoint).uploader(file_stream=io.BytesIO(data), chunk_size=MiB)
+        uploader.upload()
+        assert served.data(uploader.url) == data
+        record = served.record(uploader.url)
+        assert record is not None and record["sha256"] == hashlib.sha256(data).hexdigest()
+
+    @pytest.mark.parametrize("protocol", ["tus-v1", "ietf-draft-03", "ietf-draft-05"])
+    def test_tus_js_client(self, serve: Any, tmp_path: Path, protocol: str) -> None:
+        """tus-js-client uploads 3 MiB in 1 MiB chunks in tus 1.0 and both IETF modes; on_complete saw the file."""
+        from tests.test_interop_js import NODE, JS, blob, run_client
+
+        if NODE is None or not (JS / "node_modules" / "tus-js-client").is_dir():
+            pytest.skip("needs node and tests/js/node_modules (npm ci --prefix tests/js)")
+        served = serve()
+        path, digest = blob(tmp_path, 3 * MiB)
+        events = run_client(endpoint=served.endpoint, file=str(path), chunkSize=MiB, protocol=protocol)
+        assert events[-1]["event"] == "success", events[-5:]
+        record = served.record(events[-1]["url"])
+        assert record is not None and record["sha256"] == digest
+
+    def test_104_under_gunicorn_and_none_under_uvicorn(self, serve: Any) -> None:
+        """A raw IETF creation: gunicorn -k asgi sends 104 with the Location before the body; uvicorn sends none."""
+        import socket
+
+        served = serve()
+        with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+            sock.sendall(b"POST /files/ HTTP/1.1\r\nHost: x\r\nUpload-Draft-Interop-Version: 6\r\n"
+                         b"Upload-Complete: ?1\r\nContent-Length: 5\r\n\r\nhel")
+            if served.kind == "gunicorn":
+                interim = b""
+                while b"\r\n\r\n" not in interim:
+                    interim += sock.recv(4096)  # before the rest of the body is sent
+                assert interim.startswith(b"HTTP/1.1 104 ") and b"location: /files/" in interim.lower()
+            sock.sendall(b"lo")
+            raw = b""
+            while b"201 Created" not in raw or not raw.endswith(b"\r\n\r\n"):
+                chunk = sock.recv(4096)
+                assert chunk, raw
+                raw += chunk
+        if served.kind == "uvicorn":
+            assert b" 104 " not in raw
+        final = raw[raw.index(b"HTTP/1.1 201"):].decode().lower()
+        assert "upload-complete: ?1" in final
+
+    def test_a_silent_patch_is_preempted_by_a_head(self, serve: Any) -> None:
+        """A PATCH whose client went silent holds the upload until a HEAD asks for it: the HEAD gets its offset."""
+        served = serve()
+        status, headers = _http(served.port, "POST", "/files/", {**TUS, "Upload-Length": str(MiB)})
+        url = headers["location"]
+        with _open_patch(served.port, url, 0, MiB, b"a" * 1000):
+            _wait_for_size(served.storage / (url.rsplit("/", 1)[1] + ".bin"), 1000)
+            status, headers = _http(served.port, "HEAD", url, TUS)
+            assert status == 200 and headers["upload-offset"] == "1000"
+
+    def test_a_drip_patch_is_ended_by_the_rate_floor_and_keeps_its_bytes(self, serve: Any) -> None:
+        """A PATCH dripping a byte at a time under the rate floor is answered 204 with what it brought."""
+        served = serve(TEST_IDLE_TIMEOUT="1")
+        status, headers = _http(served.port, "POST", "/files/", {**TUS, "Upload-Length": "1000"})
+        url = headers["location"]
+        with _open_patch(served.port, url, 0, 1000, b"x") as sock:
+            sock.settimeout(0.1)
+            raw = b""
+            for _ in range(300):  # at most 30 s of dripping
+                try:
+                    raw += sock.recv(4096)
+                except TimeoutError:
+                    pass
+                if b"\r\n\r\n" in raw:
+                    break
+                try:
+                    sock.sendall(b"x")
+                except OSError:
+                    break
+        assert raw.startswith(b"HTTP/1.1 204"), raw
+        status, headers = _http(served.port, "HEAD", url, TUS)
+        kept = int(headers["upload-offset"])
+        assert 0 < kept < 1000 and served.data(url) == b"x" * kept
+
+    def test_a_client_gone_mid_patch_keeps_its_bytes_without_a_traceback(self, serve: Any) -> None:
+        """A client that closes mid-PATCH: the bytes that arrived are stored, the server log has no traceback."""
+        served = serve()
+        status, headers = _http(served.port, "POST", "/files/", {**TUS, "Upload-Length": str(MiB)})
+        url = headers["location"]
+        path = served.storage / (url.rsplit("/", 1)[1] + ".bin")
+        with _open_patch(served.port, url, 0, MiB, b"b" * 5000):
+            _wait_for_size(path, 5000)
+        status, headers = _http(served.port, "HEAD", url, TUS)
+        assert headers["upload-offset"] == "5000" and served.data(url) == b"b" * 5000
+        assert "Traceback" not in served.log()
+
+    def test_broken_storage_is_503_with_retry_after(self, serve: Any, tmp_path: Path) -> None:
+        """The storage directory replaced by a file: a creation is 503 + Retry-After."""
+        served = serve()
+        served.storage.mkdir(exist_ok=True)
+        served.storage.rmdir()
+        served.storage.write_text("not a directory")
+        status, headers = _http(served.port, "POST", "/files/", {**TUS, "Upload-Length": "3"})
+        assert status == 503 and headers["retry-after"] == "1"
+
+    def test_fastapi_mount(self, serve: Any) -> None:
+        """Mounted in FastAPI at /files: creation answers a Location under /files/, PATCH and HEAD work there."""
+        served = serve("fastapi_app")
+        status, headers = _http(served.port, "POST", "/files/", {**TUS, "Upload-Length": "3"})
+        assert status == 201 and headers["location"].startswith("/files/")
+        url = headers["location"]
+        status, headers = _http(served.port, "PATCH", url, {**TUS, "Upload-Offset": "0", "Content-Type": OCTETS}, b"abc")
+        assert status == 204 and headers["upload-offset"] == "3" and served.data(url) == b"abc"
+        assert _http(served.port, "GET", "/", {})[0] == 200
+
+
+@pytest.mark.slow
+def test_one_upload_started_on_wsgi_is_finished_on_asgi(tmp_path: Path) -> None:
+    """The same storage behind WSGI gunicorn and ASGI gunicorn: a PATCH on one, the rest on the other."""
+    from tests.support import GUNICORN_CONF, Gunicorn
+
+    env = {"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"), "TEST_RESUMABLE_STORAGE": str(tmp_path / "uploads"),
+           "TEST_RECORDS": str(tmp_path / "records")}
+    wsgi = Gunicorn("resumable_client_apps:application", tmp_path=tmp_path, config=GUNICORN_CONF, env=env)
+    try:
+        asgi = Served("gunicorn", tmp_path)
+        try:
+            status, headers = _http(wsgi.port, "POST", "/files/", {**TUS, "Upload-Length": "6"})
+            url = headers["location"]
+            assert _http(wsgi.port, "PATCH", url, {**TUS, "Upload-Offset": "0", "Content-Type": OCTETS}, b"abc")[0] == 204
+            status, headers = _http(asgi.port, "HEAD", url, TUS)
+            assert status == 200 and headers["upload-offset"] == "3"
+            status, headers = _http(asgi.port, "PATCH", url, {**TUS, "Upload-Offset": "3", "Content-Type": OCTETS},
+                                    b"def")
+            assert status == 204 and headers["upload-offset"] == "6"
+            assert asgi.data(url) == b"abcdef" and asgi.record(url) is not None
+        finally:
+            asgi.server.stop()
+    finally:
+        wsgi.stop()

@@ -1,0 +1,56 @@
+"""ASGI apps for the real-server tests of the resumable endpoint (tests/test_resumable_asgi.py).
+
+``application`` is ``UploadGuard(ResumableUploads(...))`` from the ASGI side of
+uploadguard -- the stack to run under ``uvicorn`` or ``gunicorn -k asgi``;
+``fastapi_app`` is a FastAPI application with the endpoint mounted at
+``/files``.  Storage is ``$TEST_RESUMABLE_STORAGE``; each completed upload is
+recorded as ``$TEST_RECORDS/<id>.json`` (tests/resumable_client_apps.py's
+``record``, called from a coroutine ``on_complete``); ``$TEST_IDLE_TIMEOUT``
+sets ``idle_timeout``.
+"""
+
+# No "from __future__ import annotations": FastAPI reads the endpoints' annotations at runtime.
+import asyncio
+import logging
+import os
+from typing import Any
+
+from resumable_client_apps import record
+from uploadguard.asgi import UploadGuard
+from uploadguard.resumable.asgi import ResumableUploads
+
+if not logging.getLogger("uploadguard").handlers:  # uvicorn: show the endpoint's INFO lines
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("uploadguard").addHandler(_handler)
+    logging.getLogger("uploadguard").setLevel(logging.INFO)
+
+
+async def on_complete(upload: Any) -> None:
+    await asyncio.to_thread(record, upload)
+
+
+def _endpoint(prefix: str = "/files/") -> ResumableUploads:
+    return ResumableUploads(prefix=prefix, storage=os.environ.get("TEST_RESUMABLE_STORAGE"), on_complete=on_complete,
+                            idle_timeout=os.environ.get("TEST_IDLE_TIMEOUT"), lock_timeout=10)
+
+
+application = UploadGuard(_endpoint())
+
+
+def make_fastapi() -> Any:
+    """FastAPI with the endpoint mounted at ``/files`` (mounted, its prefix is ``/``) and a page of its own."""
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    app = FastAPI()
+
+    @app.get("/", response_class=PlainTextResponse)
+    async def page() -> str:
+        return "page"
+
+    app.mount("/files", _endpoint(prefix="/"))
+    return UploadGuard(app)
+
+
+fastapi_app = make_fastapi()
