@@ -258,15 +258,16 @@ class ResumableUploads(Endpoint):
     async def _pump(self, body: Body, appender: Appender, exchange: _Exchange) -> str | None:
         loop = asyncio.get_running_loop()
         floor = core.RateFloor(self.idle_timeout, loop.time())
-        buffer = bytearray()
+        writer = _Writer(self, appender)
         watch_at = loop.time() + _POLL
         pending: asyncio.Future[Message] | None = None
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(exchange.receive())
-                wake = min(floor.deadline(), watch_at)
-                await asyncio.wait((pending,), timeout=max(0.0, wake - loop.time()))
+                if not pending.done():
+                    wake = min(floor.deadline(), watch_at)
+                    await asyncio.wait((pending,), timeout=max(0.0, wake - loop.time()))
                 now = loop.time()
                 if pending.done():
                     message, pending = pending.result(), None
@@ -274,15 +275,13 @@ class ResumableUploads(Endpoint):
                         return "disconnect"
                     data = message.get("body", b"")
                     floor.count(len(data), now)
-                    buffer += data
-                    if len(buffer) >= _COALESCE or not message.get("more_body", False):
-                        await self._flush(appender, buffer)
-                    if not message.get("more_body", False):
+                    more = message.get("more_body", False)
+                    await writer.add(data, flush=not more)
+                    if not more:
                         return None
                 if now >= watch_at:
                     watch_at = now + _POLL
-                    if buffer:
-                        await self._flush(appender, buffer)  # a quiet body's bytes reach the store, not only RAM
+                    await writer.add(b"", flush=True)  # a quiet body's bytes reach the store, not only RAM
                     if await self._run(body.lock.release_requested):
                         log.info("upload %s was asked for by another request; ending this PATCH", body.upload_id)
                         return "preempted"
@@ -292,13 +291,41 @@ class ResumableUploads(Endpoint):
         finally:
             if pending is not None:
                 pending.cancel()
-            if buffer:
-                await self._flush(appender, buffer)
+            await writer.close()
 
-    async def _flush(self, appender: Appender, buffer: bytearray) -> None:
-        data = bytes(buffer)
-        buffer.clear()
-        await self._run(appender.write, data)
+
+class _Writer:
+    """Pieces of a body on their way to the store: gathered to ``_COALESCE`` bytes, one write in flight.
+
+    While a piece is written in the pool the next is received: the network
+    and the disk work at once, and a slow disk holds the body back (one
+    piece at most is buffered beside the one being written).
+    """
+
+    def __init__(self, endpoint: ResumableUploads, appender: Appender) -> None:
+        self._endpoint = endpoint
+        self._appender = appender
+        self._buffer = bytearray()
+        self._inflight: asyncio.Future[None] | None = None
+
+    async def add(self, data: bytes, *, flush: bool) -> None:
+        self._buffer += data
+        if self._buffer and (flush or len(self._buffer) >= _COALESCE):
+            await self._settle()
+            piece = bytes(self._buffer)
+            self._buffer.clear()
+            self._inflight = asyncio.get_running_loop().run_in_executor(
+                self._endpoint._executor(), self._appender.write, piece)
+
+    async def _settle(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            await inflight
+
+    async def close(self) -> None:
+        """Write what is left and wait for it (its errors are the body's)."""
+        await self.add(b"", flush=True)
+        await self._settle()
 
 
 def _step(steps: Steps[Response], value: Any, error: Exception | None) -> tuple[bool, Any]:
