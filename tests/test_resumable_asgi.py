@@ -488,6 +488,20 @@ class TestServers:
         assert headers["upload-offset"] == "5000" and served.data(url) == b"b" * 5000
         assert "Traceback" not in served.log()
 
+    def test_a_refused_patch_is_answered_after_its_body(self, serve: Any) -> None:
+        """A PATCH at a wrong offset with a 4 MiB body: the client, which reads only once it has sent, reads the 409."""
+        from tests.support import raw_http
+
+        served = serve()
+        status, headers = _http(served.port, "POST", "/files/", {**TUS, "Upload-Length": str(8 * MiB)})
+        url = headers["location"]
+        body = b"z" * (4 * MiB)
+        head = (f"PATCH {url} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: 5\r\n"
+                f"Content-Type: {OCTETS}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        raw, error = raw_http(served.port, head, body=body, timeout=30)
+        assert error is None and raw.startswith(b"HTTP/1.1 409 "), (error, raw[:200])
+        assert _http(served.port, "HEAD", url, TUS)[1]["upload-offset"] == "0"
+
     def test_broken_storage_is_503_with_retry_after(self, serve: Any, tmp_path: Path) -> None:
         """The storage directory replaced by a file: a creation is 503 + Retry-After."""
         served = serve()

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import logging
 import os
@@ -55,6 +56,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, TypeVar
 
+from .. import guard
 from ..config import Settings
 from ..errors import UploadGuardError
 from . import core
@@ -160,12 +162,13 @@ class ResumableUploads(Endpoint):
             await _send(send, self.error(_head_of(scope, None), error))
             return
         head = _head_of(scope, owner)
-        exchange = _Exchange(scope, receive, send)
+        exchange = _Exchange(scope, receive, send, head)
         steps = self.serve(head)
         try:
             response = await self._drive(steps, head, exchange)
         except (UploadGuardError, OSError) as exc:
             response = self.error(head, self.classify(exc))
+            await exchange.drain(max_bytes=self.settings.drain_bytes, timeout=self.settings.drain_timeout)
         finally:
             if inspect.getgeneratorstate(steps) != inspect.GEN_CLOSED:
                 self._executor().submit(steps.close)  # cancelled mid-way: its locks are released in the pool
@@ -249,6 +252,7 @@ class ResumableUploads(Endpoint):
                                                                         checksum=body.checksum))
         try:
             cut = await self._pump(body, appender, exchange)
+            exchange.cut = cut is not None
             offset: int = await self._run(appender.commit)
         except BaseException:
             self._executor().submit(appender.abort)
@@ -337,19 +341,52 @@ def _step(steps: Steps[Response], value: Any, error: Exception | None) -> tuple[
 
 
 class _Exchange:
-    """The request's ``receive``/``send`` and whether the client went away."""
+    """The request's ``receive``/``send``: what of the body was read, whether the client went away."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send, head: Head) -> None:
         self.scope = scope
         self._receive = receive
         self.send = send
         self.gone = False
+        self.eof = False
+        self.cut = False  # the body's reading was ended on purpose (preempted, too slow): never read again
+        self.consumed = 0
+        try:
+            self.length = head.content_length()
+        except UploadGuardError:
+            self.length = None
+        self.expects_continue = (head.header("Expect") or "").lower() == "100-continue"
+        self.asked = False
 
     async def receive(self) -> Message:
+        self.asked = True
         message = await self._receive()
         if message.get("type") == "http.disconnect":
             self.gone = True
+        elif message.get("type") == "http.request":
+            self.consumed += len(message.get("body", b""))
+            self.eof = not message.get("more_body", False)
         return message
+
+    async def drain(self, *, max_bytes: int, timeout: float) -> None:
+        """Read and discard the rest of a refused body within the bounds, so the client reads the answer.
+
+        Skipped for a client still waiting for its ``100 Continue`` (the
+        server sends it on the first ``receive()``: nothing was sent), a body
+        already cut, or one announced past ``max_bytes`` (:func:`guard.drain_plan`).
+        """
+        if self.cut or self.gone:
+            return
+        remaining = None if self.length is None else self.length - self.consumed
+        plan = guard.drain_plan(waiting=self.expects_continue and not self.asked, eof=self.eof,
+                                remaining=remaining, max_bytes=max_bytes, timeout=timeout)
+        if plan is not guard.Drain.READ:
+            return
+        budget = self.consumed + max_bytes
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not (self.eof or self.gone) and self.consumed <= budget:
+                    await self.receive()
 
 
 def _encode(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
