@@ -546,3 +546,46 @@ def test_one_upload_started_on_wsgi_is_finished_on_asgi(tmp_path: Path) -> None:
             asgi.server.stop()
     finally:
         wsgi.stop()
+
+
+@pytest.mark.slow
+class TestS3:
+    def test_an_upload_to_s3_in_pieces_survives_a_vanished_client(self, seaweed: Any, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        """Over S3: 6 MiB arrive in 64 KiB pieces, the client vanishes; the resumed PATCH completes the upload intact."""
+        import hashlib
+        import os
+
+        for name, value in seaweed.env().items():
+            monkeypatch.setenv(name, value)
+        settings = Settings.from_environ({}, temp_dir=tmp_path / "tmp", min_free_space=0)
+        seen: list[str] = []
+
+        def on_complete(upload: Upload) -> None:
+            with upload.open() as data:
+                seen.append(hashlib.sha256(data.read()).hexdigest())
+
+        app = ResumableUploads(storage=f"s3://{seaweed.new_bucket()}/uploads", settings=settings,
+                               max_size=100 * MiB, on_complete=on_complete)
+        data = os.urandom(10 * MiB)
+        piece = 64 * 1024
+
+        async def test() -> None:
+            url = await create(app, len(data))
+            first = patch(app, url, 0, len(data))
+            for start in range(0, 6 * MiB, piece):
+                first.feed(data[start:start + piece])
+            first.disconnect()
+            assert (await first.result()).status is None
+            head = Request(app, "HEAD", url, TUS)
+            head.feed(b"", more=False)
+            offset = int((await head.result()).headers["upload-offset"])
+            assert offset == 6 * MiB
+            rest = patch(app, url, offset, len(data) - offset)
+            for start in range(offset, len(data), piece):
+                rest.feed(data[start:start + piece], more=start + piece < len(data))
+            answer = await rest.result()
+            assert answer.status == 204 and answer.headers["upload-offset"] == str(len(data))
+
+        run(test)
+        assert seen == [hashlib.sha256(data).hexdigest()]
