@@ -54,3 +54,17 @@ def make_fastapi() -> Any:
 
 
 fastapi_app = make_fastapi()
+
+
+def __getattr__(name: str) -> Any:
+    """``django_app``: Django's ASGI handler (tests/django_project) with the endpoint in front of it.
+
+    Django's ASGI handler reads the whole body before any middleware runs, so
+    the endpoint wraps the handler rather than sitting in ``MIDDLEWARE``.
+    """
+    if name == "django_app":
+        from asgi_apps import make_django
+
+        return UploadGuard(ResumableUploads(make_django(), storage=os.environ.get("TEST_RESUMABLE_STORAGE"),
+                                            on_complete=on_complete))
+    raise AttributeError(name)

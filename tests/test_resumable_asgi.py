@@ -511,6 +511,20 @@ class TestServers:
         status, headers = _http(served.port, "POST", "/files/", {**TUS, "Upload-Length": "3"})
         assert status == 503 and headers["retry-after"] == "1"
 
+    def test_django_asgi_behind_the_endpoint(self, serve: Any) -> None:
+        """Django's ASGI handler wrapped by the endpoint: tuspy uploads under /files/, Django answers the rest."""
+        import io
+        import os
+
+        from tusclient import client as tus_client
+
+        served = serve("django_app")
+        data = os.urandom(3 * MiB)
+        uploader = tus_client.TusClient(served.endpoint).uploader(file_stream=io.BytesIO(data), chunk_size=MiB)
+        uploader.upload()
+        assert served.data(uploader.url) == data and served.record(uploader.url) is not None
+        assert _http(served.port, "GET", "/form/", {})[0] == 200
+
     def test_fastapi_mount(self, serve: Any) -> None:
         """Mounted in FastAPI at /files: creation answers a Location under /files/, PATCH and HEAD work there."""
         served = serve("fastapi_app")
