@@ -225,6 +225,34 @@ class TestHooks:
         assert completed == [("alice", 3)]
 
 
+    def test_a_request_cancelled_by_the_server_still_runs_on_complete_once(self, tmp_path: Path,
+                                                                         settings: Settings) -> None:
+        """The server cancels a request whose client left while ``on_complete`` runs: it runs once, and counts."""
+        started, release = threading.Event(), threading.Event()
+        calls: list[str] = []
+
+        def on_complete(upload: Upload) -> None:
+            calls.append(upload.id)
+            started.set()
+            assert release.wait(20)
+
+        app = endpoint(tmp_path, settings, on_complete=on_complete, lock_timeout=20)
+
+        async def test() -> None:
+            url = await create(app, 3)
+            request = patch(app, url, 0, 3)
+            request.feed(b"abc", more=False)
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            request.task.cancel()  # as gunicorn's ASGI worker does a few seconds after a disconnect
+            release.set()
+            head = Request(app, "HEAD", url, TUS)
+            head.feed(b"", more=False)
+            assert (await head.result()).headers["upload-offset"] == "3"
+
+        run(test)
+        assert len(calls) == 1
+
 class TestInterim:
     def ietf_creation(self, app: ResumableUploads, extensions: dict[str, Any] | None) -> Answer:
         answers: list[Answer] = []

@@ -143,6 +143,7 @@ class ResumableUploads(Endpoint):
         self.max_streams = max_streams
         self.threads = threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._running: set[asyncio.Future[None]] = set()  # requests left to finish after a cancellation
 
     # -- ASGI ----------------------------------------------------------------------------
 
@@ -161,7 +162,15 @@ class ResumableUploads(Endpoint):
         except UploadGuardError as error:
             await _send(send, self.error(_head_of(scope, None), error))
             return
-        head = _head_of(scope, owner)
+        # Shielded: a server cancels a request whose client left (gunicorn's ASGI worker after a grace
+        # period), but a request that holds an upload finishes its steps -- what arrived is committed,
+        # on_complete runs to its end and is recorded once -- and only then lets go of the upload.
+        task = asyncio.ensure_future(self._serve(_head_of(scope, owner), scope, receive, send))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        await asyncio.shield(task)
+
+    async def _serve(self, head: Head, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = _Exchange(scope, receive, send, head)
         steps = self.serve(head)
         try:
@@ -170,8 +179,8 @@ class ResumableUploads(Endpoint):
             response = self.error(head, self.classify(exc))
             await exchange.drain(max_bytes=self.settings.drain_bytes, timeout=self.settings.drain_timeout)
         finally:
-            if inspect.getgeneratorstate(steps) != inspect.GEN_CLOSED:
-                self._executor().submit(steps.close)  # cancelled mid-way: its locks are released in the pool
+            if inspect.getgeneratorstate(steps) == inspect.GEN_SUSPENDED:
+                self._executor().submit(steps.close)  # ended by an error of its own: locks released in the pool
         if exchange.gone:
             log.info("client went away during %s %s", head.method, head.path)
             return
