@@ -316,6 +316,28 @@ class TestRouting:
 
         run(test)
 
+    def test_a_small_temp_dir_does_not_refuse_a_patch_the_storage_holds(self, tmp_path: Path) -> None:
+        """Behind the ASGI guard, a 1 MiB tmpfs temp dir still takes a 3 MiB PATCH (it goes to the storage),
+        while a body the app may spool there still needs the room."""
+        import os
+
+        from tests.support import tmpfs
+        from tests.test_asgi import call
+        from uploadguard.asgi import UploadGuard
+
+        with tmpfs(tmp_path / "tmp", size="1m") as temp:
+            settings = Settings.from_environ({}, temp_dir=temp, min_free_space=0)
+            guarded = UploadGuard(ResumableUploads(storage=tmp_path / "uploads", settings=settings), settings=settings)
+            data = os.urandom(3 * MiB)
+            created = call(guarded, method="POST", path="/files/", headers={**TUS, "Upload-Length": str(len(data))})
+            url = created.headers["location"]
+            patched = call(guarded, method="PATCH", path=url, chunks=[data],
+                           headers={**TUS, "Upload-Offset": "0", "Content-Type": OCTETS})
+            form = call(guarded, method="POST", path=url, chunks=[data],
+                        headers={**TUS, "Content-Type": "multipart/form-data; boundary=x"})
+        assert patched.status == 204 and stored(tmp_path, url) == data
+        assert form.status == 503
+
     def test_storage_trouble_is_503_with_retry_after(self, tmp_path: Path, settings: Settings) -> None:
         """A storage directory that is a file: a creation gets 503 + Retry-After."""
         (tmp_path / "uploads").write_text("not a directory")

@@ -241,7 +241,9 @@ class UploadGuard:
         self.stats.record(Event.GUARDED)
         refusal: UploadGuardError | None = guard.limit_refusal(self.settings.max_body_size, length)
         if refusal is None:
-            health = await self._checked_temp_dir(length or 0)
+            # A body the application stores elsewhere (the resumable endpoint's) needs no room here.
+            spools = getattr(self.app, "spools_body", None)
+            health = await self._checked_temp_dir((length or 0) if spools is None or spools(scope) else 0)
             refusal = None if health.ok else self._unavailable(health)
         if refusal is not None:
             await self._answer(refusal, scope, send, body)

@@ -186,6 +186,18 @@ class ResumableUploads(Endpoint):
             return
         await _send(send, response)
 
+    def spools_body(self, scope: Scope) -> bool:
+        """Whether the request's body may be spooled into the guard's temp dir (asked by :class:`uploadguard.asgi.UploadGuard`).
+
+        The endpoint's own bodies: :meth:`~.engine.Endpoint.spools`; any other
+        request's: the wrapped application's answer (yes when it has none).
+        """
+        if scope.get("type") == "http" and self.serves_path(_path(scope)):
+            head = _head_of(scope, None)
+            return self.spools(head.header("Content-Type"), head.header("Upload-Checksum") is not None)
+        ask = getattr(self.app, "spools_body", None)
+        return True if ask is None else bool(ask(scope))
+
     async def _owner(self, scope: Scope) -> str | None:
         if self.authorize is None:
             return None

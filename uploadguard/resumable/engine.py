@@ -39,6 +39,7 @@ from . import core
 from . import protocol as p
 from .core import Head, Response
 from .locking import HeldLock, Locker
+from .s3 import RAM_PART_LIMIT as S3_RAM_PART_LIMIT
 from .s3 import S3Store, is_s3_url
 from .store import LocalStore, Store, UploadInfo, new_upload_id, valid_upload_id
 
@@ -243,6 +244,24 @@ class Endpoint:
         else:
             candidate = path
         return candidate if valid_upload_id(candidate) else None
+
+    def spools(self, content_type: str | None, checksummed: bool) -> bool:
+        """Whether a body sent to the endpoint may be spooled into the guard's temp dir (so needs room there).
+
+        The endpoint's bodies go to the upload storage, whose room it checks
+        itself, so a small temp dir (a tmpfs) does not refuse a PATCH the
+        storage has room for.  Except: a ``multipart/form-data`` body (never a
+        tus or draft upload, but what a framework hook in front of the endpoint
+        -- a CSRF extension reading the form -- or an app route under the
+        prefix would spool), and on S3 a checksummed chunk or a part buffer
+        over 32 MiB, which are spooled there.
+        """
+        if (content_type or "").lower().startswith("multipart/"):
+            return True
+        store = self.store
+        if isinstance(store, S3Store):
+            return checksummed or store.part_size > S3_RAM_PART_LIMIT
+        return not isinstance(store, LocalStore)  # a Store of the application's own: assume it does
 
     def serves_path(self, path: str) -> bool:
         """Whether ``path`` (below the application's root) is the endpoint's."""

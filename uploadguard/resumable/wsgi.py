@@ -30,9 +30,7 @@ from .core import RATE_FLOOR as _RATE_FLOOR
 from .core import Head, Response
 from .engine import Admit, Body, Effect, Endpoint, Hook, Lock, Upload, run_inline
 from .locking import FileLocker, ReleaseWatcher, StreamSlots
-from .s3 import RAM_PART_LIMIT as S3_RAM_PART_LIMIT
-from .s3 import S3Store
-from .store import LocalStore, Store
+from .store import Store
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -231,19 +229,11 @@ class ResumableUploads(Endpoint):
     def spools_body(self, environ: WSGIEnvironment) -> bool:
         """Whether the request's body may be spooled into the guard's temp dir (see :class:`UploadGuard`).
 
-        The endpoint's bodies go to the upload storage, whose room it checks
-        itself, so a small temp dir (a tmpfs) does not refuse a PATCH the
-        storage has room for.  Except: a ``multipart/form-data`` body (never a
-        tus or draft upload, but what a framework hook in front of the endpoint
-        -- a CSRF extension reading the form -- or an app route under the
-        prefix would spool), and on S3 a checksummed chunk or a part buffer
-        over 32 MiB, which are spooled there.
+        The endpoint's own bodies: :meth:`~.engine.Endpoint.spools`; any other
+        request's: the wrapped application's answer (yes when it has none).
         """
-        if self.serves(environ) and not str(environ.get("CONTENT_TYPE", "")).lower().startswith("multipart/"):
-            store = self.store
-            if isinstance(store, S3Store):
-                return "HTTP_UPLOAD_CHECKSUM" in environ or store.part_size > S3_RAM_PART_LIMIT
-            return not isinstance(store, LocalStore)  # a Store of the application's own: assume it does
+        if self.serves(environ):
+            return self.spools(str(environ.get("CONTENT_TYPE", "")), "HTTP_UPLOAD_CHECKSUM" in environ)
         ask = getattr(self.app, "spools_body", None)
         return True if ask is None else bool(ask(environ))
 
