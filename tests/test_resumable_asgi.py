@@ -168,6 +168,28 @@ class TestBody:
 
         run(test)
 
+    def test_stalled_bodies_hold_no_thread(self, tmp_path: Path, settings: Settings) -> None:
+        """Three times as many stalled PATCHes as the pool has threads: every one keeps its bytes, others are served."""
+        app = endpoint(tmp_path, settings, threads=2)
+
+        async def test() -> None:
+            urls = [await create(app, 10) for _ in range(6)]
+            stalled = []
+            for url in urls:
+                request = patch(app, url, 0, 10)
+                request.feed(b"abc")  # and nothing more
+                stalled.append(request)
+            for url in urls:  # every PATCH holds its upload and has stored its bytes
+                while not (tmp_path / "uploads" / (url.rsplit("/", 1)[1] + ".bin")).stat().st_size:
+                    await asyncio.sleep(0.05)
+            for url in urls:  # each HEAD preempts its PATCH: all of them read at once, on two threads
+                head = Request(app, "HEAD", url, TUS)
+                head.feed(b"", more=False)
+                assert (await head.result()).headers["upload-offset"] == "3"
+            assert [(await request.result()).status for request in stalled] == [204] * 6
+
+        run(test)
+
     def test_store_writes_leave_the_loop_free(self, tmp_path: Path, settings: Settings) -> None:
         """While the store is stuck writing a PATCH's bytes, another request is answered (the write is off the loop)."""
         release = threading.Event()
