@@ -281,42 +281,58 @@ class ResumableUploads(Endpoint):
         return offset, cut
 
     async def _pump(self, body: Body, appender: Appender, exchange: _Exchange) -> str | None:
+        """Read the body to its end in a task of its own, watched: why it ended early, or ``None``.
+
+        The reading task does nothing per message but take it and hand it to
+        the writer; this watcher wakes every ``_POLL`` seconds (and at the rate
+        floor's deadline) to write a quiet body's bytes, ask whether another
+        request wants the upload, and check the floor -- and cancels the read
+        when it must end.  A write under way is never cancelled.
+        """
         loop = asyncio.get_running_loop()
         floor = core.RateFloor(self.idle_timeout, loop.time())
         writer = _Writer(self, appender)
-        watch_at = loop.time() + _POLL
-        pending: asyncio.Future[Message] | None = None
+        reader = asyncio.ensure_future(_read(exchange, floor, writer))
+        cut: str | None = None
         try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(exchange.receive())
-                if not pending.done():
-                    wake = min(floor.deadline(), watch_at)
-                    await asyncio.wait((pending,), timeout=max(0.0, wake - loop.time()))
+            while not reader.done():
                 now = loop.time()
-                if pending.done():
-                    message, pending = pending.result(), None
-                    if message.get("type") == "http.disconnect":
-                        return "disconnect"
-                    data = message.get("body", b"")
-                    floor.count(len(data), now)
-                    more = message.get("more_body", False)
-                    await writer.add(data, flush=not more)
-                    if not more:
-                        return None
-                if now >= watch_at:
-                    watch_at = now + _POLL
-                    await writer.add(b"", flush=True)  # a quiet body's bytes reach the store, not only RAM
-                    if await self._run(body.lock.release_requested):
-                        log.info("upload %s was asked for by another request; ending this PATCH", body.upload_id)
-                        return "preempted"
-                if floor.slow(now):
+                await asyncio.wait((reader,), timeout=max(0.0, min(floor.deadline(), now + _POLL) - now))
+                if reader.done():
+                    break
+                if floor.slow(loop.time()):
                     log.info("upload %s: the PATCH brings too few bytes; ending it", body.upload_id)
-                    return "slow"
+                    cut = "slow"
+                    break
+                await writer.flush()  # a quiet body's bytes reach the store, not only RAM
+                if await self._run(body.lock.release_requested):
+                    log.info("upload %s was asked for by another request; ending this PATCH", body.upload_id)
+                    cut = "preempted"
+                    break
+            if cut is None:
+                cut = reader.result()
         finally:
-            if pending is not None:
-                pending.cancel()
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
             await writer.close()
+        return cut
+
+
+async def _read(exchange: _Exchange, floor: core.RateFloor, writer: _Writer) -> str | None:
+    """Take the body's messages as they come: ``"disconnect"`` if the client went first, else ``None``."""
+    loop = asyncio.get_running_loop()
+    while True:
+        message = await exchange.receive()
+        if message.get("type") == "http.disconnect":
+            return "disconnect"
+        data = message.get("body", b"")
+        floor.count(len(data), loop.time())
+        more = message.get("more_body", False)
+        await writer.add(data, flush=not more)
+        if not more:
+            return None
 
 
 class _Writer:
@@ -324,7 +340,8 @@ class _Writer:
 
     While a piece is written in the pool the next is received: the network
     and the disk work at once, and a slow disk holds the body back (one
-    piece at most is buffered beside the one being written).
+    piece at most is buffered beside the one being written).  Writes are
+    shielded: cancelling the read never cancels a write under way.
     """
 
     def __init__(self, endpoint: ResumableUploads, appender: Appender) -> None:
@@ -332,25 +349,32 @@ class _Writer:
         self._appender = appender
         self._buffer = bytearray()
         self._inflight: asyncio.Future[None] | None = None
+        self._turn = asyncio.Lock()  # the reader and the watcher both flush: pieces go out in order
 
     async def add(self, data: bytes, *, flush: bool) -> None:
         self._buffer += data
         if self._buffer and (flush or len(self._buffer) >= _COALESCE):
-            await self._settle()
-            piece = bytes(self._buffer)
-            self._buffer.clear()
-            self._inflight = asyncio.get_running_loop().run_in_executor(
-                self._endpoint._executor(), self._appender.write, piece)
+            async with self._turn:
+                await self._settle()
+                if self._buffer:
+                    piece = bytes(self._buffer)
+                    self._buffer.clear()
+                    self._inflight = asyncio.get_running_loop().run_in_executor(
+                        self._endpoint._executor(), self._appender.write, piece)
 
     async def _settle(self) -> None:
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            await inflight
+        if self._inflight is not None:
+            await asyncio.shield(self._inflight)  # raises the write's error; kept for close() if cancelled here
+            self._inflight = None
+
+    async def flush(self) -> None:
+        await self.add(b"", flush=True)
 
     async def close(self) -> None:
         """Write what is left and wait for it (its errors are the body's)."""
-        await self.add(b"", flush=True)
-        await self._settle()
+        await self.flush()
+        async with self._turn:
+            await self._settle()
 
 
 def _step(steps: Steps[Response], value: Any, error: Exception | None) -> tuple[bool, Any]:
