@@ -68,3 +68,14 @@ def __getattr__(name: str) -> Any:
         return UploadGuard(ResumableUploads(make_django(), storage=os.environ.get("TEST_RESUMABLE_STORAGE"),
                                             on_complete=on_complete))
     raise AttributeError(name)
+
+
+def _cases_app() -> Any:
+    """The endpoint as tests/resumable_cases.py configures it (max_size, CORS origin, short lock wait)."""
+    from resumable_cases import MAX_SIZE
+
+    return ResumableUploads(storage=os.environ.get("TEST_RESUMABLE_STORAGE"), max_size=MAX_SIZE,
+                            cors_origins=["https://app.example"], lock_timeout=0.3)
+
+
+cases_app = _cases_app()

@@ -7,6 +7,7 @@ headers and stored bytes.
 
 from __future__ import annotations
 
+import http.client
 import io
 import re
 from collections.abc import Callable
@@ -59,6 +60,53 @@ def asgi_driver(endpoint: AsgiResumableUploads) -> Driver:
     return request
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """http.client's response, passing over interim responses (it skips only ``100``): the ``104`` of an IETF creation."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()
+            if not 101 < status < 200:
+                return version, status, reason
+            http.client._read_headers(self.fp)  # type: ignore[attr-defined]
+
+
+def http_driver(port: int) -> Driver:
+    """Requests over a socket to a real server on 127.0.0.1."""
+
+    def request(method: str, path: str, headers: dict[str, str], body: bytes | None, chunked: bool) -> Answer:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.response_class = _FinalResponse
+        try:
+            if chunked:
+                connection.request(method, path, body=iter([body or b""]), headers=headers, encode_chunked=True)
+            else:
+                connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            return response.status, {name.lower(): value for name, value in response.getheaders()}
+        finally:
+            connection.close()
+    return request
+
+
+@pytest.fixture(scope="module", params=["uvicorn", "gunicorn"])
+def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The ASGI endpoint (tests/resumable_asgi_apps.py:cases_app) under uvicorn or gunicorn -k asgi, for the module."""
+    from tests.test_resumable_asgi import Served
+
+    served = Served(request.param, tmp_path_factory.mktemp(f"cases-{request.param}"), "cases_app")
+    yield served
+    served.server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_case_on_a_real_server(live: Any, case: Case) -> None:
+    """Each case gets the same answers from the ASGI endpoint under uvicorn and gunicorn -k asgi."""
+    run_case((http_driver(live.port), live.storage), case)
+
+
 @pytest.fixture(params=["wsgi", "asgi"])
 def driver(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Driver, Path]:
     storage = tmp_path / "uploads"
@@ -77,6 +125,10 @@ def _fill(text: str, saved: dict[str, str]) -> str:
 @pytest.mark.parametrize("case", CASES)
 def test_case(driver: tuple[Driver, Path], case: Case) -> None:
     """Each request of the case gets its status and headers, and the upload holds the bytes the case says."""
+    run_case(driver, case)
+
+
+def run_case(driver: tuple[Driver, Path], case: Case) -> None:
     send, storage = driver
     saved: dict[str, str] = {}
     for number, step in enumerate(case.steps):
