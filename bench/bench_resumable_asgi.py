@@ -90,6 +90,34 @@ class Uvicorn:
         self.server.stop()
 
 
+def latencies_during(port: int, run: Callable[[], float]) -> list[float]:
+    """Seconds each of a stream of OPTIONS requests took (one keep-alive connection) while ``run`` ran."""
+    import http.client
+    import threading
+
+    done = threading.Event()
+    seen: list[float] = []
+
+    def probe() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while not done.is_set():
+            start = time.perf_counter()
+            connection.request("OPTIONS", "/files/")
+            connection.getresponse().read()
+            seen.append(time.perf_counter() - start)
+            time.sleep(0.005)
+        connection.close()
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    try:
+        run()
+    finally:
+        done.set()
+        thread.join()
+    return seen
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="50 MiB, 3 rounds: a smoke run")
@@ -127,6 +155,8 @@ def main() -> int:
                 for name, port in ports.items()
             }
             wall, cpu = alternate(rounds, contenders)
+            stalls = {name: latencies_during(ports[name], contenders[name][1])
+                      for name in ("uvicorn", "uvicorn-bare", "gunicorn-asgi", "gunicorn-asgi-bare")}
         finally:
             gbare.stop()
             bare.stop()
@@ -144,6 +174,11 @@ def main() -> int:
     for name in ("wsgi", "gunicorn-asgi", "gunicorn-asgi-bare", "uvicorn", "uvicorn-bare"):
         rate = size / statistics.median(wall[name])
         print(f"| {labels[name]} | {rate / MiB:.0f} | {rate / base_rate:.2f} | {statistics.median(cpu[name]):.2f} |")
+    print(f"\n## Does the PATCH stall the loop?  OPTIONS answered meanwhile on another connection\n")
+    print("| server | requests | median ms | max ms |")
+    print("|---|---:|---:|---:|")
+    for name, seen in stalls.items():
+        print(f"| {labels[name]} | {len(seen)} | {1000 * statistics.median(seen):.1f} | {1000 * max(seen):.1f} |")
     return 0
 
 

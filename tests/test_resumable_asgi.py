@@ -389,7 +389,8 @@ class Served:
         self.kind = kind
         self.storage = tmp_path / "uploads"
         self.records = tmp_path / "records"
-        full_env = {"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"), "UPLOADGUARD_MIN_FREE_SPACE": "0",
+        self.temp = tmp_path / "tmp"
+        full_env = {"UPLOADGUARD_TEMP_DIR": str(self.temp), "UPLOADGUARD_MIN_FREE_SPACE": "0",
                     "UPLOADGUARD_RETRY_AFTER": "1", "TEST_RESUMABLE_STORAGE": str(self.storage),
                     "TEST_RECORDS": str(self.records), "PYTHONPATH": str(Path(__file__).parent), **env}
         if kind == "uvicorn":
@@ -559,6 +560,7 @@ class TestServers:
         status, headers = _http(served.port, "HEAD", url, TUS)
         assert headers["upload-offset"] == "5000" and served.data(url) == b"b" * 5000
         assert "Traceback" not in served.log()
+        assert [p for p in served.temp.rglob("*") if p.is_file()] == []  # nothing left in the temp dir
 
     def test_a_refused_patch_is_answered_after_its_body(self, serve: Any) -> None:
         """A PATCH at a wrong offset with a 4 MiB body: the client, which reads only once it has sent, reads the 409."""

@@ -42,6 +42,9 @@ A pure ASGI application (standard library only); ``lifespan`` and
   refuses unknown messages.
 * ``max_streams`` is accepted for parity and not applied: an event loop
   holds no thread per body (see :func:`uploadguard.config.stream_caps`).
+* ``get()`` and ``delete()`` are the WSGI endpoint's plain methods (store
+  calls, and ``delete`` may wait for a lock): from a coroutine, call them
+  through ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
