@@ -15,8 +15,8 @@ Measured 2026-12-06 (2 shared cores, 5 rounds, 200 MiB; three runs):
 ASGI under gunicorn -k asgi 0.76-0.86x the WSGI endpoint, its bare floor
 0.63-0.76x; under uvicorn (h11: httptools is not installed) 0.42-0.51x, its
 bare floor 0.42-0.47x.  The endpoint costs nothing measurable over the
-server's own body delivery; the 0.9x target is missed by the servers' ASGI body paths, not by the endpoint.  While the
-PATCH streams, OPTIONS on another connection took at most 8-15 ms from the
+server's own body delivery; the 0.9x target is missed by the servers' ASGI
+body paths, not by the endpoint.  While the PATCH streams, OPTIONS on another connection took at most 8-15 ms from the
 endpoint, 89-117 ms from the bare app (its fsync runs on the loop).  Run:
 
     .venv/bin/python bench/bench_resumable_asgi.py [--quick] [--rounds N] [--dir /dev/shm]
