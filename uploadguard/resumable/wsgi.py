@@ -27,7 +27,7 @@ from ..errors import BadRequest, TempDirUnavailable, UploadGuardError
 from ..wsgi import GuardedInput, body_length, request_socket, waiting_for_continue
 from . import protocol as p
 from .core import RATE_FLOOR as _RATE_FLOOR
-from .core import Head, Response
+from .core import Head, RateFloor, Response
 from .engine import Admit, Body, Effect, Endpoint, Hook, Lock, Upload, run_inline
 from .locking import FileLocker, ReleaseWatcher, StreamSlots
 from .store import Store
@@ -71,8 +71,8 @@ class _BodyReader:
         #: why the body ended early: "timeout", "slow", "preempted", "disconnect"
         self.cut: str | None = None
         self._window = window  # seconds; 0 = no rate floor
-        self._window_start = time.monotonic()
-        self._window_bytes = 0
+        #: The floor's windows (:class:`.core.RateFloor`, the ASGI driver's too), on the monotonic clock.
+        self._floor = RateFloor(window, time.monotonic())
         #: The most one read asks for.  The server's reader returns only once it has all it was asked
         #: (or the body ends), so bytes are counted per read: reads must return within a window for a
         #: client above the floor to be seen as one.  The first asks for the floor's worth; a quick
@@ -80,7 +80,6 @@ class _BodyReader:
         #: A chunked body stays at the floor: a cut makes gunicorn's chunk parser drop the read.
         self._read_size = _RATE_FLOOR
         self._total = 0
-        self._counted_at = self._window_start  # when bytes were last counted
         self._counting = threading.Lock()  # the reader counts, the watcher's too_slow() rolls the window
         #: Where the kernel counts the bytes that arrived (TCP): then the floor sees a client's bytes as
         #: they come, whatever the reads wait for; elsewhere (a Unix socket) only returned reads count,
@@ -102,17 +101,11 @@ class _BodyReader:
             if self._arrivals is not None:
                 arrived = bytes_received(self._arrivals)
                 if arrived is not None and arrived > self._arrived:
-                    self._window_bytes += arrived - self._arrived
-                    self._arrived, self._counted_at = arrived, now
-            if now - self._window_start < self._window:
-                return False
-            if self._window_bytes >= _RATE_FLOOR:
-                # A good window: the next starts at its last counted read -- here, not only when a read
-                # returns, or a client going silent after a good window would never be seen (the
-                # watcher polls) -- so silence ends a PATCH one window after the last bytes counted.
-                self._window_start, self._window_bytes = self._counted_at, 0
-                return now - self._window_start >= self._window
-            return True
+                    self._floor.count(arrived - self._arrived, now)
+                    self._arrived = arrived
+            # Polled by the watcher too, not only when a read returns: a client going silent after a
+            # good window is seen one window after the last bytes counted.
+            return self._floor.slow(now)
 
     def __call__(self, size: int) -> bytes:
         if self.cut is not None or self.remaining == 0:
@@ -150,9 +143,7 @@ class _BodyReader:
             now = time.monotonic()
             if self._arrivals is None:
                 with self._counting:
-                    self._window_bytes += len(data)
-                    if data:
-                        self._counted_at = now
+                    self._floor.count(len(data), now)
             self._total += len(data)
             took = now - began
             if self.remaining is None or self._arrivals is None:
