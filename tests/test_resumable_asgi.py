@@ -637,6 +637,48 @@ def test_one_upload_started_on_wsgi_is_finished_on_asgi(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_readme_block_runs_as_written(tmp_path: Path) -> None:
+    """The README's FastAPI block, saved as app.py under uvicorn, takes a tuspy upload; on_complete moves it intact."""
+    import io
+    import os
+    import re
+
+    from tusclient import client as tus_client
+
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support import free_port, wait_for_port
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Resumable uploads on ASGI"):]
+    block = re.search(r"^```python\n(.*?)^```", section, re.S | re.M)
+    assert block is not None
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "app.py").write_text(block.group(1))
+    port = free_port()
+    log_path = tmp_path / "uvicorn.log"
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
+                                   "app:app"], stdout=log_file, stderr=subprocess.STDOUT, cwd=str(work),
+                                  env={**os.environ, "UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp")},
+                                  start_new_session=True)
+        try:
+            wait_for_port(port, proc=server)
+            data = os.urandom(3 * MiB + 17)
+            uploader = tus_client.TusClient(f"http://127.0.0.1:{port}/files/").uploader(
+                file_stream=io.BytesIO(data), chunk_size=MiB)
+            uploader.upload()
+            assert (work / "media" / uploader.url.rsplit("/", 1)[1]).read_bytes() == data
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=15)
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+
+
+@pytest.mark.slow
 class TestS3:
     def test_an_upload_to_s3_in_pieces_survives_a_vanished_client(self, seaweed: Any, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
