@@ -2,7 +2,11 @@
 
 Run it with the project's gunicorn settings (from the repository root)::
 
-    gunicorn -c gunicorn_conf.py --chdir examples flask_app:app
+    gunicorn -c gunicorn_conf.py --chdir examples --bind "${HOST:-127.0.0.1}:${PORT:-8000}" flask_app:app
+
+It listens on loopback unless ``HOST`` names another address: ``PORT`` alone
+changes only the port (``gunicorn_conf.py`` alone would bind ``0.0.0.0:$PORT``,
+gunicorn's convention for platforms that route to the container).
 
 The page uploads each chosen file in its own request through the package's
 ``upload.js`` (progress per file, retries on 503); without JavaScript the

@@ -52,11 +52,13 @@ class Result:
 
 def call(app: Any, *, method: str = "POST", path: str = "/", headers: dict[str, str] | None = None,
          chunks: list[bytes] | None = None, chunked: bool = False, disconnect: bool = False, stall: bool = False,
-         on_read: Callable[[int], None] | None = None) -> Result:
+         on_read: Callable[[int], None] | None = None, http_version: str = "1.1",
+         content_length: bool = True) -> Result:
     """One request through ``app``, as an ASGI server would make it.
 
     ``chunks`` are the body messages; without ``chunked`` a Content-Length
-    of their total is sent.  ``disconnect`` ends the body with
+    of their total is sent (unless ``content_length`` is false: an HTTP/2
+    body ends with its stream).  ``disconnect`` ends the body with
     ``http.disconnect`` (the client went away); ``stall`` leaves it unfinished
     (the client sends nothing more).  After the body, ``receive()``
     waits for the disconnect that follows the response, as servers do.
@@ -64,12 +66,12 @@ def call(app: Any, *, method: str = "POST", path: str = "/", headers: dict[str, 
     """
     chunks = [] if chunks is None else chunks
     sent_headers = {k.lower(): v for k, v in (headers or {}).items()}
-    if chunks and not chunked:
+    if chunks and not chunked and content_length:
         sent_headers.setdefault("content-length", str(sum(map(len, chunks))))
     if chunked:
         sent_headers["transfer-encoding"] = "chunked"
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": http_version, "method": method, "path": path,
         "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in sent_headers.items()],
         "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80),
@@ -193,6 +195,18 @@ class TestLimit:
         result = call(guarded(asgi_apps.plain, temp_dir), chunks=[b"x" * 600] * 4, chunked=True)
         assert result.status == 413 and result.unread == 0
         assert list(temp_dir.iterdir()) == []
+
+    def test_http2_body_without_length_is_counted(self, temp_dir: Path) -> None:
+        """HTTP/2 ends a body with its stream, no Content-Length needed: such a body is still cut at the limit."""
+        app = Recorder()
+        result = call(guarded(app, temp_dir), chunks=[b"x" * 600] * 4, http_version="2", content_length=False)
+        assert result.status == 413 and result.unread == 0
+
+    def test_http2_get_without_length_is_untouched(self, temp_dir: Path) -> None:
+        """An HTTP/2 GET (no body by its method) is passed through like any request without a body."""
+        app = Recorder()
+        result = call(guarded(app, temp_dir), method="GET", http_version="2", content_length=False)
+        assert result.status == 200 and len(app.calls) == 1
 
     def test_chunked_within_limit(self, temp_dir: Path) -> None:
         """A chunked body within the limit is the app's, spooled in the guarded temp dir."""

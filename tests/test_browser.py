@@ -295,3 +295,45 @@ class TestMaxAttempts:
         page.close()
 
         assert attempts == 1 and len(sent) == 1
+
+
+class TestProgressScreenshot:
+    def test_each_file_shows_its_own_progress_mid_upload(self, tmp_path: Path, browser: Any) -> None:
+        """Mid-upload on a slow link, each chosen photo has its own bar part-way and an "Uploading… N %" status.
+
+        The screenshot taken then is the docs' picture of the demo: with UPLOADGUARD_DOCS_SCREENSHOT=1 it is
+        written to docs/images/demo-resumable.png, otherwise into the test's tmp dir.
+        """
+        rng = __import__("random").Random(7)
+        files = []
+        for n in range(3):
+            noise = PIL_Image.frombytes("RGB", (1200, 900), rng.randbytes(1200 * 900 * 3))
+            files.append(tmp_path / f"photo-{n + 1}.jpg")
+            noise.save(files[-1], "JPEG", quality=95)  # ~1.5 MB each: seconds at the throttled rate
+        server = serve_demo(tmp_path)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 640})
+            page.goto(server.url + "/")
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Network.emulateNetworkConditions", {
+                "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 256 * 1024})
+            page.set_input_files("input[type=file]", [str(f) for f in files])
+            page.click("button[type=submit]")
+            page.wait_for_function(
+                "[...document.querySelectorAll('.uploadguard-item progress')].some(p => p.value > 0.15 && p.value < 0.85)",
+                timeout=60_000)
+            statuses = page.locator(".uploadguard-item .uploadguard-status").all_inner_texts()
+            bars = page.locator(".uploadguard-item progress").count()
+            target = (ROOT / "docs" / "images" if os.environ.get("UPLOADGUARD_DOCS_SCREENSHOT") == "1" else tmp_path)
+            page.screenshot(path=str(target / "demo-resumable.png"))
+            cdp.send("Network.emulateNetworkConditions", {
+                "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+            page.wait_for_function(
+                f"document.querySelectorAll('.uploadguard-item[data-state=stored]').length === {len(files)}",
+                timeout=60_000)
+            page.close()
+        finally:
+            server.stop()
+
+        assert bars == len(files)
+        assert any(status.startswith("Uploading\u2026 ") and status.endswith("%") for status in statuses), statuses

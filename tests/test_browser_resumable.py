@@ -44,10 +44,13 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>resumable</title>
 window.start = function (options) {
   var file = document.querySelector("input").files[0];
   window.progress = []; window.statuses = []; window.result = null; window.failure = null;
+  window.progressAt = []; window.statusAt = [];  // the page's Date.now() of each (a fake clock in some tests)
   window.upload = UploadGuard.resumableUpload(file, Object.assign({
     endpoint: "/files/", chunkSize: %d,
-    onProgress: function (loaded, total) { window.progress.push(loaded); },
-    onStatus: function (text, info) { window.statuses.push([text, info.state]); window.url = info.url; }
+    onProgress: function (loaded, total) { window.progress.push(loaded); window.progressAt.push(Date.now()); },
+    onStatus: function (text, info) {
+      window.statuses.push([text, info.state]); window.statusAt.push(Date.now()); window.url = info.url;
+    }
   }, options || {}));
   window.upload.then(function (result) { window.result = result; }, function (error) {
     window.failure = {message: error.message, status: error.status, cancelled: !!error.cancelled};
@@ -158,7 +161,7 @@ class TestCutConnections:
 
     def test_a_black_holed_connection_is_given_up_after_the_stall_timeout(self, tmp_path: Path, browser: Any,
                                                                         site: Site) -> None:
-        """Connections that silently stop carrying bytes are dropped after stallTimeout; the upload resumes on a new one and ends stored intact."""
+        """Connections that silently stop carrying bytes are dropped after stallTimeout, saying so; the upload resumes on a new one and ends stored intact."""
         path, sha256 = blob(tmp_path, 16 * MiB)
         page = open_page(browser, site, path)
         cut(site, BLACKHOLE, (MiB, 3 * MiB), 2)
@@ -169,9 +172,71 @@ class TestCutConnections:
         assert state["failure"] is None, state["failure"]
         assert site.sha256(state["result"]["url"]) == sha256
         assert site.proxy.counts()[BLACKHOLE] == 2
-        assert any(text.startswith("The connection failed; retrying") for text, _ in state["statuses"])
+        assert any(text.startswith("Connection stalled, reconnecting\u2026") for text, _ in state["statuses"])
         assert never_back_by_more_than_a_chunk(state["progress"]), state["progress"]
         assert site.requests("POST") == 1
+
+
+class TestStall:
+    def test_ten_seconds_without_progress_say_stalled_and_reconnect(self, tmp_path: Path, browser: Any,
+                                                                    site: Site) -> None:
+        """With the default stallTimeout, a PATCH whose connection goes silent is cut 10 s (on the page's clock)
+        after its last sign of progress, the page says "Connection stalled, reconnecting…", and the upload resumes
+        and ends stored intact."""
+        path, sha256 = blob(tmp_path, 16 * MiB)
+        page = browser.new_page()
+        page.clock.install()  # the page's timers run on a clock this test moves: no waiting 10 s, exact times
+        page.goto(site.url)
+        page.set_input_files("input[type=file]", str(path))
+        cut(site, BLACKHOLE, (MiB, 3 * MiB), 1)
+        page.evaluate("start()")
+        deadline = time.monotonic() + 30
+        while not site.proxy.counts()[BLACKHOLE] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert site.proxy.counts()[BLACKHOLE] == 1
+        page.clock.pause_at((page.evaluate("Date.now()") + 500) / 1000)  # Playwright for Python takes seconds
+        stalled = "window.statuses.findIndex((s) => s[0].startsWith('Connection stalled'))"
+        for _ in range(40):  # 40 s on the page's clock, a second at a time
+            page.clock.run_for(1000)
+            if page.evaluate(stalled) >= 0:
+                break
+        page.clock.resume()
+        state = finished(page)
+        index = page.evaluate(stalled)
+        stalled_at, progress_at = page.evaluate("window.statusAt"), page.evaluate("window.progressAt")
+        page.close()
+
+        assert index >= 0, state["statuses"]
+        assert state["statuses"][index] == ["Connection stalled, reconnecting\u2026 (attempt 2 of 10)", "retrying"]
+        # The PATCH's watch is armed just before its "Uploading… N %" status or a progress event is recorded (the
+        # fake clock's Date.now() may catch up with real time in between, by a real-time tick of 0.1 s or so).
+        armed = max(at for at in progress_at + stalled_at[:index] if at <= stalled_at[index])
+        assert 5_000 < stalled_at[index] - armed <= 10_000, (stalled_at[index] - armed, state["statuses"][:index + 1])
+        assert state["failure"] is None, state["failure"]
+        assert site.sha256(state["result"]["url"]) == sha256
+        assert site.requests("POST") == 1
+
+    def test_the_status_shows_live_progress_after_a_resume(self, tmp_path: Path, browser: Any, site: Site) -> None:
+        """After a cut, the status text follows the upload ("Uploading… N % (resumed at M %)" with N rising past M),
+        not one fixed "from M %" until the end."""
+        path, sha256 = blob(tmp_path, 8 * MiB)
+        page = open_page(browser, site, path)
+        cut(site, RESET, (300 * 1024, 300 * 1024), 1)  # the first PATCH: one per connection
+        page.evaluate(f"start({{chunkSize: {MiB // 2}}})")  # 16 PATCHes: progress shows between them
+        state = finished(page)
+        page.close()
+
+        assert state["failure"] is None, state["failure"]
+        assert site.sha256(state["result"]["url"]) == sha256
+        texts = [text for text, kind in state["statuses"] if kind == "uploading"]
+        resumed = [(int(now), int(at)) for now, at in
+                   (re.fullmatch(r"Uploading\u2026 (\d+) % \(resumed at (\d+) %\)", text).groups()  # type: ignore[union-attr]
+                    for text in texts if "resumed at" in text)]
+        assert resumed, texts
+        percents = [now for now, _ in resumed]
+        assert percents == sorted(percents) and len(set(percents)) >= 3, texts
+        assert percents[-1] >= 99 and all(at == resumed[0][1] for _, at in resumed), texts
+        assert state["statuses"][-1] == ["Stored.", "stored"]
 
 
 class TestReload:
@@ -180,7 +245,7 @@ class TestReload:
         path, sha256 = blob(tmp_path, 16 * MiB)
         page = open_page(browser, site, path)
         cut(site, BLACKHOLE, (6 * MiB, 6 * MiB), 1)
-        page.evaluate(f"start({{chunkSize: {8 * MiB}}})")  # default stallTimeout (30 s): stuck until the reload
+        page.evaluate(f"start({{chunkSize: {8 * MiB}, stallTimeout: 300}})")  # stuck until the reload
         page.wait_for_function(f"window.progress.length && Math.max(...window.progress) >= {6 * MiB}",
                                timeout=30_000)
         deadline = time.monotonic() + 20
@@ -209,7 +274,8 @@ class TestCancel:
         path, _ = blob(tmp_path, 16 * MiB)
         page = open_page(browser, site, path)
         cut(site, BLACKHOLE, (6 * MiB, 6 * MiB), 1)
-        page.evaluate(f"start({{chunkSize: {8 * MiB}, signal: (window.controller = new AbortController()).signal}})")
+        page.evaluate(f"start({{chunkSize: {8 * MiB}, stallTimeout: 300, "
+                      f"signal: (window.controller = new AbortController()).signal}})")
         page.wait_for_function(f"window.progress.length && Math.max(...window.progress) >= {5 * MiB}",
                                timeout=30_000)
         page.evaluate(how)  # while stuck in the black hole

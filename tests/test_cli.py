@@ -484,9 +484,32 @@ class TestDoctor:
         assert checks["location"]["status"] == "warn" and "CacheDirectory=" in checks["location"]["fix"]
         assert code == 0
 
-    def test_tempfile_elsewhere_warns(self, uploads: Path, env: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
-        """tempfile.gettempdir() pointing elsewhere is a warning that names both directories."""
+    def test_tempfile_elsewhere_from_a_shell_is_information(self, uploads: Path, env: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+        """From a shell, a tempfile dir elsewhere is no warning: the line names this shell's dir and says the hooks' workers get the upload dir."""
+        env.delenv("SERVER_SOFTWARE", raising=False)
+        code, checks = doctor(["--temp-dir", str(uploads)], capsys)
+        assert checks["tempfile"]["status"] == "ok" and code == 0
+        detail = checks["tempfile"]["detail"]
+        assert f"this shell's temp dir (tempfile.gettempdir()) is {tempfile.gettempdir()}" in detail
+        assert f"gunicorn workers started with uploadguard's hooks" in detail
+        assert f"point tempfile and TMPDIR at {uploads} themselves" in detail
+
+    def test_a_missing_parent_is_named(self, private_dir: Path, env: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+        """A temp dir or resumable storage whose parent is missing (a typo) is a FAIL naming that parent."""
+        env.setenv("UPLOADGUARD_RESUMABLE_STORAGE", str(private_dir / "typo" / "resumable"))
+        code, checks = doctor(["--temp-dir", str(private_dir / "tpyo" / "tmp")], capsys)
+        assert code == 1
+        assert checks["temp_dir"]["status"] == "FAIL"
+        assert f"nor does its parent directory {private_dir / 'tpyo'}" in checks["temp_dir"]["detail"]
+        assert checks["resumable_storage"]["status"] == "FAIL"
+        assert f"nor does its parent directory {private_dir / 'typo'}" in checks["resumable_storage"]["detail"]
+
+    def test_tempfile_elsewhere_under_gunicorn_warns(self, uploads: Path, env: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+        """Inside a gunicorn process (SERVER_SOFTWARE set by its arbiter) a tempfile dir elsewhere is a warning naming both."""
+        env.setenv("SERVER_SOFTWARE", "gunicorn/23.0.0")
         code, checks = doctor(["--temp-dir", str(uploads)], capsys)
         assert checks["tempfile"]["status"] == "warn"
         assert f"is {tempfile.gettempdir()}, not {uploads}" in checks["tempfile"]["detail"]

@@ -32,19 +32,42 @@ class TestParseSize:
             pytest.param("2G", 2 * 1024**3, id="G"),
             pytest.param(" 50MB ", 50 * 1024**2, id="MB-suffix-and-spaces"),
             pytest.param("50MiB", 50 * 1024**2, id="MiB-suffix"),
+            pytest.param("1.5G", 3 * 1024**3 // 2, id="decimal-G"),
+            pytest.param("1.1G", 1181116006, id="decimal-rounded-down-exactly"),
+            pytest.param("0.5k", 512, id="decimal-below-one-unit"),
+            pytest.param("2.0M", 2 * 1024**2, id="decimal-zero-fraction"),
         ],
     )
     def test_accepts(self, text: str, expected: int) -> None:
         """Sizes are bytes or binary K/M/G multiples, as nginx's client_max_body_size."""
         assert parse_size(text) == expected
 
-    @pytest.mark.parametrize("text", ["", "20X", "-1", "1.5M", "M", "twenty", "9" * 5000])
+    @pytest.mark.parametrize("text", ["", "20X", "-1", "-1.5G", "1.5.0M", ".5M", "1,5M", "M", "twenty", "nan",
+                                      "inf", "NaNG", "9" * 5000])
     def test_rejects_with_the_name_and_value(self, text: str) -> None:
         """A bad size names the variable and the value, and says what is allowed."""
         with pytest.raises(ConfigError) as info:
             parse_size(text, name="UPLOADGUARD_MAX_BODY_SIZE")
         assert f"UPLOADGUARD_MAX_BODY_SIZE={text!r}" in str(info.value)
         assert "K/M/G" in str(info.value)
+
+    @pytest.mark.parametrize(("text", "words"), [
+        pytest.param("0.5", "is not a whole number of bytes; a decimal needs a K/M/G suffix", id="half-a-byte"),
+        pytest.param("1.5", "is not a whole number of bytes", id="decimal-bytes"),
+        pytest.param("0.0000001K", "is less than one byte", id="rounds-to-nothing"),
+        pytest.param("-1.5G", "must not be negative", id="negative"),
+    ])
+    def test_decimals_that_are_not_sizes_say_why(self, text: str, words: str) -> None:
+        """A decimal of plain bytes, one that rounds down to nothing, or a negative one is refused with the reason."""
+        with pytest.raises(ConfigError) as info:
+            parse_size(text, name="UPLOADGUARD_MAX_BODY_SIZE")
+        assert f"UPLOADGUARD_MAX_BODY_SIZE={text!r} {words}" in str(info.value)
+
+    @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1.5, -1])
+    def test_rejects_non_sizes_of_other_types(self, value: float) -> None:
+        """A typed framework value that is not whole non-negative bytes (NaN, infinity, a float, -1) is refused."""
+        with pytest.raises(ConfigError, match="is not a size|must not be negative"):
+            parse_size(value)  # type: ignore[arg-type]
 
     def test_too_large(self) -> None:
         """A size past what a file offset holds is refused with its own message."""
@@ -182,14 +205,53 @@ class TestSettingsValidation:
         line = Settings(temp_dir=tmp_path).describe()
         assert "max_body_size=200M" in line and str(tmp_path) in line and "\n" not in line
 
+    def test_describe_names_the_default_storage_path(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With no storage set, the line names the default directory it resolves to, not the word "default"."""
+        monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+        line = Settings(temp_dir=tmp_path).describe()
+        assert f"resumable_storage={tmp_path / 'data' / 'uploadguard' / 'uploads'}(default) " in line
+        line = Settings(temp_dir=tmp_path, resumable_storage=tmp_path / "mine").describe()
+        assert f"resumable_storage={tmp_path / 'mine'} " in line
+
 
 class TestOneReferenceTable:
-    def test_the_readme_table_lists_every_setting_once(self) -> None:
-        """The README's settings reference names exactly the settings Settings reads, so it cannot drift."""
-        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-        section = readme.split("## Settings reference", 1)[1].split("\n## ", 1)[0]
-        rows = re.findall(r"^\| `(UPLOADGUARD_[A-Z_]+)` \|", section, re.M)
-        assert sorted(rows) == sorted(SETTING_NAMES)
+    def test_the_generated_table_lists_every_setting_once(self) -> None:
+        """The settings reference rendered from the code names exactly the settings Settings reads, in order."""
+        from uploadguard.config import settings_reference
+
+        rows = re.findall(r"^\| `(UPLOADGUARD_[A-Z_]+)` \|", settings_reference(), re.M)
+        assert rows == list(SETTING_NAMES)
+
+    def test_every_setting_has_a_default_and_a_meaning(self) -> None:
+        """Each field has a one-line help entry (default as written, meaning), and no entry names a missing field."""
+        from uploadguard.config import SETTING_HELP
+
+        assert list(SETTING_HELP) == [field.name for field in dataclasses.fields(Settings)]
+        for name, (default, meaning) in SETTING_HELP.items():
+            assert default.strip() and meaning.strip() and "\n" not in meaning and "|" not in meaning, name
+
+    def test_the_documented_defaults_are_the_code_defaults(self) -> None:
+        """Each default the reference shows parses, with the setting's own parser, to the value the code uses."""
+        from uploadguard.config import _PARSERS, SETTING_HELP, default_resumable_storage, default_temp_dir
+
+        for field in dataclasses.fields(Settings):
+            shown = SETTING_HELP[field.name][0]
+            if field.name == "temp_dir":
+                assert _PARSERS["temp_dir"](shown.strip("`"), name="temp_dir") == default_temp_dir({}), shown
+            elif field.name == "drain_max":
+                assert field.default is None and shown == "2 × limit"
+            elif field.name == "resumable_storage":
+                parsed = _PARSERS["resumable_storage"](shown.strip("`"), name="resumable_storage")
+                assert field.default is None and parsed == default_resumable_storage({}), shown
+            else:
+                assert _PARSERS[field.name](shown.strip("`"), name=field.name) == field.default, field.name
+
+    def test_no_page_copies_the_table_by_hand(self) -> None:
+        """The docs and the README hold no hand-written settings rows: the only table is the one rendered."""
+        root = Path(__file__).resolve().parent.parent
+        for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+            assert not re.search(r"^\| `UPLOADGUARD_[A-Z_]+` \|", page.read_text(), re.M), page
+        assert "<!-- uploadguard:settings-table -->" in (root / "docs" / "settings.md").read_text()
 
     def test_every_field_has_one_parser(self) -> None:
         """Each field is parsed by one function, whatever the source (environment, framework, keyword)."""

@@ -11,16 +11,19 @@ import hashlib
 import importlib
 import importlib.util
 import io
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, free_port
 
 django = pytest.importorskip("django")
 PIL_Image = pytest.importorskip("PIL.Image")
@@ -93,6 +96,15 @@ class TestDemoPages:
         assert 'name="csrfmiddlewaretoken"' in page
         assert '<script src="/static/uploadguard/upload.js">' in page
         assert "Nothing stored yet." in page
+
+    def test_favicon_is_answered_without_a_not_found(self, client: Client, caplog: pytest.LogCaptureFixture) -> None:
+        """The page names an inline icon and /favicon.ico is a 204, so a browser's page load logs no "Not Found"."""
+        page = client.get("/").content.decode()
+        with caplog.at_level(logging.INFO):
+            response = client.get("/favicon.ico")
+        assert '<link rel="icon" href="data:,">' in page
+        assert response.status_code == 204
+        assert "Not Found" not in caplog.text
 
     def test_js_helper_is_served_through_staticfiles(self, client: Client) -> None:
         """uploadguard/upload.js comes from the package's static dir, even with DEBUG off."""
@@ -280,6 +292,37 @@ class TestFlaskExample:
         assert "data.bin" in page and "data-uploadguard" in page
         assert script.status_code == 200 and b"UploadGuard.upload" in script.data
         script.close()
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize(("host", "listening"), [
+        pytest.param(None, "127.0.0.1", id="PORT-alone-stays-on-loopback"),
+        pytest.param("127.0.0.2", "127.0.0.2", id="HOST-named-explicitly"),
+    ])
+    def test_documented_command_listens_on_loopback_unless_host_is_named(self, tmp_path: Path, host: str | None,
+                                                                         listening: str) -> None:
+        """The example's documented gunicorn command (the docs' too) with PORT set listens on loopback, on HOST if set."""
+        pytest.importorskip("flask")
+        doc = (ROOT / "examples" / "flask_app.py").read_text()
+        [command] = [line.strip() for line in doc.splitlines() if line.strip().startswith("gunicorn ")]
+        assert f"(`{command}`" in (ROOT / "docs" / "getting-started.md").read_text()
+        port = free_port()
+        env = {name: value for name, value in os.environ.items() if not name.startswith(("UPLOADGUARD_", "HOST"))}
+        env.update(PORT=str(port), HOME=str(tmp_path), WEB_CONCURRENCY="1", UPLOADGUARD_TEMP_DIR=str(tmp_path),
+                   FLASK_STORAGE_DIR=str(tmp_path / "flask"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        if host is not None:
+            env["HOST"] = host
+        log = tmp_path / "gunicorn.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=ROOT, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while "Listening at:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        assert f"Listening at: http://{listening}:{port} " in log.read_text(), log.read_text()
 
     def test_writes_nothing_outside_its_tmp_dir(self, tmp_path: Path) -> None:
         """Run in a pytest of its own with an empty HOME, the upload test leaves that home empty."""

@@ -349,6 +349,23 @@ class TestLoggingIn:
         assert owner.head(url, **TUS).status_code == 200
 
 
+    def test_an_upload_held_while_it_would_be_adopted_is_incomplete_not_a_500(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """resumable_file after login, for an upload a request holds: 400 (not complete), never a 500."""
+        import uploadguard.django as integration
+
+        client, token = csrf_client()
+        url = create(client, token, 6)["Location"]
+        assert patch(client, token, url, 0, b"abc").status_code == 204
+        token = log_in(client, token, 7)
+        assert integration._endpoint is not None
+        uploads = integration._endpoint.uploads
+        monkeypatch.setattr(uploads, "lock_timeout", 0.2)
+        with uploads.locker.try_acquire(url.rsplit("/", 1)[1]) or pytest.fail("not acquired"):
+            done = client.post("/resumable-done/", {"upload": url, "csrfmiddlewaretoken": token})
+        assert done.status_code == 400, done.content
+
+
 class TakingUploads:
     """An endpoint whose ``on_complete`` moves the data away (to ``STORE_DIR/taken``), as applications do."""
 

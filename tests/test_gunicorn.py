@@ -374,6 +374,37 @@ def print_config(*args: str, config: Path | str = GUNICORN_CONF, **env: str) -> 
 
 
 @pytest.mark.slow
+class TestServerPool:
+    @staticmethod
+    def pool_of(worker_class: type) -> Any:
+        from uploadguard.gunicorn import _pool_of
+
+        worker = object.__new__(worker_class)  # the hook reads only the class and cfg
+        worker.cfg = types.SimpleNamespace(workers=5, threads=4)
+        return _pool_of(worker)
+
+    def test_blocking_workers_and_their_subclasses(self) -> None:
+        """sync and gthread workers, and an application's own subclasses of them, hold a thread per request."""
+        from gunicorn.workers.gthread import ThreadWorker
+        from gunicorn.workers.sync import SyncWorker
+
+        class MySync(SyncWorker):  # type: ignore[misc]
+            pass
+
+        assert (self.pool_of(MySync).worker_class, self.pool_of(MySync).blocking) == ("sync", True)
+        assert (self.pool_of(ThreadWorker).worker_class, self.pool_of(ThreadWorker).blocking) == ("gthread", True)
+        assert self.pool_of(ThreadWorker).threads == 4 and self.pool_of(ThreadWorker).workers == 5
+
+    def test_the_asgi_worker_is_an_event_loop(self) -> None:
+        """gunicorn's ASGI worker holds no thread per body: the resumable endpoint caps nothing there."""
+        from gunicorn.workers.gasgi import ASGIWorker
+
+        from uploadguard.config import stream_caps
+
+        pool = self.pool_of(ASGIWorker)
+        assert not pool.blocking and stream_caps(None, pool) == (0, 0)
+
+
 class TestPrecedence:
     @pytest.mark.parametrize(("env", "args", "expected"), [
         pytest.param({}, (), "600", id="file"),
@@ -431,6 +462,7 @@ class TestStartup:
 class TestUploadTempDir:
     def test_every_worker_creates_and_uses_it(self, serve: Callable[..., Gunicorn], tmp_path: Path) -> None:
         """A missing upload dir is made (mode 0700) and becomes tempfile's and TMPDIR's dir in every worker."""
+        (tmp_path / "var").mkdir()
         upload_dir = tmp_path / "var" / "uploads"
         server = serve("gunicorn_apps:whoami", workers=2, UPLOADGUARD_TEMP_DIR=str(upload_dir))
         ready = wait_for(lambda: (lines := ready_lines(server, upload_dir)) and len(lines) == 2 and lines,
@@ -441,6 +473,16 @@ class TestUploadTempDir:
         assert answers.keys() == ready.keys()
         for answer in answers.values():
             assert answer["tempdir"] == answer["TMPDIR"] == str(upload_dir)
+
+    def test_a_missing_parent_is_named_and_not_created(self, serve: Callable[..., Gunicorn], tmp_path: Path) -> None:
+        """A configured upload dir whose parent is missing (a typo) is not created: the worker boots and logs
+        an error naming the missing parent."""
+        upload_dir = tmp_path / "typo" / "uploads"
+        server = serve("gunicorn_apps:whoami", workers=1, UPLOADGUARD_TEMP_DIR=str(upload_dir))
+        assert logged(server, rf"upload temp dir {re.escape(str(upload_dir))} is unusable \(missing\): cannot create "
+                              rf"{re.escape(str(upload_dir))}: its parent directory {re.escape(str(tmp_path / 'typo'))} "
+                              "does not exist"), server.log()
+        assert not (tmp_path / "typo").exists()
 
     def test_hup_recreates_a_deleted_dir(self, serve: Callable[..., Gunicorn], tmp_path: Path) -> None:
         """After the dir is deleted, the workers a HUP makes recreate it and spool there."""

@@ -1,4 +1,4 @@
-"""The README's install instructions against ``setup.cfg``: every extra it names exists, every extra is listed.
+"""The install instructions (README.md, docs/getting-started.md) against ``setup.cfg``: every extra it names exists, every extra is listed.
 
 ``pip install "uploadguard[django]"`` alone brings no gunicorn, so the README's
 ``gunicorn -c python:uploadguard.gunicorn`` would fail: every install line for
@@ -15,6 +15,8 @@ import pytest
 from tests.support import ROOT
 
 README = (ROOT / "README.md").read_text()
+#: The getting-started page, whose Install section holds the table of extras.
+GETTING_STARTED = (ROOT / "docs" / "getting-started.md").read_text()
 #: ``pip install "uploadguard[a,b]"``, ``'uploadguard[a]'`` or ``".[a,b]"`` anywhere in the README.
 PIP_INSTALL = re.compile(r"""pip install (?:-e )?["'](?:uploadguard|\.)\[([^\]]*)\]["']""")
 
@@ -28,9 +30,9 @@ def extras() -> dict[str, set[str]]:
             for name, value in config["options.extras_require"].items()}
 
 
-def install_section() -> str:
-    match = re.search(r"^## Install\n(.*?)^## ", README, re.S | re.M)
-    assert match, "README.md has no '## Install' section"
+def install_section(text: str = README, name: str = "README.md") -> str:
+    match = re.search(r"^## Install\n(.*?)^## ", text, re.S | re.M)
+    assert match, f"{name} has no '## Install' section"
     return match.group(1)
 
 
@@ -52,25 +54,29 @@ class TestReadmeInstall:
     def test_every_named_extra_exists(self) -> None:
         """Every extra a pip install line anywhere in the README names is an extra of setup.cfg."""
         known = extras()
-        for line in named(README):
+        for line in named(README) + named(GETTING_STARTED):
             assert set(line) <= set(known), f"{line} names an extra setup.cfg does not have: {sorted(known)}"
 
     @pytest.mark.parametrize("framework", ["django", "flask"])
     def test_framework_install_lines_bring_gunicorn(self, framework: str) -> None:
         """A line installing a framework extra also installs gunicorn, which the README's serving command needs."""
         known = extras()
-        lines = [line for line in named(README) if framework in line]
+        lines = [line for line in named(README) + named(GETTING_STARTED) if framework in line]
         assert lines, f"no install line for {framework}"
         for line in lines:
             assert "gunicorn" in set().union(*(known[extra] for extra in line)), line
 
     def test_table_lists_every_extra_with_what_it_brings(self) -> None:
-        """The extras table has one row per setup.cfg extra, naming the distributions it brings."""
-        rows = dict(re.findall(r"^\| `([a-z0-9]+)` \| ([^|]+) \|", install_section(), re.M))
+        """The getting-started page's extras table has one row per setup.cfg extra, naming the distributions it
+        brings; test brings every other extra but bench (the benchmarks' plotting)."""
+        section = install_section(GETTING_STARTED, "docs/getting-started.md")
+        rows = dict(re.findall(r"^\| `([a-z0-9]+)` \| ([^|]+) \|", section, re.M))
         known = extras()
         assert rows and sorted(rows) == sorted(known)
         for name, brings in rows.items():
             if name != "test":
                 assert {word.lower() for word in re.split(r",\s*", brings.strip())} == known[name], name
-        covered = set().union(*(known[name] for name in known if name != "test"))
+        # bench only draws the benchmarks' plots: no test needs it.
+        covered = set().union(*(known[name] for name in known if name not in ("test", "bench")))
         assert covered <= known["test"], "the test extra no longer brings every other extra"
+        assert not known["bench"] & known["test"], "the test extra installs what only the benchmarks need"

@@ -1,8 +1,8 @@
 """tus-js-client, the npm package nobody here wrote, uploads to ResumableUploads under real gunicorn.
 
 ``tests/js/tus_client.js`` drives tus-js-client 4 (pinned by
-``tests/js/package-lock.json``; ``npm ci --prefix tests/js`` installs it, as
-``.ci/run`` does) under Debian's ``node``.  The server is
+``tests/js/package-lock.json``; ``scripts/test`` installs it with ``npm ci
+--prefix tests/js`` where npm is present) under Debian's ``node``.  The server is
 ``UploadGuard(ResumableUploads(...))`` (``tests/resumable_client_apps.py``)
 under gunicorn with the project's ``gunicorn_conf.py`` and 3 workers; what it
 stored is checked through the sha256 its ``on_complete`` hook recorded.
@@ -12,7 +12,7 @@ dialects tus-js-client speaks (its ``protocol`` option), ``Upload-Checksum``
 on every PATCH (added by an ``onBeforeRequest`` hook: tus-js-client has no
 checksum option), an upload resumed by a new process after the first was
 SIGKILLed, one resumed after its connection was reset mid-PATCH
-(``tests/chaos_proxy.py``), and the README's ``Retry-After`` snippet while the
+(``tests/chaos_proxy.py``), and the docs' ``Retry-After`` snippet (docs/resumable.md) while the
 storage directory is unusable.
 """
 
@@ -277,10 +277,10 @@ class TestRetryAfterSnippet:
         server.storage.write_text("a file where the upload storage should be")
 
     def test_readme_snippet_waits_out_an_unusable_storage(self, tmp_path: Path, server: Server) -> None:
-        """The README's tus-js-client hooks make every retry wait for Retry-After while the storage is a file; the upload ends stored once it is a directory again."""
+        """The docs' tus-js-client hooks make every retry wait for Retry-After while the storage is a file; the upload ends stored once it is a directory again."""
         path, sha256 = blob(tmp_path, 2 * MiB)
         self.break_storage(server)
-        client = Client(endpoint=server.endpoint, file=str(path), readme=str(ROOT / "README.md"))
+        client = Client(endpoint=server.endpoint, file=str(path), readme=str(ROOT / "docs" / "resumable.md"))
         try:
             client.wait_for(lambda e: e["event"] == "response" and e["status"] == 503)
             client.wait_for(lambda e: e["event"] == "response" and e["status"] == 503)

@@ -39,3 +39,26 @@ class TestPackage:
                   "uploadguard.UploadGuard(lambda e, s: [], temp_dir='/nonexistent-uploadguard')\n"
         proc = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
+
+    @pytest.mark.slow
+    def test_license_ships_in_the_sdist_and_the_wheel(self, tmp_path: Path) -> None:
+        """The MIT LICENSE file setup.cfg declares is in both distributions, and the metadata names ASGI."""
+        import tarfile
+        import zipfile
+
+        # setuptools' own build backend, as pip runs it, offline: the test extra brings a setuptools with bdist_wheel.
+        for kind in ("sdist", "wheel"):
+            build = f"import sys\nfrom setuptools import build_meta\nbuild_meta.build_{kind}(sys.argv[1])\n"
+            proc = subprocess.run([sys.executable, "-c", build, str(tmp_path / kind)], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=300)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        [sdist_name] = [path.relative_to(tmp_path) for path in (tmp_path / "sdist").glob("uploadguard-*.tar.gz")]
+        [wheel_name] = [path.relative_to(tmp_path) for path in (tmp_path / "wheel").glob("uploadguard-*.whl")]
+        with tarfile.open(tmp_path / sdist_name) as sdist:
+            assert any(name.endswith("/LICENSE") for name in sdist.getnames()), sdist.getnames()
+        with zipfile.ZipFile(tmp_path / wheel_name) as wheel:
+            licenses = [name for name in wheel.namelist() if name.endswith("LICENSE")]
+            assert licenses and b"MIT License" in wheel.read(licenses[0]), wheel.namelist()
+            [metadata] = [name for name in wheel.namelist() if name.endswith(".dist-info/METADATA")]
+            text = wheel.read(metadata).decode()
+        assert "ASGI" in text.split("\n\n", 1)[0] and "Framework :: FastAPI" in text

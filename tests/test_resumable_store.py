@@ -463,6 +463,15 @@ class TestStreamSlots:
         assert again is not None
         again()
 
+    def test_a_taken_slot_is_never_old(self, tmp_path: Path) -> None:
+        """Taking a slot refreshes its file's mtime, so an age-based clean of the directory leaves it alone."""
+        StreamSlots(tmp_path, 1).try_take()()  # type: ignore[misc]
+        slot = next(tmp_path.glob("stream-slot-*.lock"))
+        os.utime(slot, (time.time() - 3 * 86400,) * 2)
+        release = StreamSlots(tmp_path, 1).try_take()
+        assert release is not None and time.time() - slot.stat().st_mtime < 3600
+        release()
+
     def test_unusable_directory_does_not_refuse(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         """Slots in a directory that is gone are not enforced (logged once): uploads keep working."""
         slots = StreamSlots(tmp_path / "gone", 1)
@@ -560,6 +569,7 @@ class TestExpiry:
                                                              capsys: pytest.CaptureFixture[str]) -> None:
         """`uploadguard clean DIR --older-than` on the resumable storage, a parent of it, or any directory holding
         upload info is refused (exit 2): by age it would delete completed uploads -- the users' data."""
+        (tmp_path / "data").mkdir()
         store = LocalStore(tmp_path / "data" / "uploads")
         store.health()
         done = self.make(store, age=3 * 86400, data=b"0123456789")
@@ -590,6 +600,7 @@ class TestExpiry:
         """With the resumable storage below the temp dir, `uploadguard clean` (no DIR) cleans the temp dir's old
         files, expires uploads by their own expiry, and never ages out a completed upload."""
         temp = tmp_path / "tmp"
+        temp.mkdir()
         store = LocalStore(temp / "resumable")
         store.health()
         done = self.make(store, age=3 * 86400, data=b"0123456789")

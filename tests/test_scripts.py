@@ -1,4 +1,4 @@
-"""``scripts/test`` installs with pip only when the install is not current.
+"""``scripts/test`` installs with pip only when the install is not current; ``scripts/demo`` starts the demo.
 
 The script runs for real in a copy of the repository's layout holding a tiny
 package (so pip installs in seconds): a real ``python3 -m venv``, a real
@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import sysconfig
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +110,109 @@ class TestInstallOnlyWhenNeeded:
         assert not (project / ".venv" / ".uploadguard-test-installed").exists()
         second, installed = run(project, pip_log)
         assert second.returncode != 0 and installed
+
+
+PACKAGE_JSON = """{{"name": "tiny-js", "version": "{version}", "private": true,
+ "dependencies": {{"tinydep": "file:tinydep"}}}}
+"""
+PACKAGE_LOCK = """{{"name": "tiny-js", "version": "{version}", "lockfileVersion": 3, "requires": true,
+ "packages": {{
+  "": {{"name": "tiny-js", "version": "{version}", "dependencies": {{"tinydep": "file:tinydep"}}}},
+  "node_modules/tinydep": {{"resolved": "tinydep", "link": true}},
+  "tinydep": {{"version": "1.0.0"}}
+ }}}}
+"""
+
+
+def write_js_package(project: Path, version: str) -> None:
+    """tests/js with one local dependency (npm installs it offline, as a link), pinned by a package-lock.json."""
+    js = project / "tests" / "js"
+    (js / "tinydep").mkdir(parents=True, exist_ok=True)
+    (js / "tinydep" / "package.json").write_text('{"name": "tinydep", "version": "1.0.0"}\n')
+    (js / "package.json").write_text(PACKAGE_JSON.format(version=version))
+    (js / "package-lock.json").write_text(PACKAGE_LOCK.format(version=version))
+
+
+class TestNpmOnlyWhenNeeded:
+    @pytest.mark.skipif(shutil.which("npm") is None, reason="needs npm (apt-get install npm)")
+    def test_npm_ci_on_a_fresh_checkout_then_only_after_the_lock_file_changes(self, project: Path,
+                                                                             tmp_path: Path) -> None:
+        """Where npm is present, tests/js/node_modules is installed when missing, kept while package-lock.json
+        stays, and installed afresh (npm ci empties node_modules first) after it changed."""
+        write_js_package(project, "1.0.0")
+        modules = project / "tests" / "js" / "node_modules"
+        first, _ = run(project, tmp_path / "pip.log")
+        lend_pytest(project)
+        assert (modules / "tinydep" / "package.json").exists(), first.stderr
+        (modules / "marker").write_text("npm ci would remove this")
+
+        second, _ = run(project, tmp_path / "pip.log")
+        assert second.returncode == 0 and "1 passed" in second.stdout, second.stdout + second.stderr
+        assert (modules / "marker").exists(), "npm ci ran although node_modules was current"
+        assert "added" not in second.stdout + second.stderr  # quiet
+
+        write_js_package(project, "1.0.1")
+        third, _ = run(project, tmp_path / "pip.log")
+        assert third.returncode == 0, third.stdout + third.stderr
+        assert not (modules / "marker").exists() and (modules / "tinydep").exists()
+        assert "added" not in third.stdout + third.stderr
+
+        shutil.rmtree(modules)
+        fourth, _ = run(project, tmp_path / "pip.log")
+        assert fourth.returncode == 0 and (modules / "tinydep").exists()
+
+    def test_without_npm_the_tests_still_run(self, project: Path, tmp_path: Path) -> None:
+        """Without npm on PATH, scripts/test installs with pip and runs pytest as usual, and nothing for tests/js."""
+        write_js_package(project, "1.0.0")
+        tools = tmp_path / "bin"  # PATH with what scripts/test needs, and no npm
+        tools.mkdir()
+        for tool in ("bash", "cksum", "cat", "dirname", "mkdir"):
+            found = shutil.which(tool)
+            assert found is not None
+            (tools / tool).symlink_to(found)
+        (tools / "python3").symlink_to(os.path.realpath(sys.executable))  # the interpreter, not a pyenv shim
+        env = {name: value for name, value in os.environ.items() if not name.startswith(("PIP_", "VIRTUAL_ENV"))}
+        env["PATH"] = str(tools)
+        command = [str(project / "scripts" / "test"), "-q", "-p", "no:cacheprovider", "test_tiny.py"]
+        subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        lend_pytest(project)
+        proc = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout + proc.stderr
+        assert not (project / "tests" / "js" / "node_modules").exists()
+
+class TestDemoScript:
+    def test_start_up_line_names_the_storage_and_a_page_load_logs_no_not_found(self, tmp_path: Path) -> None:
+        """scripts/demo on a fresh checkout (no var/) starts, its settings line names the resumable storage the
+        site uses, and loading the page and its icon logs no "Not Found"."""
+        root = tmp_path / "checkout"
+        (root / "scripts").mkdir(parents=True)
+        shutil.copy2(ROOT / "scripts" / "demo", root / "scripts" / "demo")
+        shutil.copy2(ROOT / "gunicorn_conf.py", root / "gunicorn_conf.py")
+        shutil.copytree(ROOT / "examples" / "django_demo" / "demo", root / "examples" / "django_demo" / "demo",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (root / ".venv").symlink_to(ROOT / ".venv")  # this checkout's install: scripts/demo finds it complete
+        port = free_port()
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith(("UPLOADGUARD_", "DEMO_", "PIP_", "VIRTUAL_ENV"))}
+        env.update(PORT=str(port), WEB_CONCURRENCY="1", HOME=str(tmp_path))
+        log = tmp_path / "demo.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([str(root / "scripts" / "demo")], cwd=root, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_port(port, timeout=60, proc=proc)
+            for path in ("/", "/favicon.ico"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+                    assert response.status in (200, 204)
+            deadline = time.monotonic() + 30
+            while '"GET /favicon.ico' not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the access log line is written after the answer
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        text = log.read_text()
+        storage = root / "examples" / "django_demo" / "var" / "resumable"
+        assert f"resumable uploads are assembled in {storage}" in text
+        assert f"resumable_storage={storage} " in text, text
+        assert "Not Found" not in text, text
+        assert (root / "examples" / "django_demo" / "var" / "tmp").is_dir()  # created below the var/ it made

@@ -262,6 +262,15 @@ class TestTempDirPreflight:
         assert guard.stats.snapshot()["heals"] == 1
         assert any(r.levelno == logging.INFO and "recreated" in r.getMessage() for r in caplog.records)
 
+    def test_a_configured_dir_with_a_missing_parent_is_a_503_naming_it(
+            self, app: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """A temp dir whose parent is missing (a typo) is not created: a retryable 503 whose logged cause names the parent."""
+        guard = UploadGuard(app, temp_dir=tmp_path / "typo" / "uploads", retry_after=7)
+        with caplog.at_level(logging.INFO, logger="uploadguard"):
+            self.assert_503(webtest.TestApp(guard), app, "missing", guard)
+        assert not (tmp_path / "typo").exists()
+        assert f"its parent directory {tmp_path / 'typo'} does not exist" in caplog.text
+
     def assert_503(self, client: webtest.TestApp, app: Recorder, reason: str, guard: UploadGuard) -> None:
         response = client.post("/upload", b"abc", status=503)
         assert response.headers["Retry-After"] == "7"
@@ -289,7 +298,8 @@ class TestTempDirPreflight:
     def test_not_enough_space_for_the_body(self, app: Recorder, temp_dir: Path) -> None:
         """A body larger than the free space left above the floor is a 503 'no_space'."""
         free = os.statvfs(temp_dir).f_bavail * os.statvfs(temp_dir).f_frsize
-        guard = UploadGuard(app, temp_dir=temp_dir, max_body_size=0, min_free_space=free, retry_after=7)
+        # Twice the free space and a GiB: other processes on a shared machine may free some meanwhile.
+        guard = UploadGuard(app, temp_dir=temp_dir, max_body_size=0, min_free_space=2 * free + 2**30, retry_after=7)
         self.assert_503(webtest.TestApp(guard), app, "no_space", guard)
 
     @needs_root
@@ -573,6 +583,14 @@ class TestHttp2:
             assert server.gettimeout() is None
             client.sendall(b"still open")
             assert server.recv(100) == b"still open"
+
+
+    def test_a_body_without_length_is_counted_under_http2(self, guard: UploadGuard, app: Recorder) -> None:
+        """HTTP/2 ends a body with its stream: without Content-Length or chunked framing it is still cut at the
+        limit (over HTTP/1.1 such a request has no body at all)."""
+        environ_extra = {"SERVER_PROTOCOL": "HTTP/2.0", "CONTENT_LENGTH": ""}
+        status, _, _, _ = call(guard, b"x" * (2 * LIMIT), **environ_extra)
+        assert status.startswith("413")
 
 
 class TestServerChunks:

@@ -195,16 +195,16 @@ class TestDiskFull:
 
 
 def readme_recipe() -> str:
-    """The retrying-client recipe exactly as the README shows it."""
-    text = (ROOT / "README.md").read_text()
+    """The retrying-client recipe exactly as the docs show it (docs/guard.md)."""
+    text = (ROOT / "docs" / "guard.md").read_text()
     match = re.search(r"```python\n(# Retrying uploads from Python.*?)```", text, re.S)
-    assert match, "README lost its retry recipe"
+    assert match, "docs/guard.md lost its retry recipe"
     return match.group(1)
 
 
 class TestPythonClientRecipe:
     def test_readme_recipe_retries_until_uploads_work(self, tmp_path: Path, upload_dir: Path) -> None:
-        """The README's requests + urllib3 Retry recipe rides out a 503 spell without the caller noticing."""
+        """The docs' requests + urllib3 Retry recipe rides out a 503 spell without the caller noticing."""
         server = serve("wsgi_apps:guarded", tmp_path, upload_dir)
         try:
             shutil.rmtree(upload_dir)
@@ -212,7 +212,7 @@ class TestPythonClientRecipe:
             healer = threading.Timer(1.5, upload_dir.unlink)
             healer.start()
             namespace: dict[str, object] = {}
-            exec(compile(readme_recipe(), "README.md", "exec"), namespace)
+            exec(compile(readme_recipe(), "docs/guard.md", "exec"), namespace)
             session = namespace["upload_session"]()  # type: ignore[operator]
             started = time.monotonic()
             with session:

@@ -6,7 +6,7 @@ Wrap any ASGI application (FastAPI, Starlette, Django's ``get_asgi_application()
     app = UploadGuard(app)              # or, with Starlette/FastAPI: app.add_middleware(UploadGuard)
 
 A pure ASGI middleware (standard library only): the keywords and settings
-are the WSGI guard's (:class:`uploadguard.wsgi.UploadGuard`; the README's
+are the WSGI guard's (:class:`uploadguard.wsgi.UploadGuard`; the docs'
 "Settings reference"), and every decision is the same function of
 :mod:`uploadguard.guard`.  For a request with a body:
 
@@ -68,24 +68,34 @@ SCOPE_BODY = "uploadguard.body"  # its body counter
 
 
 def _head(scope: Scope) -> dict[str, Any] | None:
-    """The body headers under their WSGI names (what :func:`guard.body_length` reads); ``None`` for no body."""
+    """The body headers under their WSGI names (what :func:`guard.body_length` reads); ``None`` for no body.
+
+    One pass over the headers (this runs for every request): the first
+    ``Content-Length``, the last ``Transfer-Encoding`` and whether the client
+    asked for ``100-continue`` (``HTTP_EXPECT``, lowered).
+    """
     length = encoding = None
+    expect = ""
     for name, value in scope.get("headers", ()):
-        if name == b"content-length" and length is None:
-            length = value.decode("latin-1")
+        if name == b"content-length":
+            if length is None:
+                length = value.decode("latin-1")
         elif name == b"transfer-encoding":
             encoding = value.decode("latin-1")
-    if not length and encoding is None:
+        elif name == b"expect" and value.lower() == b"100-continue":
+            expect = "100-continue"
+    version = str(scope.get("http_version", "1.1"))
+    if not length and encoding is None and not version.startswith(("2", "3")):
         return None
-    return {"CONTENT_LENGTH": length, "HTTP_TRANSFER_ENCODING": encoding or "", "wsgi.input_terminated": True}
-
-
-def _expects_continue(scope: Scope) -> bool:
-    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope.get("headers", ()))
+    return {"CONTENT_LENGTH": length, "HTTP_TRANSFER_ENCODING": encoding or "", "HTTP_EXPECT": expect,
+            "wsgi.input_terminated": True, "SERVER_PROTOCOL": f"HTTP/{version}",
+            "REQUEST_METHOD": scope.get("method", "")}
 
 
 class _Body:
     """The application's ``receive``: counts the body and cuts it at the limit (a :class:`guard.BodyState`)."""
+
+    __slots__ = ("_receive", "length", "limit", "consumed", "exceeded", "failed", "eof", "asked", "expects_continue")
 
     def __init__(self, receive: Receive, *, length: int | None, limit: int, expects_continue: bool) -> None:
         self._receive = receive
@@ -153,10 +163,12 @@ class _Body:
 class _Exchange:
     """The application's ``send``: holds ``http.response.start`` until the first body message."""
 
-    def __init__(self, send: Send, body: _Body, decide: Callable[[int], Awaitable[UploadGuardError | None]]) -> None:
+    __slots__ = ("_send", "_body", "_guard", "start", "sent", "replaced")
+
+    def __init__(self, send: Send, body: _Body, guard: UploadGuard) -> None:
         self._send = send
         self._body = body
-        self._decide = decide
+        self._guard = guard  # decides what replaces the application's answer
         self.start: Message | None = None
         self.sent = False  # the server has the response start
         self.replaced: UploadGuardError | None = None  # our answer instead of the application's
@@ -169,9 +181,11 @@ class _Exchange:
             self.start = message
             return
         if self.start is not None and not self.sent:
-            self.replaced = await self._decide(int(self.start["status"]))
-            if self.replaced is not None:
-                return
+            status = int(self.start["status"])
+            if _may_replace(status, self._body):
+                self.replaced = await self._guard._replacement(status, self._body)
+                if self.replaced is not None:
+                    return
             self.sent = True
             await self._send(self.start)
         await self._send(message)
@@ -233,28 +247,27 @@ class UploadGuard:
         if outer is not None:
             await self._nested(scope, receive, send, length)
             return
-        await self._guarded(scope, receive, send, length)
+        await self._guarded(scope, receive, send, head, length)
 
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send, length: int | None) -> None:
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, head: dict[str, Any],
+                       length: int | None) -> None:
         body = _Body(receive, length=length, limit=self.settings.max_body_size,
-                     expects_continue=_expects_continue(scope))
+                     expects_continue=head["HTTP_EXPECT"] == "100-continue")
         self.stats.record(Event.GUARDED)
         refusal: UploadGuardError | None = guard.limit_refusal(self.settings.max_body_size, length)
         if refusal is None:
-            # A body the application stores elsewhere (the resumable endpoint's) needs no room here.
+            # A body the application stores elsewhere (the resumable endpoint's) needs no room here;
+            # the cached verdict (one lstat) without a coroutine: this runs for every body.
             spools = getattr(self.app, "spools_body", None)
-            health = await self._checked_temp_dir((length or 0) if spools is None or spools(scope) else 0)
+            need = (length or 0) if spools is None or spools(scope) else 0
+            health = self.temp.cached(need) or await self._checked_temp_dir(need)
             refusal = None if health.ok else self._unavailable(health)
         if refusal is not None:
             await self._answer(refusal, scope, send, body)
             return
         self._point_tempfile()
         scope = {**scope, SCOPE_GUARD: self, SCOPE_BODY: body}
-
-        async def decide(status: int) -> UploadGuardError | None:
-            return await self._replacement(status, body)
-
-        exchange = _Exchange(send, body, decide)
+        exchange = _Exchange(send, body, self)
         try:
             await self.app(scope, body.receive, exchange.send)
         except Exception as exc:
@@ -302,7 +315,7 @@ class UploadGuard:
     # -- deciding ----------------------------------------------------------------------
 
     async def _replacement(self, status: int, body: _Body) -> UploadGuardError | None:
-        """What replaces the application's response of ``status``, or ``None`` to keep it."""
+        """What replaces the application's response of ``status``, or ``None`` to keep it (only when :func:`_may_replace`)."""
         if body.exceeded:
             return BodyTooLarge(body.limit)  # the application swallowed our 413 and answered something else
         if status == 400:
@@ -348,6 +361,11 @@ class UploadGuard:
         await send({"type": "http.response.start", "status": error.status_code,
                     "headers": [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]})
         await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+def _may_replace(status: int, body: _Body) -> bool:
+    """Whether :meth:`UploadGuard._replacement` may replace the application's answer: most answers skip it."""
+    return body.exceeded or status == 400
 
 
 def _where(scope: Scope) -> str:

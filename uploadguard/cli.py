@@ -35,7 +35,9 @@ as the ``uploadguard`` console script; ``python -m uploadguard`` is the same.
     and removed; a body of the full size limit fits above the free-space
     floor; it lies outside ``/tmp`` and ``/var/tmp``; whether this process
     has a private ``/tmp`` (``PrivateTmp=``) and whether its backing
-    directory was deleted; where :func:`tempfile.gettempdir` points.  Run it
+    directory was deleted; where :func:`tempfile.gettempdir` points (in this
+    process: from a shell that is information, as gunicorn's workers with
+    uploadguard's hooks point it at the upload temp dir themselves).  Run it
     as the service's user and with its environment -- the shipped unit runs
     it as ``ExecStartPre=`` so the answers land in the journal.
 
@@ -72,7 +74,7 @@ from .config import ConfigError, Settings, format_size, parse_duration
 from .errors import UploadGuardError
 from .operations import clean_old_files, disk_usage, mount_of, private_mount_namespace
 from .resumable.s3 import is_s3_url  # up front: doctor may run where its own files get covered (a bind over /tmp)
-from .tempdir import Reason, check_temp_dir, is_within, probe_write
+from .tempdir import Reason, check_temp_dir, default_dirs, is_within, probe_write
 
 __all__ = ["Check", "MIN_AGE", "SHARED_TEMP_ROOTS", "doctor", "main"]
 
@@ -104,7 +106,7 @@ _FIXES: dict[str, str] = {
 _STORAGE_FIXES: dict[str, str] = {
     **_FIXES,
     Reason.MISSING: "create it for the service's user (install -d -m 700 -o USER {path}), or let systemd "
-               "(StateDirectory=); uploadguard also creates it on the next resumable request",
+               "(StateDirectory=); uploadguard also creates it on the next resumable request if its parent exists",
     Reason.NOT_A_DIRECTORY: "remove what is at {path}, or point UPLOADGUARD_RESUMABLE_STORAGE at a directory",
     Reason.SYMLINK: "set UPLOADGUARD_RESUMABLE_STORAGE to the real directory, {real}",
     Reason.READ_ONLY: "the file system is read-only here; under ProtectSystem= add it to ReadWritePaths= "
@@ -292,7 +294,7 @@ def doctor(settings: Settings) -> list[Check]:
     if not health.ok:
         reason = health.reason or Reason.IO_ERROR
         fix = _FIXES.get(reason, "").format(path=path, real=os.path.realpath(path))
-        checks.append(Check("temp_dir", "FAIL", f"{health.detail} ({reason}).", fix))
+        checks.append(Check("temp_dir", "FAIL", f"{health.detail}{_missing_parent(path)} ({reason}).", fix))
     else:
         st = os.lstat(path)
         checks.append(Check("temp_dir", "ok", f"{path} is a directory owned by uid {st.st_uid}, "
@@ -330,6 +332,10 @@ def _storage_check(settings: Settings) -> Check:
                          "use persistent storage, e.g. StateDirectory=myapp/uploads with "
                          "UPLOADGUARD_RESUMABLE_STORAGE=/var/lib/myapp/uploads")
     if not os.path.lexists(path):
+        missing = _missing_parent(path)
+        if missing:
+            return Check("resumable_storage", "FAIL", f"{path} does not exist{missing}.",
+                         _STORAGE_FIXES[Reason.MISSING].format(path=path, real=real))
         return Check("resumable_storage", "ok", f"{path} does not exist yet; the first resumable request creates it.")
     health = check_temp_dir(path)
     if not health.ok:
@@ -355,6 +361,15 @@ def _space_check(settings: Settings) -> Check:
         return Check("space", "FAIL", f"{_human(usage.free_bytes)} free, {inodes}: {wanted} does not fit "
                                       f"({health.reason}).", _FIXES[health.reason].format(path=path))
     return Check("space", "ok", f"{_human(usage.free_bytes)} free, {inodes}: {wanted} fits.")
+
+
+def _missing_parent(path: str) -> str:
+    """``", nor does its parent ..."`` when uploadguard would not create ``path`` for want of its parent, else ``""``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.lexists(parent) or os.path.abspath(path) in default_dirs():
+        return ""
+    return (f", nor does its parent directory {parent}: uploadguard creates only the last component of a "
+            "configured path (check it for a typo)")
 
 
 def _location_check(path: str) -> Check:
@@ -395,7 +410,21 @@ def _gettempdir() -> str | None:
         return None
 
 
+def _in_gunicorn() -> bool:
+    """Whether this process runs under gunicorn: its arbiter sets ``SERVER_SOFTWARE`` for itself and its workers."""
+    return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn")
+
+
 def _tempfile_check(path: str) -> Check:
+    """Where :func:`tempfile.gettempdir` points in *this* process, and what that says about the server's.
+
+    Run from a shell (or ``ExecStartPre=``), this process's temp dir is not
+    the workers': gunicorn workers started with uploadguard's hooks point
+    :mod:`tempfile` and ``TMPDIR`` at the upload temp dir in
+    ``post_worker_init``, so a different one here is information, not a
+    problem.  Inside a gunicorn process (``doctor()`` called by the app) it
+    is a warning: the hooks did not run.
+    """
     current = _gettempdir()
     if current is None:
         return Check("tempfile", "FAIL", "tempfile.gettempdir() finds no usable directory "
@@ -403,6 +432,14 @@ def _tempfile_check(path: str) -> Check:
                      f"set TMPDIR={path}")
     if os.path.realpath(current) == os.path.realpath(path):
         return Check("tempfile", "ok", f"tempfile.gettempdir() is the upload temp dir ({current}).")
+    if not _in_gunicorn():
+        source = f"TMPDIR={os.environ['TMPDIR']}" if os.environ.get("TMPDIR") else "TMPDIR is unset"
+        return Check("tempfile", "ok",
+                     f"this shell's temp dir (tempfile.gettempdir()) is {current} ({source}), not {path}; "
+                     f"it does not apply to the server: gunicorn workers started with uploadguard's hooks "
+                     f"(gunicorn_conf.py or python:uploadguard.gunicorn) point tempfile and TMPDIR at {path} "
+                     f"themselves. Under another server (uWSGI, manage.py runserver) set TMPDIR={path} in its "
+                     "environment.")
     return Check("tempfile", "warn",
                  f"tempfile.gettempdir() is {current}, not {path}: libraries that spool with tempfile "
                  "(Django, Werkzeug) write there unless the app's processes are pointed at the upload temp dir.",

@@ -4,7 +4,7 @@ Every knob of uploadguard is parsed and validated here and only here, so the
 WSGI middleware, the Django and Flask integrations, the gunicorn hooks and the
 ``uploadguard`` command can never disagree about where uploads are spooled or
 how large they may be.  The settings, their defaults and their meaning are
-listed once, in the README's "Settings reference" table.
+listed once, in SETTING_HELP below (rendered as the settings reference of the docs).
 
 Three sources, one parser per setting:
 
@@ -25,7 +25,7 @@ Usage::
 
 A bad value raises :class:`ConfigError` (a ``ValueError``) naming the setting
 and the value, e.g. ``UPLOADGUARD_MAX_BODY_SIZE='20X' is not a size; use bytes
-or a K/M/G suffix (e.g. 200M)``.
+or a K/M/G suffix (e.g. 200M or 1.5G)``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ __all__ = ["ConfigError", "Settings", "parse_size", "parse_duration", "ENV_PREFI
 ENV_PREFIX = "UPLOADGUARD_"
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-_SIZE_RE = re.compile(r"^\s*(\d{1,20})\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d{1,20})(?:\.(\d{1,20}))?\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 _MAX_SIZE = 2**63 - 1  # bytes: what off_t holds
 _MAX_DURATION = 100 * 365 * 86400.0  # seconds: a hundred years
 _SECONDS = {"": 1.0, "S": 1.0, "M": 60.0, "H": 3600.0, "D": 86400.0}
@@ -59,16 +59,36 @@ class ConfigError(ValueError):
 
 
 def parse_size(value: str | int, *, name: str = "size") -> int:
-    """Parse ``"200M"``-style sizes (binary multiples, as nginx does) or whole bytes."""
+    """Parse ``"200M"``-style sizes (binary multiples, as nginx does) or whole bytes.
+
+    A decimal takes a suffix and is rounded down to whole bytes (``"1.5G"`` is
+    1.5 x 1024**3 bytes), as people write sizes; a decimal of plain bytes
+    (``"0.5"``) or one that rounds down to nothing (``"0.0000001K"``, where 0
+    would mean "no limit") is refused rather than guessed at.
+    """
+    hint = "use bytes or a K/M/G suffix (e.g. 200M or 1.5G)"
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"{name}={value!r} is not a size; use bytes or a K/M/G suffix (e.g. 200M)")
+        raise ConfigError(f"{name}={value!r} is not a size; {hint}")
     if isinstance(value, int):
         size = value
     else:
         match = _SIZE_RE.match(value)
         if not match:
-            raise ConfigError(f"{name}={value!r} is not a size; use bytes or a K/M/G suffix (e.g. 200M)")
-        size = int(match.group(1)) * _UNITS[match.group(2).upper()]
+            if value.strip().startswith("-"):
+                raise ConfigError(f"{name}={value!r} must not be negative; {hint}")
+            raise ConfigError(f"{name}={value!r} is not a size; {hint}")
+        whole, fraction, suffix = match.group(1), match.group(2), match.group(3).upper()
+        unit = _UNITS[suffix]
+        if fraction is None:
+            size = int(whole) * unit
+        elif not suffix:
+            raise ConfigError(f"{name}={value!r} is not a whole number of bytes; a decimal needs a K/M/G "
+                              "suffix (e.g. 1.5G)")
+        else:
+            # Exact integer arithmetic: float would round 1.1G to a byte off.
+            size = (int(whole + fraction) * unit) // 10 ** len(fraction)
+            if size == 0 and int(whole + fraction):
+                raise ConfigError(f"{name}={value!r} is less than one byte; {hint}")
     if size < 0:
         raise ConfigError(f"{name}={value!r} must not be negative")
     if size > _MAX_SIZE:
@@ -153,6 +173,43 @@ _PARSERS: dict[str, Callable[..., Any]] = {
     "resumable_max_streams": _parse_streams,
 }
 
+#: One line per field for the settings reference (docs/settings.md is generated from this table and
+#: the defaults below, never copied): ``(default as written in an environment variable, meaning)``.
+SETTING_HELP: dict[str, tuple[str, str]] = {
+    "temp_dir": ("`~/.cache/uploadguard/tmp`", "where upload temp files go; owned by the user the workers run as, "
+                 "or root (workers running as root may use a directory of any owner, e.g. an app-owned volume)"),
+    "max_body_size": ("`200M`", "largest body, inclusive; binary K/M/G as nginx (`1.5G` too, rounded down to "
+                      "whole bytes); `0` = off"),
+    "retry_after": ("`5`", "seconds in `Retry-After`"),
+    "min_free_space": ("`16M`", "free space kept after spooling the announced body"),
+    "drain_max": ("2 × limit", "body bytes read so a client can see an early error (64 MiB when the limit is off)"),
+    "drain_timeout": ("`10`", "seconds spent draining at most"),
+    "check_interval": ("`0.1`", "seconds a busy worker reuses a healthy temp-dir verdict (`0` = check every request)"),
+    "resumable_storage": ("`~/.local/share/uploadguard/uploads`", "where resumable uploads live: a persistent "
+                          "directory (never `/tmp`), or `s3://bucket/prefix` (several hosts)"),
+    "resumable_expires_after": ("`24h`", "inactivity after which an incomplete resumable upload expires "
+                                "(`0` = never)"),
+    "resumable_idle_timeout": ("`30`", "seconds without a byte that end a resumable PATCH (the bytes received count)"),
+    "resumable_keep_completed": ("`7d`", "how long a completed resumable upload the app has not deleted is kept "
+                                 "after it completed (`0` = forever); then it is 410 and `uploadguard clean` "
+                                 "removes it"),
+    "resumable_max_streams": ("`auto`", "resumable bodies read at once by the host's workers; more get 503 + "
+                              "`Retry-After` at once (`auto`: sync workers − 1, gthread threads − 1 per worker, no "
+                              "cap on an event loop; `0` = no cap)"),
+}
+
+
+def settings_reference() -> str:
+    """The settings reference as a Markdown table, one row per field in declaration order.
+
+    The documentation renders this (``docs/hooks.py``) so the one list of settings is the code's.
+    """
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for field in _PARSERS:
+        default, meaning = SETTING_HELP[field]
+        rows.append(f"| `{ENV_PREFIX}{field.upper()}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
 
 def default_temp_dir(environ: Mapping[str, str] | None = None) -> Path:
     """Where uploads spool when nobody said: a per-user cache dir, found without needing a home.
@@ -213,7 +270,7 @@ def default_resumable_storage(environ: Mapping[str, str] | None = None) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Effective uploadguard settings; immutable, validated on creation (see the README's table)."""
+    """Effective uploadguard settings; immutable, validated on creation (see the settings reference in the docs)."""
 
     temp_dir: Path
     max_body_size: int = 200 * 1024**2  # bytes, inclusive; 0 = no limit
@@ -290,12 +347,22 @@ class Settings:
             f"temp_dir={self.temp_dir} max_body_size={limit} retry_after={self.retry_after}s "
             f"min_free_space={format_size(self.min_free_space)} drain_max={format_size(self.drain_bytes)} "
             f"drain_timeout={self.drain_timeout:g}s check_interval={self.check_interval:g}s "
-            f"resumable_storage={self.resumable_storage or 'default'} "
+            f"resumable_storage={self._storage_text()} "
             f"resumable_expires_after={self.resumable_expires_after:g}s "
             f"resumable_idle_timeout={self.resumable_idle_timeout:g}s "
             f"resumable_keep_completed={self.resumable_keep_completed:g}s "
             f"resumable_max_streams={'auto' if self.resumable_max_streams is None else self.resumable_max_streams}"
         )
+
+
+    def _storage_text(self) -> str:
+        """The storage the line's reader would look for: the default's path, not the word "default"."""
+        if self.resumable_storage is not None:
+            return str(self.resumable_storage)
+        try:
+            return f"{default_resumable_storage()}(default)"
+        except ConfigError:
+            return "none(no home directory: set UPLOADGUARD_RESUMABLE_STORAGE for resumable uploads)"
 
 
 def _parse_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -315,7 +382,7 @@ class ServerPool:
 
     workers: int
     threads: int  # request threads per worker
-    worker_class: str  # gunicorn's name: "sync", "gthread", "asgi", "gevent"...
+    worker_class: str  # "sync" or "gthread" (gunicorn's blocking workers), else the worker's class name
 
     @property
     def blocking(self) -> bool:

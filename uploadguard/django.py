@@ -42,7 +42,7 @@ exception reaches the middleware itself and gets the same answer.  Django's
 test ``Client`` re-raises every exception that reached the signal: pass
 ``raise_request_exception=False`` to see the 503.
 
-**Settings.**  The ``UPLOADGUARD_*`` settings (the README's "Settings
+**Settings.**  The ``UPLOADGUARD_*`` settings (the docs' "Settings
 reference") in Django settings, typed values taken as they are; a Django
 setting wins over the environment.  A bad value raises
 ``ImproperlyConfigured`` naming it when the middleware loads.
@@ -119,6 +119,7 @@ from django.utils.module_loading import import_string
 
 from .config import ConfigError, Settings
 from .errors import BadRequest, InternalError, UploadGuardError
+from .guard import may_have_body
 from .wsgi import (
     ENVIRON_EXCEPTION,
     ENVIRON_GUARD,
@@ -239,7 +240,7 @@ class UploadGuardMiddleware:
 
     def __call__(self, request: Any) -> Any:
         environ = request.META
-        if not environ.get("CONTENT_LENGTH") and "HTTP_TRANSFER_ENCODING" not in environ:
+        if not may_have_body(environ):
             return self.get_response(request)  # no body: nothing to guard
         outer = environ.get(ENVIRON_GUARD)
         try:
@@ -418,7 +419,7 @@ class ResumableUploadsMiddleware:
     middleware above it: the guard's limit, temp-dir check and retryable 503
     cover them, and **CSRF protection holds** -- a POST, PATCH or DELETE must
     carry the ``X-CSRFToken`` header like any unsafe request.  Settings are
-    the ``UPLOADGUARD_*`` ones (storage, expiry, idle timeout; the README's
+    the ``UPLOADGUARD_*`` ones (storage, expiry, idle timeout; the docs'
     table).  Each upload belongs to whoever created it: the logged-in user, or
     an anonymous visitor's browser, named by its CSRF secret; anybody else
     gets 404.  The uploads a visitor began before ``login()`` (which rotates
@@ -488,10 +489,16 @@ class ResumableUploadsMiddleware:
 
     def _named_uploads(self, request: Any) -> list[str]:
         """The ids of the uploads a request names: in its path, or the parts a concatenation joins."""
+        from .resumable.protocol import parse_concat
+
         ids = [self.uploads.upload_id(request.path_info)]
-        concat = request.headers.get("Upload-Concat")
-        if request.method == "POST" and concat and concat.strip().startswith("final;"):
-            ids += [self.uploads.upload_id(url) for url in concat.strip()[len("final;"):].split()]
+        if request.method == "POST":
+            try:
+                concat = parse_concat(request.headers.get("Upload-Concat"))
+            except BadRequest:
+                concat = None  # the endpoint answers the 400
+            if concat is not None and concat.final:
+                ids += [self.uploads.upload_id(url) for url in concat.parts]
         return [upload_id for upload_id in ids if upload_id is not None]
 
     def _checked_csrf(self, request: Any) -> Any:
@@ -646,7 +653,7 @@ _NotFound, _Incomplete = _framework_errors()
 
 
 def _get_upload(request: Any, url: str) -> Any:
-    from .resumable import UploadIncomplete, UploadNotFound
+    from .resumable import UploadIncomplete, UploadLocked, UploadNotFound
 
     if _endpoint is None:
         raise ImproperlyConfigured("uploadguard.django.ResumableUploadsMiddleware is not in MIDDLEWARE")
@@ -654,6 +661,8 @@ def _get_upload(request: Any, url: str) -> Any:
     try:
         _adopt(request, owner, [upload_id] if (upload_id := _endpoint.uploads.upload_id(url)) else [])
         return _endpoint.uploads.get(url, owner=owner)
+    except UploadLocked as exc:  # a request is writing it: not complete, not a 500
+        raise _Incomplete(exc.detail) from None
     except UploadNotFound as exc:
         raise _NotFound(exc.detail) from None
     except UploadIncomplete as exc:

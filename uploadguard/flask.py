@@ -43,7 +43,7 @@ the exception by then.  An error handler you register for ``OSError`` or
 
 **Settings** are the ``UPLOADGUARD_*`` keys of ``app.config`` (read by
 ``init_app``; typed values taken as they are), then the environment: the
-README's "Settings reference".  A bad value raises
+the docs' "Settings reference".  A bad value raises
 :class:`~uploadguard.config.ConfigError` naming it.
 
 **MAX_CONTENT_LENGTH.**  When ``UPLOADGUARD_MAX_BODY_SIZE`` is set neither in
@@ -240,7 +240,7 @@ class ResumableUploads:
     PATCH and DELETE) apply to them.  An upload belongs to whoever created it:
     the Flask-Login user when there is one, else a token put in Flask's signed
     session on the visitor's first request; anybody else gets 404.  Settings are the ``UPLOADGUARD_*`` keys
-    of ``app.config`` over the environment (the README's table).
+    of ``app.config`` over the environment (the docs' settings reference).
     ``app.extensions["uploadguard.resumable"]`` is the
     :class:`uploadguard.resumable.ResumableUploads`.
     """

@@ -47,6 +47,7 @@ __all__ = [
     "drain_plan",
     "limit_refusal",
     "needs_health",
+    "may_have_body",
     "record",
     "temp_dir_error",
     "unavailable",
@@ -75,10 +76,34 @@ def body_length(environ: Mapping[str, Any]) -> int | None:
             raise BadRequest(f"Invalid Content-Length {raw!r}.")
         return int(raw)
     if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        if environ.get("wsgi.input_terminated") and _streams_bodies(environ):
+            return None  # HTTP/2 and 3 end a body with its stream, no header needed: count it
         return 0
     if environ.get("wsgi.input_terminated"):
         return None
     raise LengthRequired("send the body with a Content-Length.")
+
+
+#: Methods whose request body has no meaning (RFC 9110): under HTTP/2 a body-less one is not counted.
+_BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+def _streams_bodies(environ: Mapping[str, Any]) -> bool:
+    """Whether a request without ``Content-Length`` may still carry a body: HTTP/2 or 3, a method with one.
+
+    Over HTTP/1.1 a request with neither ``Content-Length`` nor chunked
+    framing has no body (RFC 9112); over HTTP/2 and 3 the stream's end ends
+    it, and a client may send any size so.
+    """
+    protocol = str(environ.get("SERVER_PROTOCOL", ""))
+    return (protocol.startswith(("HTTP/2", "HTTP/3"))
+            and str(environ.get("REQUEST_METHOD", "")).upper() not in _BODILESS_METHODS)
+
+
+def may_have_body(environ: Mapping[str, Any]) -> bool:
+    """The cheap first look of every request: ``False`` means no body, nothing to guard (most GETs)."""
+    return bool(environ.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in environ
+                or str(environ.get("SERVER_PROTOCOL", "")).startswith(("HTTP/2", "HTTP/3")))
 
 
 def limit_refusal(limit: int, length: int | None) -> BodyTooLarge | None:

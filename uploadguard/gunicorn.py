@@ -243,7 +243,8 @@ def _usable_heartbeat_dir(path: str) -> _Health:
     """What gunicorn's ``WorkerTmp`` needs: a directory it can create a file in; recreated if gone."""
     health = _probe_write(path)
     if health.reason == "missing":
-        health = _ensure_temp_dir(path)
+        # The fallback is uploadguard's own (its parents too); a configured one gets its last component only.
+        health = _ensure_temp_dir(path, parents=path == _fallback_worker_tmp_dir(_os.environ))
     return health
 
 
@@ -360,8 +361,16 @@ def _pool_of(worker: _Worker) -> _ServerPool | None:
     cfg = getattr(worker, "cfg", None)
     if cfg is None:
         return None
-    # The instance's module names the class gunicorn chose: "sync" with threads > 1 runs gthread.
-    kind = type(worker).__module__.rpartition(".")[2]
+    from gunicorn.workers.gthread import ThreadWorker  # type: ignore[import-untyped]
+    from gunicorn.workers.sync import SyncWorker  # type: ignore[import-untyped]
+
+    # The instance tells what gunicorn runs ("sync" with threads > 1 is gthread), subclasses included.
+    if isinstance(worker, ThreadWorker):
+        kind = "gthread"
+    elif isinstance(worker, SyncWorker):
+        kind = "sync"
+    else:
+        kind = type(worker).__name__
     return _ServerPool(workers=int(cfg.workers), threads=int(cfg.threads), worker_class=kind)
 
 

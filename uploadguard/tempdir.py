@@ -10,7 +10,8 @@ retryable 503 instead of a 500 or a dropped connection.
 Reasons (also the ``reason`` of :class:`~uploadguard.errors.TempDirUnavailable`
 and the metrics label):
 
-``missing``          the path does not exist and could not be recreated
+``missing``          the path does not exist and could not be created (only
+                     the last component is: a missing parent is named)
 ``not_a_directory``  the path is a file (or another non-directory)
 ``symlink``          the path is a symbolic link (refused: it may be swapped)
 ``unlinked``         a directory that was deleted while still mounted or open
@@ -51,11 +52,14 @@ import tempfile
 import threading
 import time
 
+from .config import ConfigError, default_resumable_storage, default_temp_dir
+
 __all__ = [
     "Health",
     "Reason",
     "TempDirGuard",
     "check_temp_dir",
+    "default_dirs",
     "ensure_temp_dir",
     "probe_write",
     "reason_for_errno",
@@ -103,6 +107,10 @@ _ERRNO_REASONS = {
 }
 
 _CHECKS_ACCESS = os.access in os.supports_effective_ids
+
+#: Directories this process has seen exist (checked or created): healing one is a re-creation,
+#: anything else a first creation -- whichever check saw it (a gunicorn hook, a guard, the store).
+_seen: set[str] = set()
 
 
 def reason_for_errno(err: int | None) -> Reason | None:
@@ -172,6 +180,7 @@ def check_temp_dir(path: str | os.PathLike[str], *, min_free_space: int = 0, nee
         return Health(path, Reason.MISSING, f"{path} does not exist")
     except OSError as exc:
         return Health(path, reason_for_errno(exc.errno) or Reason.IO_ERROR, f"cannot stat {path}: {exc.strerror}")
+    _seen.add(os.path.abspath(path))
     problem = _stat_problem(path, st)
     if problem is not None:
         return problem
@@ -208,22 +217,55 @@ def probe_write(path: str | os.PathLike[str]) -> Health:
     return Health(path)
 
 
+def default_dirs() -> set[str]:
+    """uploadguard's own default directories, whose parents are uploadguard's to create too.
+
+    ``~/.cache/uploadguard/tmp`` needs ``~/.cache`` on a fresh account; a
+    path somebody configured does not get its parents made up, so a typo in
+    it (``/srv/uplaods/tmp``) is an error naming the missing parent instead
+    of a new directory tree nobody looks after.
+    """
+    found = set()
+    for default in (default_temp_dir, default_resumable_storage):
+        try:
+            found.add(os.path.abspath(default()))
+        except ConfigError:
+            pass
+    return found
+
+
 def ensure_temp_dir(
-    path: str | os.PathLike[str], *, min_free_space: int = 0, mode: int = 0o700
+    path: str | os.PathLike[str], *, min_free_space: int = 0, mode: int = 0o700, parents: bool | None = None
 ) -> Health:
     """Create the directory if it is missing, then check it fully (with a write probe).
 
-    Meant for startup and for healing; it never raises for an unusable
-    directory -- the caller decides what an unhealthy result means.
+    Only the last component is created unless ``parents`` is true; ``None``
+    (the default) creates parents only for uploadguard's default directories
+    (the upload temp dir and the resumable storage under ``~/.cache`` and
+    ``~/.local/share``).  A missing parent is ``missing``, with a detail
+    naming it.  Meant for startup and for healing; it never raises for an
+    unusable directory -- the caller decides what an unhealthy result means.
     """
     path = os.fspath(path)
     healed = False
     if not os.path.lexists(path):
+        if parents is None:
+            parents = os.path.abspath(path) in default_dirs()
         try:
-            os.makedirs(path, mode=mode, exist_ok=True)
+            if parents:
+                os.makedirs(path, mode=mode, exist_ok=True)
+            else:
+                os.mkdir(path, mode=mode)
             healed = True
+        except FileExistsError:
+            pass  # created meanwhile by another worker: checked below like any existing directory
         except OSError as exc:
-            # ENOENT here means a parent is gone or unlinked: "missing", not healable.
+            parent = os.path.dirname(os.path.abspath(path))
+            if exc.errno == errno.ENOENT and not os.path.lexists(parent):
+                return Health(path, Reason.MISSING, f"cannot create {path}: its parent directory {parent} does not "
+                                                    "exist (uploadguard creates only the last component of a "
+                                                    "configured path; check it for a typo, or create the parent)")
+            # ENOENT here otherwise means a parent was unlinked: "missing", not healable.
             return Health(path, reason_for_errno(exc.errno) or Reason.IO_ERROR, f"cannot create {path}: {exc.strerror}")
     health = check_temp_dir(path, min_free_space=min_free_space)
     if health.ok:
@@ -270,6 +312,9 @@ class TempDirGuard:
         self.min_free_space = min_free_space
         self.mode = mode
         self.check_interval = check_interval
+        if os.path.lexists(self.path):
+            _seen.add(self.path)
+        self._parents = self.path in default_dirs()  # decided once: the defaults follow the environment
         self._lock = threading.Lock()  # serialises healing
         self._budget_lock = threading.Lock()  # the cached verdict: its budget is checked and spent in one step
         self._healthy = Health(self.path)
@@ -327,11 +372,23 @@ class TempDirGuard:
         return health
 
     def heal(self, need: int = 0) -> Health:
-        """Recreate a missing directory (logged at INFO, counted) and probe it."""
+        """Create a missing directory (logged at INFO, counted) and probe it.
+
+        A first creation makes only the last component: a missing parent is
+        ``missing`` with a detail naming it (see :func:`ensure_temp_dir`), so a
+        typo in a configured path is seen.  A directory this process saw exist
+        is no typo: it is recreated with its parents (an ``rm -rf`` of the
+        app's directory above it, a tmp cleaner), logged as "recreated".
+        """
         with self._lock:
-            health = ensure_temp_dir(self.path, min_free_space=self.min_free_space, mode=self.mode)
+            existed = self.path in _seen
+            health = ensure_temp_dir(self.path, min_free_space=self.min_free_space, mode=self.mode,
+                                     parents=self._parents or existed)
             if health.healed and health.ok:
-                log.info("recreated missing upload temp dir %s", self.path)
+                if existed:
+                    log.info("recreated missing upload temp dir %s", self.path)
+                else:
+                    log.info("created upload temp dir %s", self.path)
         if health.ok and need:
             healed = health.healed
             health = check_temp_dir(self.path, min_free_space=self.min_free_space, need=need)

@@ -6,12 +6,12 @@ Wrap any WSGI application::
     application = UploadGuard(application)
 
 What it guarantees for a request **with a body** (a ``Content-Length`` above 0,
-or a chunked body the server terminates), in the README's words: a 413 the
+or a chunked body the server terminates), in the docs' words: a 413 the
 client can read for a body over the limit, a vanished temp dir recreated, a
 retryable 503 + ``Retry-After`` for an unusable one, and a response -- never
 gunicorn's dropped connection -- for any ``OSError`` the application raises.
 Requests without a body pass straight through (no system call, no wrapper).
-The options are the settings of :mod:`uploadguard.config` (README, "Settings
+The options are the settings of :mod:`uploadguard.config` (the docs, "Settings
 reference"), as keyword arguments; ``None`` takes the configured value.
 
 How each decision is made, and where (the decisions themselves are plain
@@ -626,7 +626,7 @@ class UploadGuard:
     # -- the request path ------------------------------------------------------------
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if not environ.get("CONTENT_LENGTH") and "HTTP_TRANSFER_ENCODING" not in environ:
+        if not guard.may_have_body(environ):
             return self.app(environ, start_response)  # the common case, no body: nothing to guard
         outer = environ.get(ENVIRON_GUARD)
         try:

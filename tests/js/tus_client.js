@@ -13,7 +13,7 @@
 //   retryDelays   tus-js-client's retryDelays (default [0, 500, 1000, 2000])
 //   parallelUploads  tus-js-client's parallelUploads: the file in that many
 //                 partial uploads at once, joined by a final one (concatenation)
-//   readme        path of README.md: run its tus-js-client snippet as written,
+//   readme        path of the docs page (docs/resumable.md): run its tus-js-client snippet as written,
 //                 with every retry delay set to 0 so only Retry-After spaces
 //                 the attempts
 //
@@ -70,7 +70,7 @@ function chain(first, second) {
 }
 
 if (options.readme) {
-  // The README's block, unchanged, with `tus` and `file` in scope.  Its Upload
+  // The docs page's block, unchanged, with `tus` and `file` in scope.  Its Upload
   // is observed through a subclass: absolute endpoint, every retry delay 0,
   // responses and the outcome reported.
   const readme = fs.readFileSync(options.readme, "utf8");

@@ -288,8 +288,12 @@ class StreamSlots:
         start = os.getpid() % self.total  # workers start their search at different slots
         try:
             for step in range(self.total):
-                lock = self._locker.try_acquire(f"stream-slot-{(start + step) % self.total}")
+                name = f"stream-slot-{(start + step) % self.total}"
+                lock = self._locker.try_acquire(name)
                 if lock is not None:
+                    # A fresh mtime: an age-based clean of the directory (the temp dir, for a store
+                    # without local locks) never unlinks a slot somebody holds.
+                    os.utime(os.path.join(self._locker.directory, name + ".lock"))
                     return lock
         except OSError as exc:
             if not self._warned:

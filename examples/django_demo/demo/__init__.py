@@ -9,6 +9,7 @@ on http://127.0.0.1:8000/).  Pages:
 ``/upload/``        POST target; answers JSON to ``Accept: application/json``
 ``/media/<name>``   a stored file
 ``/static/...``     static files, ``uploadguard/upload.js`` among them
+``/favicon.ico``    204: no icon, and no "Not Found" line in the log
 
 Images are re-compressed with :func:`uploadguard.images.compress_image`
 (JPEG quality 85, or 95 with "high quality"); anything else is stored as-is
@@ -19,5 +20,6 @@ Environment (all optional):
 
 ``DEMO_STORAGE_DIR``       where uploads are stored (default ``var/uploads`` here)
 ``UPLOADGUARD_TEMP_DIR``   where uploads are spooled (default ``var/tmp`` here)
+``UPLOADGUARD_RESUMABLE_STORAGE``  where resumable uploads are assembled (default ``var/resumable`` here)
 ``DEMO_DEBUG``             ``1`` turns Django's DEBUG on (default off)
 """

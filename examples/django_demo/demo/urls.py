@@ -8,6 +8,7 @@ urlpatterns = [
     path("upload/", views.upload, name="upload"),
     path("resumable/", views.resumable, name="resumable"),
     path("media/<str:name>", views.stored_file, name="stored-file"),
+    path("favicon.ico", views.favicon),
     # DEBUG is off, so staticfiles would not serve; a demo may do it anyway.
     re_path(r"^static/(?P<path>.+)$", serve, {"insecure": True}),
 ]

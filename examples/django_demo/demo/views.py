@@ -164,6 +164,14 @@ def resumable(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"stored": [stored]})
 
 
+@require_GET
+def favicon(request: HttpRequest) -> HttpResponse:
+    """No icon, and no "Not Found: /favicon.ico" log line on every page a browser loads."""
+    response = HttpResponse(status=204)
+    response["Cache-Control"] = "max-age=86400"
+    return response
+
+
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     """``CSRF_FAILURE_VIEW``: a message the upload status line can show."""
     detail = "The page's security token (CSRF) is missing or out of date: reload the page and try again."

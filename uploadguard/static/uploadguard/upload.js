@@ -209,16 +209,24 @@
    *     headers: {},               // more request headers
    *     maxAttempts: 10,           // failures in a row (no byte stored in between) before giving up
    *     maxDelay: 60,              // seconds waited at most between attempts (at most 300)
-   *     stallTimeout: 30,          // seconds without upload progress before a request counts as cut
+   *     stallTimeout: 10,          // seconds without progress before a request counts as stalled and is cut
    *     storage: localStorage,     // where upload URLs are remembered for a reload; null: nowhere
    *     signal: abortSignal,       // aborting it cancels, as .cancel() does
    *     onProgress: function (loaded, total) {},
-   *     onStatus: function (text, info) {}  // info: {state, attempt, maxAttempts, delay, status, offset, url}
+   *     onStatus: function (text, info) {}  // info: {state, attempt, maxAttempts, delay, status, offset, url, stalled}
    *   }) -> Promise resolving to {url, size, requests}, with .cancel() -> Promise
    *
    * After a network error or a stall the helper asks the server (HEAD) how
    * many bytes it kept and sends only the rest: the progress never goes back
-   * by more than the chunk in flight.  503, 429 and 423 are retried after
+   * by more than the chunk in flight.  A stall (no progress for stallTimeout
+   * seconds: a link that went silent, with no FIN or RST) says "Connection
+   * stalled, reconnecting..." and reconnects at once.  The wait for an
+   * answer counts too: a body handed to the network in full may still sit
+   * in a silent link's buffers.  A server that takes longer than
+   * stallTimeout to answer a chunk (a slow on_complete) is asked with a
+   * HEAD instead; give such a server a larger stallTimeout.  While bytes go out
+   * the status text shows the live percentage ("Uploading... 37 %", plus
+   * "(resumed at 26 %)" after a resume).  503, 429 and 423 are retried after
    * their Retry-After; 404 or 410 (the server lost the upload) start a fresh
    * one; any other status rejects with an UploadError.  The upload URL is kept
    * in localStorage under a fingerprint of the file (name, size,
@@ -234,7 +242,7 @@
   var TUS_VERSION = "1.0.0";
   var DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024;  // bytes per PATCH
   var DEFAULT_RESUMABLE_ATTEMPTS = 10;  // failures in a row, with no byte stored in between
-  var DEFAULT_STALL_TIMEOUT = 30;  // seconds without upload progress before a request counts as cut
+  var DEFAULT_STALL_TIMEOUT = 10;  // seconds without progress before a request counts as stalled and is cut
   var STORAGE_PREFIX = "uploadguard:tus:";
 
   /* Base64 of the UTF-8 bytes of ``text`` (btoa alone takes Latin-1 only). */
@@ -332,6 +340,8 @@
     var timer = null;  // the pending retry
     var over = false;
     var resumed = false;  // the next PATCH continues after a retry or a reload: say so
+    var resumedAt = null;  // the percentage the last resume started from, for the status text
+    var shown = null;  // the percentage the status text shows now; null: the text says something else
     var settle = {};
     var promise = new Promise(function (resolve, reject) { settle.resolve = resolve; settle.reject = reject; });
 
@@ -339,7 +349,21 @@
       var info = {state: state, attempt: failures + 1, maxAttempts: maxAttempts, delay: 0, status: null,
                   offset: offset, url: url};
       for (var name in extra) info[name] = extra[name];
+      shown = null;
       onStatus(text, info);
+    }
+
+    function percent(bytes) {
+      return file.size ? Math.floor(100 * bytes / file.size) : 100;
+    }
+
+    /* The live status while bytes go out: once per whole percent, not per progress event. */
+    function uploading(loaded) {
+      var now = percent(loaded);
+      if (now === shown) return;
+      status("Uploading\u2026 " + now + " %" + (resumedAt === null ? "" : " (resumed at " + resumedAt + " %)"),
+             "uploading");
+      shown = now;
     }
 
     function finish(error) {
@@ -360,23 +384,24 @@
       finish(UploadError(messageOf(httpStatus, data), httpStatus, data, requests));
     }
 
-    /* One request; ``done(status, xhr)`` once, with status 0 for a network
-     * error or a request that made no progress for ``stallTimeout`` seconds
-     * (a link that vanished without a FIN or RST never errors by itself). */
+    /* One request; ``done(status, xhr, stalled)`` once, with status 0 for a
+     * network error, and also ``stalled`` for a request that made no progress
+     * for ``stallTimeout`` seconds (a link that vanished without a FIN or RST
+     * never errors by itself). */
     function send(method, target, extra, body, progress, done) {
       var xhr = new XMLHttpRequest();
       var stall = null;
       var ended = false;
-      function end(code) {
+      function end(code, stalled) {
         if (ended) return;
         ended = true;
         clearTimeout(stall);
         current = null;
-        if (!over) done(code, xhr);
+        if (!over) done(code, xhr, !!stalled);
       }
       function watch() {
         clearTimeout(stall);
-        stall = setTimeout(function () { end(0); xhr.abort(); }, stallTimeout * 1000);
+        stall = setTimeout(function () { end(0, true); xhr.abort(); }, stallTimeout * 1000);
       }
       requests += 1;
       current = xhr;
@@ -399,7 +424,7 @@
      * backoff of 1, 2, 4... seconds; asking the server for the offset first
      * whenever an upload URL is known, since a cut PATCH may have stored
      * part of its bytes. */
-    function retry(httpStatus, xhr, why) {
+    function retry(httpStatus, xhr, why, stalled) {
       failures += 1;
       if (failures >= maxAttempts) {
         var message = (httpStatus ? messageOf(httpStatus, parseBody(xhr)) : "The server could not be reached.") +
@@ -409,10 +434,12 @@
       }
       var header = xhr && (httpStatus === 503 || httpStatus === 429 || httpStatus === 423)
         ? xhr.getResponseHeader("Retry-After") : null;
-      var delay = retryDelay(header, failures, options.maxDelay);
+      // A stall has already waited stallTimeout: reconnect at once.
+      var delay = stalled ? 0 : retryDelay(header, failures, options.maxDelay);
       var when = delay < 0.5 ? "now" : "in " + Math.round(delay) + " s";
-      status(why + "; retrying " + when + "\u2026 (attempt " + (failures + 1) + " of " + maxAttempts + ")",
-             "retrying", {delay: delay, status: httpStatus});
+      var text = stalled ? "Connection stalled, reconnecting\u2026" : why + "; retrying " + when + "\u2026";
+      status(text + " (attempt " + (failures + 1) + " of " + maxAttempts + ")", "retrying",
+             {delay: delay, status: httpStatus, stalled: !!stalled});
       timer = setTimeout(function () {
         timer = null;
         if (url) locate();
@@ -444,7 +471,7 @@
       var extra = {"Upload-Length": String(file.size)};
       var meta = tusMetadata(metadata);
       if (meta) extra["Upload-Metadata"] = meta;
-      send("POST", endpoint, extra, undefined, null, function (code, xhr) {
+      send("POST", endpoint, extra, undefined, null, function (code, xhr, stalled) {
         var location = xhr.getResponseHeader("Location");
         if (code === 201 && location) {
           url = new URL(location, endpoint).href;
@@ -452,7 +479,7 @@
           offset = 0;
           next();
         } else if (retryable(code)) {
-          retry(code, xhr, why(code));
+          retry(code, xhr, why(code), stalled);
         } else {
           fail(code, xhr);
         }
@@ -461,7 +488,7 @@
 
     /* HEAD: where does the server stand? */
     function locate() {
-      send("HEAD", url, {}, undefined, null, function (code, xhr) {
+      send("HEAD", url, {}, undefined, null, function (code, xhr, stalled) {
         var stored = headerNumber(xhr, "Upload-Offset");
         var length = headerNumber(xhr, "Upload-Length");
         if ((code === 200 || code === 204) && stored !== null && (length === null || length === file.size) &&
@@ -475,7 +502,7 @@
           forget();  // unknown here, or a different file: a fresh upload
           create();
         } else if (retryable(code)) {
-          retry(code, xhr, why(code));
+          retry(code, xhr, why(code), stalled);
         } else {
           fail(code, xhr);
         }
@@ -489,14 +516,16 @@
       }
       if (resumed) {
         resumed = false;
-        status("Uploading from " + Math.floor(100 * offset / file.size) + " %\u2026", "uploading");
+        resumedAt = percent(offset);
       }
       var start = offset;
       var end = Math.min(file.size, start + chunkSize);
       var extra = {"Upload-Offset": String(start), "Content-Type": "application/offset+octet-stream"};
+      uploading(start);
       send("PATCH", url, extra, file.slice(start, end), function (loaded) {
         onProgress(start + Math.min(loaded, end - start), file.size);
-      }, function (code, xhr) {
+        uploading(start + Math.min(loaded, end - start));
+      }, function (code, xhr, stalled) {
         var stored = headerNumber(xhr, "Upload-Offset");
         if ((code === 204 || code === 200) && stored !== null && stored > start && stored <= file.size) {
           failures = 0;
@@ -507,7 +536,7 @@
           forget();
           retry(code, xhr, "The server lost the upload");
         } else if (code === 409 || code === 0 || retryable(code) || code === 204) {
-          retry(code, xhr, code === 409 ? "The server is at another offset" : why(code));
+          retry(code, xhr, code === 409 ? "The server is at another offset" : why(code), stalled);
         } else {
           fail(code, xhr);
         }
