@@ -38,10 +38,10 @@ class Request:
     """One request in flight: ``feed`` body messages to it; ``answer`` is what it was sent."""
 
     def __init__(self, app: Any, method: str, path: str, headers: dict[str, str], *,
-                 extensions: dict[str, Any] | None = None) -> None:
+                 extensions: dict[str, Any] | None = None, http_version: str = "1.1") -> None:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.answer = Answer()
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": http_version, "method": method,
                  "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
                  "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
                  "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
@@ -165,6 +165,22 @@ class TestBody:
             assert answer.status == 204
             kept = int(answer.headers["upload-offset"])
             assert 0 < kept < 1000 and stored(tmp_path, url) == b"x" * kept
+
+        run(test)
+
+    def test_an_http2_body_without_content_length_runs_to_the_end_of_its_stream(self, tmp_path: Path,
+                                                                                 settings: Settings) -> None:
+        """Over HTTP/2 a body needs no Content-Length: an IETF creation with the whole file in one is read to its end."""
+        app = endpoint(tmp_path, settings)
+
+        async def test() -> None:
+            request = Request(app, "POST", "/files/", {"Upload-Draft-Interop-Version": "6", "Upload-Complete": "?1"},
+                              http_version="2")
+            request.feed(b"hel")
+            request.feed(b"lo", more=False)
+            answer = await request.result()
+            assert answer.status == 201 and answer.headers["upload-offset"] == "5", answer
+            assert answer.headers["upload-complete"] == "?1" and stored(tmp_path, answer.headers["location"]) == b"hello"
 
         run(test)
 

@@ -104,9 +104,12 @@ def _head_of(scope: Scope, owner: str | None) -> Head:
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     wire = str(scope.get("method", "GET")).upper()
     method = p.method_of({"REQUEST_METHOD": wire, "HTTP_X_HTTP_METHOD_OVERRIDE": headers.get("x-http-method-override")})
+    # A body without Content-Length runs to its end: chunked, or (HTTP/2 and 3) the end of its stream.
+    streamed = (str(scope.get("http_version", "1.1")).startswith(("2", "3"))
+                and wire not in ("GET", "HEAD", "OPTIONS", "TRACE"))
     return Head(method=method, wire_method=wire, path=_path(scope), root=str(scope.get("root_path", "")),
                 lookup=lambda name: headers.get(name.lower()), content_length=headers.get("content-length"),
-                terminated="transfer-encoding" in headers, owner=owner)
+                terminated="transfer-encoding" in headers or streamed, owner=owner)
 
 
 def _path(scope: Scope) -> str:
