@@ -116,6 +116,47 @@ class TestStoreContract:
             store.write(info.id, 2, reader(b"cdef"), 4, checksum=Checksum("md5", hashlib.md5(b"nope").digest()))
         assert store.get(info.id).offset == 2 and data_of(store, info.id) == b"ab"
 
+    def test_append_takes_the_body_as_it_is_pushed(self, store: Store) -> None:
+        """Pieces written to an appender count once committed: the offset and data are every piece, in order."""
+        info = store.create(new_info(10))
+        appender = store.append(info.id, 0, 10)
+        for piece in (b"he", b"llo", b"wor", b"ld"):
+            appender.write(piece)
+        assert appender.commit() == 10
+        assert store.get(info.id).offset == 10 and data_of(store, info.id) == b"helloworld"
+
+    def test_append_at_a_wrong_offset_is_409_before_any_byte(self, store: Store) -> None:
+        """An appender asked for at any offset but the stored one is a 409."""
+        info = store.create(new_info(10))
+        store.write(info.id, 0, reader(b"abc"), 10)
+        with pytest.raises(OffsetMismatch):
+            store.append(info.id, 1, 9)
+        assert data_of(store, info.id) == b"abc"
+
+    def test_append_past_its_budget_appends_nothing(self, store: Store) -> None:
+        """A piece that passes the budget is a 413 and none of the body's earlier pieces stays either."""
+        info = store.create(new_info(6))
+        store.write(info.id, 0, reader(b"ab"), 6)
+        appender = store.append(info.id, 2, 4)
+        appender.write(b"cd")
+        with pytest.raises(BodyTooLarge):
+            appender.write(b"efg")
+        appender.abort()
+        assert store.get(info.id).offset == 2 and data_of(store, info.id) == b"ab"
+
+    def test_append_with_a_checksum_counts_only_a_verified_body(self, store: Store) -> None:
+        """A checksummed body pushed in pieces counts on commit when it matches, and not at all when it does not."""
+        info = store.create(new_info(6))
+        bad = store.append(info.id, 0, 6, checksum=Checksum("md5", hashlib.md5(b"nope").digest()))
+        bad.write(b"abc")
+        with pytest.raises(ChecksumMismatch):
+            bad.commit()
+        assert store.get(info.id).offset == 0
+        good = store.append(info.id, 0, 6, checksum=Checksum("sha1", hashlib.sha1(b"abcdef").digest()))
+        good.write(b"abc")
+        good.write(b"def")
+        assert good.commit() == 6 and data_of(store, info.id) == b"abcdef"
+
     def test_declare_length(self, store: Store) -> None:
         """A deferred length can be declared later."""
         info = store.create(new_info(None))

@@ -256,8 +256,11 @@ class UploadGuard:
         self.stats.record(Event.GUARDED)
         refusal: UploadGuardError | None = guard.limit_refusal(self.settings.max_body_size, length)
         if refusal is None:
-            # The cached verdict (one lstat) without a coroutine: this runs for every body.
-            health = self.temp.cached(length or 0) or await self._checked_temp_dir(length or 0)
+            # A body the application stores elsewhere (the resumable endpoint's) needs no room here;
+            # the cached verdict (one lstat) without a coroutine: this runs for every body.
+            spools = getattr(self.app, "spools_body", None)
+            need = (length or 0) if spools is None or spools(scope) else 0
+            health = self.temp.cached(need) or await self._checked_temp_dir(need)
             refusal = None if health.ok else self._unavailable(health)
         if refusal is not None:
             await self._answer(refusal, scope, send, body)

@@ -16,6 +16,11 @@ Plain WSGI::
     # later, e.g. when a form names the upload URL:
     upload = application.get(request.POST["upload_url"], owner=user_id)
 
+On ASGI (FastAPI, Starlette, Django ASGI; uvicorn or ``gunicorn -k asgi``) the same
+endpoint, keywords and storage are :class:`uploadguard.resumable.asgi.ResumableUploads`.
+Both drivers run one protocol: :mod:`.core` composes the answers, :mod:`.engine`
+orders the store and lock calls, :mod:`.wsgi` and :mod:`.asgi` move the bytes.
+
 Parameters of :class:`ResumableUploads` (keyword-only; ``None`` takes the
 value from :class:`~uploadguard.config.Settings`, i.e. ``UPLOADGUARD_*``):
 

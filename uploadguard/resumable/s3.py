@@ -138,7 +138,7 @@ from ..errors import BodyTooLarge, TempDirUnavailable
 from ..tempdir import Health, Reason
 from .locking import HeldLock
 from .protocol import Checksum, ChecksumMismatch, UploadLocked, UploadNotFound, check_offset
-from .store import UploadInfo, valid_upload_id
+from .store import UploadInfo, pump, valid_upload_id
 
 __all__ = ["S3Store", "S3Locker", "S3Lock", "S3Unavailable", "parse_s3_url", "is_s3_url", "save_to_storage"]
 
@@ -420,38 +420,13 @@ class S3Store:
     def get(self, upload_id: str) -> UploadInfo:
         return self._load(upload_id).info
 
+    def append(self, upload_id: str, offset: int, max_bytes: int, *,
+               checksum: Checksum | None = None) -> S3Appender:
+        return S3Appender(self, upload_id, offset, max_bytes, checksum)
+
     def write(self, upload_id: str, offset: int, read: Callable[[int], bytes], max_bytes: int, *,
               checksum: Checksum | None = None) -> int:
-        state = self._load(upload_id)
-        check_offset(offset, state.offset)
-        if state.multipart is None:  # completed: there is nowhere to append, and nothing may come
-            if read(1):
-                raise BodyTooLarge(0, length=1)
-            return offset
-        if checksum is not None:
-            with self._verified(read, max_bytes, checksum) as spool:
-                return self._append(state, spool.read, max_bytes)
-        return self._append(state, read, max_bytes)
-
-    @contextlib.contextmanager
-    def _verified(self, read: Callable[[int], bytes], max_bytes: int, checksum: Checksum) -> Iterator[BinaryIO]:
-        """The whole chunk in an unlinked spool file, once its checksum matched (460 otherwise)."""
-        digest = checksum.new()
-        with tempfile.SpooledTemporaryFile(max_size=self.part_size, dir=self.temp_dir) as spool:
-            written = 0
-            while True:
-                data = read(min(_READ, max_bytes - written) if written < max_bytes else 1)
-                if not data:
-                    break
-                written += len(data)
-                if written > max_bytes:
-                    raise BodyTooLarge(max_bytes, length=written)
-                digest.update(data)
-                spool.write(data)
-            if digest.digest() != checksum.digest:
-                raise ChecksumMismatch(f"The chunk's {checksum.algorithm} checksum does not match; it was discarded.")
-            spool.seek(0)
-            yield spool  # type: ignore[misc, unused-ignore]  # SpooledTemporaryFile is a binary file
+        return pump(read, self.append(upload_id, offset, max_bytes, checksum=checksum), max_bytes)
 
     def _part_size(self, info: UploadInfo) -> int:
         """``part_size``, or larger when the upload's length would need more than S3's 10,000 parts."""
@@ -471,66 +446,6 @@ class S3Store:
             log.warning("the lease of upload %s may have lapsed; stopping its PATCH", upload_id)
             raise UploadLocked(f"Upload {upload_id} was held too long without a renewed lease; retry.",
                                retry_after=1)
-
-    def _append(self, state: _State, read: Callable[[int], bytes], max_bytes: int) -> int:
-        before = dataclasses.replace(state, parts=list(state.parts))
-        start = state.offset
-        part_size = self._part_size(state.info)
-        buffer = _PartBuffer(part_size, self.temp_dir)
-        obsolete: list[str] = []
-        try:
-            if state.tail is not None:
-                got = self._get(state.tail[0])
-                if got is None or len(got.body) < state.tail[1]:
-                    raise self._unavailable(RuntimeError(f"incomplete part {state.tail[0]} is missing"))
-                buffer.write(got.body[:state.tail[1]])
-                obsolete.append(state.tail[0])
-            written = 0
-            while True:
-                want = min(_READ, max_bytes - written) if written < max_bytes else 1
-                data = read(want)
-                if not data:
-                    break
-                written += len(data)
-                if written > max_bytes:
-                    obsolete = []
-                    if state.etag != before.etag:  # forget the parts uploaded meanwhile: nothing appended
-                        before.etag = state.etag
-                        self._commit(before, touch=False)
-                    raise BodyTooLarge(max_bytes, length=written)
-                buffer.write(data)
-                if buffer.size >= part_size:
-                    if len(state.parts) >= MAX_PARTS - 1:  # the last number is the final part's
-                        # Only a deferred length gets here (a known one sizes its parts to fit): a clear 413,
-                        # not S3's refusal of part 10,001 on every retry.
-                        raise BodyTooLarge(sum(size for _, size, _ in state.parts) + part_size - 1,
-                                           length=state.offset + buffer.size)
-                    self._check_lease(state.info.id)
-                    self._upload_part(state, buffer)
-                    state.tail = None
-                    self._check_lease(state.info.id)
-                    self._commit(state)
-            if not written:
-                return start  # nothing came: nothing changes
-            self._check_lease(state.info.id)
-            if buffer.size >= MIN_PART:
-                self._upload_part(state, buffer)
-                state.tail = None
-            elif buffer.size:
-                key = self._key(state.info.id, f".tail.{secrets.token_hex(6)}")
-                self._put(key, buffer.getvalue())
-                state.tail = (key, buffer.size)
-            else:
-                state.tail = None
-            self._check_lease(state.info.id)
-            self._commit(state)
-        finally:
-            buffer.close()
-        for key in obsolete:
-            if state.tail is None or key != state.tail[0]:
-                with contextlib.suppress(S3Unavailable):
-                    self._delete(key)
-        return start + written
 
     def _upload_part(self, state: _State, buffer: _PartBuffer) -> None:
         number = (state.parts[-1][0] + 1) if state.parts else 1
@@ -739,6 +654,126 @@ class _Inventory:
         self.newest[upload_id] = max(when, self.newest.get(upload_id, 0.0))
         if suffix is not None and suffix.startswith("tail."):
             self.tails.setdefault(upload_id, []).append((key, when))
+
+
+class S3Appender:
+    """An :class:`S3Store` body in progress: parts uploaded as they fill, the incomplete rest on ``commit``.
+
+    A checksummed body is spooled (under ``temp_dir``) and appended on
+    ``commit`` once verified.  Every write to S3 first checks that this
+    process's lease on the upload still holds.
+    """
+
+    def __init__(self, store: S3Store, upload_id: str, offset: int, max_bytes: int,
+                 checksum: Checksum | None) -> None:
+        self._store = store
+        self._state = state = store._load(upload_id)
+        check_offset(offset, state.offset)
+        self._before = dataclasses.replace(state, parts=list(state.parts))
+        self._start = offset
+        self._max = max_bytes
+        self._written = 0
+        self._part_size = store._part_size(state.info)
+        self._buffer: _PartBuffer | None = None
+        self._obsolete: list[str] = []
+        self._checksum = checksum
+        self._digest = checksum.new() if checksum is not None else None
+        self._spool: Any = None
+        if checksum is not None and state.multipart is not None:
+            self._spool = tempfile.SpooledTemporaryFile(max_size=store.part_size, dir=store.temp_dir)
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        state = self._state
+        if state.multipart is None:  # completed: there is nowhere to append, and nothing may come
+            raise BodyTooLarge(0, length=len(data))
+        if self._written + len(data) > self._max:
+            length = self._written + len(data)
+            if self._spool is None:
+                self._obsolete = []
+                if state.etag != self._before.etag:  # forget the parts uploaded meanwhile: nothing appended
+                    self._before.etag = state.etag
+                    self._store._commit(self._before, touch=False)
+            raise BodyTooLarge(self._max, length=length)
+        self._written += len(data)
+        if self._spool is not None:
+            assert self._digest is not None
+            self._digest.update(data)
+            self._spool.write(data)
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        store, state = self._store, self._state
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = _PartBuffer(self._part_size, store.temp_dir)
+            if state.tail is not None:
+                got = store._get(state.tail[0])
+                if got is None or len(got.body) < state.tail[1]:
+                    raise store._unavailable(RuntimeError(f"incomplete part {state.tail[0]} is missing"))
+                buffer.write(got.body[:state.tail[1]])
+                self._obsolete.append(state.tail[0])
+        buffer.write(data)
+        if buffer.size >= self._part_size:
+            if len(state.parts) >= MAX_PARTS - 1:  # the last number is the final part's
+                # Only a deferred length gets here (a known one sizes its parts to fit): a clear 413,
+                # not S3's refusal of part 10,001 on every retry.
+                raise BodyTooLarge(sum(size for _, size, _ in state.parts) + self._part_size - 1,
+                                   length=state.offset + buffer.size)
+            store._check_lease(state.info.id)
+            store._upload_part(state, buffer)
+            state.tail = None
+            store._check_lease(state.info.id)
+            store._commit(state)
+
+    def commit(self) -> int:
+        store, state = self._store, self._state
+        if state.multipart is None:
+            return self._start
+        try:
+            if self._spool is not None:
+                assert self._checksum is not None and self._digest is not None
+                spool, self._spool = self._spool, None
+                with spool:
+                    if self._digest.digest() != self._checksum.digest:
+                        raise ChecksumMismatch(f"The chunk's {self._checksum.algorithm} checksum does not match; "
+                                               "it was discarded.")
+                    spool.seek(0)
+                    while data := spool.read(_READ):
+                        self._feed(data)
+            if not self._written:
+                return self._start  # nothing came: nothing changes
+            buffer = self._buffer
+            assert buffer is not None
+            store._check_lease(state.info.id)
+            if buffer.size >= MIN_PART:
+                store._upload_part(state, buffer)
+                state.tail = None
+            elif buffer.size:
+                key = store._key(state.info.id, f".tail.{secrets.token_hex(6)}")
+                store._put(key, buffer.getvalue())
+                state.tail = (key, buffer.size)
+            else:
+                state.tail = None
+            store._check_lease(state.info.id)
+            store._commit(state)
+        finally:
+            self.abort()
+        for key in self._obsolete:
+            if state.tail is None or key != state.tail[0]:
+                with contextlib.suppress(S3Unavailable):
+                    store._delete(key)
+        return self._start + self._written
+
+    def abort(self) -> None:
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
 
 class _PartBuffer:

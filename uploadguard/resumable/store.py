@@ -47,7 +47,8 @@ from ..tempdir import Health, TempDirGuard
 from .locking import FileLocker, Locker
 from .protocol import Checksum, ChecksumMismatch, UploadNotFound, check_offset
 
-__all__ = ["ID_PATTERN", "UploadInfo", "Store", "LocalStore", "new_upload_id", "valid_upload_id"]
+__all__ = ["ID_PATTERN", "UploadInfo", "Store", "Appender", "LocalStore", "LocalAppender", "pump", "new_upload_id",
+           "valid_upload_id"]
 
 log = logging.getLogger("uploadguard")
 
@@ -139,6 +140,43 @@ class UploadInfo:
         return cls(**{k: v for k, v in data.items() if k in known}, offset=offset, updated=updated)
 
 
+class Appender(Protocol):
+    """Bytes of one request body on their way into an upload (:meth:`Store.append`).
+
+    ``write`` each piece as it arrives; ``commit`` when the body ended -- by
+    its end or cut short: what arrived is kept -- for the new offset;
+    ``abort`` on an error (what it leaves is what a failed ``write`` leaves).
+    """
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``; past ``max_bytes`` a 413 (:class:`BodyTooLarge`), and nothing of the body is appended."""
+
+    def commit(self) -> int:
+        """The body ended: make its bytes count; the new offset (a checksum mismatch: 460, nothing appended)."""
+
+    def abort(self) -> None:
+        """Give up (an error elsewhere): release what the appender holds."""
+
+
+def pump(read: Reader, appender: Appender, max_bytes: int) -> int:
+    """Feed ``appender`` from ``read`` until the body ends; the new offset.
+
+    At most one byte beyond ``max_bytes`` is read, to learn whether the body is too long.
+    """
+    written = 0
+    try:
+        while True:
+            data = read(min(_CHUNK, max_bytes - written) if written < max_bytes else 1)
+            if not data:
+                break
+            written += len(data)
+            appender.write(data)
+        return appender.commit()
+    except BaseException:
+        appender.abort()
+        raise
+
+
 class Store(Protocol):
     """The storage seam the handler uses; :class:`LocalStore` is the reference implementation.
 
@@ -168,6 +206,15 @@ class Store(Protocol):
         ``read(n)`` returns up to ``n`` bytes, ``b""`` at the end.  More than
         ``max_bytes`` is a 413 and appends nothing; a checksum mismatch is a
         460 and appends nothing.
+        """
+
+    def append(self, upload_id: str, offset: int, max_bytes: int, *,
+               checksum: Checksum | None = None) -> Appender:
+        """The push side of :meth:`write`: an :class:`Appender` the caller hands the body to as it arrives.
+
+        ``write`` is ``pump(read, append(...), max_bytes)``: one implementation
+        for the WSGI driver (which reads) and the ASGI driver (which is sent
+        the body).  A wrong ``offset`` is a 409 here, before any byte.
         """
 
     def declare_length(self, upload_id: str, length: int) -> UploadInfo:
@@ -263,60 +310,14 @@ class LocalStore:
             raise UploadNotFound(f"No upload {upload_id}.") from None
         return dataclasses.replace(info, offset=st.st_size, updated=st.st_mtime)
 
+    def append(self, upload_id: str, offset: int, max_bytes: int, *,
+               checksum: Checksum | None = None) -> LocalAppender:
+        """An :class:`Appender` at ``offset`` (409 unless it is the data's size); 404 for an unknown upload."""
+        return LocalAppender(self, upload_id, offset, max_bytes, checksum)
+
     def write(self, upload_id: str, offset: int, read: Reader, max_bytes: int, *,
               checksum: Checksum | None = None) -> int:
-        data_path = self._path(upload_id, ".bin")
-        try:
-            fd = os.open(data_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise UploadNotFound(f"No upload {upload_id}.") from None
-        try:
-            check_offset(offset, os.fstat(fd).st_size)
-            if checksum is None:
-                writeback = _Writeback(fd)
-                written = _copy(read, fd, max_bytes, writeback=writeback)
-                writeback.wait()
-                if writeback.failed is not None:
-                    os.ftruncate(fd, offset)  # this PATCH's bytes may not be on disk: not counted
-                    raise OSError(writeback.failed.errno or errno.EIO,
-                                  f"writing upload {upload_id} to disk failed: {writeback.failed.strerror}")
-                if written > max_bytes:
-                    os.ftruncate(fd, offset)  # nothing appended: the PATCH is refused as a whole
-                    raise BodyTooLarge(max_bytes, length=written)
-            else:
-                written = self._write_verified(upload_id, fd, read, max_bytes, checksum)
-            if self.sync_writes:
-                os.fdatasync(fd)
-            return offset + written
-        finally:
-            os.close(fd)
-
-    def _write_verified(self, upload_id: str, fd: int, read: Reader, max_bytes: int, checksum: Checksum) -> int:
-        side_path = self._path(upload_id, ".chk")
-        side = os.open(side_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            digest = checksum.new()
-            written = _copy(read, side, max_bytes, digest.update)
-            if written > max_bytes:
-                raise BodyTooLarge(max_bytes, length=written)
-            if digest.digest() != checksum.digest:
-                raise ChecksumMismatch(f"The chunk's {checksum.algorithm} checksum does not match; "
-                                       "it was discarded.")
-            # Verified: append it.  (sendfile and copy_file_range refuse an O_APPEND target.)
-            copied = 0
-            while copied < written:
-                block = os.pread(side, min(_CHUNK, written - copied), copied)
-                if not block:
-                    raise OSError(f"short copy from {side_path}")
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(fd, view):]
-                copied += len(block)
-            return written
-        finally:
-            os.close(side)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(side_path)
+        return pump(read, self.append(upload_id, offset, max_bytes, checksum=checksum), max_bytes)
 
     def declare_length(self, upload_id: str, length: int) -> UploadInfo:
         info = dataclasses.replace(self.get(upload_id), length=length)
@@ -419,6 +420,116 @@ class LocalStore:
             os.close(dir_fd)
 
 
+class LocalAppender:
+    """A :class:`LocalStore` body in progress: appended with ``os.write`` as it arrives, counted at once.
+
+    The data file stays open from :meth:`LocalStore.append` to ``commit`` or
+    ``abort`` (bytes written through it land in the file even if the
+    directory is renamed meanwhile).  A checksummed body goes to
+    ``<id>.chk`` and is appended on ``commit`` once verified.
+    """
+
+    def __init__(self, store: LocalStore, upload_id: str, offset: int, max_bytes: int,
+                 checksum: Checksum | None) -> None:
+        self.upload_id = upload_id
+        self.offset = offset
+        self.max_bytes = max_bytes
+        self.written = 0
+        self._sync = store.sync_writes
+        try:
+            fd = os.open(store._path(upload_id, ".bin"), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UploadNotFound(f"No upload {upload_id}.") from None
+        self._fd: int | None = fd
+        self._side: int | None = None
+        self._side_path: str | None = None
+        try:
+            check_offset(offset, os.fstat(fd).st_size)
+            if checksum is not None:
+                self._side_path = store._path(upload_id, ".chk")
+                self._side = os.open(self._side_path,
+                                     os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except BaseException:
+            self.abort()
+            raise
+        self._checksum = checksum
+        self._digest = checksum.new() if checksum is not None else None
+        self._writeback = _Writeback(fd)
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        assert self._fd is not None
+        if self.written + len(data) > self.max_bytes:
+            if self._side is None:
+                os.ftruncate(self._fd, self.offset)  # nothing appended: the PATCH is refused as a whole
+            raise BodyTooLarge(self.max_bytes, length=self.written + len(data))
+        if self._side is not None:
+            assert self._digest is not None
+            self._digest.update(data)
+            _write_all(self._side, data)
+        else:
+            _write_all(self._fd, data)
+            self._writeback.wrote(len(data))
+        self.written += len(data)
+
+    def commit(self) -> int:
+        fd = self._fd
+        assert fd is not None
+        try:
+            if self._side is not None:
+                self._append_verified(fd, self._side)
+            else:
+                self._writeback.wait()
+                failed = self._writeback.failed
+                if failed is not None:
+                    os.ftruncate(fd, self.offset)  # this PATCH's bytes may not be on disk: not counted
+                    raise OSError(failed.errno or errno.EIO,
+                                  f"writing upload {self.upload_id} to disk failed: {failed.strerror}")
+            if self._sync:
+                os.fdatasync(fd)
+            return self.offset + self.written
+        finally:
+            self.abort()
+
+    def _append_verified(self, fd: int, side: int) -> None:
+        assert self._checksum is not None and self._digest is not None
+        if self._digest.digest() != self._checksum.digest:
+            raise ChecksumMismatch(f"The chunk's {self._checksum.algorithm} checksum does not match; "
+                                   "it was discarded.")
+        # Verified: append it.  (sendfile and copy_file_range refuse an O_APPEND target.)
+        copied = 0
+        while copied < self.written:
+            block = os.pread(side, min(_CHUNK, self.written - copied), copied)
+            if not block:
+                raise OSError(f"short copy from {self._side_path}")
+            _write_all(fd, block)
+            copied += len(block)
+
+    def abort(self) -> None:
+        """Close what is open; a side file goes (unverified bytes never count)."""
+        self._writeback_wait()
+        side, self._side = self._side, None
+        if side is not None:
+            os.close(side)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._side_path or "")
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _writeback_wait(self) -> None:
+        writeback = getattr(self, "_writeback", None)
+        if writeback is not None:
+            writeback.wait()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class _Writeback:
     """Flushes an upload's data to disk in the background while its body still arrives.
 
@@ -463,27 +574,3 @@ class _Writeback:
             os.close(fd)
             self._busy.clear()
 
-
-def _copy(read: Reader, fd: int, max_bytes: int, observe: Callable[[bytes], object] | None = None, *,
-          writeback: _Writeback | None = None) -> int:
-    """Write what ``read`` yields to ``fd`` until it ends; returns the count (> ``max_bytes``: too much).
-
-    At most one byte beyond ``max_bytes`` is read, to learn whether the body is too long.
-    """
-    written = 0
-    while True:
-        want = min(_CHUNK, max_bytes - written) if written < max_bytes else 1
-        data = read(want)
-        if not data:
-            return written
-        if written >= max_bytes:
-            return written + len(data)
-        if observe is not None:
-            observe(data)
-        view = memoryview(data)
-        while view:
-            done = os.write(fd, view)
-            view = view[done:]
-        written += len(data)
-        if writeback is not None:
-            writeback.wrote(len(data))

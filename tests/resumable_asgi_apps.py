@@ -1,0 +1,81 @@
+"""ASGI apps for the real-server tests of the resumable endpoint (tests/test_resumable_asgi.py).
+
+``application`` is ``UploadGuard(ResumableUploads(...))`` from the ASGI side of
+uploadguard -- the stack to run under ``uvicorn`` or ``gunicorn -k asgi``;
+``fastapi_app`` is a FastAPI application with the endpoint mounted at
+``/files``.  Storage is ``$TEST_RESUMABLE_STORAGE``; each completed upload is
+recorded as ``$TEST_RECORDS/<id>.json`` (tests/resumable_client_apps.py's
+``record``, called from a coroutine ``on_complete``); ``$TEST_IDLE_TIMEOUT``
+sets ``idle_timeout``.
+"""
+
+# No "from __future__ import annotations": FastAPI reads the endpoints' annotations at runtime.
+import asyncio
+import logging
+import os
+from typing import Any
+
+from resumable_client_apps import record
+from uploadguard.asgi import UploadGuard
+from uploadguard.resumable.asgi import ResumableUploads
+
+if not logging.getLogger("uploadguard").handlers:  # uvicorn: show the endpoint's INFO lines
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("uploadguard").addHandler(_handler)
+    logging.getLogger("uploadguard").setLevel(logging.INFO)
+
+
+async def on_complete(upload: Any) -> None:
+    await asyncio.to_thread(record, upload)
+
+
+def _endpoint(prefix: str = "/files/") -> ResumableUploads:
+    return ResumableUploads(prefix=prefix, storage=os.environ.get("TEST_RESUMABLE_STORAGE"), on_complete=on_complete,
+                            idle_timeout=os.environ.get("TEST_IDLE_TIMEOUT"), lock_timeout=10)
+
+
+application = UploadGuard(_endpoint())
+
+
+def make_fastapi() -> Any:
+    """FastAPI with the endpoint mounted at ``/files`` (mounted, its prefix is ``/``) and a page of its own."""
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    app = FastAPI()
+
+    @app.get("/", response_class=PlainTextResponse)
+    async def page() -> str:
+        return "page"
+
+    app.mount("/files", _endpoint(prefix="/"))
+    return UploadGuard(app)
+
+
+fastapi_app = make_fastapi()
+
+
+def __getattr__(name: str) -> Any:
+    """``django_app``: Django's ASGI handler (tests/django_project) with the endpoint in front of it.
+
+    Django's ASGI handler reads the whole body before any middleware runs, so
+    the endpoint wraps the handler rather than sitting in ``MIDDLEWARE``.
+    """
+    if name == "django_app":
+        from asgi_apps import make_django
+
+        return UploadGuard(ResumableUploads(make_django(), storage=os.environ.get("TEST_RESUMABLE_STORAGE"),
+                                            on_complete=on_complete))
+    raise AttributeError(name)
+
+
+def _cases_app() -> Any:
+    """The endpoint as tests/resumable_cases.py configures it (max_size, CORS origin, short lock wait)."""
+    from resumable_cases import MAX_SIZE
+
+    return ResumableUploads(storage=os.environ.get("TEST_RESUMABLE_STORAGE"), max_size=MAX_SIZE,
+                            cors_origins=["https://app.example"], lock_timeout=0.3)
+
+
+cases_app = _cases_app()

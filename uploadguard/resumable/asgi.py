@@ -1,0 +1,462 @@
+"""``ResumableUploads`` for ASGI: the tus 1.0 / IETF-draft endpoint on an event loop.
+
+The same endpoint as :class:`uploadguard.resumable.ResumableUploads` (WSGI),
+with the same keywords, stores and guarantees -- one protocol: every step is
+:class:`~uploadguard.resumable.engine.Endpoint`'s, this module only drives
+it::
+
+    from uploadguard.asgi import UploadGuard
+    from uploadguard.resumable.asgi import ResumableUploads
+
+    app = UploadGuard(ResumableUploads(app, storage="/var/lib/uploads", on_complete=process))
+
+    # FastAPI / Starlette: mount it (it answers 404 beside its prefix when it has no app)
+    api.mount("/files", ResumableUploads(prefix="/files/", storage=...))
+
+A pure ASGI application (standard library only); ``lifespan`` and
+``websocket`` scopes and requests outside ``prefix`` go to ``app``.
+
+* **No thread per connection.**  The body is read from ``receive()`` as it
+  arrives and written to the store in pieces of up to 256 KiB, each one
+  short hop to a thread of the endpoint's own pool (``threads`` keyword,
+  default 8; never the loop's default executor), as is every other store
+  and lock call: a slow disk or S3 stalls no other connection.  Waiting for
+  a held upload polls the lock with ``asyncio.sleep``.  A thousand slow
+  PATCHes are a thousand coroutines and a file descriptor each.
+* **Preemption**: a request for an upload whose PATCH is stale (a silent
+  drop) asks it to let go; the PATCH's read ends at the next poll (0.2 s),
+  what arrived is kept, the lock goes to the newcomer.
+* **The rate floor**: a PATCH that brings less than 16 KiB per
+  ``idle_timeout`` (silence, a drip) ends, keeping what arrived.
+* **A client gone** (``http.disconnect``) keeps every byte that arrived; the
+  request ends quietly.
+* ``on_complete`` and ``authorize`` may be plain functions (run in the
+  pool) or coroutine functions (awaited on the loop); ``authorize`` gets the
+  scope.  ``on_complete`` runs once, after the data is durable.
+* **104 Upload Resumption Supported** (IETF draft): a creation request in an
+  interop version gets ``104`` with ``Location`` as soon as the upload
+  exists, before its body is read -- where the server can send interim
+  responses: a scope advertising ``http.response.informational`` in its
+  ``extensions``, or gunicorn's ASGI worker (``gunicorn -k asgi``), which
+  takes the message without advertising it.  Never under uvicorn, which
+  refuses unknown messages.
+* ``max_streams`` is accepted for parity and not applied: an event loop
+  holds no thread per body (see :func:`uploadguard.config.stream_caps`).
+* ``get()`` and ``delete()`` are the WSGI endpoint's plain methods (store
+  calls, and ``delete`` may wait for a lock): from a coroutine, call them
+  through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, TypeVar
+
+from .. import guard
+from ..config import Settings
+from ..errors import UploadGuardError
+from . import core
+from . import protocol as p
+from .core import Head, Response
+from .engine import Admit, Body, Effect, Endpoint, Hook, Lock, Steps, Upload
+from .locking import HeldLock
+from .store import Appender, Store
+
+__all__ = ["ResumableUploads"]
+
+log = logging.getLogger("uploadguard")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+T = TypeVar("T")
+
+_COALESCE = 256 * 1024  # bytes gathered from receive() before one write to the store
+_POLL = 0.2  # seconds between looks at a release request (and at a quiet body's buffered bytes)
+_LOCK_POLL = 0.05  # seconds between attempts on a held lock
+_INFORMATIONAL = "http.response.informational"
+
+
+def can_send_informational(scope: Scope) -> bool:
+    """Whether the server takes ``http.response.informational`` (a 1xx) for this request."""
+    extensions = scope.get("extensions") or {}
+    if _INFORMATIONAL in extensions:
+        return True
+    # gunicorn's ASGI worker takes the message but does not advertise it; only that worker imports this module.
+    return "gunicorn.asgi.protocol" in sys.modules and scope.get("http_version", "1.1") != "1.0"
+
+
+def _head_of(scope: Scope, owner: str | None) -> Head:
+    """The request's head from an ASGI scope (repeated headers joined with ``, `` as WSGI servers do)."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", ()):
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    wire = str(scope.get("method", "GET")).upper()
+    method = p.method_of({"REQUEST_METHOD": wire, "HTTP_X_HTTP_METHOD_OVERRIDE": headers.get("x-http-method-override")})
+    # A body without Content-Length runs to its end: chunked, or (HTTP/2 and 3) the end of its stream.
+    streamed = (str(scope.get("http_version", "1.1")).startswith(("2", "3"))
+                and wire not in ("GET", "HEAD", "OPTIONS", "TRACE"))
+    return Head(method=method, wire_method=wire, path=_path(scope), root=str(scope.get("root_path", "")),
+                lookup=lambda name: headers.get(name.lower()), content_length=headers.get("content-length"),
+                terminated="transfer-encoding" in headers or streamed, owner=owner)
+
+
+def _path(scope: Scope) -> str:
+    """The path below the application's root (servers and Starlette's ``Mount`` keep ``root_path`` in ``path``)."""
+    path, root = str(scope.get("path", "")), str(scope.get("root_path", "")).rstrip("/")
+    return path[len(root):] if root and path.startswith(root + "/") else path
+
+
+class ResumableUploads(Endpoint):
+    """The resumable-upload endpoint under ``prefix`` as an ASGI application; everything else goes to ``app``."""
+
+    def __init__(
+        self,
+        app: ASGIApp | None = None,
+        *,
+        prefix: str = "/files/",
+        storage: str | os.PathLike[str] | Store | None = None,  # a directory, "s3://bucket/prefix", or a Store
+        max_size: int | str | None = None,  # bytes per upload; None = settings.max_body_size; 0 = no limit
+        expires_after: float | str | None = None,  # seconds of inactivity; None = settings (24 h); 0 = never
+        on_complete: Callable[[Upload], object] | None = None,  # or a coroutine function
+        authorize: Callable[[Scope], object] | None = None,  # -> owner (str | None), or a coroutine function
+        settings: Settings | None = None,
+        cors_origins: Iterable[str] | str = (),  # "*" or exact origins ("https://example.com")
+        lock_timeout: float = 5.0,  # seconds a request waits for a held upload before a 423
+        idle_timeout: float | str | None = None,  # seconds without a byte that end a PATCH; None = settings
+        keep_completed: float | str | None = None,  # seconds a completed upload is kept; None = settings; 0 = forever
+        max_streams: int | str | None = None,  # accepted for parity with WSGI; not applied on an event loop
+        threads: int = 8,  # the pool that runs store, lock and plain-function hook calls
+    ) -> None:
+        super().__init__(prefix=prefix, storage=storage, max_size=max_size, expires_after=expires_after,
+                         on_complete=on_complete, settings=settings, cors_origins=cors_origins,
+                         lock_timeout=lock_timeout, idle_timeout=idle_timeout, keep_completed=keep_completed)
+        if threads < 1:
+            raise ValueError(f"threads={threads!r} must be at least 1")
+        self.app = app
+        self.authorize = authorize
+        self.max_streams = max_streams
+        self.threads = threads
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._running: set[asyncio.Future[None]] = set()  # requests left to finish after a cancellation
+
+    # -- ASGI ----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.serves_path(_path(scope)):
+            if self.app is not None:
+                await self.app(scope, receive, send)
+            elif scope["type"] == "lifespan":
+                await _lifespan(receive, send)
+            elif scope["type"] == "http":
+                await _send(send, Response("404 Not Found", [("Content-Type", "text/plain"),
+                                                            ("Content-Length", "10")], [b"Not Found\n"]))
+            return
+        try:
+            owner = await self._owner(scope)
+        except UploadGuardError as error:
+            await _send(send, self.error(_head_of(scope, None), error))
+            return
+        # Shielded: a server cancels a request whose client left (gunicorn's ASGI worker after a grace
+        # period), but a request that holds an upload finishes its steps -- what arrived is committed,
+        # on_complete runs to its end and is recorded once -- and only then lets go of the upload.
+        task = asyncio.ensure_future(self._serve(_head_of(scope, owner), scope, receive, send))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        await asyncio.shield(task)
+
+    async def _serve(self, head: Head, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = _Exchange(scope, receive, send, head)
+        steps = self.serve(head)
+        try:
+            response = await self._drive(steps, head, exchange)
+        except (UploadGuardError, OSError) as exc:
+            response = self.error(head, self.classify(exc))
+            await exchange.drain(max_bytes=self.settings.drain_bytes, timeout=self.settings.drain_timeout)
+        finally:
+            if inspect.getgeneratorstate(steps) == inspect.GEN_SUSPENDED:
+                self._executor().submit(steps.close)  # ended by an error of its own: locks released in the pool
+        if exchange.gone:
+            log.info("client went away during %s %s", head.method, head.path)
+            return
+        await _send(send, response)
+
+    def spools_body(self, scope: Scope) -> bool:
+        """Whether the request's body may be spooled into the guard's temp dir (asked by :class:`uploadguard.asgi.UploadGuard`).
+
+        The endpoint's own bodies: :meth:`~.engine.Endpoint.spools`; any other
+        request's: the wrapped application's answer (yes when it has none).
+        """
+        if scope.get("type") == "http" and self.serves_path(_path(scope)):
+            head = _head_of(scope, None)
+            return self.spools(head.header("Content-Type"), head.header("Upload-Checksum") is not None)
+        ask = getattr(self.app, "spools_body", None)
+        return True if ask is None else bool(ask(scope))
+
+    async def _owner(self, scope: Scope) -> str | None:
+        if self.authorize is None:
+            return None
+        if inspect.iscoroutinefunction(self.authorize):
+            owner = await self.authorize(scope)
+        else:
+            owner = await self._run(self.authorize, scope)
+            if inspect.isawaitable(owner):
+                owner = await owner
+        return None if owner is None else str(owner)
+
+    # -- driving the engine --------------------------------------------------------------
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="uploadguard-resumable")
+        return self._pool
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in the endpoint's pool: one short hop off the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor(), lambda: function(*args))
+
+    async def _drive(self, steps: Steps[Response], head: Head, exchange: _Exchange) -> Response:
+        value: Any = None
+        error: Exception | None = None
+        while True:
+            done, result = await self._run(_step, steps, value, error)
+            if done:
+                response: Response = result
+                return response
+            try:
+                value, error = await self._fulfil(result, head, exchange), None
+            except Exception as exc:  # noqa: BLE001 -- handed to the steps, which decide
+                value, error = None, exc
+
+    async def _fulfil(self, effect: Effect, head: Head, exchange: _Exchange) -> Any:
+        if isinstance(effect, Lock):
+            return await self._lock(effect.upload_id)
+        if isinstance(effect, Admit):
+            return None  # no cap on an event loop: a body holds no thread
+        if isinstance(effect, Body):
+            hint = core.interim_headers(head)
+            if hint is not None and can_send_informational(exchange.scope):
+                await exchange.send({"type": _INFORMATIONAL, "status": 104, "headers": _encode(hint)})
+            return await self._read_body(effect, exchange)
+        if isinstance(effect, Hook):
+            hook = self.on_complete
+            assert hook is not None
+            if inspect.iscoroutinefunction(hook):
+                return await hook(effect.upload)
+            result = await self._run(hook, effect.upload)
+            return (await result) if inspect.isawaitable(result) else result
+        raise TypeError(f"unknown effect {effect!r}")
+
+    async def _lock(self, upload_id: str) -> HeldLock:
+        """The upload's lock, asking a holder to let go; 423 after ``lock_timeout`` -- waiting on the loop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lock_timeout
+        request_release = getattr(self.locker, "request_release", None)
+        while True:
+            lock = await self._run(self.locker.try_acquire, upload_id)
+            if lock is not None:
+                return lock
+            if request_release is not None:
+                await self._run(request_release, upload_id)
+            if loop.time() >= deadline:
+                raise p.UploadLocked(f"Upload {upload_id} is in use by another request; retry in 1 s.", retry_after=1)
+            await asyncio.sleep(_LOCK_POLL)
+
+    async def _read_body(self, body: Body, exchange: _Exchange) -> tuple[int, str | None]:
+        """Append the body as it arrives; ended early by a release request, the rate floor or the client."""
+        appender: Appender = await self._run(lambda: self.store.append(body.upload_id, body.offset, body.budget,
+                                                                        checksum=body.checksum))
+        try:
+            cut = await self._pump(body, appender, exchange)
+            exchange.cut = cut is not None
+            offset: int = await self._run(appender.commit)
+        except BaseException:
+            self._executor().submit(appender.abort)
+            raise
+        return offset, cut
+
+    async def _pump(self, body: Body, appender: Appender, exchange: _Exchange) -> str | None:
+        """Read the body to its end in a task of its own, watched: why it ended early, or ``None``.
+
+        The reading task does nothing per message but take it and hand it to
+        the writer; this watcher wakes every ``_POLL`` seconds (and at the rate
+        floor's deadline) to write a quiet body's bytes, ask whether another
+        request wants the upload, and check the floor -- and cancels the read
+        when it must end.  A write under way is never cancelled.
+        """
+        loop = asyncio.get_running_loop()
+        floor = core.RateFloor(self.idle_timeout, loop.time())
+        writer = _Writer(self, appender)
+        reader = asyncio.ensure_future(_read(exchange, floor, writer))
+        cut: str | None = None
+        try:
+            while not reader.done():
+                now = loop.time()
+                await asyncio.wait((reader,), timeout=max(0.0, min(floor.deadline(), now + _POLL) - now))
+                if reader.done():
+                    break
+                if floor.slow(loop.time()):
+                    log.info("upload %s: the PATCH brings too few bytes; ending it", body.upload_id)
+                    cut = "slow"
+                    break
+                await writer.flush()  # a quiet body's bytes reach the store, not only RAM
+                if await self._run(body.lock.release_requested):
+                    log.info("upload %s was asked for by another request; ending this PATCH", body.upload_id)
+                    cut = "preempted"
+                    break
+            if cut is None:
+                cut = reader.result()
+        finally:
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+            await writer.close()
+        return cut
+
+
+async def _read(exchange: _Exchange, floor: core.RateFloor, writer: _Writer) -> str | None:
+    """Take the body's messages as they come: ``"disconnect"`` if the client went first, else ``None``."""
+    loop = asyncio.get_running_loop()
+    while True:
+        message = await exchange.receive()
+        if message.get("type") == "http.disconnect":
+            return "disconnect"
+        data = message.get("body", b"")
+        floor.count(len(data), loop.time())
+        more = message.get("more_body", False)
+        await writer.add(data, flush=not more)
+        if not more:
+            return None
+
+
+class _Writer:
+    """Pieces of a body on their way to the store: gathered to ``_COALESCE`` bytes, one write in flight.
+
+    While a piece is written in the pool the next is received: the network
+    and the disk work at once, and a slow disk holds the body back (one
+    piece at most is buffered beside the one being written).  Writes are
+    shielded: cancelling the read never cancels a write under way.
+    """
+
+    def __init__(self, endpoint: ResumableUploads, appender: Appender) -> None:
+        self._endpoint = endpoint
+        self._appender = appender
+        self._buffer = bytearray()
+        self._inflight: asyncio.Future[None] | None = None
+        self._turn = asyncio.Lock()  # the reader and the watcher both flush: pieces go out in order
+
+    async def add(self, data: bytes, *, flush: bool) -> None:
+        self._buffer += data
+        if self._buffer and (flush or len(self._buffer) >= _COALESCE):
+            async with self._turn:
+                await self._settle()
+                if self._buffer:
+                    piece = bytes(self._buffer)
+                    self._buffer.clear()
+                    self._inflight = asyncio.get_running_loop().run_in_executor(
+                        self._endpoint._executor(), self._appender.write, piece)
+
+    async def _settle(self) -> None:
+        if self._inflight is not None:
+            await asyncio.shield(self._inflight)  # raises the write's error; kept for close() if cancelled here
+            self._inflight = None
+
+    async def flush(self) -> None:
+        await self.add(b"", flush=True)
+
+    async def close(self) -> None:
+        """Write what is left and wait for it (its errors are the body's)."""
+        await self.flush()
+        async with self._turn:
+            await self._settle()
+
+
+def _step(steps: Steps[Response], value: Any, error: Exception | None) -> tuple[bool, Any]:
+    """One step of the engine, up to its next effect: ``(False, effect)`` or ``(True, response)``."""
+    try:
+        return False, (steps.throw(error) if error is not None else steps.send(value))
+    except StopIteration as stop:
+        return True, stop.value
+
+
+class _Exchange:
+    """The request's ``receive``/``send``: what of the body was read, whether the client went away."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, head: Head) -> None:
+        self.scope = scope
+        self._receive = receive
+        self.send = send
+        self.gone = False
+        self.eof = False
+        self.cut = False  # the body's reading was ended on purpose (preempted, too slow): never read again
+        self.consumed = 0
+        try:
+            self.length = head.content_length()
+        except UploadGuardError:
+            self.length = None
+        self.expects_continue = (head.header("Expect") or "").lower() == "100-continue"
+        self.asked = False
+
+    async def receive(self) -> Message:
+        self.asked = True
+        message = await self._receive()
+        if message.get("type") == "http.disconnect":
+            self.gone = True
+        elif message.get("type") == "http.request":
+            self.consumed += len(message.get("body", b""))
+            self.eof = not message.get("more_body", False)
+        return message
+
+    async def drain(self, *, max_bytes: int, timeout: float) -> None:
+        """Read and discard the rest of a refused body within the bounds, so the client reads the answer.
+
+        Skipped for a client still waiting for its ``100 Continue`` (the
+        server sends it on the first ``receive()``: nothing was sent), a body
+        already cut, or one announced past ``max_bytes`` (:func:`guard.drain_plan`).
+        """
+        if self.cut or self.gone:
+            return
+        remaining = None if self.length is None else self.length - self.consumed
+        plan = guard.drain_plan(waiting=self.expects_continue and not self.asked, eof=self.eof,
+                                remaining=remaining, max_bytes=max_bytes, timeout=timeout)
+        if plan is not guard.Drain.READ:
+            return
+        budget = self.consumed + max_bytes
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not (self.eof or self.gone) and self.consumed <= budget:
+                    await self.receive()
+
+
+def _encode(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+async def _send(send: Send, response: Response) -> None:
+    status = int(response.status.split(" ", 1)[0])
+    await send({"type": "http.response.start", "status": status, "headers": _encode(response.headers)})
+    await send({"type": "http.response.body", "body": b"".join(response.body), "more_body": False})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Without an application: accept the server's startup and shutdown."""
+    while True:
+        message = await receive()
+        kind = message.get("type")
+        if kind == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif kind == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
