@@ -435,6 +435,40 @@ class TestBadInput:
         assert "PATCH" in app.get(url, headers=TUS, status=405).headers["Allow"]
 
 
+class TestUndeliveredChunkedBody:
+    """A server that does not end a chunked body (uWSGI without its chunked input: no wsgi.input_terminated,
+    no CONTENT_LENGTH) would hand the endpoint an empty body: the request is a 411, never an empty PATCH."""
+
+    @staticmethod
+    def environ(path: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": "PATCH", "PATH_INFO": path, "SERVER_NAME": "test", "SERVER_PORT": "80",
+            "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body), "wsgi.errors": io.StringIO(),
+            "HTTP_TRANSFER_ENCODING": "chunked", "CONTENT_TYPE": "application/partial-upload",
+        }
+        environ.update({"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()})
+        return environ
+
+    def test_a_chunked_final_patch_is_411_and_completes_nothing(self, app: webtest.TestApp,
+                                                              endpoint: ResumableUploads) -> None:
+        """An IETF PATCH with Upload-Complete: ?1 sent chunked: 411, the upload still at its offset, incomplete."""
+        ietf = {"Upload-Draft-Interop-Version": "6"}
+        url = path_of(app.post("/files/", b"hello ", headers={**ietf, "Upload-Complete": "?0",
+                                                               "Content-Type": "application/partial-upload"},
+                               status=201))
+        response = endpoint.handle(self.environ(url, {**ietf, "Upload-Complete": "?1", "Upload-Offset": "6"},
+                                                b"5\r\nworld\r\n0\r\n\r\n"))
+        assert response.status.startswith("411")
+        head = app.head(url, headers=ietf, status=204)
+        assert head.headers["Upload-Offset"] == "6" and head.headers["Upload-Complete"] == "?0"
+
+    def test_a_chunked_tus_patch_is_411(self, app: webtest.TestApp, endpoint: ResumableUploads) -> None:
+        """The same for tus: a 411 naming the fix, not a 204 that stored nothing."""
+        url = path_of(create(app, 10))
+        response = endpoint.handle(self.environ(url, {"Tus-Resumable": "1.0.0", "Upload-Offset": "0"}, b""))
+        assert response.status.startswith("411") and b"Content-Length" in b"".join(response.body)
+
+
 class TestOnComplete:
     def test_once_even_if_the_last_patch_is_retried(self, app: webtest.TestApp, hooks: Hooks) -> None:
         """A retried final PATCH (empty, at the final offset) and later HEADs never run the hook again."""

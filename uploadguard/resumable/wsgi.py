@@ -249,9 +249,16 @@ class ResumableUploads(Endpoint):
         For framework integrations: call it with the identity the framework
         established (session, user) and turn the result into a response.
         """
+        try:
+            body_length(environ)  # the one decision of what body there is: a chunked one uWSGI will not deliver
+            refused: UploadGuardError | None = None  # is a 411, not an empty PATCH completing the upload
+        except BadRequest as error:
+            refused = error
         request = _Request(environ, owner)
         try:
             try:
+                if refused is not None:
+                    raise refused
                 return run_inline(self.serve(request.head), lambda effect: self._fulfil(request, effect))
             except (UploadGuardError, OSError) as exc:
                 answer = self.classify(exc)
