@@ -362,18 +362,22 @@ class TestTwoServices:
     to the WSGI site, both with the units' gunicorn configuration."""
 
     def test_nginx_routes_files_to_the_asgi_service(self, tmp_path: Path) -> None:
-        """Through nginx, GET / is the WSGI site's answer and a streamed PATCH to /files/ reaches the ASGI
-        service whole (its answer counts the bytes); the WSGI site never sees /files/."""
+        """Through nginx, GET / is the WSGI site's answer and a tus upload to /files/ -- created, then its
+        body streamed -- is stored whole by the ASGI service's resumable endpoint; the WSGI site never
+        sees /files/."""
         tool("nginx")
-        env = {"UPLOADGUARD_TEMP_DIR": str(tmp_path / "uploads"), "UPLOADGUARD_MIN_FREE_SPACE": "0"}
+        env = {"UPLOADGUARD_TEMP_DIR": str(tmp_path / "uploads"), "UPLOADGUARD_MIN_FREE_SPACE": "0",
+               "TEST_RESUMABLE_STORAGE": str(tmp_path / "resumable"), "TEST_RECORDS": str(tmp_path / "records")}
+        (tmp_path / "resumable").mkdir()
+        (tmp_path / "records").mkdir()
         [site_config] = re.findall(r"-c (\S+)", unit_values(SERVICE)["ExecStart"][0])
         site = Gunicorn("wsgi_apps:guarded", tmp_path=tmp_path, config=site_config, env=env)
         uploads = None
         try:
-            # Until the resumable ASGI endpoint is merged: the guarded plain ASGI app proves the routing.
-            uploads = Gunicorn("asgi_apps:plain_guarded", tmp_path=tmp_path, config=site_config, env=env,
+            uploads = Gunicorn("resumable_asgi_apps:application", tmp_path=tmp_path, config=site_config, env=env,
                                args=["-k", "asgi"])
             conf = NginxConf(tmp_path, SITE.read_text(), listen=free_port(), upstream=site.port, uploads=uploads.port)
+            size = 48 * 65536
             with running_nginx(conf):
                 page = http.client.HTTPConnection("127.0.0.1", conf.port, timeout=20)
                 page.request("GET", "/")
@@ -381,14 +385,21 @@ class TestTwoServices:
                 assert (response.status, response.read()) == (200, b"hello\n")
                 page.close()
                 conn = http.client.HTTPConnection("127.0.0.1", conf.port, timeout=20)
-                conn.request("PATCH", "/files/x", body=iter([b"a" * 65536] * 48),
-                             headers={"Content-Length": str(48 * 65536),
+                conn.request("POST", "/files/", headers={"Tus-Resumable": "1.0.0", "Upload-Length": str(size)})
+                created = conn.getresponse()
+                created.read()
+                assert created.status == 201
+                conn.request("PATCH", created.getheader("Location"), body=iter([b"a" * 65536] * 48),
+                             headers={"Content-Length": str(size), "Tus-Resumable": "1.0.0", "Upload-Offset": "0",
                                       "Content-Type": "application/offset+octet-stream"})
                 response = conn.getresponse()
-                assert (response.status, response.read()) == (200, b"stored %d" % (48 * 65536))
+                response.read()
+                assert (response.status, response.getheader("Upload-Offset")) == (204, str(size))
                 conn.close()
+            [record] = (tmp_path / "records").iterdir()
+            assert json.loads(record.read_text())["sha256"] == hashlib.sha256(b"a" * size).hexdigest()
             assert "/files/" not in site.log()
-            assert "ASGI" in uploads.log() and "Traceback" not in uploads.log() + site.log()
+            assert "Traceback" not in uploads.log() + site.log()
         finally:
             if uploads is not None:
                 uploads.stop()
