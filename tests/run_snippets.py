@@ -70,47 +70,6 @@ def check(page: Path, namespace: dict[str, Any]) -> None:
         answer: list[str] = []
         body = b"".join(app(environ, lambda status, headers, exc_info=None: answer.append(status)))
         assert answer and answer[0][:3] in {"200", "404"}, (answer, body)
-    if page.name == "photos.md":
-        import uuid
-
-        from PIL import Image
-
-        photo = io.BytesIO()
-        Image.linear_gradient("L").resize((640, 480)).convert("RGB").save(photo, "JPEG", quality=95)
-        photo.seek(0)
-        saved: dict[str, bytes] = {}
-
-        class Form:
-            def add_error(self, field: str, message: str) -> None:
-                raise AssertionError(f"the photo was refused: {field}: {message}")
-
-        class Storage:  # the two calls the fragment makes of Django's default_storage
-            def save(self, name: str, content: bytes) -> str:
-                saved[name] = content
-                return name
-
-        return {"request": type("Request", (), {"FILES": {"photo": photo}})(), "form": Form(),
-                "default_storage": Storage(), "ContentFile": bytes, "uuid": uuid, "saved": saved}
-    if page.name in {"guard.md", "operations.md"}:
-        def application(environ: Any, start_response: Any) -> list[bytes]:  # "your WSGI app"
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
-
-        return {"application": application}
-    return {}
-
-
-def check(page: Path, namespace: dict[str, Any]) -> None:
-    """What a page's blocks must have produced, beyond running: a WSGI app that answers, a stored photo."""
-    app = namespace.get("application")
-    if callable(app) and page.name in {"README.md", "guard.md", "operations.md", "resumable.md"}:
-        from wsgiref.util import setup_testing_defaults
-
-        environ: dict[str, Any] = {}
-        setup_testing_defaults(environ)
-        answer: list[str] = []
-        body = b"".join(app(environ, lambda status, headers, exc_info=None: answer.append(status)))
-        assert answer and answer[0][:3] in {"200", "404"}, (answer, body)
     for dotted in [*namespace.get("MIDDLEWARE", []), *namespace.get("INSTALLED_APPS", [])]:
         if isinstance(dotted, str):  # a Django settings fragment: every class it names exists
             import django
