@@ -321,6 +321,19 @@ class TestInterim:
         answer = self.ietf_creation(endpoint(tmp_path, settings), None)
         assert answer.status == 201 and answer.informational == []
 
+    def test_gunicorns_asgi_worker_is_known_by_the_pool_not_by_imports(self, tmp_path: Path, settings: Settings,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+        """gunicorn's ASGI worker takes a 104 without advertising it: the endpoint knows it from the pool the
+        hooks noted -- a process that merely imported gunicorn's ASGI modules (this one) sends none."""
+        import gunicorn.asgi.protocol  # noqa: F401  (what a guess from sys.modules would have taken for the server)
+
+        from uploadguard import config
+
+        assert self.ietf_creation(endpoint(tmp_path, settings), None).informational == []
+        monkeypatch.setattr(config, "_server_pool", config.ServerPool(workers=2, threads=1, worker_class="asgi"))
+        answer = self.ietf_creation(endpoint(tmp_path, settings), {})
+        assert [status for status, _ in answer.informational] == [104]
+
 
 class TestRouting:
     def test_other_paths_and_scopes_go_to_the_app(self, tmp_path: Path, settings: Settings) -> None:

@@ -382,7 +382,7 @@ class ServerPool:
 
     workers: int
     threads: int  # request threads per worker
-    worker_class: str  # "sync" or "gthread" (gunicorn's blocking workers), else the worker's class name
+    worker_class: str  # "sync", "gthread" (blocking), "asgi" (gunicorn's ASGI worker), else the class name
 
     @property
     def blocking(self) -> bool:

@@ -369,6 +369,8 @@ def _pool_of(worker: _Worker) -> _ServerPool | None:
         kind = "gthread"
     elif isinstance(worker, SyncWorker):
         kind = "sync"
+    elif type(worker).__module__ == "gunicorn.workers.gasgi":  # gunicorn's own ASGI worker: takes 1xx messages
+        kind = "asgi"
     else:
         kind = type(worker).__name__
     return _ServerPool(workers=int(cfg.workers), threads=int(cfg.threads), worker_class=kind)

@@ -37,9 +37,10 @@ A pure ASGI application (standard library only); ``lifespan`` and
   interop version gets ``104`` with ``Location`` as soon as the upload
   exists, before its body is read -- where the server can send interim
   responses: a scope advertising ``http.response.informational`` in its
-  ``extensions``, or gunicorn's ASGI worker (``gunicorn -k asgi``), which
-  takes the message without advertising it.  Never under uvicorn, which
-  refuses unknown messages.
+  ``extensions``, or gunicorn's ASGI worker (``gunicorn -c gunicorn_conf.py -k
+  asgi``: its ``post_worker_init`` hook notes the worker class), which takes
+  the message without advertising it.  Never under uvicorn, which refuses
+  unknown messages, nor under a gunicorn without uploadguard's hooks.
 * ``max_streams`` is accepted for parity and not applied: an event loop
   holds no thread per body (see :func:`uploadguard.config.stream_caps`).
 * ``get()`` and ``delete()`` are the WSGI endpoint's plain methods (store
@@ -55,12 +56,11 @@ import contextlib
 import inspect
 import logging
 import os
-import sys
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, TypeVar
 
 from .. import guard
-from ..config import Settings
+from ..config import Settings, server_pool
 from ..errors import UploadGuardError
 from . import core
 from . import protocol as p
@@ -92,8 +92,10 @@ def can_send_informational(scope: Scope) -> bool:
     extensions = scope.get("extensions") or {}
     if _INFORMATIONAL in extensions:
         return True
-    # gunicorn's ASGI worker takes the message but does not advertise it; only that worker imports this module.
-    return "gunicorn.asgi.protocol" in sys.modules and scope.get("http_version", "1.1") != "1.0"
+    # gunicorn's ASGI worker takes the message but does not advertise it: known from the pool uploadguard's
+    # post_worker_init hook noted (gunicorn_conf.py), never guessed from what a process happens to import.
+    pool = server_pool()
+    return pool is not None and pool.worker_class == "asgi" and scope.get("http_version", "1.1") != "1.0"
 
 
 def _head_of(scope: Scope, owner: str | None) -> Head:
