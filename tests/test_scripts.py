@@ -9,6 +9,7 @@ machine), then pytest.  Whether pip ran is read from pip's own log file
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -208,7 +209,8 @@ class TestDemoScript:
             while '"GET /favicon.ico' not in log.read_text() and time.monotonic() < deadline:
                 time.sleep(0.05)  # the access log line is written after the answer
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it exited already: its log says why, below
+                os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
         text = log.read_text()
         storage = root / "examples" / "django_demo" / "var" / "resumable"
