@@ -300,7 +300,8 @@ class ResumableUploads(Endpoint):
         loop = asyncio.get_running_loop()
         floor = core.RateFloor(self.idle_timeout, loop.time())
         writer = _Writer(self, appender)
-        reader = asyncio.ensure_future(_read(exchange, floor, writer))
+        stop = asyncio.Event()
+        reader = asyncio.ensure_future(_read(exchange, floor, writer, stop))
         cut: str | None = None
         try:
             while not reader.done():
@@ -321,15 +322,24 @@ class ResumableUploads(Endpoint):
                 cut = reader.result()
         finally:
             if not reader.done():
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+                # Python 3.11's asyncio.wait_for (inside the server's receive) can swallow a cancel that
+                # meets a message arriving: ask again until the read has ended, and let it stop by itself
+                # at its next message.
+                stop.set()
+                while not reader.done():
+                    reader.cancel()
+                    await asyncio.wait((reader,), timeout=_POLL)
+                if not reader.cancelled():
+                    reader.exception()  # retrieved: its outcome no longer matters, the cut stands
             await writer.close()
         return cut
 
 
-async def _read(exchange: _Exchange, floor: core.RateFloor, writer: _Writer) -> str | None:
-    """Take the body's messages as they come: ``"disconnect"`` if the client went first, else ``None``."""
+async def _read(exchange: _Exchange, floor: core.RateFloor, writer: _Writer, stop: asyncio.Event) -> str | None:
+    """Take the body's messages as they come: ``"disconnect"`` if the client went first, else ``None``.
+
+    Ends at ``stop`` too (the watcher cut the body), after storing the message in hand.
+    """
     loop = asyncio.get_running_loop()
     while True:
         message = await exchange.receive()
@@ -339,7 +349,7 @@ async def _read(exchange: _Exchange, floor: core.RateFloor, writer: _Writer) -> 
         floor.count(len(data), loop.time())
         more = message.get("more_body", False)
         await writer.add(data, flush=not more)
-        if not more:
+        if not more or stop.is_set():
             return None
 
 
