@@ -169,7 +169,28 @@ def _uwsgi_delivers_chunks(options: Any) -> bool:
     return ("http-socket" in options or "https-socket" in options) and not ("http" in options or "https" in options)
 
 
-class ServerChunks:
+class _Lines:
+    """``readlines`` and iteration from ``readline``: the file-like rest of a WSGI input stream."""
+
+    def readline(self, size: int | None = -1) -> bytes:
+        raise NotImplementedError
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+
+class ServerChunks(_Lines):
     """A ``wsgi.input`` over a server's chunk-at-a-time body reader (uWSGI's ``uwsgi.chunked_read``).
 
     ``next_chunk()`` returns the next chunk, ``b""`` at the end.  Reads
@@ -215,19 +236,6 @@ class ServerChunks:
         end = self._buffer.find(b"\n") + 1 or len(self._buffer)
         return self._pop(end if limit < 0 else min(end, limit))
 
-    def readlines(self, hint: int | None = -1) -> list[bytes]:
-        lines: list[bytes] = []
-        total = 0
-        while line := self.readline():
-            lines.append(line)
-            total += len(line)
-            if hint is not None and 0 < hint <= total:
-                break
-        return lines
-
-    def __iter__(self) -> Iterator[bytes]:
-        while line := self.readline():
-            yield line
 
 
 def request_socket(environ: WSGIEnvironment) -> socket.socket | None:
@@ -316,7 +324,7 @@ class ContinueOnRead:
         return iter(self._body)
 
 
-class GuardedInput:
+class GuardedInput(_Lines):
     """``wsgi.input`` wrapper that counts what is read and enforces the limit.
 
     With a known ``Content-Length`` reads never go past it (safe on servers
@@ -393,19 +401,6 @@ class GuardedInput:
     def readline(self, size: int | None = -1) -> bytes:
         return self._take(self._stream.readline, size)
 
-    def readlines(self, hint: int | None = -1) -> list[bytes]:
-        lines: list[bytes] = []
-        total = 0
-        while line := self.readline():
-            lines.append(line)
-            total += len(line)
-            if hint is not None and 0 < hint <= total:
-                break
-        return lines
-
-    def __iter__(self) -> Iterator[bytes]:
-        while line := self.readline():
-            yield line
 
     def drain(self, *, max_bytes: int, timeout: float, sock: socket.socket | None = None) -> bool:
         """Read and discard the rest of the body within the bounds; ``True`` if all was read.
