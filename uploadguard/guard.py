@@ -33,7 +33,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from .config import format_size
+from .config import Settings, format_size
 from .errors import BadRequest, BodyTooLarge, InternalError, LengthRequired, TempDirUnavailable, UploadGuardError
 from .stats import Event, GuardStats
 from .tempdir import Health, Reason, TempDirGuard, reason_for_errno
@@ -47,6 +47,7 @@ __all__ = [
     "drain_plan",
     "limit_refusal",
     "needs_health",
+    "configure",
     "may_have_body",
     "record",
     "temp_dir_error",
@@ -98,6 +99,14 @@ def _streams_bodies(environ: Mapping[str, Any]) -> bool:
     protocol = str(environ.get("SERVER_PROTOCOL", ""))
     return (protocol.startswith(("HTTP/2", "HTTP/3"))
             and str(environ.get("REQUEST_METHOD", "")).upper() not in _BODILESS_METHODS)
+
+
+def configure(settings: Settings | None, overrides: Mapping[str, Any]) -> tuple[Settings, TempDirGuard]:
+    """Both drivers' ``UploadGuard`` set-up: keywords over ``settings`` (else ``UPLOADGUARD_*``), and the
+    temp-dir guard they imply; ``None`` keywords keep the setting."""
+    settings = settings.replace(**overrides) if settings else Settings.from_environ(None, **overrides)
+    return settings, TempDirGuard(settings.temp_dir, min_free_space=settings.min_free_space,
+                                  check_interval=settings.check_interval)
 
 
 def may_have_body(environ: Mapping[str, Any]) -> bool:

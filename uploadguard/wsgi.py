@@ -87,7 +87,7 @@ from .config import Settings
 from .errors import BadRequest, BodyTooLarge, InternalError, LengthRequired, TempDirUnavailable, UploadGuardError
 from .guard import printable as _printable
 from .stats import Event, GuardStats
-from .tempdir import Health, TempDirGuard
+from .tempdir import Health
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -600,15 +600,12 @@ class UploadGuard:
         check_interval: float | None = None,  # seconds
         settings: Settings | None = None,
     ) -> None:
-        overrides: dict[str, Any] = dict(
+        self.settings, self.temp = guard.configure(settings, dict(
             temp_dir=temp_dir, max_body_size=max_body_size, retry_after=retry_after,
             min_free_space=min_free_space, drain_max=drain_max, drain_timeout=drain_timeout,
             check_interval=check_interval,
-        )
-        self.settings = settings.replace(**overrides) if settings else Settings.from_environ(None, **overrides)
+        ))
         self.app = app
-        self.temp = TempDirGuard(self.settings.temp_dir, min_free_space=self.settings.min_free_space,
-                                 check_interval=self.settings.check_interval)
         self.stats = GuardStats()
         self._spools: Callable[[WSGIEnvironment], bool] | None = None  # see spools_body()
         from . import metrics  # Prometheus counters when prometheus_client is installed; else nothing
