@@ -4,6 +4,7 @@ across hosts, storage failures, expiry and the server-side copy into Django stor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import socket
@@ -25,6 +26,7 @@ from tests.test_resumable_store import data_of, new_info, reader
 from uploadguard.errors import BodyTooLarge
 from uploadguard.resumable import clean_expired
 from uploadguard.resumable.locking import ReleaseWatcher
+from uploadguard.wsgi import shut_reading
 from uploadguard.resumable.protocol import UploadLocked, UploadNotFound
 from uploadguard.resumable.s3 import MIN_PART, S3Store, S3Unavailable, is_s3_url, parse_s3_url, save_to_storage
 from uploadguard.resumable.store import Store, new_upload_id
@@ -664,7 +666,7 @@ class TestS3Locking:
         assert lock is not None
 
         def holder() -> None:
-            with ReleaseWatcher(lock, server, interval=0.05):  # type: ignore[arg-type]
+            with ReleaseWatcher(lock, functools.partial(shut_reading, server), interval=0.05):  # type: ignore[arg-type]
                 got.append(server.recv(10))
             lock.release()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -26,6 +27,7 @@ from uploadguard.cli import main
 from uploadguard.errors import BodyTooLarge
 from uploadguard.resumable import LocalStore, UploadInfo, clean_expired
 from uploadguard.resumable.locking import FileLocker, ReleaseWatcher, StreamSlots
+from uploadguard.wsgi import shut_reading
 from uploadguard.resumable.protocol import Checksum, ChecksumMismatch, OffsetMismatch, UploadLocked, UploadNotFound
 from uploadguard.resumable.store import ID_PATTERN, Store, new_upload_id, valid_upload_id
 
@@ -389,7 +391,7 @@ class TestLocking:
         assert lock is not None
 
         def holder() -> None:
-            with ReleaseWatcher(lock, server, interval=0.05):
+            with ReleaseWatcher(lock, functools.partial(shut_reading, server), interval=0.05):
                 got.append(server.recv(10))  # blocks: the client sends nothing
             lock.release()
 
@@ -414,7 +416,8 @@ class TestLocking:
         lock = FileLocker(tmp_path).try_acquire(new_upload_id())
         assert lock is not None
         server, client = socket.socketpair()
-        with server, client, lock, ReleaseWatcher(lock, server, interval=0.01) as watcher:
+        interrupt = functools.partial(shut_reading, server)
+        with server, client, lock, ReleaseWatcher(lock, interrupt, interval=0.01) as watcher:
             client.sendall(b"data")
             time.sleep(0.05)  # several polls pass; nothing must happen
             assert server.recv(10) == b"data" and not watcher.preempted

@@ -12,9 +12,14 @@ the ``UPLOADGUARD_*`` settings, :mod:`uploadguard.django` and
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .config import ConfigError, Settings
 from .errors import BadRequest, BodyTooLarge, InternalError, LengthRequired, TempDirUnavailable, UploadGuardError
-from .wsgi import GuardStats, UploadGuard
+
+if TYPE_CHECKING:
+    from .stats import GuardStats as GuardStats
+    from .wsgi import UploadGuard as UploadGuard
 
 __version__ = "0.1.0"
 
@@ -31,3 +36,17 @@ __all__ = [
     "UploadGuardError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The WSGI guard (and the stats) on first use (PEP 562): every ``uploadguard.*`` import runs this file, and
+    # the ASGI guard, the pure resumable core or ``uploadguard.config`` must not load the WSGI driver.
+    value: Any
+    if name == "UploadGuard":
+        from .wsgi import UploadGuard as value
+    elif name == "GuardStats":
+        from .stats import GuardStats as value
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value

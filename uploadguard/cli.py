@@ -70,10 +70,9 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from . import __version__
-from .config import ConfigError, Settings, format_size, parse_duration
+from .config import ConfigError, Settings, format_size, is_s3_url, parse_duration
 from .errors import UploadGuardError
 from .operations import clean_old_files, disk_usage, mount_of, private_mount_namespace
-from .resumable.s3 import is_s3_url  # up front: doctor may run where its own files get covered (a bind over /tmp)
 from .tempdir import Reason, check_temp_dir, default_dirs, is_within, probe_write
 
 __all__ = ["Check", "MIN_AGE", "SHARED_TEMP_ROOTS", "doctor", "main"]

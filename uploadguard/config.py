@@ -37,9 +37,10 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = ["ConfigError", "Settings", "parse_size", "parse_duration", "ENV_PREFIX", "SETTING_NAMES", "ServerPool",
-           "note_server_pool", "server_pool", "stream_caps"]
+           "note_server_pool", "server_pool", "stream_caps", "is_s3_url", "parse_s3_url"]
 
 ENV_PREFIX = "UPLOADGUARD_"
 
@@ -129,11 +130,30 @@ def _parse_path(value: str | os.PathLike[str], *, name: str) -> Path:
     raise ConfigError(f"{name}={value!r} is not a directory path")
 
 
+def is_s3_url(value: object) -> bool:
+    """Whether ``value`` is an ``s3://bucket/prefix`` storage URL."""
+    return isinstance(value, str) and value.startswith("s3://")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix/")``; :class:`ValueError` if it is not one."""
+    parts = urlsplit(url)
+    bucket = parts.netloc
+    if parts.scheme != "s3" or not bucket or parts.query or parts.fragment or parts.port is not None:
+        raise ValueError(f"{url!r} is not an S3 storage URL; use s3://bucket/prefix")
+    if not (3 <= len(bucket) <= 63) or not all(c.islower() or c.isdigit() or c in ".-" for c in bucket) \
+            or not bucket[0].isalnum() or not bucket[-1].isalnum():
+        raise ValueError(f"{url!r}: {bucket!r} is not a valid S3 bucket name "
+                         "(3-63 lowercase letters, digits, dots and hyphens)")
+    prefix = parts.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return bucket, prefix
+
+
 def _parse_storage(value: str | os.PathLike[str], *, name: str) -> Path | str:
     """A directory, or an ``s3://bucket/prefix`` URL kept as it is (``uploadguard.resumable.s3``)."""
     if isinstance(value, str) and value.strip().startswith("s3://"):
-        from .resumable.s3 import parse_s3_url
-
         try:
             parse_s3_url(value.strip())
         except ValueError as exc:

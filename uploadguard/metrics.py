@@ -70,8 +70,8 @@ import re
 import threading
 from typing import TYPE_CHECKING, Any
 
+from .stats import Event
 from .tempdir import Reason
-from .wsgi import Event
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

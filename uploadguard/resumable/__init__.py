@@ -127,12 +127,40 @@ against a strict pattern before they reach a path.
 
 from __future__ import annotations
 
-from .expiry import CleanExpiredResult, clean_expired
-from .locking import FileLocker
-from .protocol import UploadIncomplete, UploadLocked, UploadNotFound
-from .s3 import S3Store
-from .store import LocalStore, Store, UploadInfo
-from .wsgi import ResumableUploads, Upload
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .expiry import CleanExpiredResult as CleanExpiredResult
+    from .expiry import clean_expired as clean_expired
+    from .locking import FileLocker as FileLocker
+    from .protocol import UploadIncomplete as UploadIncomplete
+    from .protocol import UploadInfo as UploadInfo
+    from .protocol import UploadLocked as UploadLocked
+    from .protocol import UploadNotFound as UploadNotFound
+    from .s3 import S3Store as S3Store
+    from .store import LocalStore as LocalStore
+    from .store import Store as Store
+    from .wsgi import ResumableUploads as ResumableUploads
+    from .wsgi import Upload as Upload
+
+#: Each public name and the module it lives in.  Loaded on first use (PEP 562): importing
+#: ``uploadguard.resumable.core`` runs this file, and the pure core must not pull in the
+#: stores, S3 or the WSGI driver with it.
+_PUBLIC = {
+    "CleanExpiredResult": "expiry",
+    "FileLocker": "locking",
+    "LocalStore": "store",
+    "ResumableUploads": "wsgi",
+    "S3Store": "s3",
+    "Store": "store",
+    "Upload": "wsgi",
+    "UploadIncomplete": "protocol",
+    "UploadInfo": "protocol",
+    "UploadLocked": "protocol",
+    "UploadNotFound": "protocol",
+    "clean_expired": "expiry",
+}
 
 __all__ = [
     "CleanExpiredResult",
@@ -148,3 +176,16 @@ __all__ = [
     "UploadNotFound",
     "clean_expired",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from ..errors import UploadGuardError
 from . import protocol as p
-from .store import UploadInfo
+from .protocol import UploadInfo
 
 __all__ = ["Head", "Response", "state_headers", "finish_headers", "options_headers", "preflight_headers",
            "error_response", "interim_headers", "final_id", "whole", "liveness", "RateFloor", "RATE_FLOOR"]

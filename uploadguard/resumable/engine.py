@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, BinaryIO, TypeVar
 
-from ..config import Settings, parse_duration, parse_size
+from ..config import Settings, is_s3_url, parse_duration, parse_size
 from ..errors import BadRequest, BodyTooLarge, InternalError, TempDirUnavailable, UploadGuardError
 from ..tempdir import Reason, reason_for_errno
 from . import core
@@ -40,7 +40,7 @@ from . import protocol as p
 from .core import Head, Response
 from .locking import HeldLock, Locker
 from .s3 import RAM_PART_LIMIT as S3_RAM_PART_LIMIT
-from .s3 import S3Store, is_s3_url
+from .s3 import S3Store
 from .store import LocalStore, Store, UploadInfo, new_upload_id, valid_upload_id
 
 __all__ = ["Endpoint", "Upload", "Lock", "Admit", "Body", "Hook", "Steps", "run_inline"]

@@ -13,8 +13,8 @@ the client, which has long reconnected, gets nothing but 423s.  As in tusd, a
 request that finds the lock held *asks* the holder to let go: it creates
 ``<id>.release`` and retries for ``timeout`` seconds (default 5).  The holder
 runs a :class:`ReleaseWatcher` while it reads a PATCH body; it polls the
-release request every 0.2 s and, when asked, shuts the socket down for
-reading (``socket.shutdown(SHUT_RD)`` on gunicorn's ``environ["gunicorn.socket"]``),
+release request every 0.2 s and, when asked, ends the read (the WSGI driver
+shuts gunicorn's ``environ["gunicorn.socket"]`` down for reading: ``SHUT_RD``),
 so the blocked read returns at once with what it has.  The holder keeps the
 bytes already written, releases the lock and answers.
 
@@ -33,14 +33,12 @@ import errno
 import fcntl
 import logging
 import os
-import socket
 import threading
 import time
 from types import TracebackType
 from collections.abc import Callable
 from typing import Protocol
 
-from ..wsgi import shut_reading
 from .protocol import UploadLocked
 
 __all__ = ["HeldLock", "Locker", "FileLocker", "UploadLock", "ReleaseWatcher", "StreamSlots"]
@@ -191,14 +189,16 @@ class FileLocker:
 class ReleaseWatcher:
     """While a PATCH body is read: end the read when another request asks for the upload.
 
-    ``sock`` is the client socket (gunicorn's ``environ["gunicorn.socket"]``);
-    without one the watcher still records the request, but a blocked read
-    cannot be interrupted.
+    ``interrupt`` ends a read blocked in another thread (the WSGI driver shuts
+    the client socket for reading); without one the watcher still records the
+    request, but a blocked read cannot be interrupted.  A callback, not the
+    socket, so that how a server's read is ended stays with the driver.
     """
 
-    def __init__(self, lock: HeldLock, sock: socket.socket | None, *, interval: float = 0.2) -> None:  # seconds
+    def __init__(self, lock: HeldLock, interrupt: Callable[[], None] | None, *,
+                 interval: float = 0.2) -> None:  # seconds
         self.lock = lock
-        self.sock = sock
+        self.interrupt = interrupt
         self.interval = interval
         self.preempted = False
         #: Polled with the release request: ``True`` ends the read as too slow (see ``_BodyReader``).
@@ -223,16 +223,16 @@ class ReleaseWatcher:
                 self.preempted = True
                 log.info("upload %s was asked for by another request; ending this PATCH",
                          self.lock.upload_id)
-                if self.sock is not None:
-                    shut_reading(self.sock)  # TLS too: the plain socket's shutdown keeps the TLS layer
+                if self.interrupt is not None:
+                    self.interrupt()
                 return
             if self.too_slow is not None and self.too_slow():
                 # The server's reader blocks until it has the bytes it asked for, however slowly
                 # they drip in: only a shutdown ends such a read.
                 self.slowed = True
                 log.info("upload %s: the PATCH brings too few bytes; ending it", self.lock.upload_id)
-                if self.sock is not None:
-                    shut_reading(self.sock)
+                if self.interrupt is not None:
+                    self.interrupt()
                 return
 
 

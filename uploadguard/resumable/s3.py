@@ -132,8 +132,8 @@ from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
 
+from ..config import is_s3_url, parse_s3_url
 from ..errors import BodyTooLarge, TempDirUnavailable
 from ..tempdir import Health, Reason
 from .locking import HeldLock
@@ -151,27 +151,6 @@ _READ = 1 * MiB  # bytes read from the client per call
 RAM_PART_LIMIT = 32 * MiB  # larger part buffers go to a file in temp_dir
 _COPY_LIMIT = 5 * 1024 * MiB  # CopyObject's maximum; above it, UploadPartCopy
 _POLL = 0.25  # seconds between a lock thread's looks at <id>.release, and between acquire attempts
-
-
-def is_s3_url(value: object) -> bool:
-    """Whether ``value`` is an ``s3://bucket/prefix`` storage URL."""
-    return isinstance(value, str) and value.startswith("s3://")
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix/")``; :class:`ValueError` if it is not one."""
-    parts = urlsplit(url)
-    bucket = parts.netloc
-    if parts.scheme != "s3" or not bucket or parts.query or parts.fragment or parts.port is not None:
-        raise ValueError(f"{url!r} is not an S3 storage URL; use s3://bucket/prefix")
-    if not (3 <= len(bucket) <= 63) or not all(c.islower() or c.isdigit() or c in ".-" for c in bucket) \
-            or not bucket[0].isalnum() or not bucket[-1].isalnum():
-        raise ValueError(f"{url!r}: {bucket!r} is not a valid S3 bucket name "
-                         "(3-63 lowercase letters, digits, dots and hyphens)")
-    prefix = parts.path.lstrip("/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    return bucket, prefix
 
 
 class S3Unavailable(TempDirUnavailable):

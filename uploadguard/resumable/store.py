@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import json
 import logging
 import os
 import re
@@ -45,7 +44,7 @@ from typing import BinaryIO, Protocol
 from ..errors import BodyTooLarge
 from ..tempdir import Health, TempDirGuard
 from .locking import FileLocker, Locker
-from .protocol import Checksum, ChecksumMismatch, UploadNotFound, check_offset
+from .protocol import Checksum, ChecksumMismatch, UploadInfo, UploadNotFound, check_offset
 
 __all__ = ["ID_PATTERN", "UploadInfo", "Store", "Appender", "LocalStore", "LocalAppender", "pump", "new_upload_id",
            "valid_upload_id"]
@@ -56,7 +55,6 @@ log = logging.getLogger("uploadguard")
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{24}")
 _CHUNK = 1024 * 1024  # bytes read from the client per call
 _WRITEBACK_EVERY = 8 * 1024 * 1024  # bytes appended between two background fdatasync calls
-_INFO_VERSION = 1
 _INFO_TMP = ".info.tmp"  # the info is written here, then renamed over <id>.info
 #: Every file an upload may have in the directory (the locker's two included).
 _SUFFIXES = frozenset({"info", "bin", "chk", _INFO_TMP[1:], "lock", "release"})
@@ -72,72 +70,6 @@ def new_upload_id() -> str:
 def valid_upload_id(upload_id: str) -> bool:
     """Whether ``upload_id`` could have come from :func:`new_upload_id` (and is safe in a path)."""
     return ID_PATTERN.fullmatch(upload_id) is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class UploadInfo:
-    """What the store knows about an upload.  ``offset`` and ``updated`` come from the data itself."""
-
-    id: str
-    length: int | None  # bytes; None while Upload-Defer-Length
-    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
-    owner: str | None = None
-    created: float = 0.0  # epoch seconds
-    expires_after: float | None = None  # seconds of inactivity before an incomplete upload expires
-    partial: bool = False  # a tus concatenation part
-    parts: tuple[str, ...] | None = None  # ids of the parts of a final concatenation
-    completed: bool = False  # all bytes in and fsynced
-    hook_done: bool = False  # on_complete returned
-    #: seconds a completed upload is kept after it completed (0 = forever); ``None``: not recorded
-    #: (an info written before uploadguard recorded it), so the reader's default applies
-    keep_completed: float | None = None
-    completed_at: float = 0.0  # epoch seconds of the completion; 0 = not completed, or not recorded
-    offset: int = 0  # bytes stored
-    updated: float = 0.0  # epoch seconds of the last write
-
-    @property
-    def expires(self) -> float | None:
-        """When the upload expires (epoch seconds), or ``None`` (completed, or no expiry).
-
-        A concatenation part expires even when complete: once the final upload
-        joined it, nobody asks for it again.
-        """
-        if (self.completed and not self.partial) or self.expires_after is None:
-            return None
-        return max(self.created, self.updated) + self.expires_after
-
-    def discard_at(self, default_keep: float) -> float | None:
-        """When a completed upload the application never deleted is removed (epoch seconds), or ``None``.
-
-        ``keep_completed`` seconds after it completed (``default_keep`` when the
-        info recorded none; 0 = never).  Without it, every completed upload no
-        form ever claims -- an ``Upload-Length: 0`` creation completes at once --
-        would stay for good.  Concatenation parts expire by :attr:`expires`
-        instead.  An upload completed before the time was recorded counts from
-        its last write.
-        """
-        if not self.completed or self.partial:
-            return None
-        keep = default_keep if self.keep_completed is None else self.keep_completed
-        if not keep:
-            return None
-        return (self.completed_at or max(self.created, self.updated)) + keep
-
-    def to_json(self) -> bytes:
-        data = dataclasses.asdict(self)
-        for derived in ("offset", "updated"):
-            del data[derived]
-        data["version"] = _INFO_VERSION
-        return json.dumps(data, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes, *, offset: int, updated: float) -> UploadInfo:
-        data = json.loads(raw)
-        data.pop("version", None)
-        if data.get("parts") is not None:
-            data["parts"] = tuple(data["parts"])
-        known = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known}, offset=offset, updated=updated)
 
 
 class Appender(Protocol):

@@ -13,6 +13,7 @@ for the parameters and the rules.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Settings, server_pool, stream_caps
 from ..errors import BadRequest, TempDirUnavailable, UploadGuardError
-from ..wsgi import GuardedInput, body_length, request_socket, waiting_for_continue
+from ..wsgi import GuardedInput, body_length, request_socket, shut_reading, waiting_for_continue
 from . import protocol as p
 from .core import RATE_FLOOR as _RATE_FLOOR
 from .core import Head, RateFloor, Response
@@ -285,7 +286,9 @@ class ResumableUploads(Endpoint):
         sock = request_socket(request.environ)
         stream = request.environ["wsgi.input"]
         previous_timeout = sock.gettimeout() if sock is not None else None
-        with ReleaseWatcher(body.lock, sock) as watcher:
+        # TLS too: the plain socket's shutdown ends the read under the TLS layer.
+        interrupt = functools.partial(shut_reading, sock) if sock is not None else None
+        with ReleaseWatcher(body.lock, interrupt) as watcher:
             reader = request.reader = _BodyReader(stream, body.content_length, watcher, self.idle_timeout, sock)
             watcher.too_slow = reader.too_slow
             if sock is not None and self.idle_timeout:
