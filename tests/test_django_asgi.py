@@ -26,6 +26,7 @@ import requests
 
 from tests.support import GUNICORN_CONF, ROOT, Gunicorn, needs_root, tmpfs
 from tests.test_asgi import Uvicorn
+from tests.test_django import dirs, project  # noqa: F401  (fixtures: the test project's settings)
 
 MiB = 1024 * 1024
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -216,3 +217,36 @@ class TestAsyncViews:
 
         with pytest.raises(SynchronousOnlyOperation, match=f"a{name}"):
             asyncio.run(view())
+
+
+class TestWithoutTheASGIWrapper:
+    """In-process: ``ResumableUploadsMiddleware`` reached under ASGI (asgi.py without ResumableUploadsASGI)."""
+
+    @pytest.fixture(autouse=True)
+    def _project(self, tmp_path: Path) -> Iterator[None]:
+        from django.test import override_settings
+
+        from tests.test_django_resumable import MIDDLEWARE
+
+        with override_settings(MIDDLEWARE=MIDDLEWARE, UPLOADGUARD_RESUMABLE_STORAGE=str(tmp_path / "tus"),
+                               FILE_UPLOAD_TEMP_DIR=str(tmp_path), UPLOADGUARD_MIN_FREE_SPACE=0):
+            yield
+
+    def test_it_serves_djangos_copy_of_the_body_and_says_so(self, project: None,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+        """The upload still works from the body Django spooled, and a WARNING names ResumableUploadsASGI, once."""
+        from django.test import AsyncClient
+
+        async def upload() -> tuple[int, int, int]:
+            client = AsyncClient(enforce_csrf_checks=True, raise_request_exception=False)
+            token = (await client.get("/form/")).json()["csrf"]
+            headers = {**TUS, "X-CSRFToken": token}
+            created = await client.generic("POST", "/files/", b"", headers={**headers, "Upload-Length": "6"})
+            patched = [await client.generic("PATCH", created["Location"], data, headers={
+                **headers, "Upload-Offset": str(offset)}, content_type="application/offset+octet-stream")
+                for offset, data in ((0, b"abc"), (3, b"def"))]
+            return created.status_code, patched[0].status_code, patched[1].status_code
+
+        assert asyncio.run(upload()) == (201, 204, 204)
+        warnings = [record.getMessage() for record in caplog.records if "under ASGI" in record.getMessage()]
+        assert len(warnings) == 1 and "ResumableUploadsASGI" in warnings[0]

@@ -11,8 +11,12 @@ deterministic.  The request header ``X-Sabotage`` says how:
 Every response gets ``X-Inner-Middleware: seen``, and ``X-Process-Exception``
 names the exception if Django called ``process_exception``, so tests can see
 what happened inside.
+
+``TakingUploads``: the resumable endpoint with an ``on_complete`` that moves
+the data away (to ``STORE_DIR/taken``), as applications do.
 """
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +25,7 @@ from pathlib import Path
 from django.conf import settings
 
 from tests.support import fill
+from uploadguard.django import ResumableUploadsMiddleware
 
 
 def spool_dir() -> str:
@@ -47,3 +52,9 @@ class Sabotage:
 
     def process_exception(self, request, exception):
         request.process_exception = type(exception).__name__
+
+
+class TakingUploads(ResumableUploadsMiddleware):
+    def on_complete(self, upload):
+        os.makedirs(os.path.join(settings.STORE_DIR, "taken"), exist_ok=True)
+        os.replace(upload.path, os.path.join(settings.STORE_DIR, "taken", upload.id))
