@@ -94,7 +94,10 @@ this process (``uploadguard.W001``) and the middleware missing or not first
 ``"uploadguard.django.UploadGuardConfig"`` to ``INSTALLED_APPS``.
 
 WSGI only: under ASGI, Django reads the whole body into a temporary file
-before any middleware runs.
+before any middleware runs -- guard it with :class:`uploadguard.asgi.UploadGuard`,
+and serve resumable uploads with :class:`ResumableUploadsASGI` (in front of
+``get_asgi_application()``), which keeps :class:`ResumableUploadsMiddleware`'s
+rules.
 """
 
 from __future__ import annotations
@@ -447,6 +450,10 @@ class ResumableUploadsMiddleware:
 
     Subclass to change :attr:`prefix`, :attr:`cors_origins` or to act on
     completed uploads in :meth:`on_complete`.
+
+    Under ASGI, keep it in ``MIDDLEWARE`` and wrap the application in
+    :class:`ResumableUploadsASGI`, which answers the endpoint's requests before
+    Django spools their bodies, by this class's :meth:`verdict`.
     """
 
     prefix: str = "/files/"
