@@ -347,6 +347,17 @@ class TestLoggingIn:
         log_in(elsewhere, other_token, 7)
         assert elsewhere.head(url, **TUS).status_code == 200  # the user's, from any browser now
 
+    def test_the_middleware_ahead_adds_its_cookies_and_headers(self) -> None:
+        """The session cookie SessionMiddleware refreshes (SESSION_SAVE_EVERY_REQUEST) and its Vary: Cookie come
+        with the endpoint's answer, as any response passes the middleware on its way out."""
+        client, token = csrf_client()
+        token = log_in(client, token, 7)
+        url = create(client, token, 3)["Location"]
+        with override_settings(SESSION_SAVE_EVERY_REQUEST=True):
+            response = client.head(url, **TUS)
+        assert response.status_code == 200
+        assert "sessionid" in response.cookies and "Cookie" in response.get("Vary", "")
+
     def test_parts_begun_before_logging_in_are_joined_after(self) -> None:
         """The parts of a concatenation, uploaded anonymously, are joined by the user they now belong to."""
         client, token = csrf_client()
