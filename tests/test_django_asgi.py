@@ -252,3 +252,43 @@ class TestWithoutTheASGIWrapper:
         assert asyncio.run(upload()) == (201, 204, 204)
         warnings = [record.getMessage() for record in caplog.records if "under ASGI" in record.getMessage()]
         assert len(warnings) == 1 and "ResumableUploadsASGI" in warnings[0]
+
+
+class TestOffTheLoop:
+    """In-process: the Django work of an endpoint request runs in a thread, never on the event loop."""
+
+    def test_a_slow_session_lookup_does_not_hold_the_loop(self, tmp_path: Path) -> None:
+        """While the middleware ahead of the endpoint waits (a slow session store), the loop runs on: it is the
+        loop that lets the request go, and then the request is answered."""
+        from django.test import override_settings
+
+        from tests.django_asgi_client import asgi_stack
+        from tests.django_project.middleware import Hold
+        from tests.test_django_resumable import MIDDLEWARE
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "OPTIONS",
+                 "scheme": "http", "path": "/files/", "raw_path": b"/files/", "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"testserver"), (b"tus-resumable", b"1.0.0"), (b"x-hold", b"1")],
+                 "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def exchange() -> None:
+            app = asgi_stack()
+            request = asyncio.ensure_future(app(scope, receive, send))
+            await asyncio.to_thread(Hold.entered.wait, 30)
+            Hold.release.set()  # from the loop: only if the loop runs while the request waits
+            await request
+
+        Hold.entered.clear()
+        Hold.release.clear()
+        with override_settings(MIDDLEWARE=["tests.django_project.middleware.Hold", *MIDDLEWARE],
+                               UPLOADGUARD_RESUMABLE_STORAGE=str(tmp_path / "tus")):
+            asyncio.run(exchange())
+        assert Hold.released is True
+        assert sent[0]["status"] == 204

@@ -19,6 +19,7 @@ the data away (to ``STORE_DIR/taken``), as applications do.
 import os
 import shutil
 import subprocess
+import threading
 import tempfile
 from pathlib import Path
 
@@ -58,3 +59,25 @@ class TakingUploads(ResumableUploadsMiddleware):
     def on_complete(self, upload):
         os.makedirs(os.path.join(settings.STORE_DIR, "taken"), exist_ok=True)
         os.replace(upload.path, os.path.join(settings.STORE_DIR, "taken", upload.id))
+
+
+class Hold:
+    """Holds each request whose ``X-Hold`` header is set until ``Hold.release`` is set, 30 s at most.
+
+    A session or user lookup that takes its time (a slow database), made
+    deterministic.  ``Hold.entered`` says a request waits; ``Hold.released``
+    whether it was let go (``False``: it gave up waiting).
+    """
+
+    entered = threading.Event()
+    release = threading.Event()
+    released = None
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if request.headers.get("X-Hold"):
+            Hold.entered.set()
+            Hold.released = Hold.release.wait(30)
+        return self.get_response(request)
