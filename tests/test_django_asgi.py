@@ -292,3 +292,31 @@ class TestOffTheLoop:
             asyncio.run(exchange())
         assert Hold.released is True
         assert sent[0]["status"] == 204
+
+
+SESSION = "django.contrib.sessions.middleware.SessionMiddleware"
+CSRF = "django.middleware.csrf.CsrfViewMiddleware"
+AUTH = "django.contrib.auth.middleware.AuthenticationMiddleware"
+RESUMABLE = "uploadguard.django.ResumableUploadsMiddleware"
+
+
+class TestSystemCheck:
+    @pytest.mark.parametrize(("middleware", "expected"), [
+        pytest.param([SESSION, CSRF, AUTH, RESUMABLE], [], id="after-all"),
+        pytest.param([CSRF], [], id="no-endpoint"),
+        pytest.param([RESUMABLE, SESSION, CSRF, AUTH], ["uploadguard.W003"], id="first"),
+        pytest.param([SESSION, CSRF, RESUMABLE, AUTH], ["uploadguard.W003"], id="before-auth"),
+        pytest.param([SESSION, RESUMABLE, CSRF, AUTH], ["uploadguard.W003"], id="before-csrf-and-auth"),
+        pytest.param([SESSION, AUTH, RESUMABLE, CSRF], [], id="csrf-behind-is-checked-by-the-endpoint"),
+    ])
+    def test_the_endpoint_comes_after_session_and_authentication(self, middleware: list[str],
+                                                                 expected: list[str]) -> None:
+        """ResumableUploadsMiddleware ahead of SessionMiddleware or AuthenticationMiddleware is W003: under WSGI and
+        ResumableUploadsASGI its owner and adoption would never see the user."""
+        from django.test import override_settings
+
+        from uploadguard.django import check_resumable_order
+
+        with override_settings(MIDDLEWARE=middleware, INSTALLED_APPS=["django.contrib.contenttypes",
+                                                                     "django.contrib.auth", "django.contrib.sessions"]):
+            assert [message.id for message in check_resumable_order()] == expected

@@ -89,8 +89,9 @@ Django (with its traceback) before the middleware replaces its 500.
 **System checks.**  ``manage.py check`` reports a bad ``UPLOADGUARD_*`` value
 (``uploadguard.E002``), ``UPLOADGUARD_TEMP_DIR`` and ``FILE_UPLOAD_TEMP_DIR``
 disagreeing (``uploadguard.E001``), uploads spooled outside the guarded dir in
-this process (``uploadguard.W001``) and the middleware missing or not first
-(``uploadguard.W002``) -- once the checks are loaded: add
+this process (``uploadguard.W001``), the middleware missing or not first
+(``uploadguard.W002``) and ``ResumableUploadsMiddleware`` ahead of the session
+or authentication middleware it needs (``uploadguard.W003``) -- once the checks are loaded: add
 ``"uploadguard.django.UploadGuardConfig"`` to ``INSTALLED_APPS``.
 
 WSGI only: under ASGI, Django reads the whole body into a temporary file
@@ -388,8 +389,43 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                            id="uploadguard.W002")]
 
 
+SESSION_MIDDLEWARE = "django.contrib.sessions.middleware.SessionMiddleware"
+AUTHENTICATION_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
+
+
+def check_resumable_order(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """uploadguard.W003: ``ResumableUploadsMiddleware`` ahead of the session or authentication middleware.
+
+    Under WSGI and under :class:`ResumableUploadsASGI` alike, the endpoint's
+    owner and the adoption at login come from what the middleware ahead of it
+    set on the request; behind it, they never run for the endpoint's requests.
+    """
+    needed = {SESSION_MIDDLEWARE, AUTHENTICATION_MIDDLEWARE}  # by name: importing them needs their apps installed
+    classes = []
+    for dotted in getattr(settings, "MIDDLEWARE", None) or []:
+        try:
+            classes.append((dotted, import_string(dotted)))
+        except ImportError:
+            continue  # Django reports an unimportable middleware itself
+    position = next((index for index, (_, factory) in enumerate(classes)
+                     if isinstance(factory, type) and issubclass(factory, ResumableUploadsMiddleware)), None)
+    if position is None:
+        return []
+    behind = [dotted for dotted, factory in classes[position + 1:] if isinstance(factory, type)
+              and needed.intersection(f"{base.__module__}.{base.__qualname__}" for base in factory.__mro__)]
+    if not behind:
+        return []
+    return [checks.Warning(
+        f"{', '.join(behind)} come(s) after {classes[position][0]} in MIDDLEWARE: the resumable endpoint never "
+        "sees the session or the logged-in user (under WSGI and ResumableUploadsASGI), so every upload is an "
+        "anonymous visitor's and none is adopted at login.",
+        hint="Put ResumableUploadsMiddleware after SessionMiddleware, CsrfViewMiddleware and "
+             "AuthenticationMiddleware.", id="uploadguard.W003")]
+
+
 checks.register(check_settings, checks.Tags.files)
 checks.register(check_middleware)
+checks.register(check_resumable_order)
 
 
 class UploadGuardConfig(AppConfig):  # type: ignore[misc]  # Django ships no type hints
@@ -481,7 +517,7 @@ class ResumableUploadsMiddleware:
     def __call__(self, request: Any) -> Any:
         if not self.serves(request.path_info):
             return self.get_response(request)
-        self._warn_spooled_once(request)
+        self._serve_spooled_under_asgi(request)
         owner, refused = self.verdict(request)
         if refused is not None:
             return refused
@@ -489,8 +525,8 @@ class ResumableUploadsMiddleware:
 
     def serves(self, path_info: str) -> bool:
         """Whether a request for ``path_info`` is the endpoint's (under :attr:`prefix`)."""
-        prefix: str = self.uploads.prefix
-        return path_info.startswith(prefix) or path_info == prefix.rstrip("/")
+        served: bool = self.uploads.serves_path(path_info)
+        return served
 
     def verdict(self, request: Any) -> tuple[str | None, Any]:
         """Who a request for the endpoint is for, or Django's answer refusing it: ``(owner, None | response)``.
@@ -520,7 +556,7 @@ class ResumableUploadsMiddleware:
             log.debug("could not adopt the uploads of %s: %r", request.path_info, exc)
         return owner, None
 
-    def _warn_spooled_once(self, request: Any) -> None:
+    def _serve_spooled_under_asgi(self, request: Any) -> None:
         """Under ASGI without :class:`ResumableUploadsASGI`: serve Django's copy of the body, and say why not to, once.
 
         Django's ASGI handler has read the whole body into a temporary file
@@ -839,6 +875,7 @@ async def adelete_resumable(request: Any, url: str) -> None:
 #: The scope key carrying the owner Django decided to the ASGI endpoint (read by its ``authorize``).
 SCOPE_OWNER = "uploadguard.owner"
 
+
 async def _scope_owner(scope: MutableMapping[str, Any]) -> str | None:
     """The ASGI endpoint's ``authorize``: the owner :class:`ResumableUploadsASGI` put in the scope."""
     owner = scope.get(SCOPE_OWNER)
@@ -942,8 +979,8 @@ class ResumableUploadsASGI:
         """
         from django.core import signals
         from django.core.handlers.asgi import ASGIRequest
-        from django.http import HttpResponseBadRequest
         from django.core.handlers.asgi import get_script_prefix as asgi_script_prefix
+        from django.http import HttpResponseBadRequest
         from django.urls import set_script_prefix
 
         set_script_prefix(asgi_script_prefix(scope))
