@@ -86,6 +86,23 @@ class Browser:
                                  timeout=60)
 
 
+def open_files(path: Path) -> list[str]:
+    """Which processes hold ``path`` open (``/proc/<pid>/fd``): ``["<pid>:<fd>", ...]``."""
+    held = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            fds = list(fd_dir.iterdir())
+        except OSError:  # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) == str(path):
+                    held.append(f"{fd_dir.parent.name}:{fd.name}")
+            except OSError:
+                continue
+    return held
+
+
 @pytest.fixture(params=["uvicorn", "gunicorn"])
 def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Any]]:
     """Start tests/django_project/asgi.py under uvicorn or ``gunicorn -c gunicorn_conf.py -k asgi``."""
@@ -138,6 +155,20 @@ class TestServed:
             assert stranger.head(url).status_code == 404
             assert stranger.patch(url, len(data), b"x").status_code == 404
             assert stranger.fetch(url).status_code == 404
+
+    def test_on_complete_may_use_the_orm_and_leaves_no_connection_open(self, serve: Callable[[], Any],
+                                                                         tmp_path: Path) -> None:
+        """The middleware subclass's on_complete runs once per upload, may query the database from the endpoint's
+        thread, and its connection is closed after it, as after a request: no process holds the database open."""
+        server = serve()
+        browser = Browser(server.base)
+        browser.log_in(7)
+
+        url = browser.tus(b"abcdef", chunk_size=3)
+
+        upload_id = url.rsplit("/", 1)[1]
+        assert (tmp_path / "store" / "completed" / upload_id).read_text() == "1"  # one user in the database
+        assert open_files(tmp_path / "db.sqlite3") == []
 
     def test_an_anonymous_upload_is_the_users_after_login(self, serve: Callable[[], Any]) -> None:
         """Begun anonymously, an upload resumes after login() as the user's, in any of their browsers;

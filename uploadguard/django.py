@@ -106,6 +106,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import io
 import logging
 import os
@@ -944,8 +945,10 @@ class ResumableUploadsASGI:
         self.app = app
         self.middleware = middleware
         uploads = middleware.uploads
+        hook = middleware.on_complete
         self.endpoint = ASGIEndpoint(app, prefix=uploads.prefix, settings=uploads.settings,
-                                     on_complete=middleware.on_complete, cors_origins=middleware.cors_origins,
+                                     on_complete=hook if inspect.iscoroutinefunction(hook) else self._on_complete,
+                                     cors_origins=middleware.cors_origins,
                                      lock_timeout=uploads.lock_timeout, authorize=_scope_owner, threads=threads)
         self._ahead = _middleware_ahead_of(endpoint_class, self._decided)
 
@@ -997,6 +1000,22 @@ class ResumableUploadsASGI:
             return None, response, _asgi_headers(response), b"".join(response)
         finally:
             response.close()  # request_finished: Django closes its database connections as after any request
+
+    def _on_complete(self, upload: Any) -> None:
+        """The middleware's ``on_complete``, in the endpoint's pool, with Django's connection housekeeping.
+
+        As around a request (``request_started``/``request_finished``): a
+        database connection the hook opens in that thread is closed after it
+        (or kept up to ``CONN_MAX_AGE``), never left open for the life of the
+        thread.
+        """
+        from django.db import close_old_connections
+
+        close_old_connections()
+        try:
+            self.middleware.on_complete(upload)
+        finally:
+            close_old_connections()
 
     def _decided(self, request: Any) -> HttpResponse:
         """The innermost layer: the WSGI middleware's verdict, as a response to pass back out."""

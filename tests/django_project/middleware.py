@@ -14,6 +14,10 @@ what happened inside.
 
 ``TakingUploads``: the resumable endpoint with an ``on_complete`` that moves
 the data away (to ``STORE_DIR/taken``), as applications do.
+
+``RecordingUploads``: the resumable endpoint with an ``on_complete`` that asks
+the database (as an application recording the upload would) and notes the
+upload as ``STORE_DIR/completed/<id>``.
 """
 
 import os
@@ -81,3 +85,13 @@ class Hold:
             Hold.entered.set()
             Hold.released = Hold.release.wait(30)
         return self.get_response(request)
+
+
+class RecordingUploads(ResumableUploadsMiddleware):
+    def on_complete(self, upload):
+        from django.contrib.auth.models import User
+
+        users = User.objects.count()
+        os.makedirs(os.path.join(settings.STORE_DIR, "completed"), exist_ok=True)
+        with open(os.path.join(settings.STORE_DIR, "completed", upload.id), "w") as note:
+            note.write(str(users))

@@ -18,7 +18,7 @@ MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "uploadguard.django.ResumableUploadsMiddleware",
+    f"{_PACKAGE}.middleware.RecordingUploads",  # ResumableUploadsMiddleware, its on_complete asking the database
 ]
 DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3",
                          "NAME": os.environ.get("TEST_DJANGO_DB") or ":memory:"}}
