@@ -331,6 +331,21 @@ AUTH = "django.contrib.auth.middleware.AuthenticationMiddleware"
 RESUMABLE = "uploadguard.django.ResumableUploadsMiddleware"
 
 
+class TestConfiguration:
+    def test_without_the_middleware_it_refuses_to_start(self) -> None:
+        """Without ResumableUploadsMiddleware (the class, or a subclass) in MIDDLEWARE, ResumableUploadsASGI raises
+        ImproperlyConfigured saying where it goes, rather than serving uploads by other rules."""
+        from django.core.exceptions import ImproperlyConfigured
+        from django.core.handlers.asgi import ASGIHandler
+        from django.test import override_settings
+
+        from uploadguard.django import ResumableUploadsASGI
+
+        with override_settings(MIDDLEWARE=[CSRF, "tests.test_django_resumable.FakeLogin"]):
+            with pytest.raises(ImproperlyConfigured, match="ResumableUploadsMiddleware .*not in MIDDLEWARE"):
+                ResumableUploadsASGI(ASGIHandler())
+
+
 class TestSystemCheck:
     @pytest.mark.parametrize(("middleware", "expected"), [
         pytest.param([SESSION, CSRF, AUTH, RESUMABLE], [], id="after-all"),

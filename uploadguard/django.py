@@ -912,8 +912,9 @@ class ResumableUploadsASGI:
     :attr:`~ResumableUploadsMiddleware.prefix`,
     :attr:`~ResumableUploadsMiddleware.cors_origins`,
     :meth:`~ResumableUploadsMiddleware.on_complete` (run in the endpoint's
-    thread pool) and the ``UPLOADGUARD_*`` settings.  ``app`` must be (or
-    wrap) the ``get_asgi_application()`` that loaded it.
+    thread pool) and the ``UPLOADGUARD_*`` settings.  The ``MIDDLEWARE`` entry
+    must name the class (or a subclass), not a factory function;
+    ``ImproperlyConfigured`` when there is none.
 
     **The same rules as under WSGI.**  For each request under the prefix, the
     middleware ``MIDDLEWARE`` lists *ahead of* ``ResumableUploadsMiddleware``
