@@ -122,6 +122,7 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[
             server = Gunicorn("tests.django_project.asgi:application", tmp_path=tmp_path, config=GUNICORN_CONF,
                               args=["-k", "asgi", "--log-level", "info"], env=env)
         server.base = f"http://127.0.0.1:{server.port}"
+        server.kind = request.param
         started.append(server)
         return server
 
@@ -169,6 +170,35 @@ class TestServed:
         upload_id = url.rsplit("/", 1)[1]
         assert (tmp_path / "store" / "completed" / upload_id).read_text() == "1"  # one user in the database
         assert open_files(tmp_path / "db.sqlite3") == []
+
+    def test_an_ietf_creation_gets_104_under_gunicorn(self, serve: Callable[[], Any]) -> None:
+        """A browser's IETF-draft creation (cookies, X-CSRFToken) gets 104 with its Location before its body is
+        read under gunicorn -k asgi (none under uvicorn), then 201; the upload is the visitor's."""
+        import socket
+
+        server = serve()
+        browser = Browser(server.base)
+        head = "".join(f"{name}: {value}\r\n" for name, value in browser.headers().items() if name != "Tus-Resumable")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(f"POST /files/ HTTP/1.1\r\nHost: x\r\n{head}Upload-Draft-Interop-Version: 6\r\n"
+                         "Upload-Complete: ?1\r\nContent-Length: 5\r\n\r\nhel".encode())
+            if server.kind == "gunicorn":
+                interim = b""
+                while b"\r\n\r\n" not in interim:
+                    interim += sock.recv(4096)  # before the rest of the body is sent
+                assert interim.startswith(b"HTTP/1.1 104 ") and b"location: /files/" in interim.lower()
+            sock.sendall(b"lo")
+            raw = b""
+            while b"201 Created" not in raw or not raw.endswith(b"\r\n\r\n"):
+                chunk = sock.recv(4096)
+                assert chunk, raw
+                raw += chunk
+        if server.kind == "uvicorn":
+            assert b" 104 " not in raw
+        location = next(line.split(b":", 1)[1].strip().decode() for line in raw.split(b"\r\n")
+                        if line.lower().startswith(b"location:"))
+        done = browser.fetch(urljoin(server.base + "/files/", location))
+        assert (done.status_code, done.json()["size"]) == (200, 5), done.text[:300]
 
     def test_an_anonymous_upload_is_the_users_after_login(self, serve: Callable[[], Any]) -> None:
         """Begun anonymously, an upload resumes after login() as the user's, in any of their browsers;
