@@ -82,9 +82,38 @@ def check(page: Path, namespace: dict[str, Any]) -> None:
                 django.setup()
 
             import_string(dotted)
+    if page.name in ASGI_DJANGO_PAGES:  # the asgi.py the page builds answers resumable-upload requests itself
+        status, headers = _asgi_options(namespace["application"], "/files/")
+        assert status == 204 and headers.get(b"tus-resumable") == b"1.0.0", (status, headers)
     if page.name == "photos.md":
         [(name, data)] = namespace["saved"].items()
         assert name.startswith("photos/") and name.endswith(".jpg") and data[:2] == b"\xff\xd8", name
+
+
+#: Pages whose asgi.py serves resumable uploads, and the settings module standing in for ``mysite.settings``.
+ASGI_DJANGO_PAGES = {"asgi.md", "django.md"}
+ASGI_DJANGO_SETTINGS = "tests.django_project.settings_asgi"
+
+
+def _asgi_options(app: Any, path: str) -> tuple[int, dict[bytes, bytes]]:
+    """An ``OPTIONS`` request through the ASGI application ``app``: the status and headers it answers."""
+    import asyncio
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "OPTIONS",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"testserver"), (b"tus-resumable", b"1.0.0")], "client": ("127.0.0.1", 1),
+             "server": ("testserver", 80)}
+    asyncio.run(app(scope, receive, send))
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    return start["status"], dict(start["headers"])
 
 
 def check_django_fragments(fragments: list[dict[str, Any]]) -> None:
@@ -103,14 +132,18 @@ def check_django_fragments(fragments: list[dict[str, Any]]) -> None:
     apps = {"django.contrib.auth", "django.contrib.contenttypes", "django.contrib.sessions"}
     for fragment in fragments:
         apps.update(app for app in fragment.get("INSTALLED_APPS", []) if isinstance(app, str))
-    settings.configure(SECRET_KEY="snippets", INSTALLED_APPS=sorted(apps),
-                       FILE_UPLOAD_TEMP_DIR=os.environ["UPLOADGUARD_TEMP_DIR"])
-    django.setup()
+    if settings.configured:  # a block set Django up (an asgi.py): the fragments' apps over its settings
+        base = override_settings(INSTALLED_APPS=sorted(apps), FILE_UPLOAD_TEMP_DIR=os.environ["UPLOADGUARD_TEMP_DIR"])
+    else:
+        settings.configure(SECRET_KEY="snippets", INSTALLED_APPS=sorted(apps),
+                           FILE_UPLOAD_TEMP_DIR=os.environ["UPLOADGUARD_TEMP_DIR"])
+        django.setup()
+        base = override_settings()
     for fragment in fragments:
         middleware = [entry for entry in fragment.get("MIDDLEWARE", []) if isinstance(entry, str)]
         for dotted in middleware:
             import_string(dotted)  # every class the fragment names exists
-        with override_settings(MIDDLEWARE=middleware):
+        with base, override_settings(MIDDLEWARE=middleware):
             found = [f"{message.id}: {message.msg}" for message in run_checks() if message.id.startswith("uploadguard.")]
         assert not found, found
 
@@ -121,7 +154,8 @@ def main(argv: list[str]) -> int:
     os.chdir(work)
     os.environ.update(UPLOADGUARD_TEMP_DIR=str(work / "tmp"), UPLOADGUARD_RESUMABLE_STORAGE=str(work / "uploads"),
                       HOME=str(work / "home"), XDG_CACHE_HOME="", XDG_DATA_HOME="")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.django_project.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE",
+                          ASGI_DJANGO_SETTINGS if page.name in ASGI_DJANGO_PAGES else "tests.django_project.settings")
     (work / "home").mkdir()
     document = Sybil(parsers=[PythonCodeBlockParser(), SkipParser()]).parse(page)
     document.namespace.update(fixtures(page), __name__="__main__")  # as in a script: Flask(__name__) finds its root

@@ -1,9 +1,14 @@
-"""Resumable uploads inside Django: ``ResumableUploadsMiddleware`` and ``resumable_file``.
+"""Resumable uploads in Django: ``ResumableUploadsMiddleware`` (WSGI), ``ResumableUploadsASGI`` and ``resumable_file``.
 
-The endpoint runs inside Django, after the session, CSRF and authentication
-middleware, so CSRF holds for cookie-authenticated requests and an upload
-belongs to whoever created it.  In-process with Django's test client; the
-protocol itself is specified in tests/test_resumable_wsgi.py.
+The endpoint's Django decisions are made after the session, CSRF and
+authentication middleware, so CSRF holds for cookie-authenticated requests
+and an upload belongs to whoever created it.  In-process with Django's test
+client; every case runs twice, through both integrations: ``wsgi`` (Django's
+WSGI handler, the endpoint inside it) and ``asgi`` (the documented asgi.py,
+``UploadGuard(ResumableUploadsASGI(get_asgi_application()))``:
+tests/django_asgi_client.py), so the two cannot drift.  The protocol itself is
+specified in tests/test_resumable_wsgi.py; real servers in
+tests/test_django_asgi.py.
 """
 
 from __future__ import annotations
@@ -49,10 +54,31 @@ class FakeLogin:
         return self.get_response(request)
 
 
-@pytest.fixture(autouse=True)
-def resumable(dirs: dict[str, Path]) -> Any:  # noqa: F811
+#: The client class the cases use: Django's own (WSGI) or the one the ASGI stack serves; set by ``integration``.
+_client_class: type[Client] = Client
+
+
+@pytest.fixture(autouse=True, params=["wsgi", "asgi"])
+def integration(request: pytest.FixtureRequest, dirs: dict[str, Path], project: None,  # noqa: F811
+                monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Any:
+    """Each case through WSGI and through ASGI; the name of the integration.
+
+    Under ASGI no endpoint request may reach Django (whose middleware would
+    serve it too, from Django's spooled copy of the body, and say so).
+    """
+    import tempfile
+
+    from tests.django_asgi_client import ASGIClient
+
+    # The ASGI guard points this process's tempfile (and TMPDIR) at the guarded dir: put them back after.
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    monkeypatch.setenv("TMPDIR", os.environ.get("TMPDIR", ""))
+    if not os.environ["TMPDIR"]:
+        monkeypatch.delenv("TMPDIR")
+    monkeypatch.setattr(f"{__name__}._client_class", ASGIClient if request.param == "asgi" else Client)
     with override_settings(MIDDLEWARE=MIDDLEWARE, UPLOADGUARD_RESUMABLE_STORAGE=str(dirs["temp"].parent / "tus")):
-        yield
+        yield request.param
+    assert not [record for record in caplog.get_records("call") if "under ASGI" in record.getMessage()]
 
 
 def metadata(**values: str) -> str:
@@ -64,7 +90,7 @@ TUS = {"HTTP_TUS_RESUMABLE": "1.0.0"}
 
 def csrf_client() -> tuple[Client, str]:
     """A browser-like client that enforces CSRF, with the token a page would have given it."""
-    client = Client(enforce_csrf_checks=True, raise_request_exception=False)
+    client = _client_class(enforce_csrf_checks=True, raise_request_exception=False)
     token = client.get("/form/").json()["csrf"]
     return client, token
 
@@ -213,9 +239,12 @@ class TestGuardCoversIt:
         assert response["Upload-Offset"] == str(len(data))
 
     @needs_root
-    def test_an_outer_wsgi_guard_knows_the_endpoint_too(self, dirs: dict[str, Path]) -> None:  # noqa: F811
+    def test_an_outer_wsgi_guard_knows_the_endpoint_too(self, dirs: dict[str, Path],  # noqa: F811
+                                                        integration: str) -> None:
         """UploadGuard(get_wsgi_application()) -- the documented WSGI wrapping -- finds the middleware's endpoint
         as well: a 3 MiB PATCH passes a 1 MiB tmpfs temp dir."""
+        if integration == "asgi":
+            pytest.skip("the WSGI wrapping (the ASGI one is every case's asgi run)")
         import webtest
         from django.core.handlers.wsgi import WSGIHandler
 
@@ -248,7 +277,7 @@ class TestAnonymousOwnership:
         cookie = client.cookies["csrftoken"].value
         urls = []
         for _ in range(2):  # each as if sent before the other's response (same cookies, nothing new kept)
-            racer = Client(enforce_csrf_checks=True, raise_request_exception=False)
+            racer = _client_class(enforce_csrf_checks=True, raise_request_exception=False)
             racer.cookies["csrftoken"] = cookie
             response = create(racer, token, 3)
             assert response.status_code == 201
@@ -318,6 +347,17 @@ class TestLoggingIn:
         log_in(elsewhere, other_token, 7)
         assert elsewhere.head(url, **TUS).status_code == 200  # the user's, from any browser now
 
+    def test_the_middleware_ahead_adds_its_cookies_and_headers(self) -> None:
+        """The session cookie SessionMiddleware refreshes (SESSION_SAVE_EVERY_REQUEST) and its Vary: Cookie come
+        with the endpoint's answer, as any response passes the middleware on its way out."""
+        client, token = csrf_client()
+        token = log_in(client, token, 7)
+        url = create(client, token, 3)["Location"]
+        with override_settings(SESSION_SAVE_EVERY_REQUEST=True):
+            response = client.head(url, **TUS)
+        assert response.status_code == 200
+        assert "sessionid" in response.cookies and "Cookie" in response.get("Vary", "")
+
     def test_parts_begun_before_logging_in_are_joined_after(self) -> None:
         """The parts of a concatenation, uploaded anonymously, are joined by the user they now belong to."""
         client, token = csrf_client()
@@ -366,22 +406,6 @@ class TestLoggingIn:
         assert done.status_code == 400, done.content
 
 
-class TakingUploads:
-    """An endpoint whose ``on_complete`` moves the data away (to ``STORE_DIR/taken``), as applications do."""
-
-    def __new__(cls, get_response: Any) -> Any:
-        from django.conf import settings
-
-        from uploadguard.django import ResumableUploadsMiddleware
-
-        class Taking(ResumableUploadsMiddleware):
-            def on_complete(self, upload: Any) -> None:
-                os.makedirs(os.path.join(settings.STORE_DIR, "taken"), exist_ok=True)
-                os.replace(upload.path, os.path.join(settings.STORE_DIR, "taken", upload.id))
-
-        return Taking(get_response)
-
-
 class TestDataTakenByOnComplete:
     def test_resumable_file_of_moved_data_is_a_404(self) -> None:
         """resumable_file and save_resumable for an upload whose data on_complete moved away: 404, not a 500."""
@@ -391,7 +415,7 @@ class TestDataTakenByOnComplete:
 
         from uploadguard.django import save_resumable
 
-        with override_settings(MIDDLEWARE=[*MIDDLEWARE[:-1], f"{__name__}.TakingUploads"]):
+        with override_settings(MIDDLEWARE=[*MIDDLEWARE[:-1], "tests.django_project.middleware.TakingUploads"]):
             client, token = csrf_client()
             url = create(client, token, 3)["Location"]
             assert patch(client, token, url, 0, b"abc").status_code == 204

@@ -89,23 +89,30 @@ Django (with its traceback) before the middleware replaces its 500.
 **System checks.**  ``manage.py check`` reports a bad ``UPLOADGUARD_*`` value
 (``uploadguard.E002``), ``UPLOADGUARD_TEMP_DIR`` and ``FILE_UPLOAD_TEMP_DIR``
 disagreeing (``uploadguard.E001``), uploads spooled outside the guarded dir in
-this process (``uploadguard.W001``) and the middleware missing or not first
-(``uploadguard.W002``) -- once the checks are loaded: add
+this process (``uploadguard.W001``), the middleware missing or not first
+(``uploadguard.W002``) and ``ResumableUploadsMiddleware`` ahead of the session
+or authentication middleware it needs (``uploadguard.W003``) -- once the checks are loaded: add
 ``"uploadguard.django.UploadGuardConfig"`` to ``INSTALLED_APPS``.
 
 WSGI only: under ASGI, Django reads the whole body into a temporary file
-before any middleware runs.
+before any middleware runs -- guard it with :class:`uploadguard.asgi.UploadGuard`,
+and serve resumable uploads with :class:`ResumableUploadsASGI` (in front of
+``get_asgi_application()``), which keeps :class:`ResumableUploadsMiddleware`'s
+rules.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import inspect
+import io
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from django.apps import AppConfig
@@ -137,9 +144,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ResumableUploadedFile",
+    "ResumableUploadsASGI",
     "ResumableUploadsMiddleware",
     "UploadGuardConfig",
     "UploadGuardMiddleware",
+    "adelete_resumable",
+    "aresumable_file",
+    "asave_resumable",
     "delete_resumable",
     "resumable_file",
     "save_resumable",
@@ -379,8 +390,43 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                            id="uploadguard.W002")]
 
 
+SESSION_MIDDLEWARE = "django.contrib.sessions.middleware.SessionMiddleware"
+AUTHENTICATION_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
+
+
+def check_resumable_order(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """uploadguard.W003: ``ResumableUploadsMiddleware`` ahead of the session or authentication middleware.
+
+    Under WSGI and under :class:`ResumableUploadsASGI` alike, the endpoint's
+    owner and the adoption at login come from what the middleware ahead of it
+    set on the request; behind it, they never run for the endpoint's requests.
+    """
+    needed = {SESSION_MIDDLEWARE, AUTHENTICATION_MIDDLEWARE}  # by name: importing them needs their apps installed
+    classes = []
+    for dotted in getattr(settings, "MIDDLEWARE", None) or []:
+        try:
+            classes.append((dotted, import_string(dotted)))
+        except ImportError:
+            continue  # Django reports an unimportable middleware itself
+    position = next((index for index, (_, factory) in enumerate(classes)
+                     if isinstance(factory, type) and issubclass(factory, ResumableUploadsMiddleware)), None)
+    if position is None:
+        return []
+    behind = [dotted for dotted, factory in classes[position + 1:] if isinstance(factory, type)
+              and needed.intersection(f"{base.__module__}.{base.__qualname__}" for base in factory.__mro__)]
+    if not behind:
+        return []
+    return [checks.Warning(
+        f"{', '.join(behind)} come(s) after {classes[position][0]} in MIDDLEWARE: the resumable endpoint never "
+        "sees the session or the logged-in user (under WSGI and ResumableUploadsASGI), so every upload is an "
+        "anonymous visitor's and none is adopted at login.",
+        hint="Put ResumableUploadsMiddleware after SessionMiddleware, CsrfViewMiddleware and "
+             "AuthenticationMiddleware.", id="uploadguard.W003")]
+
+
 checks.register(check_settings, checks.Tags.files)
 checks.register(check_middleware)
+checks.register(check_resumable_order)
 
 
 class UploadGuardConfig(AppConfig):  # type: ignore[misc]  # Django ships no type hints
@@ -398,6 +444,18 @@ _endpoint: ResumableUploadsMiddleware | None = None
 
 def _tus_view(request: Any) -> None:  # pragma: no cover - never called: CSRF is checked against it
     """What the CSRF check sees as the view: an ordinary, protected one."""
+
+
+def _endpoint_response(status: str, headers: list[tuple[str, str]], body: Iterable[bytes]) -> HttpResponse:
+    """An answer of the endpoint as Django's response (for the middleware above it to finish)."""
+    code, _, reason = status.partition(" ")
+    response = HttpResponse(b"".join(body), status=int(code), reason=reason or None)
+    if not any(name.lower() == "content-type" for name, _ in headers):
+        del response["Content-Type"]  # Django's default text/html would describe a body there is none of
+    for name, value in headers:
+        response[name] = value
+    response._has_been_logged = True  # the endpoint logs what matters; a 409 on resume is routine
+    return response
 
 
 class ResumableUploadsMiddleware:
@@ -429,6 +487,10 @@ class ResumableUploadsMiddleware:
 
     Subclass to change :attr:`prefix`, :attr:`cors_origins` or to act on
     completed uploads in :meth:`on_complete`.
+
+    Under ASGI, keep it in ``MIDDLEWARE`` and wrap the application in
+    :class:`ResumableUploadsASGI`, which answers the endpoint's requests before
+    Django spools their bodies, by this class's :meth:`verdict`.
     """
 
     prefix: str = "/files/"
@@ -442,6 +504,7 @@ class ResumableUploadsMiddleware:
         self.uploads = ResumableUploads(None, prefix=self.prefix, settings=settings_from_django(),
                                         on_complete=self.on_complete, cors_origins=self.cors_origins)
         _endpoint = self
+        self._spool_warned = False
         from django.middleware.csrf import CsrfViewMiddleware
 
         self._csrf = CsrfViewMiddleware(get_response)
@@ -453,39 +516,62 @@ class ResumableUploadsMiddleware:
         """Called once per completed upload (see :mod:`uploadguard.resumable`); override it."""
 
     def __call__(self, request: Any) -> Any:
-        path = request.path_info
-        if not (path.startswith(self.uploads.prefix) or path == self.uploads.prefix.rstrip("/")):
+        if not self.serves(request.path_info):
             return self.get_response(request)
+        self._serve_spooled_under_asgi(request)
+        owner, refused = self.verdict(request)
+        if refused is not None:
+            return refused
+        return _endpoint_response(*self.uploads.handle(request.META, owner=owner))
+
+    def serves(self, path_info: str) -> bool:
+        """Whether a request for ``path_info`` is the endpoint's (under :attr:`prefix`)."""
+        served: bool = self.uploads.serves_path(path_info)
+        return served
+
+    def verdict(self, request: Any) -> tuple[str | None, Any]:
+        """Who a request for the endpoint is for, or Django's answer refusing it: ``(owner, None | response)``.
+
+        The one place of the endpoint's Django decisions, under WSGI (here,
+        before :meth:`ResumableUploads.handle`) and ASGI
+        (:class:`ResumableUploadsASGI`, on a body-less request): Django's CSRF
+        verdict for an unsafe method, the owner (:func:`_owner`) and the
+        adoption of uploads begun before logging in (:func:`_adopt`; a held or
+        unreadable upload refuses with the endpoint's 423 or 503).
+        """
         if request.method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
             if "CSRF_COOKIE" not in request.META:
                 self._csrf.process_request(request)  # CsrfViewMiddleware is not installed above us
             refused = self._checked_csrf(request)
             if refused is not None:
-                return refused
+                return None, refused
         elif "CSRF_COOKIE" not in request.META:
             self._csrf.process_request(request)  # the CSRF secret names an anonymous visitor's uploads
         owner = _owner(request)
-        refusal: UploadGuardError | None = None
         try:
             _adopt(request, owner, self._named_uploads(request))
         except UploadGuardError as error:  # the upload is held (423) or the storage failed (503)
-            refusal = error
+            status, headers, answer = error.response(request.META)
+            return owner, _endpoint_response(status, headers, [answer])
         except OSError as exc:  # the storage failed: the endpoint's own answer says how (503)
             log.debug("could not adopt the uploads of %s: %r", request.path_info, exc)
-        if refusal is not None:
-            status, headers, answer = refusal.response(request.META)
-            body: Iterable[bytes] = [answer]
-        else:
-            status, headers, body = self.uploads.handle(request.META, owner=owner)
-        code, _, reason = status.partition(" ")
-        response = HttpResponse(b"".join(body), status=int(code), reason=reason or None)
-        if not any(name.lower() == "content-type" for name, _ in headers):
-            del response["Content-Type"]  # Django's default text/html would describe a body there is none of
-        for name, value in headers:
-            response[name] = value
-        response._has_been_logged = True  # the endpoint logs what matters; a 409 on resume is routine
-        return response
+        return owner, None
 
+    def _serve_spooled_under_asgi(self, request: Any) -> None:
+        """Under ASGI without :class:`ResumableUploadsASGI`: serve Django's copy of the body, and say why not to, once.
+
+        Django's ASGI handler has read the whole body into a temporary file
+        (the temp dir must hold every PATCH) before any middleware ran.
+        """
+        if not hasattr(request, "scope"):  # ASGIRequest has the scope; WSGIRequest not
+            return
+        request.META.setdefault("wsgi.input", request)  # the endpoint reads Django's spooled copy of the body
+        if self._spool_warned:
+            return
+        self._spool_warned = True
+        log.warning("a resumable upload request reached ResumableUploadsMiddleware under ASGI: Django has "
+                    "read its whole body into a temporary file first; wrap the ASGI application in "
+                    "uploadguard.django.ResumableUploadsASGI (asgi.py) to stream uploads to their storage")
 
     def _named_uploads(self, request: Any) -> list[str]:
         """The ids of the uploads a request names: in its path, or the parts a concatenation joins."""
@@ -681,6 +767,7 @@ def resumable_file(request: Any, url: str) -> ResumableUploadedFile:
     """
     from .resumable import UploadNotFound
 
+    _refuse_on_the_loop("resumable_file")
     upload = _get_upload(request, url)
     try:
         return ResumableUploadedFile(upload)
@@ -700,6 +787,7 @@ def delete_resumable(request: Any, url: str) -> None:
     """
     from .resumable import UploadNotFound
 
+    _refuse_on_the_loop("delete_resumable")
     if _endpoint is None:
         raise ImproperlyConfigured("uploadguard.django.ResumableUploadsMiddleware is not in MIDDLEWARE")
     owner = _owner(request)
@@ -722,6 +810,7 @@ def save_resumable(request: Any, url: str, name: str | None = None, storage: Any
     """
     from .resumable.s3 import save_to_storage
 
+    _refuse_on_the_loop("save_resumable")
     upload = _get_upload(request, url)
     if storage is None:
         from django.core.files.storage import default_storage
@@ -735,3 +824,289 @@ def save_resumable(request: Any, url: str, name: str | None = None, storage: Any
         return save_to_storage(upload, storage, name or upload.id)
     except UploadNotFound as exc:  # completed, but on_complete took the data
         raise _NotFound(exc.detail) from None
+
+
+# -- async views -------------------------------------------------------------------------
+
+
+def _refuse_on_the_loop(name: str) -> None:
+    """Raise Django's ``SynchronousOnlyOperation`` when ``name`` is called on an event loop (an async view).
+
+    The sync functions read the session (``request.user``, the ORM) and the
+    upload store, and may wait for an upload's lock: on the loop they would
+    stall every other connection, as Django refuses sync ORM calls there.
+    """
+    if os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
+        return
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return  # no loop in this thread: a sync view (also a sync view under ASGI, run in a thread)
+    from django.core.exceptions import SynchronousOnlyOperation
+
+    raise SynchronousOnlyOperation(f"{name}() reads the session and the upload store, which would block the "
+                                   f"event loop: in an async view, use 'await uploadguard.django.a{name}(...)'")
+
+
+async def aresumable_file(request: Any, url: str) -> ResumableUploadedFile:
+    """:func:`resumable_file` for async views: the session and the store are read in a thread, off the loop."""
+    from asgiref.sync import sync_to_async
+
+    upload: ResumableUploadedFile = await sync_to_async(resumable_file)(request, url)
+    return upload
+
+
+async def asave_resumable(request: Any, url: str, name: str | None = None, storage: Any = None) -> str:
+    """:func:`save_resumable` for async views (in a thread, off the loop)."""
+    from asgiref.sync import sync_to_async
+
+    saved: str = await sync_to_async(save_resumable)(request, url, name, storage)
+    return saved
+
+
+async def adelete_resumable(request: Any, url: str) -> None:
+    """:func:`delete_resumable` for async views (in a thread, off the loop)."""
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(delete_resumable)(request, url)
+
+
+# -- ASGI --------------------------------------------------------------------------------
+
+#: The scope key carrying the owner Django decided to the ASGI endpoint (read by its ``authorize``).
+SCOPE_OWNER = "uploadguard.owner"
+
+
+async def _scope_owner(scope: MutableMapping[str, Any]) -> str | None:
+    """The ASGI endpoint's ``authorize``: the owner :class:`ResumableUploadsASGI` put in the scope."""
+    owner = scope.get(SCOPE_OWNER)
+    return owner if isinstance(owner, str) else None
+
+
+class _Proceed(HttpResponse):  # type: ignore[misc]  # Django ships no type hints
+    """The verdict "serve it, as ``owner``", on its way out through the middleware ahead of the endpoint."""
+
+    def __init__(self, owner: str | None) -> None:
+        super().__init__(b"", status=200)
+        self.owner = owner
+
+
+class ResumableUploadsASGI:
+    """Resumable uploads in a Django ASGI project: the endpoint in front of Django's ASGI handler.
+
+    ::
+
+        # asgi.py
+        django_app = get_asgi_application()
+        application = UploadGuard(ResumableUploadsASGI(django_app), settings=settings_from_django())
+
+    Django's ASGI handler reads a request's **whole body** into a temporary
+    file before any middleware runs, so under ASGI the endpoint cannot live in
+    ``MIDDLEWARE``.  This ASGI application answers the requests under the
+    prefix itself, with :class:`uploadguard.resumable.asgi.ResumableUploads`
+    (the PATCH body goes from ``receive()`` to the upload storage, never into
+    Django's spool); everything else goes to ``app`` untouched.
+
+    It is configured by :class:`ResumableUploadsMiddleware`, which stays in
+    ``MIDDLEWARE`` as under WSGI (the same settings module serves both): its
+    :attr:`~ResumableUploadsMiddleware.prefix`,
+    :attr:`~ResumableUploadsMiddleware.cors_origins`,
+    :meth:`~ResumableUploadsMiddleware.on_complete` (run in the endpoint's
+    thread pool) and the ``UPLOADGUARD_*`` settings.  The ``MIDDLEWARE`` entry
+    must name the class (or a subclass), not a factory function;
+    ``ImproperlyConfigured`` when there is none.
+
+    **The same rules as under WSGI.**  For each request under the prefix, the
+    middleware ``MIDDLEWARE`` lists *ahead of* ``ResumableUploadsMiddleware``
+    (sessions, CSRF, authentication, your own) runs on a body-less copy of the
+    request, in a thread (``sync_to_async``, as Django runs sync middleware),
+    then :meth:`ResumableUploadsMiddleware.verdict` -- the very code the WSGI
+    middleware runs -- decides: Django's CSRF check (403), the owner (the user,
+    or the anonymous visitor's CSRF-secret digest) and the adoption of uploads
+    begun before logging in.  A response of that middleware (a 403, a
+    redirect) is sent as Django would send it; otherwise the endpoint serves
+    the request as that owner, and the headers and cookies the middleware
+    added on the way out (a refreshed session cookie, security headers) join
+    its answer.  ``UploadGuardMiddleware`` is left out of that run: wrap the
+    whole application in :class:`uploadguard.asgi.UploadGuard` instead, which
+    guards the body as it arrives.  Views take finished uploads with
+    :func:`resumable_file` (sync views) or :func:`aresumable_file` (async
+    views).
+
+    ``threads``: the endpoint's pool for store, lock and ``on_complete`` calls.
+    """
+
+    def __init__(self, app: Any, *, threads: int = 8) -> None:
+        from .resumable.asgi import ResumableUploads as ASGIEndpoint
+
+        endpoint_class = _configured_endpoint_class()
+        middleware = _endpoint if type(_endpoint) is endpoint_class else None
+        if middleware is None:  # not loaded by Django (yet): the instance the views' resumable_file will use
+            middleware = endpoint_class(_never_called)
+        self.app = app
+        self.middleware = middleware
+        uploads = middleware.uploads
+        hook = middleware.on_complete
+        self.endpoint = ASGIEndpoint(app, prefix=uploads.prefix, settings=uploads.settings,
+                                     on_complete=hook if inspect.iscoroutinefunction(hook) else self._on_complete,
+                                     cors_origins=middleware.cors_origins,
+                                     lock_timeout=uploads.lock_timeout, authorize=_scope_owner, threads=threads)
+        self._ahead = _middleware_ahead_of(endpoint_class, self._decided)
+
+    def __repr__(self) -> str:
+        return f"<ResumableUploadsASGI {self.endpoint!r}>"
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.middleware.serves(_path_info(scope)):
+            await self.app(scope, receive, send)
+            return
+        from asgiref.sync import sync_to_async
+
+        owner, response, headers, content = await sync_to_async(self._decide)(scope)
+        if response is not None:  # refused (CSRF, a held upload) or answered by a middleware ahead of it
+            # The unread body is the server's to discard, as after any early answer (uvicorn and gunicorn's
+            # ASGI worker do: the client of a refused 16 MiB PATCH reads the 403, tests/test_django_asgi.py).
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            await send({"type": "http.response.body", "body": content, "more_body": False})
+            return
+        await self.endpoint({**scope, SCOPE_OWNER: owner}, receive, _adding_headers(send, headers))
+
+    def spools_body(self, scope: MutableMapping[str, Any]) -> bool:
+        """Whether the request's body may be spooled to the temp dir (asked by :class:`uploadguard.asgi.UploadGuard`)."""
+        return self.endpoint.spools_body(scope)
+
+    def _decide(self, scope: MutableMapping[str, Any]) -> tuple[str | None, Any, list[tuple[bytes, bytes]], bytes]:
+        """In a thread: the middleware ahead of the endpoint and its verdict, on a body-less request.
+
+        ``(owner, None, headers to add, b"")`` to serve it, or ``(None,
+        response, its headers, its body)`` to answer with Django's response.
+        """
+        from django.core import signals
+        from django.core.handlers.asgi import ASGIRequest
+        from django.core.handlers.asgi import get_script_prefix as asgi_script_prefix
+        from django.http import HttpResponseBadRequest
+        from django.urls import set_script_prefix
+
+        set_script_prefix(asgi_script_prefix(scope))
+        signals.request_started.send(sender=type(self), scope=scope)
+        try:
+            request = ASGIRequest(scope, io.BytesIO())  # the body stays in receive(), for the endpoint
+        except UnicodeDecodeError:
+            response = HttpResponseBadRequest()
+        else:
+            response = self._ahead(request)
+        try:
+            if isinstance(response, _Proceed):
+                return response.owner, None, _asgi_headers(response, skip=("content-type", "content-length")), b""
+            return None, response, _asgi_headers(response), b"".join(response)
+        finally:
+            response.close()  # request_finished: Django closes its database connections as after any request
+
+    def _on_complete(self, upload: Any) -> None:
+        """The middleware's ``on_complete``, in the endpoint's pool, with Django's connection housekeeping.
+
+        As around a request (``request_started``/``request_finished``): a
+        database connection the hook opens in that thread is closed after it
+        (or kept up to ``CONN_MAX_AGE``), never left open for the life of the
+        thread.
+        """
+        from django.db import close_old_connections
+
+        close_old_connections()
+        try:
+            self.middleware.on_complete(upload)
+        finally:
+            close_old_connections()
+
+    def _decided(self, request: Any) -> HttpResponse:
+        """The innermost layer: the WSGI middleware's verdict, as a response to pass back out."""
+        owner, refused = self.middleware.verdict(request)
+        if refused is not None:
+            return refused
+        return _Proceed(owner)
+
+
+def _configured_endpoint_class() -> type[ResumableUploadsMiddleware]:
+    """The ``ResumableUploadsMiddleware`` (or subclass) ``MIDDLEWARE`` names; ``ImproperlyConfigured`` if none."""
+    for dotted in getattr(settings, "MIDDLEWARE", None) or []:
+        factory = import_string(dotted)
+        if isinstance(factory, type) and issubclass(factory, ResumableUploadsMiddleware):
+            return factory
+    raise ImproperlyConfigured(
+        "ResumableUploadsASGI is configured by uploadguard.django.ResumableUploadsMiddleware (or a subclass), "
+        "which is not in MIDDLEWARE: add it after the session, CSRF and authentication middleware, as under WSGI")
+
+
+def _never_called(request: Any) -> Any:
+    """The ``get_response`` of the endpoint's middleware under ASGI: nothing follows its verdict."""
+    raise RuntimeError("ResumableUploadsASGI answers the endpoint's requests itself")
+
+
+def _path_info(scope: MutableMapping[str, Any]) -> str:
+    """The path below the application's root, as ``ASGIRequest.path_info`` has it."""
+    path, root = str(scope.get("path", "")), str(scope.get("root_path", "")).rstrip("/")
+    return path.removeprefix(root) if root and path.startswith(root + "/") else path
+
+
+def _middleware_ahead_of(endpoint: type, terminal: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The sync chain of the ``MIDDLEWARE`` entries before ``endpoint``'s, around ``terminal``.
+
+    Built as Django's ``BaseHandler.load_middleware`` builds its own (each
+    layer turns exceptions into responses; async-only middleware is adapted),
+    without ``UploadGuardMiddleware``, whose work on a body is the ASGI
+    guard's.  Entries after the endpoint's never see its requests, as under
+    WSGI.
+    """
+    from django.core.exceptions import MiddlewareNotUsed
+    from django.core.handlers.base import BaseHandler
+    from django.core.handlers.exception import convert_exception_to_response
+
+    entries = list(getattr(settings, "MIDDLEWARE", None) or [])
+    ahead: list[str] = []
+    for dotted in entries:
+        factory = import_string(dotted)
+        if isinstance(factory, type) and issubclass(factory, endpoint):
+            break
+        ahead.append(dotted)
+    adapter = BaseHandler()
+    handler = convert_exception_to_response(terminal)
+    handler_is_async = False
+    for dotted in reversed(ahead):
+        factory = import_string(dotted)
+        if isinstance(factory, type) and issubclass(factory, UploadGuardMiddleware):
+            continue
+        is_async = not getattr(factory, "sync_capable", True)
+        try:
+            adapted = adapter.adapt_method_mode(is_async, handler, handler_is_async, name=f"middleware {dotted}")
+            instance = factory(adapted)
+        except MiddlewareNotUsed:
+            continue
+        handler = convert_exception_to_response(instance)
+        handler_is_async = is_async
+    chain: Callable[[Any], Any] = adapter.adapt_method_mode(False, handler, handler_is_async)
+    return chain
+
+
+def _asgi_headers(response: Any, *, skip: tuple[str, ...] = ()) -> list[tuple[bytes, bytes]]:
+    """A Django response's headers and cookies as ASGI sends them (as Django's ``ASGIHandler`` does)."""
+    headers = [(name.encode("ascii"), value.encode("latin-1"))
+               for name, value in response.items() if name.lower() not in skip]
+    headers += [(b"Set-Cookie", cookie.output(header="").encode("ascii").strip())
+                for cookie in response.cookies.values()]
+    return headers
+
+
+def _adding_headers(send: Any, extra: list[tuple[bytes, bytes]]) -> Any:
+    """``send``, adding to the final response's head the ``extra`` headers it does not set itself."""
+    if not extra:
+        return send
+
+    async def sending(message: MutableMapping[str, Any]) -> None:
+        if message.get("type") == "http.response.start":
+            own = {bytes(name).lower() for name, _ in message.get("headers", ())}
+            added = [(name, value) for name, value in extra
+                     if name.lower() == b"set-cookie" or name.lower() not in own]
+            message = {**message, "headers": [*message.get("headers", ()), *added]}
+        await send(message)
+
+    return sending

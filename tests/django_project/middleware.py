@@ -11,16 +11,26 @@ deterministic.  The request header ``X-Sabotage`` says how:
 Every response gets ``X-Inner-Middleware: seen``, and ``X-Process-Exception``
 names the exception if Django called ``process_exception``, so tests can see
 what happened inside.
+
+``TakingUploads``: the resumable endpoint with an ``on_complete`` that moves
+the data away (to ``STORE_DIR/taken``), as applications do.
+
+``RecordingUploads``: the resumable endpoint with an ``on_complete`` that asks
+the database (as an application recording the upload would) and notes the
+upload as ``STORE_DIR/completed/<id>``.
 """
 
+import os
 import shutil
 import subprocess
+import threading
 import tempfile
 from pathlib import Path
 
 from django.conf import settings
 
 from tests.support import fill
+from uploadguard.django import ResumableUploadsMiddleware
 
 
 def spool_dir() -> str:
@@ -47,3 +57,41 @@ class Sabotage:
 
     def process_exception(self, request, exception):
         request.process_exception = type(exception).__name__
+
+
+class TakingUploads(ResumableUploadsMiddleware):
+    def on_complete(self, upload):
+        os.makedirs(os.path.join(settings.STORE_DIR, "taken"), exist_ok=True)
+        os.replace(upload.path, os.path.join(settings.STORE_DIR, "taken", upload.id))
+
+
+class Hold:
+    """Holds each request whose ``X-Hold`` header is set until ``Hold.release`` is set, 30 s at most.
+
+    A session or user lookup that takes its time (a slow database), made
+    deterministic.  ``Hold.entered`` says a request waits; ``Hold.released``
+    whether it was let go (``False``: it gave up waiting).
+    """
+
+    entered = threading.Event()
+    release = threading.Event()
+    released = None
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if request.headers.get("X-Hold"):
+            Hold.entered.set()
+            Hold.released = Hold.release.wait(30)
+        return self.get_response(request)
+
+
+class RecordingUploads(ResumableUploadsMiddleware):
+    def on_complete(self, upload):
+        from django.contrib.auth.models import User
+
+        users = User.objects.count()
+        os.makedirs(os.path.join(settings.STORE_DIR, "completed"), exist_ok=True)
+        with open(os.path.join(settings.STORE_DIR, "completed", upload.id), "w") as note:
+            note.write(str(users))

@@ -64,19 +64,52 @@ def resumable_done(request):
     from uploadguard.django import resumable_file
 
     upload = resumable_file(request, request.POST["upload"])
-    digest = hashlib.sha256()
-    os.makedirs(settings.STORE_DIR, exist_ok=True)
-    with open(os.path.join(settings.STORE_DIR, upload.name), "wb") as out:
-        for chunk in upload.chunks():
-            digest.update(chunk)
-            out.write(chunk)
-    upload.close()
+    answer = _stored(upload)
     if request.POST.get("delete"):
         from uploadguard.django import delete_resumable
 
         delete_resumable(request, request.POST["upload"])
-    return JsonResponse({"name": upload.name, "size": upload.size, "content_type": upload.content_type,
-                         "sha256": digest.hexdigest()})
+    return JsonResponse(answer)
+
+
+async def resumable_done_async(request):
+    """``resumable_done`` as an async view: ``aresumable_file``, the file stored in a thread."""
+    import asyncio
+
+    from uploadguard.django import aresumable_file
+
+    upload = await aresumable_file(request, request.POST["upload"])
+    return JsonResponse(await asyncio.to_thread(_stored, upload, "async-"))
+
+
+async def resumable_done_async_sync_call(request):
+    """An async view calling the sync ``resumable_file`` (a mistake: it must fail clearly, off nothing)."""
+    from uploadguard.django import resumable_file
+
+    resumable_file(request, request.POST["upload"])
+    return JsonResponse({})
+
+
+def _stored(upload, prefix=""):
+    digest = hashlib.sha256()
+    os.makedirs(settings.STORE_DIR, exist_ok=True)
+    with open(os.path.join(settings.STORE_DIR, prefix + upload.name), "wb") as out:
+        for chunk in upload.chunks():
+            digest.update(chunk)
+            out.write(chunk)
+    upload.close()
+    return {"name": upload.name, "size": upload.size, "content_type": upload.content_type,
+            "sha256": digest.hexdigest()}
+
+
+def db_login(request):
+    """Log in as the database user ``user`` names, created on first use (``login()``: session and CSRF rotate)."""
+    from django.contrib.auth import login
+    from django.contrib.auth.models import User
+
+    user, _ = User.objects.get_or_create(username="user" + request.POST["user"])
+    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    return JsonResponse({"id": user.pk})
 
 
 def login(request):
