@@ -110,12 +110,12 @@ class ChaosProxy:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def cut_all(self, mode: str) -> int:
-        """Cut every open connection now by ``mode``; returns how many were cut."""
+    def cut_all(self, mode: str, *, min_bytes: int = 0) -> int:
+        """Cut every open connection that carried ``min_bytes`` client-to-server by ``mode``; returns how many."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         with self._lock:
-            victims = [conn for conn in self._connections if conn.state == OPEN]
+            victims = [conn for conn in self._connections if conn.state == OPEN and conn.bytes_up >= min_bytes]
             for conn in victims:
                 self._cut(conn, mode)
         return len(victims)

@@ -6,9 +6,11 @@ Four clients send 60 uploads of 5-50 MiB of random bytes to
 (``tests/chaos_proxy.py``) on 127.0.0.1, which cuts every connection after a
 random number of bytes (0.5-48 MiB), half of them by RST and half by silently
 black-holing them.  Meanwhile a vandal thread SIGKILLs a random worker each
-time the clients have sent another 96 MiB (every 3 s or so), sends the master
-a HUP every 400 MiB, and deletes the guard's upload temp dir every 0.25 s.
-The chaos follows the bytes, not the clock: a slow machine gets as much of it.
+time the clients have sent another 96 MiB (every 3 s or so) and every worker
+is up (so one always serves: a stall is the chaos's, not a boot's), sends the
+master a HUP every 400 MiB, and deletes the guard's upload temp dir every
+0.25 s.  The chaos follows the bytes, not the clock: a slow machine gets as
+much of it.
 
 The clients are a small tus 1.0 client written here on ``http.client``:
 chunked PATCHes of 4 MiB, a 5 s socket timeout that is the only way to see a
@@ -19,9 +21,12 @@ The same soak, smaller (16 uploads of 1-10 MiB, 1 MiB PATCHes, cuts after
 2-12 MiB, a SIGKILL every 12 MiB, so CI stays fast), runs against the ASGI
 endpoint (``tests/resumable_asgi_apps.py``) under ``gunicorn -c
 gunicorn_conf.py -k asgi`` (2 workers, SIGKILLed, HUPed every 40 MiB and
-recycled every 10-20 requests) and under ``uvicorn --workers 2`` (SIGKILLed;
+recycled every 20-30 requests) and under ``uvicorn --workers 2`` (SIGKILLed;
 no HUPs, see ``SHAPES``).  Its connections are kept alive: a cut may fall on
-any of the requests one carries.
+any of the requests one carries -- and a connection may end (a recycle, a
+kill) before the bytes of its random cut, so every 12 MiB the vandal also
+cuts every open connection past its first 2 MiB, by RST and by black hole in
+turn.
 
 Required (issue #10): 100 % stored intact (the sha256 of what ``on_complete``
 read equals what was sent), ``on_complete`` run once per upload (a second
@@ -254,6 +259,7 @@ class Shape:
     workers: int
     kill_every: int  # body bytes sent between SIGKILLs of a random worker
     hup_every: int | None  # body bytes sent between HUPs of the master (a graceful restart of every worker); None: none
+    cut_every: int | None = None  # body bytes sent between cuts of all open connections (RST, black hole in turn)
     max_requests: int = 0  # gunicorn recycles a worker after about this many requests; 0: the config's default
 
 
@@ -262,13 +268,14 @@ SHAPES = [
                        hup_every=HUP_EVERY), id="wsgi"),
     # The ASGI endpoint, kept small for CI's time (90 MiB), the chaos as dense per byte.  Connections are kept alive
     # there, so a cut may fall on any request of many; each carries a whole PATCH (1 MiB) and more before its cut,
-    # so a stall is one cut, never a run of black holes.  gunicorn also recycles a worker every 10-20 requests.
+    # so a stall is one cut, never a run of black holes.  gunicorn also recycles a worker every 20-30 requests.
     pytest.param(Shape("asgi-gunicorn", 16, (MiB, 10 * MiB), MiB, (2 * MiB, 12 * MiB), workers=2,
-                       kill_every=12 * MiB, hup_every=40 * MiB, max_requests=10), id="asgi-gunicorn"),
+                       kill_every=12 * MiB, hup_every=40 * MiB, cut_every=12 * MiB, max_requests=20),
+                 id="asgi-gunicorn"),
     # uvicorn's supervisor replaces a killed worker; its HUP restart waits for every connection of the old worker to
     # close (no graceful timeout) and replaces no killed worker meanwhile: not a restart to soak.
     pytest.param(Shape("asgi-uvicorn", 16, (MiB, 10 * MiB), MiB, (2 * MiB, 12 * MiB), workers=2,
-                       kill_every=12 * MiB, hup_every=None), id="asgi-uvicorn"),
+                       kill_every=12 * MiB, hup_every=None, cut_every=12 * MiB), id="asgi-uvicorn"),
 ]
 
 
@@ -287,19 +294,29 @@ def start_server(shape: Shape, tmp_path: Path, env: dict[str, str]) -> Any:
                    env={**env, "PYTHONPATH": str(TESTS)})
 
 
+#: What a worker logs once it is up: gunicorn's (uploadguard's post_worker_init hook) and uvicorn's.
+READY = re.compile(r"\[(\d+)\] \[INFO\] uploadguard: upload temp dir |Started server process \[(\d+)\]")
+
+
 def worker_pids(server: Any) -> list[int]:
-    """The server's worker processes: the master's children (uvicorn's: those it spawned, not a resource tracker)."""
+    """The server's live worker processes: the master's children (uvicorn's: not its resource tracker)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
+                state, parent = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:2]
                 command = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
+            except (OSError, ValueError):
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == server.proc.pid and b"resource_tracker" not in command:
+            if int(parent) == server.proc.pid and state != "Z" and b"resource_tracker" not in command:
                 pids.append(int(entry))
     return pids
+
+
+def all_up(server: Any, workers: list[int], count: int) -> bool:
+    """Whether ``count`` workers run and every one has said it is up."""
+    ready = {int(a or b) for a, b in READY.findall(server.log())}
+    return len(workers) == count and set(workers) <= ready
 
 
 class TestResumableChaosSoak:
@@ -318,7 +335,7 @@ class TestResumableChaosSoak:
         tally = Tally(total=sum(size for _, size in jobs))
         proxy = ChaosProxy(server.port, cut_probability=1.0, cut_after=shape.cut_after, seed=11).start()
         stop = threading.Event()
-        chaos = {"kills": 0, "hups": 0, "deletions": 0}
+        chaos = {"kills": 0, "hups": 0, "deletions": 0, "cuts": 0}
         killed: set[int] = set()
 
         def vandal() -> None:
@@ -328,7 +345,8 @@ class TestResumableChaosSoak:
                 chaos["deletions"] += 1
                 with tally.lock:
                     sent = tally.sent
-                if chaos["kills"] < sent // shape.kill_every and (workers := worker_pids(server)):
+                workers = worker_pids(server)
+                if chaos["kills"] < sent // shape.kill_every and all_up(server, workers, shape.workers):
                     victim = chance.choice(workers)
                     with contextlib.suppress(ProcessLookupError):  # gone by itself: another at the next look
                         os.kill(victim, signal.SIGKILL)
@@ -337,6 +355,10 @@ class TestResumableChaosSoak:
                 if shape.hup_every is not None and chaos["hups"] < sent // shape.hup_every:
                     os.kill(server.proc.pid, signal.SIGHUP)
                     chaos["hups"] += 1
+                if shape.cut_every is not None and chaos["cuts"] < sent // shape.cut_every:
+                    # Connections past their first bytes only: one that replaced a cut one carries its PATCH.
+                    if proxy.cut_all((RESET, BLACKHOLE)[chaos["cuts"] % 2], min_bytes=shape.cut_after[0]):
+                        chaos["cuts"] += 1  # else none to cut yet: at the next look
 
         deadline = time.monotonic() + DEADLINE
         clients = [threading.Thread(target=run_client,
@@ -381,7 +403,8 @@ class TestResumableChaosSoak:
         summary = (f"{shape.server}: {intact}/{shape.uploads} uploads stored intact in {elapsed:.0f} s; "
                    f"{tally.total / MiB:.0f} MiB in all, bytes sent {ratio:.3f}x; "
                    f"cuts: {cuts[RESET]} resets + {cuts[BLACKHOLE]} black holes over {proxy.connections} "
-                   f"connections; {chaos['kills']} workers SIGKILLed, {recycled} recycled, {chaos['hups']} HUPs, "
+                   f"connections ({chaos['cuts']} times all at once); {chaos['kills']} workers SIGKILLed, "
+                   f"{recycled} recycled, {chaos['hups']} HUPs, "
                    f"temp dir deleted {chaos['deletions']} times; {tally.failures} failed requests, "
                    f"{tally.restarts} restarts; "
                    f"on_complete run again {again} times (after a SIGKILL); "
