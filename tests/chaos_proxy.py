@@ -23,7 +23,9 @@ of ``cut_after`` = (lo, hi) bytes client-to-server, after which it is cut in
 one of ``modes`` (picked by a seeded RNG); after ``max_cuts`` cuts (if
 given) no more random ones.  ``cuts`` records every cut as (monotonic time,
 mode).  The policy attributes may be changed while the proxy runs; they
-apply to connections accepted afterwards.
+apply to connections accepted afterwards.  ``arm`` gives one open
+connection a budget now: it is cut after its next few bytes (inside a request
+body, where a cut by bytes lands, not between requests).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class _Connection:
     state: str = OPEN
     pumps_left: int = 2
     bytes_up: int = 0
+    armed: bool = False  # its budget was set by arm()
 
 
 class ChaosProxy:
@@ -119,6 +122,20 @@ class ChaosProxy:
             for conn in victims:
                 self._cut(conn, mode)
         return len(victims)
+
+    def arm(self, mode: str, after: int, *, min_bytes: int = 0) -> bool:
+        """Unless a connection armed earlier is still open: have one open connection that has carried ``min_bytes``
+        client-to-server cut by ``mode`` once it carries ``after`` more.  Whether one is armed now."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        with self._lock:
+            if any(conn.armed and conn.state == OPEN for conn in self._connections):
+                return True
+            for conn in self._connections:
+                if conn.state == OPEN and conn.bytes_up >= min_bytes:
+                    conn.budget, conn.mode, conn.armed = after, mode, True
+                    return True
+        return False
 
     def counts(self) -> collections.Counter[str]:
         """How many cuts of each mode so far."""

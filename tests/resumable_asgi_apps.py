@@ -6,13 +6,17 @@ uploadguard -- the stack to run under ``uvicorn`` or ``gunicorn -k asgi``;
 ``/files``.  Storage is ``$TEST_RESUMABLE_STORAGE``; each completed upload is
 recorded as ``$TEST_RECORDS/<id>.json`` (tests/resumable_client_apps.py's
 ``record``, called from a coroutine ``on_complete``); ``$TEST_IDLE_TIMEOUT``
-sets ``idle_timeout``.
+sets ``idle_timeout``.  Beside ``/files/``, ``application`` serves
+``/page/<name>`` from ``$TEST_PAGES`` as the WSGI one does (the browser test's
+page and ``upload.js``, same origin as the endpoint).
 """
 
 # No "from __future__ import annotations": FastAPI reads the endpoints' annotations at runtime.
 import asyncio
 import logging
+import mimetypes
 import os
+from pathlib import Path
 from typing import Any
 
 from resumable_client_apps import record
@@ -30,12 +34,32 @@ async def on_complete(upload: Any) -> None:
     await asyncio.to_thread(record, upload)
 
 
-def _endpoint(prefix: str = "/files/") -> ResumableUploads:
-    return ResumableUploads(prefix=prefix, storage=os.environ.get("TEST_RESUMABLE_STORAGE"), on_complete=on_complete,
-                            idle_timeout=os.environ.get("TEST_IDLE_TIMEOUT"), lock_timeout=10)
+async def pages(scope: Any, receive: Any, send: Any) -> None:
+    """Everything outside ``/files/``: static test pages from ``$TEST_PAGES``, else 404; lifespan accepted."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    path = scope["path"]
+    name = path.removeprefix("/page/")
+    root = os.environ.get("TEST_PAGES")
+    status, kind, body = 404, "text/plain", b"not found"
+    if root and path.startswith("/page/") and "/" not in name and (Path(root) / name).is_file():
+        body = await asyncio.to_thread((Path(root) / name).read_bytes)
+        status, kind = 200, mimetypes.guess_type(name)[0] or "application/octet-stream"
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", kind.encode()), (b"content-length", str(len(body)).encode()),
+                            (b"cache-control", b"no-store")]})
+    await send({"type": "http.response.body", "body": body})
 
 
-application = UploadGuard(_endpoint())
+def _endpoint(prefix: str = "/files/", app: Any = None) -> ResumableUploads:
+    return ResumableUploads(app, prefix=prefix, storage=os.environ.get("TEST_RESUMABLE_STORAGE"),
+                            on_complete=on_complete, idle_timeout=os.environ.get("TEST_IDLE_TIMEOUT"), lock_timeout=10)
+
+
+application = UploadGuard(_endpoint(app=pages))
 
 
 def make_fastapi() -> Any:

@@ -6,8 +6,10 @@ and retryable 503 in front.  Its storage is ``$TEST_RESUMABLE_STORAGE``.
 Each completed upload is recorded by ``on_complete`` as
 ``$TEST_RECORDS/<id>.json`` -- the sha256 and length of ``upload.open()`` and
 the metadata -- so a test can check what the server holds without knowing
-the store's layout.  ``/page/<name>`` serves ``$TEST_PAGES/<name>`` (the
-browser test's page and ``upload.js``, same origin as the endpoint).
+the store's layout; with ``$TEST_COMPLETIONS`` set, each call also appends a
+line ``<id> <pid>`` to that file (to count the calls and know who made them).
+``/page/<name>`` serves ``$TEST_PAGES/<name>`` (the browser test's page and
+``upload.js``, same origin as the endpoint).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def record(upload: Upload) -> None:
     temp = records / f".{upload.id}.{os.getpid()}.tmp"
     temp.write_text(body)
     temp.replace(records / f"{upload.id}.json")
+    if completions := os.environ.get("TEST_COMPLETIONS"):
+        with open(completions, "a") as calls:  # one short append: lines from other workers never interleave
+            calls.write(f"{upload.id} {os.getpid()}\n")
 
 
 def pages(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:

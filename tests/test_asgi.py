@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -409,12 +409,12 @@ SERVER_LIMIT = MiB  # bodies over Starlette's 1 MB in-memory spool go to the tem
 class Uvicorn:
     """A real uvicorn on 127.0.0.1 (stdout and stderr to a log file), like :class:`tests.support.Gunicorn`."""
 
-    def __init__(self, app: str, *, tmp_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, app: str, *, tmp_path: Path, env: dict[str, str], args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.log_path = tmp_path / f"uvicorn-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.port), app],
+            [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.port), *args, app],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=str(ROOT),
             start_new_session=True)
         try:

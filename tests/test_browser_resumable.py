@@ -8,7 +8,9 @@ gunicorn with the project's ``gunicorn_conf.py``
 ``UploadGuard.resumableUpload`` on a chosen file; the proxy resets or
 black-holes the connection partway.  What the server stored is checked through
 the sha256 its ``on_complete`` hook recorded; the progress reported to the page
-never goes back by more than one chunk.
+never goes back by more than one chunk.  The cut connections are also taken by
+the ASGI endpoint (``tests/resumable_asgi_apps.py``, the same page) under
+``gunicorn -c gunicorn_conf.py -k asgi`` and under uvicorn.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import pytest
 import requests
 
 from tests.chaos_proxy import BLACKHOLE, RESET, ChaosProxy
-from tests.support import GUNICORN_CONF, ROOT, Gunicorn
+from tests.support import GUNICORN_CONF, ROOT, TESTS, Gunicorn
+from tests.test_asgi import Uvicorn
 
 pytest.importorskip("uploadguard.resumable")
 pytest.importorskip("playwright.sync_api")
@@ -68,10 +71,14 @@ document.addEventListener("uploadguard:failed", function (event) { window.failed
 </script>"""
 
 
-class Site:
-    """The endpoint and the test page under gunicorn, reached through a ChaosProxy."""
+#: Where the endpoint runs: WSGI under gunicorn's sync workers, or ASGI under ``gunicorn -k asgi`` or uvicorn.
+SERVERS = ("wsgi", "asgi-gunicorn", "asgi-uvicorn")
 
-    def __init__(self, tmp_path: Path) -> None:
+
+class Site:
+    """The endpoint and the test page under one of ``SERVERS``, reached through a ChaosProxy."""
+
+    def __init__(self, tmp_path: Path, server: str = "wsgi") -> None:
         pages = tmp_path / "pages"
         pages.mkdir()
         (pages / "index.html").write_text(PAGE)
@@ -79,11 +86,20 @@ class Site:
         shutil.copy(HELPER, pages / "upload.js")
         self.storage = tmp_path / "uploads"
         self.records = tmp_path / "records"
-        self.server = Gunicorn(
-            "resumable_client_apps:application", tmp_path=tmp_path, config=GUNICORN_CONF, workers=3,
-            env={"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"), "UPLOADGUARD_RETRY_AFTER": "2",
-                 "TEST_RESUMABLE_STORAGE": str(self.storage), "TEST_RECORDS": str(self.records),
-                 "TEST_PAGES": str(pages)})
+        env = {"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"), "UPLOADGUARD_RETRY_AFTER": "2",
+               "TEST_RESUMABLE_STORAGE": str(self.storage), "TEST_RECORDS": str(self.records),
+               "TEST_PAGES": str(pages), "TEST_COMPLETIONS": str(tmp_path / "completions")}
+        self.server: Any
+        if server == "wsgi":
+            self.server = Gunicorn("resumable_client_apps:application", tmp_path=tmp_path, config=GUNICORN_CONF,
+                                   workers=3, env=env)
+        elif server == "asgi-gunicorn":
+            self.server = Gunicorn("resumable_asgi_apps:application", tmp_path=tmp_path, config=GUNICORN_CONF,
+                                   workers=2, args=["-k", "asgi", "--log-level", "info"], env=env)
+        else:
+            self.server = Uvicorn("resumable_asgi_apps:application", tmp_path=tmp_path,
+                                  env={**env, "PYTHONPATH": str(TESTS)})
+        self.completions = tmp_path / "completions"
         self.proxy = ChaosProxy(self.server.port, seed=3).start()
         self.url = self.proxy.url + "/page/index.html"
 
@@ -95,14 +111,21 @@ class Site:
         path = self.records / f"{url.rstrip('/').rsplit('/', 1)[-1]}.json"
         return json.loads(path.read_text())["sha256"] if path.exists() else None
 
+    def completed(self, url: str) -> int:
+        """How many times ``on_complete`` ran for the upload at ``url``."""
+        upload_id = url.rstrip("/").rsplit("/", 1)[-1]
+        lines = self.completions.read_text().splitlines() if self.completions.exists() else []
+        return [line.split()[0] for line in lines].count(upload_id)
+
     def requests(self, method: str) -> int:
-        """How many ``method /files/...`` requests gunicorn's access log shows."""
+        """How many ``method /files/...`` requests the server's access log (gunicorn's or uvicorn's) shows."""
         return len(re.findall(rf'"{method} /files/', self.server.log()))
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    site = Site(tmp_path)
+def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
+    """The site under gunicorn's sync workers, or the server a test's ``site`` parameter names (``SERVERS``)."""
+    site = Site(tmp_path, getattr(request, "param", "wsgi"))
     try:
         yield site
     finally:
@@ -135,46 +158,55 @@ def never_back_by_more_than_a_chunk(progress: list[int], chunk: int = CHUNK) -> 
 
 
 def cut(site: Site, mode: str, after: tuple[int, int], times: int) -> None:
-    """From now on, cut the next ``times`` connections that carry ``after`` bytes (gunicorn's sync workers close each connection after one request: one PATCH, one connection)."""
+    """From now on, cut the next ``times`` connections that carry ``after`` bytes (gunicorn's sync workers close each connection after one request: one PATCH, one connection).
+
+    ASGI servers keep connections alive, and a connection the proxy accepted
+    before this call is never cut: call it before the page is opened.
+    """
     site.proxy.cut_probability, site.proxy.cut_after, site.proxy.modes = 1.0, after, (mode,)
     site.proxy.max_cuts = times
 
 
+@pytest.mark.parametrize("site", SERVERS, indirect=True)
 class TestCutConnections:
     def test_reset_connections_resume_where_the_server_stands(self, tmp_path: Path, browser: Any, site: Site) -> None:
-        """Three PATCHes are reset partway; the upload retries, resumes from the server's offset and ends stored intact, its progress never going back by more than a chunk."""
+        """Three PATCHes are reset partway; the upload retries, resumes from the server's offset and ends stored intact (on_complete run once), its progress never going back by more than a chunk."""
         path, sha256 = blob(tmp_path, 20 * MiB)
-        page = open_page(browser, site, path)
         cut(site, RESET, (MiB, 3 * MiB), 3)
+        page = open_page(browser, site, path)
         page.evaluate("start()")
         state = finished(page)
         page.close()
 
         assert state["failure"] is None, state["failure"]
         assert site.sha256(state["result"]["url"]) == sha256
+        assert site.completed(state["result"]["url"]) == 1
         assert site.proxy.counts()[RESET] == 3
         assert any(text.startswith("The connection failed; retrying") for text, _ in state["statuses"])
         assert never_back_by_more_than_a_chunk(state["progress"]), state["progress"]
         assert state["progress"][-1] == path.stat().st_size
         assert site.requests("POST") == 1  # resumed, never begun again
         assert site.proxy.bytes_up < 1.5 * path.stat().st_size
+        assert "Traceback" not in site.server.log(), site.server.log()[-3000:]
 
     def test_a_black_holed_connection_is_given_up_after_the_stall_timeout(self, tmp_path: Path, browser: Any,
                                                                         site: Site) -> None:
-        """Connections that silently stop carrying bytes are dropped after stallTimeout, saying so; the upload resumes on a new one and ends stored intact."""
+        """Connections that silently stop carrying bytes are dropped after stallTimeout, saying so; the upload resumes on a new one and ends stored intact (on_complete run once)."""
         path, sha256 = blob(tmp_path, 16 * MiB)
-        page = open_page(browser, site, path)
         cut(site, BLACKHOLE, (MiB, 3 * MiB), 2)
+        page = open_page(browser, site, path)
         page.evaluate("start({stallTimeout: 2})")
         state = finished(page)
         page.close()
 
         assert state["failure"] is None, state["failure"]
         assert site.sha256(state["result"]["url"]) == sha256
+        assert site.completed(state["result"]["url"]) == 1
         assert site.proxy.counts()[BLACKHOLE] == 2
         assert any(text.startswith("Connection stalled, reconnecting\u2026") for text, _ in state["statuses"])
         assert never_back_by_more_than_a_chunk(state["progress"]), state["progress"]
         assert site.requests("POST") == 1
+        assert "Traceback" not in site.server.log(), site.server.log()[-3000:]
 
 
 class TestStall:

@@ -239,6 +239,63 @@ class TestBody:
         run(test)
 
 
+class MessageAtTheCut(Request):
+    """A PATCH whose client sends ``first``, then nothing -- until the reading is cancelled: ``at_cut`` arrives at
+    that very moment.
+
+    Python 3.11's ``asyncio.wait_for`` (inside gunicorn's ASGI ``receive``) then hands the message over and swallows
+    the cancel: ``receive()`` returns it, as here.  ``waiting`` is set once ``first`` was taken; ``read_again`` if the
+    body is asked for once more after that (a silent client would hold the request there).
+    """
+
+    def __init__(self, app: Any, url: str, length: int, first: bytes, at_cut: bytes) -> None:
+        self.first, self.at_cut = first, at_cut
+        self.waiting, self.read_again = asyncio.Event(), asyncio.Event()
+        self.swallowed = False
+        super().__init__(app, "PATCH", url, {**TUS, "Upload-Offset": "0", "Content-Type": OCTETS,
+                                             "Content-Length": str(length)})
+
+    async def _receive(self) -> dict[str, Any]:
+        if self.first:
+            body, self.first = self.first, b""
+            return {"type": "http.request", "body": body, "more_body": True}
+        if self.swallowed:
+            self.read_again.set()
+        self.waiting.set()
+        try:
+            await asyncio.get_running_loop().create_future()  # the client is silent
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise
+            self.swallowed = True
+        return {"type": "http.request", "body": self.at_cut, "more_body": True}
+
+
+class TestCut:
+    def test_a_cut_that_meets_a_message_keeps_it_and_ends_the_patch(self, tmp_path: Path, settings: Settings) -> None:
+        """A PATCH preempted at the moment its next message arrives (the server's receive returns the message and
+        swallows the cancel) keeps that message and ends at once, without asking a silent client for more."""
+        app = endpoint(tmp_path, settings, lock_timeout=30)
+
+        async def test() -> None:
+            url = await create(app, 10)
+            stale = MessageAtTheCut(app, url, 10, b"abcd", b"ef")
+            await stale.waiting.wait()  # the PATCH holds the upload and waits for more
+            head = Request(app, "HEAD", url, TUS)  # asks the PATCH to let go: the watcher cuts its reading
+            head.feed(b"", more=False)
+            read_again = asyncio.ensure_future(stale.read_again.wait())
+            await asyncio.wait((stale.task, read_again), return_when=asyncio.FIRST_COMPLETED)
+            assert not read_again.done(), "the PATCH asked its silent client for more after the cut"
+            read_again.cancel()
+            assert stale.swallowed
+            answer = await stale.result()
+            assert answer.status == 204 and answer.headers["upload-offset"] == "6"
+            assert (await head.result()).headers["upload-offset"] == "6"
+            assert stored(tmp_path, url) == b"abcdef"
+
+        run(test)
+
+
 class TestHooks:
     def test_coroutine_hooks_are_awaited(self, tmp_path: Path, settings: Settings) -> None:
         """``authorize`` and ``on_complete`` may be coroutine functions: the owner is theirs, the hook runs once."""

@@ -5,17 +5,33 @@ Four clients send 60 uploads of 5-50 MiB of random bytes to
 ``gunicorn_conf.py`` (6 sync workers), each through ``ChaosProxy``
 (``tests/chaos_proxy.py``) on 127.0.0.1, which cuts every connection after a
 random number of bytes (0.5-48 MiB), half of them by RST and half by silently
-black-holing them.  Meanwhile a vandal thread SIGKILLs a random worker every
-few seconds, sends the master a HUP now and then, and deletes the guard's
-upload temp dir every 0.25 s.
+black-holing them.  Meanwhile a vandal thread SIGKILLs a random worker each
+time the clients have sent another 96 MiB (every 3 s or so) and every worker
+is up (so one always serves: a stall is the chaos's, not a boot's), sends the
+master a HUP every 400 MiB, and deletes the guard's upload temp dir every
+0.25 s.  The chaos follows the bytes, not the clock: a slow machine gets as
+much of it.
 
 The clients are a small tus 1.0 client written here on ``http.client``:
 chunked PATCHes of 4 MiB, a 5 s socket timeout that is the only way to see a
 black hole, a HEAD after every failure to learn the offset the server kept,
 ``Retry-After`` honoured on 503/423/429.
 
+The same soak, smaller (16 uploads of 1-10 MiB, 1 MiB PATCHes, cuts after
+2-12 MiB, a SIGKILL every 18 MiB, so CI stays fast), runs against the ASGI
+endpoint (``tests/resumable_asgi_apps.py``) under ``gunicorn -c
+gunicorn_conf.py -k asgi`` (2 workers, SIGKILLed, HUPed every 40 MiB and
+recycled every 20-30 requests) and under ``uvicorn --workers 2`` (SIGKILLed;
+no HUPs, see ``SHAPES``).  Its connections are kept alive: a cut may fall on
+any of the requests one carries -- and a connection may end (a recycle, a
+kill) before the bytes of its random cut, so every 12 MiB the vandal also
+has an open connection past its first 2 MiB cut within its next 64 KiB, by
+RST and by black hole in turn.
+
 Required (issue #10): 100 % stored intact (the sha256 of what ``on_complete``
-read equals what was sent), total body bytes sent <= 1.2 x the total size,
+read equals what was sent), ``on_complete`` run once per upload (a second
+time only after a SIGKILL of the worker that ran it first, which could not
+note that it had), total body bytes sent <= 1.2 x the total size,
 and no upload stalled more than 15 s after a cut: from the start of the
 request that was cut to the first answer showing that the server holds more
 bytes than it had kept at the cut (the first HEAD after the cut says how many
@@ -26,23 +42,26 @@ it kept; further cuts before then extend the same stall).  Run alone with
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import http.client
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
 from tests.chaos_proxy import BLACKHOLE, RESET, ChaosProxy
-from tests.support import GUNICORN_CONF, Gunicorn
+from tests.support import GUNICORN_CONF, TESTS, Gunicorn
 
 pytest.importorskip("uploadguard.resumable")
 pytestmark = [pytest.mark.slow, pytest.mark.soak]
@@ -55,8 +74,8 @@ CHUNK = 4 * MiB  # bytes per PATCH: what one cut can cost at most
 PIECE = 64 * 1024  # bytes per send()
 READ_TIMEOUT = 5.0  # seconds of silence before a client counts its connection as cut
 CUT_AFTER = (MiB // 2, 48 * MiB)  # client-to-server bytes a connection carries before it is cut
-KILL_EVERY = 3.0  # seconds between SIGKILLs of a random worker
-HUP_EVERY = 12.0  # seconds between HUPs of the master
+KILL_EVERY = 96 * MiB  # body bytes sent between SIGKILLs of a random worker
+HUP_EVERY = 400 * MiB  # body bytes sent between HUPs of the master
 TEMP_DIR_EVERY = 0.25  # seconds between deletions of the upload temp dir
 DEADLINE = 300.0  # seconds for all uploads
 MAX_STALL = 15.0  # seconds, from the issue
@@ -134,7 +153,7 @@ def wait_as_asked(response: http.client.HTTPResponse) -> None:
     time.sleep(min(2.0, max(0.1, float(value) if value.isdigit() else 0.5)))
 
 
-def upload(client: TusClient, seed: int, size: int, deadline: float) -> None:
+def upload(client: TusClient, seed: int, size: int, deadline: float, chunk_size: int = CHUNK) -> None:
     """Send one upload to its end, resuming after every cut; record what was sent."""
     tally = client.tally
     data = memoryview(random.Random(seed).randbytes(size))
@@ -181,7 +200,7 @@ def upload(client: TusClient, seed: int, size: int, deadline: float) -> None:
                         break
                     continue
             else:
-                chunk = data[offset:offset + CHUNK]
+                chunk = data[offset:offset + chunk_size]
                 status, response = client.request(
                     "PATCH", path, {"Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream",
                                     "Content-Length": str(len(chunk))}, chunk)
@@ -219,53 +238,137 @@ def upload(client: TusClient, seed: int, size: int, deadline: float) -> None:
         tally.stored[path.rsplit("/", 1)[-1]] = (sha256, size)
 
 
-def run_client(port: int, jobs: list[tuple[int, int]], tally: Tally, deadline: float) -> None:
+def run_client(port: int, jobs: list[tuple[int, int]], tally: Tally, deadline: float, chunk_size: int) -> None:
     client = TusClient(port, tally)
     try:
         for seed, size in jobs:
-            upload(client, seed, size, deadline)
+            upload(client, seed, size, deadline, chunk_size)
     finally:
         client.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One soak: where the endpoint runs, what the clients send, what the vandal does."""
+
+    server: str  # "wsgi" (gunicorn sync), "asgi-gunicorn" (gunicorn -k asgi) or "asgi-uvicorn" (uvicorn --workers)
+    uploads: int
+    sizes: tuple[int, int]  # bytes per upload, (lo, hi)
+    chunk: int  # bytes per PATCH: what one cut can cost at most
+    cut_after: tuple[int, int]  # client-to-server bytes a connection carries before it is cut
+    workers: int
+    kill_every: int  # body bytes sent between SIGKILLs of a random worker
+    hup_every: int | None  # body bytes sent between HUPs of the master (a graceful restart of every worker); None: none
+    cut_every: int | None = None  # body bytes sent between cuts the vandal asks for (RST, black hole in turn)
+    max_requests: int = 0  # gunicorn recycles a worker after about this many requests; 0: the config's default
+
+
+SHAPES = [
+    pytest.param(Shape("wsgi", UPLOADS, SIZES, CHUNK, CUT_AFTER, workers=6, kill_every=KILL_EVERY,
+                       hup_every=HUP_EVERY), id="wsgi"),
+    # The ASGI endpoint, kept small for CI's time (90 MiB), the chaos as dense per byte.  Connections are kept alive
+    # there, so a cut may fall on any request of many; each carries a whole PATCH (1 MiB) and more before its cut,
+    # so a stall is one cut, never a run of black holes.  gunicorn also recycles a worker every 20-30 requests.
+    pytest.param(Shape("asgi-gunicorn", 16, (MiB, 10 * MiB), MiB, (2 * MiB, 12 * MiB), workers=2,
+                       kill_every=18 * MiB, hup_every=40 * MiB, cut_every=12 * MiB, max_requests=20),
+                 id="asgi-gunicorn"),
+    # uvicorn's supervisor replaces a killed worker; its HUP restart waits for every connection of the old worker to
+    # close (no graceful timeout) and replaces no killed worker meanwhile: not a restart to soak.
+    pytest.param(Shape("asgi-uvicorn", 16, (MiB, 10 * MiB), MiB, (2 * MiB, 12 * MiB), workers=2,
+                       kill_every=18 * MiB, hup_every=None, cut_every=12 * MiB), id="asgi-uvicorn"),
+]
+
+
+def start_server(shape: Shape, tmp_path: Path, env: dict[str, str]) -> Any:
+    """The endpoint (tests/resumable_client_apps.py or tests/resumable_asgi_apps.py) under ``shape.server``."""
+    if shape.server == "wsgi":
+        return Gunicorn("resumable_client_apps:application", tmp_path=tmp_path, config=GUNICORN_CONF,
+                        workers=shape.workers, env=env)
+    if shape.server == "asgi-gunicorn":
+        recycle = {"GUNICORN_MAX_REQUESTS": str(shape.max_requests), "GUNICORN_MAX_REQUESTS_JITTER": "10"}
+        return Gunicorn("resumable_asgi_apps:application", tmp_path=tmp_path, config=GUNICORN_CONF,
+                        workers=shape.workers, args=["-k", "asgi", "--log-level", "info"], env={**env, **recycle})
+    from tests.test_asgi import Uvicorn
+
+    return Uvicorn("resumable_asgi_apps:application", tmp_path=tmp_path, args=["--workers", str(shape.workers)],
+                   env={**env, "PYTHONPATH": str(TESTS)})
+
+
+#: What a worker logs once it is up: gunicorn's (uploadguard's post_worker_init hook) and uvicorn's.
+READY = re.compile(r"\[(\d+)\] \[INFO\] uploadguard: upload temp dir |Started server process \[(\d+)\]")
+
+
+def worker_pids(server: Any) -> list[int]:
+    """The server's live worker processes: the master's children (uvicorn's: not its resource tracker)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                state, parent = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+                command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if int(parent) == server.proc.pid and state != "Z" and b"resource_tracker" not in command:
+                pids.append(int(entry))
+    return pids
+
+
+def all_up(server: Any, workers: list[int], count: int) -> bool:
+    """Whether ``count`` workers run and every one has said it is up."""
+    ready = {int(a or b) for a, b in READY.findall(server.log())}
+    return len(workers) == count and set(workers) <= ready
+
+
 class TestResumableChaosSoak:
-    def test_uploads_end_intact_through_resets_black_holes_kills_and_hups(self, tmp_path: Path) -> None:
-        """60 uploads by 4 clients through cut connections, killed and HUPed workers and a vanishing temp dir all end stored intact, with at most 1.2x the bytes sent and no stall over 15 s after a cut."""
-        temp_dir, records = tmp_path / "tmp", tmp_path / "records"
-        server = Gunicorn(
-            "resumable_client_apps:application", tmp_path=tmp_path, config=GUNICORN_CONF, workers=6,
-            env={"UPLOADGUARD_TEMP_DIR": str(temp_dir), "UPLOADGUARD_RETRY_AFTER": "1",
-                 "TEST_RESUMABLE_STORAGE": str(tmp_path / "uploads"), "TEST_RECORDS": str(records),
-                 "UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "10"},
-        )
+    @pytest.mark.parametrize("shape", SHAPES)
+    def test_uploads_end_intact_through_resets_black_holes_kills_and_hups(self, tmp_path: Path, shape: Shape) -> None:
+        """Uploads by 4 clients through cut connections, killed (and HUPed or recycled) workers and a vanishing temp
+        dir all end stored intact, on_complete run once for each (again only where a SIGKILL cut it short), with
+        at most 1.2x the bytes sent and no stall over 15 s after a cut."""
+        temp_dir, records, completions = tmp_path / "tmp", tmp_path / "records", tmp_path / "completions"
+        server = start_server(shape, tmp_path, {
+            "UPLOADGUARD_TEMP_DIR": str(temp_dir), "UPLOADGUARD_RETRY_AFTER": "1",
+            "TEST_RESUMABLE_STORAGE": str(tmp_path / "uploads"), "TEST_RECORDS": str(records),
+            "TEST_COMPLETIONS": str(completions), "UPLOADGUARD_RESUMABLE_IDLE_TIMEOUT": "10"})
         rng = random.Random(10)
-        jobs = [(seed, rng.randint(*SIZES)) for seed in range(UPLOADS)]
+        jobs = [(seed, rng.randint(*shape.sizes)) for seed in range(shape.uploads)]
         tally = Tally(total=sum(size for _, size in jobs))
-        proxy = ChaosProxy(server.port, cut_probability=1.0, cut_after=CUT_AFTER, seed=11).start()
+        proxy = ChaosProxy(server.port, cut_probability=1.0, cut_after=shape.cut_after, seed=11).start()
         stop = threading.Event()
-        chaos = {"kills": 0, "hups": 0, "deletions": 0}
+        chaos = {"kills": 0, "hups": 0, "deletions": 0, "cuts": 0}
+        killed: set[int] = set()
 
         def vandal() -> None:
             chance = random.Random(12)
-            last_kill = last_hup = time.monotonic()
+            before: int | None = None  # cuts of the mode due, when the vandal began to ask for one
             while not stop.wait(TEMP_DIR_EVERY):
                 shutil.rmtree(temp_dir, ignore_errors=True)
                 chaos["deletions"] += 1
-                now = time.monotonic()
-                if now - last_kill > KILL_EVERY and (workers := server.worker_pids()):
-                    try:
-                        os.kill(chance.choice(workers), signal.SIGKILL)
+                with tally.lock:
+                    sent = tally.sent
+                workers = worker_pids(server)
+                if chaos["kills"] < sent // shape.kill_every and all_up(server, workers, shape.workers):
+                    victim = chance.choice(workers)
+                    with contextlib.suppress(ProcessLookupError):  # gone by itself: another at the next look
+                        os.kill(victim, signal.SIGKILL)
+                        killed.add(victim)
                         chaos["kills"] += 1
-                    except ProcessLookupError:
-                        pass
-                    last_kill = now
-                if now - last_hup > HUP_EVERY:
-                    server.signal(signal.SIGHUP)
+                if shape.hup_every is not None and chaos["hups"] < sent // shape.hup_every:
+                    os.kill(server.proc.pid, signal.SIGHUP)
                     chaos["hups"] += 1
-                    last_hup = now
+                if shape.cut_every is not None and chaos["cuts"] < sent // shape.cut_every:
+                    mode = (RESET, BLACKHOLE)[chaos["cuts"] % 2]
+                    if before is None:
+                        before = proxy.counts()[mode]
+                    if proxy.counts()[mode] > before:  # done (by this or by a random cut)
+                        chaos["cuts"] += 1
+                        before = None
+                    else:  # past its first PATCH only: one that replaced a cut connection carries it whole
+                        proxy.arm(mode, 64 * 1024, min_bytes=shape.cut_after[0])
 
         deadline = time.monotonic() + DEADLINE
-        clients = [threading.Thread(target=run_client, args=(proxy.port, jobs[i::CLIENTS], tally, deadline))
+        clients = [threading.Thread(target=run_client,
+                                    args=(proxy.port, jobs[i::CLIENTS], tally, deadline, shape.chunk))
                    for i in range(CLIENTS)]
         chaos_thread = threading.Thread(target=vandal)
         started = time.monotonic()
@@ -290,15 +393,27 @@ class TestResumableChaosSoak:
                 intact += 1
             else:
                 wrong.append(f"{upload_id}: sent {sha256} ({size} B), server recorded {held}")
+        calls: dict[str, list[int]] = {}
+        for line in completions.read_text().splitlines() if completions.exists() else []:
+            upload_id, pid = line.split()
+            calls.setdefault(upload_id, []).append(int(pid))
+        # A worker SIGKILLed after on_complete returned but before it noted so leaves it to run again: only then.
+        not_once = {upload_id: pids for upload_id, pids in calls.items() if not set(pids[:-1]) <= killed}
+        not_once |= {upload_id: [] for upload_id in tally.stored if upload_id not in calls}
+        again = sum(len(pids) - 1 for pids in calls.values())
         ratio = tally.sent / tally.total
         worst, worst_cause = max(tally.stalls, default=(0.0, ""))
         stalls = sorted(seconds for seconds, _ in tally.stalls)
         cuts = proxy.counts()
-        summary = (f"{intact}/{UPLOADS} uploads stored intact in {elapsed:.0f} s; "
+        recycled = len(set(re.findall(r"\[(\d+)\] \[INFO\] Autorestarting worker", server.log())))  # max_requests
+        summary = (f"{shape.server}: {intact}/{shape.uploads} uploads stored intact in {elapsed:.0f} s; "
                    f"{tally.total / MiB:.0f} MiB in all, bytes sent {ratio:.3f}x; "
                    f"cuts: {cuts[RESET]} resets + {cuts[BLACKHOLE]} black holes over {proxy.connections} "
-                   f"connections; {chaos['kills']} workers SIGKILLed, {chaos['hups']} HUPs, temp dir deleted "
-                   f"{chaos['deletions']} times; {tally.failures} failed requests, {tally.restarts} restarts; "
+                   f"connections ({chaos['cuts']} asked for); {chaos['kills']} workers SIGKILLed, "
+                   f"{recycled} recycled, {chaos['hups']} HUPs, "
+                   f"temp dir deleted {chaos['deletions']} times; {tally.failures} failed requests, "
+                   f"{tally.restarts} restarts; "
+                   f"on_complete run again {again} times (after a SIGKILL); "
                    f"worst stall after a cut {worst:.1f} s ({worst_cause}; median "
                    f"{stalls[len(stalls) // 2] if stalls else 0:.1f} s over {len(stalls)}); "
                    f"statuses {dict(sorted(tally.statuses.items()))}")
@@ -307,8 +422,12 @@ class TestResumableChaosSoak:
         assert tally.unexpected == [], summary
         assert tally.unfinished == [], summary
         assert wrong == [], summary
-        assert intact == UPLOADS, summary
+        assert intact == shape.uploads, summary
+        assert not_once == {}, summary
         assert ratio <= MAX_RATIO, summary
         assert worst <= MAX_STALL, summary
-        assert cuts[RESET] > 0 and cuts[BLACKHOLE] > 0 and chaos["kills"] > 0 and chaos["hups"] > 0, summary
+        assert cuts[RESET] > 0 and cuts[BLACKHOLE] > 0 and chaos["kills"] > 0, summary
+        assert chaos["hups"] > 0 or shape.hup_every is None, summary
         assert "Error handling request" not in server.log(), server.log()[-3000:]
+        if shape.server != "wsgi":
+            assert "Traceback" not in server.log(), server.log()[-3000:]
