@@ -55,6 +55,7 @@ class _Connection:
     pumps_left: int = 2
     bytes_up: int = 0
     armed: bool = False  # its budget was set by arm()
+    peer_port: int = 0  # the client's port: how a client learns its connection was cut here (was_cut)
 
 
 class ChaosProxy:
@@ -83,6 +84,7 @@ class ChaosProxy:
         self.connections = 0
         self.bytes_up = 0  # client-to-server bytes forwarded, over all connections
         self.cuts: list[tuple[float, str]] = []
+        self.cut_ports: set[int] = set()  # client ports of the connections cut (ask before closing the socket)
         self._acceptor = threading.Thread(target=self._accept, name="chaos-proxy-accept", daemon=True)
 
     # -- control ---------------------------------------------------------------
@@ -137,6 +139,11 @@ class ChaosProxy:
                     return True
         return False
 
+    def was_cut(self, port: int) -> bool:
+        """Whether the connection from the client's ``port`` was cut here (not broken by the server)."""
+        with self._lock:
+            return port in self.cut_ports
+
     def counts(self) -> collections.Counter[str]:
         """How many cuts of each mode so far."""
         with self._lock:
@@ -148,11 +155,12 @@ class ChaosProxy:
         """Mark ``conn`` cut (lock held); its pumps act on it within TICK."""
         conn.state = mode
         self.cuts.append((time.monotonic(), mode))
+        self.cut_ports.add(conn.peer_port)
 
     def _accept(self) -> None:
         while not self._stopping.is_set():
             try:
-                client, _ = self._listener.accept()
+                client, peer = self._listener.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -166,10 +174,11 @@ class ChaosProxy:
                 sock.settimeout(TICK)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
+                self.cut_ports.discard(peer[1])  # a new connection on a port once cut: not cut (yet)
                 budget = None
                 if self._rng.random() < self.cut_probability:
                     budget = self._rng.randint(*self.cut_after)
-                conn = _Connection(client, upstream, budget, self._rng.choice(self.modes))
+                conn = _Connection(client, upstream, budget, self._rng.choice(self.modes), peer_port=peer[1])
                 self._connections.add(conn)
                 self.connections += 1
             for src, dst, up in ((client, upstream, True), (upstream, client, False)):

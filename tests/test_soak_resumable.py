@@ -35,7 +35,11 @@ note that it had), total body bytes sent <= 1.2 x the total size,
 and no upload stalled more than 15 s after a cut: from the start of the
 request that was cut to the first answer showing that the server holds more
 bytes than it had kept at the cut (the first HEAD after the cut says how many
-it kept; further cuts before then extend the same stall).  Run alone with
+it kept).  A worker killed or a server that never answers before then
+extends the same stall; the proxy cutting the request that was recovering is
+a new cut, with a stall of its own (the one before it counted up to that
+request): else the stall bound would hang on how often the random cuts fall
+on one upload twice running, not on the server.  Run alone with
 ``pytest -m soak -s tests/test_soak_resumable.py`` to see the figures.
 """
 
@@ -85,6 +89,10 @@ MAX_RATIO = 1.2  # bytes sent / total size, from the issue
 class Cut(Exception):
     """The connection broke (reset, timeout, EOF) before a whole response came back."""
 
+    def __init__(self, message: str, *, by_proxy: bool) -> None:
+        super().__init__(message)
+        self.by_proxy = by_proxy  # the chaos proxy cut it (a new cut), not the server (a kill, a hang)
+
 
 @dataclasses.dataclass
 class Tally:
@@ -109,9 +117,10 @@ class Tally:
 class TusClient:
     """tus 1.0 over one keep-alive connection at a time; any transport error becomes ``Cut``."""
 
-    def __init__(self, port: int, tally: Tally) -> None:
+    def __init__(self, port: int, tally: Tally, proxy: ChaosProxy) -> None:
         self.port = port
         self.tally = tally
+        self.proxy = proxy
         self.conn: http.client.HTTPConnection | None = None
 
     def request(self, method: str, path: str, headers: dict[str, str],
@@ -133,8 +142,11 @@ class TusClient:
             response = conn.getresponse()
             response.read()
         except (OSError, http.client.HTTPException) as exc:
+            by_proxy = False
+            with contextlib.suppress(OSError, AttributeError):  # asked before the close frees the port
+                by_proxy = self.proxy.was_cut(conn.sock.getsockname()[1])
             conn.close()
-            raise Cut(repr(exc)) from None
+            raise Cut(repr(exc), by_proxy=by_proxy) from None
         if response.will_close:
             conn.close()
         else:
@@ -217,6 +229,13 @@ def upload(client: TusClient, seed: int, size: int, deadline: float, chunk_size:
             with tally.lock:
                 tally.failures += 1
             kind = "PATCH" if path and not ask else "HEAD" if path else "POST"
+            if cut_at is not None and exc.by_proxy:
+                # A stall runs from a cut of the network to the server's recovery.  The proxy cutting the
+                # request that was recovering is a new cut: the stall so far (to that request) is counted
+                # and a new one starts, while a kill or a server that never answers extends the stall.
+                with tally.lock:
+                    tally.stalls.append((began - cut_at, f"{cause}; ended by a new cut"))
+                cut_at = None
             if cut_at is None:
                 cut_at, held, cause = began, None, ""
             cause += f"{'; then ' if cause else ''}{kind} {exc} after {time.monotonic() - began:.1f} s"
@@ -238,8 +257,9 @@ def upload(client: TusClient, seed: int, size: int, deadline: float, chunk_size:
         tally.stored[path.rsplit("/", 1)[-1]] = (sha256, size)
 
 
-def run_client(port: int, jobs: list[tuple[int, int]], tally: Tally, deadline: float, chunk_size: int) -> None:
-    client = TusClient(port, tally)
+def run_client(proxy: ChaosProxy, jobs: list[tuple[int, int]], tally: Tally, deadline: float,
+               chunk_size: int) -> None:
+    client = TusClient(proxy.port, tally, proxy)
     try:
         for seed, size in jobs:
             upload(client, seed, size, deadline, chunk_size)
@@ -368,7 +388,7 @@ class TestResumableChaosSoak:
 
         deadline = time.monotonic() + DEADLINE
         clients = [threading.Thread(target=run_client,
-                                    args=(proxy.port, jobs[i::CLIENTS], tally, deadline, shape.chunk))
+                                    args=(proxy, jobs[i::CLIENTS], tally, deadline, shape.chunk))
                    for i in range(CLIENTS)]
         chaos_thread = threading.Thread(target=vandal)
         started = time.monotonic()
