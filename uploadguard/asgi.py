@@ -84,8 +84,10 @@ def _head(scope: Scope) -> dict[str, Any] | None:
             encoding = value.decode("latin-1")
         elif name == b"expect" and value.lower() == b"100-continue":
             expect = "100-continue"
+    if length:  # all that body_length reads then: the common upload's dict is the small one
+        return {"CONTENT_LENGTH": length, "HTTP_TRANSFER_ENCODING": encoding or "", "HTTP_EXPECT": expect}
     version = str(scope.get("http_version", "1.1"))
-    if not length and encoding is None and not version.startswith(("2", "3")):
+    if encoding is None and not version.startswith(("2", "3")):
         return None
     return {"CONTENT_LENGTH": length, "HTTP_TRANSFER_ENCODING": encoding or "", "HTTP_EXPECT": expect,
             "wsgi.input_terminated": True, "SERVER_PROTOCOL": f"HTTP/{version}",
@@ -97,7 +99,7 @@ class _Body:
 
     __slots__ = ("_receive", "length", "limit", "consumed", "exceeded", "failed", "eof", "asked", "expects_continue")
 
-    def __init__(self, receive: Receive, *, length: int | None, limit: int, expects_continue: bool) -> None:
+    def __init__(self, receive: Receive, length: int | None, limit: int, expects_continue: bool) -> None:
         self._receive = receive
         self.length = length
         self.limit = limit  # bytes; 0 = none
@@ -125,16 +127,22 @@ class _Body:
     async def receive(self) -> Message:
         if self.exceeded:
             raise BodyTooLarge(self.limit)
-        message = await self.next()
+        self.asked = True
+        message = await self._receive()
+        self._count(message)  # a plain call, not one more coroutine per message: this runs for every body
         if self.limit and self.consumed > self.limit:
             self.exceeded = True
             raise BodyTooLarge(self.limit)
         return message
 
     async def next(self) -> Message:
-        """The server's next message, counted."""
+        """The server's next message, counted (past the limit too: the drain's read)."""
         self.asked = True
         message = await self._receive()
+        self._count(message)
+        return message
+
+    def _count(self, message: Message) -> None:
         kind = message.get("type")
         if kind == "http.request":
             self.consumed += len(message.get("body", b""))
@@ -142,7 +150,6 @@ class _Body:
                 self.eof = True
         elif kind == "http.disconnect" and not self.eof:
             self.failed = True
-        return message
 
     async def drain(self, *, max_bytes: int, timeout: float) -> bool:
         """Read and discard the rest within the bounds (:func:`guard.drain_plan`); ``True`` if all was read."""
@@ -182,7 +189,7 @@ class _Exchange:
             return
         if self.start is not None and not self.sent:
             status = int(self.start["status"])
-            if _may_replace(status, self._body):
+            if status == 400 or self._body.exceeded:  # most answers: kept without a look (see _replacement)
                 self.replaced = await self._guard._replacement(status, self._body)
                 if self.replaced is not None:
                     return
@@ -244,14 +251,11 @@ class UploadGuard:
         if outer is not None:
             await self._nested(scope, receive, send, length)
             return
-        await self._guarded(scope, receive, send, head, length)
-
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send, head: dict[str, Any],
-                       length: int | None) -> None:
-        body = _Body(receive, length=length, limit=self.settings.max_body_size,
-                     expects_continue=head["HTTP_EXPECT"] == "100-continue")
+        # The guarded request, here rather than in a coroutine of its own: one frame less on every body.
+        limit = self.settings.max_body_size
+        body = _Body(receive, length, limit, head["HTTP_EXPECT"] == "100-continue")
         self.stats.record(Event.GUARDED)
-        refusal: UploadGuardError | None = guard.limit_refusal(self.settings.max_body_size, length)
+        refusal: UploadGuardError | None = guard.limit_refusal(limit, length)
         if refusal is None:
             # A body the application stores elsewhere (the resumable endpoint's) needs no room here;
             # the cached verdict (one lstat) without a coroutine: this runs for every body.
@@ -262,7 +266,8 @@ class UploadGuard:
         if refusal is not None:
             await self._answer(refusal, scope, send, body)
             return
-        self._point_tempfile()
+        if tempfile.tempdir != self.temp.path:  # FastAPI's UploadFile, Django's body spool: the guarded, healthy dir
+            use_as_tempdir(self.temp.path)
         scope = {**scope, SCOPE_GUARD: self, SCOPE_BODY: body}
         exchange = _Exchange(send, body, self)
         try:
@@ -312,7 +317,7 @@ class UploadGuard:
     # -- deciding ----------------------------------------------------------------------
 
     async def _replacement(self, status: int, body: _Body) -> UploadGuardError | None:
-        """What replaces the application's response of ``status``, or ``None`` to keep it (only when :func:`_may_replace`)."""
+        """What replaces the application's response of ``status``, or ``None`` to keep it (asked only for a 400 or a cut body)."""
         if body.exceeded:
             return BodyTooLarge(body.limit)  # the application swallowed our 413 and answered something else
         if status == 400:
@@ -338,11 +343,6 @@ class UploadGuard:
     def _unavailable(self, health: Health) -> UploadGuardError:
         return guard.unavailable(health, path=self.temp.path, retry_after=self.settings.retry_after)
 
-    def _point_tempfile(self) -> None:
-        """Make :mod:`tempfile` (FastAPI's ``UploadFile``, Django's body spool) use the guarded, healthy dir."""
-        if tempfile.tempdir != self.temp.path:
-            use_as_tempdir(self.temp.path)
-
     # -- answering ---------------------------------------------------------------------
 
     async def _answer(self, error: UploadGuardError, scope: Scope, send: Send, body: _Body | None) -> None:
@@ -358,11 +358,6 @@ class UploadGuard:
         await send({"type": "http.response.start", "status": error.status_code,
                     "headers": [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]})
         await send({"type": "http.response.body", "body": payload, "more_body": False})
-
-
-def _may_replace(status: int, body: _Body) -> bool:
-    """Whether :meth:`UploadGuard._replacement` may replace the application's answer: most answers skip it."""
-    return body.exceeded or status == 400
 
 
 def _where(scope: Scope) -> str:
