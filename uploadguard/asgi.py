@@ -95,12 +95,24 @@ def _head(scope: Scope) -> dict[str, Any] | None:
 
 
 class _Body:
-    """The application's ``receive``: counts the body and cuts it at the limit (a :class:`guard.BodyState`)."""
+    """The application's ``receive`` and ``send`` (a :class:`guard.BodyState`).
 
-    __slots__ = ("_receive", "length", "limit", "consumed", "exceeded", "failed", "eof", "asked", "expects_continue")
+    ``receive`` counts the body and cuts it at the limit; ``send`` holds
+    ``http.response.start`` until the first body message.  One object for
+    both: it is made for every request with a body.
+    """
 
-    def __init__(self, receive: Receive, length: int | None, limit: int, expects_continue: bool) -> None:
+    __slots__ = ("_receive", "length", "limit", "consumed", "exceeded", "failed", "eof", "asked", "expects_continue",
+                 "_send", "_guard", "start", "sent", "replaced")
+
+    def __init__(self, receive: Receive, send: Send, guard: UploadGuard, length: int | None, limit: int,
+                 expects_continue: bool) -> None:
         self._receive = receive
+        self._send = send
+        self._guard = guard  # decides what replaces the application's answer
+        self.start: Message | None = None
+        self.sent = False  # the server has the response start
+        self.replaced: UploadGuardError | None = None  # our answer instead of the application's
         self.length = length
         self.limit = limit  # bytes; 0 = none
         self.consumed = 0
@@ -151,6 +163,22 @@ class _Body:
         elif kind == "http.disconnect" and not self.eof:
             self.failed = True
 
+    async def send(self, message: Message) -> None:
+        if self.replaced is not None or self.failed:
+            return  # replaced by our answer, or the client is gone: the rest goes nowhere
+        if self.start is None and not self.sent and message.get("type") == "http.response.start":
+            self.start = message
+            return
+        if self.start is not None and not self.sent:
+            status = int(self.start["status"])
+            if status == 400 or self.exceeded:  # most answers: kept without a look (see _replacement)
+                self.replaced = await self._guard._replacement(status, self)
+                if self.replaced is not None:
+                    return
+            self.sent = True
+            await self._send(self.start)
+        await self._send(message)
+
     async def drain(self, *, max_bytes: int, timeout: float) -> bool:
         """Read and discard the rest within the bounds (:func:`guard.drain_plan`); ``True`` if all was read."""
         plan = guard.drain_plan(waiting=self.waiting, eof=self.eof or self.failed, remaining=self.remaining,
@@ -165,37 +193,6 @@ class _Body:
         except TimeoutError:
             return False
         return self.eof
-
-
-class _Exchange:
-    """The application's ``send``: holds ``http.response.start`` until the first body message."""
-
-    __slots__ = ("_send", "_body", "_guard", "start", "sent", "replaced")
-
-    def __init__(self, send: Send, body: _Body, guard: UploadGuard) -> None:
-        self._send = send
-        self._body = body
-        self._guard = guard  # decides what replaces the application's answer
-        self.start: Message | None = None
-        self.sent = False  # the server has the response start
-        self.replaced: UploadGuardError | None = None  # our answer instead of the application's
-
-    async def send(self, message: Message) -> None:
-        if self.replaced is not None or self._body.failed:
-            return  # replaced by our answer, or the client is gone: the rest goes nowhere
-        kind = message.get("type")
-        if kind == "http.response.start" and not self.sent and self.start is None:
-            self.start = message
-            return
-        if self.start is not None and not self.sent:
-            status = int(self.start["status"])
-            if status == 400 or self._body.exceeded:  # most answers: kept without a look (see _replacement)
-                self.replaced = await self._guard._replacement(status, self._body)
-                if self.replaced is not None:
-                    return
-            self.sent = True
-            await self._send(self.start)
-        await self._send(message)
 
 
 class UploadGuard:
@@ -253,7 +250,7 @@ class UploadGuard:
             return
         # The guarded request, here rather than in a coroutine of its own: one frame less on every body.
         limit = self.settings.max_body_size
-        body = _Body(receive, length, limit, head["HTTP_EXPECT"] == "100-continue")
+        body = _Body(receive, send, self, length, limit, head["HTTP_EXPECT"] == "100-continue")
         self.stats.record(Event.GUARDED)
         refusal: UploadGuardError | None = guard.limit_refusal(limit, length)
         if refusal is None:
@@ -269,15 +266,14 @@ class UploadGuard:
         if tempfile.tempdir != self.temp.path:  # FastAPI's UploadFile, Django's body spool: the guarded, healthy dir
             use_as_tempdir(self.temp.path)
         scope = {**scope, SCOPE_GUARD: self, SCOPE_BODY: body}
-        exchange = _Exchange(send, body, self)
         try:
-            await self.app(scope, body.receive, exchange.send)
+            await self.app(scope, body.receive, body.send)
         except Exception as exc:
             if body.failed:
                 log.info("client went away during the body of %s; %s ended the request",
                          _where(scope), type(exc).__name__)
                 return
-            if exchange.sent:
+            if body.sent:
                 log.error("error after the response started (%s); cannot answer it", _where(scope), exc_info=True)
                 raise
             fresh = await self._checked_temp_dir(fresh=True) if guard.needs_health(exc, body) else None
@@ -290,14 +286,14 @@ class UploadGuard:
         if body.failed:
             log.info("client went away during the body of %s", _where(scope))
             return
-        if exchange.replaced is None and exchange.start is not None and not exchange.sent:
-            exchange.replaced = await self._replacement(int(exchange.start["status"]), body)
-            if exchange.replaced is None:
-                await send(exchange.start)  # a start without a body message: pass it on as it came
-        if exchange.replaced is None and exchange.start is None and body.exceeded:
-            exchange.replaced = BodyTooLarge(body.limit)  # the application answered nothing at all
-        if exchange.replaced is not None:
-            await self._answer(exchange.replaced, scope, send, body)
+        if body.replaced is None and body.start is not None and not body.sent:
+            body.replaced = await self._replacement(int(body.start["status"]), body)
+            if body.replaced is None:
+                await send(body.start)  # a start without a body message: pass it on as it came
+        if body.replaced is None and body.start is None and body.exceeded:
+            body.replaced = BodyTooLarge(body.limit)  # the application answered nothing at all
+        if body.replaced is not None:
+            await self._answer(body.replaced, scope, send, body)
 
     async def _nested(self, scope: Scope, receive: Receive, send: Send, length: int | None) -> None:
         """Inside another guard: not counted again; this guard's smaller limit, and its own temp dir."""
