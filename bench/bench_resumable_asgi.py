@@ -1,32 +1,36 @@
 """Is the ASGI endpoint as fast as the WSGI one?  One 200 MiB PATCH, side by side.
 
-``uploadguard.resumable.asgi.ResumableUploads`` under uvicorn and under
-``gunicorn -k asgi`` (one worker each) against the WSGI ``ResumableUploads``
-under gunicorn's sync worker (one worker), all on local storage with the
-fsync at completion.  Target (issue #15): the ASGI endpoint >= 0.9x the WSGI
-endpoint's throughput.  Servers are pinned to CPU 1 and this client to CPU 0
-when there are two; rounds alternate and medians are reported (a shared
-machine is noisy); the servers' CPU seconds per PATCH are shown too, since
-wall time on a busy machine includes waiting for a core.  A bare ASGI app
-writing each body message to a file under the same server is each ASGI
-server's own floor: what the endpoint could reach at best there.
+``uploadguard.resumable.asgi.ResumableUploads`` under ``gunicorn -k asgi`` and
+uvicorn (one worker each; with their C HTTP parsers, gunicorn_h1c and
+httptools, and without) against the WSGI ``ResumableUploads`` under
+gunicorn's sync worker (one worker) and @tus/server + @tus/file-store under
+node (``tests/js``; skipped without node or ``npm ci --prefix tests/js``),
+all on local storage (the uploadguard ones fsync at completion).  A bare
+ASGI app writing each body message to a file on the loop is each ASGI
+server's floor.  Target (issue #15): the ASGI endpoint >= 0.9x the WSGI
+endpoint's throughput; and server CPU seconds per GiB against @tus/server.
+Servers are pinned to CPU 1 and this client to CPU 0 when there are two;
+rounds alternate and medians are reported; the servers' CPU seconds (all
+threads) are shown since wall time on a busy machine includes waiting for a core.
 
-Measured 2026-12-06 (2 shared cores, 5 rounds, 200 MiB; three runs):
-ASGI under gunicorn -k asgi 0.76-0.86x the WSGI endpoint, its bare floor
-0.63-0.76x; under uvicorn (h11: httptools is not installed) 0.42-0.51x, its
-bare floor 0.42-0.47x.  The endpoint costs nothing measurable over the
-server's own body delivery; the 0.9x target is missed by the servers' ASGI
-body paths, not by the endpoint.  While the PATCH streams, OPTIONS on another connection took at most 8-15 ms from the
-endpoint, 89-117 ms from the bare app (its fsync runs on the loop).  Run:
+Measured 2026-12-06 (2 shared cores at load 4-8, 7 rounds, three runs):
+gunicorn -k asgi 1.25-2.75x the WSGI endpoint (1.6-2.0 CPU s per GiB; WSGI
+2.1-2.9, @tus/server 3.3-3.7); with gunicorn's Python parser 0.92-1.24x;
+uvicorn with httptools 1.20-2.09x, with h11 0.76-1.63x.  Before the
+endpoint wrote 1 MiB pieces (256 KiB, copied twice): 0.52x.  bench/README.md
+has the table.  Run:
 
-    .venv/bin/python bench/bench_resumable_asgi.py [--quick] [--rounds N] [--dir /dev/shm]
+    .venv/bin/python bench/bench_resumable_asgi.py [--quick] [--rounds N] [--only NAMES] [--dir /dev/shm]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +41,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_resumable import MiB, alternate, pin, timed_patch  # noqa: E402
-from tests.support import Gunicorn  # noqa: E402
+from bench.bench_resumable import JS, MiB, Node, alternate, pin, timed_patch  # noqa: E402
+from tests.support import Gunicorn, free_port, wait_for_port  # noqa: E402
 
 _asgi: Any = None
 
@@ -47,8 +51,11 @@ async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
     """The ASGI endpoint (imported by the server as bench.bench_resumable_asgi:asgi_app)."""
     global _asgi
     if _asgi is None:
+        from uploadguard.resumable import asgi
         from uploadguard.resumable.asgi import ResumableUploads
 
+        if os.environ.get("BENCH_COALESCE"):  # attribution only: the piece size handed to the store
+            asgi._COALESCE = int(os.environ["BENCH_COALESCE"])
         _asgi = ResumableUploads(storage=os.path.join(os.environ["BENCH_DIR"], "tus"), max_size=1 << 40)
     await _asgi(scope, receive, send)
 
@@ -80,16 +87,26 @@ async def bare_asgi_app(scope: Any, receive: Any, send: Any) -> None:
 
 
 class Uvicorn:
-    def __init__(self, tmp_path: Path, env: dict[str, str], app: str = "asgi_app") -> None:
-        from tests.test_asgi import Uvicorn as Server
+    """uvicorn serving ``app`` of this module, with its HTTP/1.1 implementation ``http`` (h11, httptools, auto)."""
 
-        self.server = Server(f"bench.bench_resumable_asgi:{app}", tmp_path=tmp_path,
-                             env={**env, "PYTHONPATH": str(ROOT)})
-        self.port = self.server.port
-        self.pid = self.server.proc.pid
+    def __init__(self, tmp_path: Path, env: dict[str, str], app: str = "asgi_app", http: str = "auto") -> None:
+        self.port = free_port()
+        self._log = open(tmp_path / f"uvicorn-{self.port}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.port), "--http", http,
+             "--log-level", "warning", f"bench.bench_resumable_asgi:{app}"],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=str(ROOT))
+        wait_for_port(self.port, proc=self.proc)
+        self.pid = self.proc.pid
 
     def stop(self) -> None:
-        self.server.stop()
+        self.proc.terminate()
+        self.proc.wait(timeout=15)
+        self._log.close()
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def latencies_during(port: int, run: Callable[[], float]) -> list[float]:
@@ -125,31 +142,48 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="50 MiB, 3 rounds: a smoke run")
     parser.add_argument("--dir", help="where the files go (default: the temp dir; e.g. /dev/shm for a tmpfs)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds (default 7; quick: 3)")
+    parser.add_argument("--only", default="", help="comma-separated server names to run beside wsgi (default: all)")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
     size = (50 if args.quick else 200) * MiB
     print(f"# uploadguard resumable ASGI vs WSGI — {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
           f"Python {sys.version.split()[0]}, {rounds} rounds, medians; files in {args.dir or tempfile.gettempdir()}")
     body = memoryview(os.urandom(size))
+    fast = _installed("gunicorn_h1c")  # gunicorn's C parser (gunicorn[fast]); its ASGI worker's default when present
+    httptools = _installed("httptools")  # uvicorn[standard]'s parser; uvicorn's default when present
+    node_ready = shutil.which("node") is not None and (JS / "node_modules" / "@tus" / "server").is_dir()
     with tempfile.TemporaryDirectory(dir=args.dir) as temp:
         base = Path(temp)
         env = {"BENCH_DIR": str(base), "PYTHONPATH": str(ROOT), "UPLOADGUARD_TEMP_DIR": str(base / "spool")}
         common = ["--log-level", "warning", "--timeout", "300"]
-        wsgi = Gunicorn("bench.bench_resumable:resumable_app", tmp_path=base, env=env, workers=1,
-                        pythonpath=[ROOT], args=common)
-        gasgi = Gunicorn("bench.bench_resumable_asgi:asgi_app", tmp_path=base, env=env, workers=1,
-                         pythonpath=[ROOT], args=["-k", "asgi", *common])
-        uvicorn = Uvicorn(base, env)
-        bare = Uvicorn(base, env, "bare_asgi_app")
-        gbare = Gunicorn("bench.bench_resumable_asgi:bare_asgi_app", tmp_path=base, env=env, workers=1,
-                         pythonpath=[ROOT], args=["-k", "asgi", *common])
+        servers: dict[str, Any] = {}
+
+        only = {"wsgi", *args.only.split(",")} if args.only else None
+
+        def gunicorn(name: str, app: str, *extra: str, **more: str) -> None:
+            if only is None or name in only:
+                servers[name] = Gunicorn(f"bench.bench_resumable_asgi:{app}" if "asgi" in name else app, tmp_path=base,
+                                         env={**env, **more}, workers=1, pythonpath=[ROOT], args=[*extra, *common])
+
         try:
-            pids = {"wsgi": wsgi.worker_pids()[0], "gunicorn-asgi": gasgi.worker_pids()[0], "uvicorn": uvicorn.pid,
-                    "uvicorn-bare": bare.pid, "gunicorn-asgi-bare": gbare.worker_pids()[0]}
-            pin([wsgi.pid, gasgi.pid, gbare.pid, *pids.values()], 1)
+            gunicorn("wsgi", "bench.bench_resumable:resumable_app")
+            gunicorn("gunicorn-asgi", "asgi_app", "-k", "asgi")
+            gunicorn("gunicorn-asgi-bare", "bare_asgi_app", "-k", "asgi")
+            if fast:
+                gunicorn("gunicorn-asgi-python", "asgi_app", "-k", "asgi", "--http-parser", "python")
+            gunicorn("gunicorn-asgi-256k", "asgi_app", "-k", "asgi", BENCH_COALESCE=str(256 * 1024))
+            for name, start, ready in (
+                    ("uvicorn-h11", lambda: Uvicorn(base, env, http="h11"), True),
+                    ("uvicorn-httptools", lambda: Uvicorn(base, env, http="httptools"), httptools),
+                    ("uvicorn-bare", lambda: Uvicorn(base, env, "bare_asgi_app"), True),
+                    ("node", lambda: Node(base / "node"), node_ready)):
+                if ready and (only is None or name in only):
+                    servers[name] = start()
+            pids = {name: server.worker_pids()[0] if isinstance(server, Gunicorn) else server.pid
+                    for name, server in servers.items()}
+            pin([*(s.pid for s in servers.values()), *pids.values()], 1)
             pin([os.getpid()], 0)
-            ports = {"wsgi": wsgi.port, "gunicorn-asgi": gasgi.port, "uvicorn": uvicorn.port,
-                     "uvicorn-bare": bare.port, "gunicorn-asgi-bare": gbare.port}
+            ports = {name: server.port for name, server in servers.items()}
             for port in ports.values():
                 timed_patch(port, "/files/", body[:MiB])  # warm up: imports, first write
             contenders: dict[str, tuple[int, Callable[[], float]]] = {
@@ -158,24 +192,28 @@ def main() -> int:
             }
             wall, cpu = alternate(rounds, contenders)
             stalls = {name: latencies_during(ports[name], contenders[name][1])
-                      for name in ("uvicorn", "uvicorn-bare", "gunicorn-asgi", "gunicorn-asgi-bare")}
+                      for name in ("uvicorn-h11", "uvicorn-bare", "gunicorn-asgi", "gunicorn-asgi-bare") if name in ports}
         finally:
-            gbare.stop()
-            bare.stop()
-            uvicorn.stop()
-            gasgi.stop()
-            wsgi.stop()
+            for server in reversed(servers.values()):
+                server.stop()
     base_rate = size / statistics.median(wall["wsgi"])
+    parser = "gunicorn_h1c" if fast else "Python parser: gunicorn_h1c not installed"
+    labels = {"wsgi": "WSGI ResumableUploads, gunicorn sync",
+              "gunicorn-asgi": f"ASGI ResumableUploads, gunicorn -k asgi ({parser})",
+              "gunicorn-asgi-python": "ASGI ResumableUploads, gunicorn -k asgi --http-parser python",
+              "gunicorn-asgi-256k": f"the same, {parser}, pieces of 256 KiB to the store (the previous size)",
+              "gunicorn-asgi-bare": f"bare ASGI app, body to a file (gunicorn -k asgi, {parser}): its floor",
+              "uvicorn-h11": "ASGI ResumableUploads, uvicorn --http h11",
+              "uvicorn-httptools": "ASGI ResumableUploads, uvicorn --http httptools",
+              "uvicorn-bare": f"bare ASGI app, body to a file (uvicorn, {'httptools' if httptools else 'h11'}): its floor",
+              "node": "@tus/server + @tus/file-store (node), which never fsyncs"}
     print(f"\n## One {size // MiB} MiB PATCH (local storage, fsync at completion)\n")
-    print("| server | MiB/s (median) | × WSGI | server CPU s (median) |")
-    print("|---|---:|---:|---:|")
-    labels = {"wsgi": "WSGI ResumableUploads, gunicorn sync", "gunicorn-asgi": "ASGI ResumableUploads, gunicorn -k asgi",
-              "uvicorn": "ASGI ResumableUploads, uvicorn",
-              "uvicorn-bare": "bare ASGI app, body to a file (uvicorn): uvicorn's own floor",
-              "gunicorn-asgi-bare": "bare ASGI app, body to a file (gunicorn -k asgi): its own floor"}
-    for name in ("wsgi", "gunicorn-asgi", "gunicorn-asgi-bare", "uvicorn", "uvicorn-bare"):
-        rate = size / statistics.median(wall[name])
-        print(f"| {labels[name]} | {rate / MiB:.0f} | {rate / base_rate:.2f} | {statistics.median(cpu[name]):.2f} |")
+    print("| server | MiB/s (median) | × WSGI | server CPU s (median) | server CPU s per GiB |")
+    print("|---|---:|---:|---:|---:|")
+    for name in labels:
+        if name in wall:
+            rate, used = size / statistics.median(wall[name]), statistics.median(cpu[name])
+            print(f"| {labels[name]} | {rate / MiB:.0f} | {rate / base_rate:.2f} | {used:.2f} | {used * (1 << 30) / size:.2f} |")
     print(f"\n## Does the PATCH stall the loop?  OPTIONS answered meanwhile on another connection\n")
     print("| server | requests | median ms | max ms |")
     print("|---|---:|---:|---:|")

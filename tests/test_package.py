@@ -40,6 +40,25 @@ class TestPackage:
         proc = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
 
+    def test_asgi_extra_brings_the_c_http_parsers_the_servers_pick(self) -> None:
+        """The asgi extra installs httptools and gunicorn_h1c, which uvicorn and gunicorn -k asgi then use by default."""
+        import configparser
+        import re
+
+        config = configparser.ConfigParser()
+        config.read(ROOT / "setup.cfg")
+        names = {re.split(r"[<>=!~\[;\s]", line.strip())[0].lower().replace("_", "-")
+                 for line in config["options.extras_require"]["asgi"].splitlines()
+                 if line.strip() and not line.strip().startswith("#")}
+        assert {"uvicorn", "httptools", "gunicorn-h1c"} <= names, names
+        from gunicorn.asgi.protocol import ASGIProtocol
+        from uvicorn.config import Config
+
+        assert ASGIProtocol._check_h1c_protocol_available() and ASGIProtocol._h1c_has_limits  # http_parser "auto"
+        server = Config(app=lambda scope, receive, send: None, http="auto")
+        server.load()
+        assert server.http_protocol_class.__name__ == "HttpToolsProtocol"
+
     @pytest.mark.slow
     def test_license_ships_in_the_sdist_and_the_wheel(self, tmp_path: Path) -> None:
         """The MIT LICENSE file setup.cfg declares is in both distributions, and the metadata names ASGI."""

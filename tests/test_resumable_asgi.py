@@ -238,6 +238,47 @@ class TestBody:
 
         run(test)
 
+    @pytest.mark.parametrize("messages, writes", [
+        pytest.param([64 * 1024] * 64, [1 << 20] * 4, id="64 KiB messages gathered to 1 MiB writes"),
+        pytest.param([2 << 20, 1 << 20], [2 << 20, 1 << 20], id="messages of a MiB or more written as they came"),
+    ])
+    def test_a_fast_body_reaches_the_store_in_pieces_of_a_mib(self, tmp_path: Path, settings: Settings,
+                                                              monkeypatch: pytest.MonkeyPatch, messages: list[int],
+                                                              writes: list[int]) -> None:
+        """A body that arrives fast is written in pieces of at least 1 MiB, one hop to the pool each, never copied to get there."""
+        from uploadguard.resumable import asgi
+
+        monkeypatch.setattr(asgi, "_POLL", 30.0)  # no watcher flush of a partial piece: the sizes are the writer's
+        bodies = [bytes([i % 251]) * size for i, size in enumerate(messages)]
+        written: list[bytes] = []
+
+        class RecordingStore(LocalStore):
+            def append(self, *args: Any, **kwargs: Any) -> Any:
+                appender = super().append(*args, **kwargs)
+                write = appender.write
+
+                def recorded(data: bytes) -> None:
+                    written.append(data)
+                    write(data)
+
+                appender.write = recorded  # type: ignore[method-assign]
+                return appender
+
+        app = endpoint(tmp_path, settings, storage=RecordingStore(tmp_path / "uploads"))
+
+        async def test() -> None:
+            url = await create(app, sum(messages))
+            request = patch(app, url, 0, sum(messages))
+            for i, body in enumerate(bodies):
+                request.feed(body, more=i < len(bodies) - 1)
+            assert (await request.result()).status == 204
+            assert [len(data) for data in written] == writes
+            if writes == messages:
+                assert all(data is body for data, body in zip(written, bodies))
+            assert stored(tmp_path, url) == b"".join(bodies)
+
+        run(test)
+
 
 class MessageAtTheCut(Request):
     """A PATCH whose client sends ``first``, then nothing -- until the reading is cancelled: ``at_cut`` arrives at

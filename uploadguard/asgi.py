@@ -84,8 +84,10 @@ def _head(scope: Scope) -> dict[str, Any] | None:
             encoding = value.decode("latin-1")
         elif name == b"expect" and value.lower() == b"100-continue":
             expect = "100-continue"
+    if length:  # all that body_length reads then: the common upload's dict is the small one
+        return {"CONTENT_LENGTH": length, "HTTP_TRANSFER_ENCODING": encoding or "", "HTTP_EXPECT": expect}
     version = str(scope.get("http_version", "1.1"))
-    if not length and encoding is None and not version.startswith(("2", "3")):
+    if encoding is None and not version.startswith(("2", "3")):
         return None
     return {"CONTENT_LENGTH": length, "HTTP_TRANSFER_ENCODING": encoding or "", "HTTP_EXPECT": expect,
             "wsgi.input_terminated": True, "SERVER_PROTOCOL": f"HTTP/{version}",
@@ -93,12 +95,24 @@ def _head(scope: Scope) -> dict[str, Any] | None:
 
 
 class _Body:
-    """The application's ``receive``: counts the body and cuts it at the limit (a :class:`guard.BodyState`)."""
+    """The application's ``receive`` and ``send`` (a :class:`guard.BodyState`).
 
-    __slots__ = ("_receive", "length", "limit", "consumed", "exceeded", "failed", "eof", "asked", "expects_continue")
+    ``receive`` counts the body and cuts it at the limit; ``send`` holds
+    ``http.response.start`` until the first body message.  One object for
+    both: it is made for every request with a body.
+    """
 
-    def __init__(self, receive: Receive, *, length: int | None, limit: int, expects_continue: bool) -> None:
+    __slots__ = ("_receive", "length", "limit", "consumed", "exceeded", "failed", "eof", "asked", "expects_continue",
+                 "_send", "_guard", "start", "sent", "replaced")
+
+    def __init__(self, receive: Receive, send: Send, guard: UploadGuard, length: int | None, limit: int,
+                 expects_continue: bool) -> None:
         self._receive = receive
+        self._send = send
+        self._guard = guard  # decides what replaces the application's answer
+        self.start: Message | None = None
+        self.sent = False  # the server has the response start
+        self.replaced: UploadGuardError | None = None  # our answer instead of the application's
         self.length = length
         self.limit = limit  # bytes; 0 = none
         self.consumed = 0
@@ -125,16 +139,22 @@ class _Body:
     async def receive(self) -> Message:
         if self.exceeded:
             raise BodyTooLarge(self.limit)
-        message = await self.next()
+        self.asked = True
+        message = await self._receive()
+        self._count(message)  # a plain call, not one more coroutine per message: this runs for every body
         if self.limit and self.consumed > self.limit:
             self.exceeded = True
             raise BodyTooLarge(self.limit)
         return message
 
     async def next(self) -> Message:
-        """The server's next message, counted."""
+        """The server's next message, counted (past the limit too: the drain's read)."""
         self.asked = True
         message = await self._receive()
+        self._count(message)
+        return message
+
+    def _count(self, message: Message) -> None:
         kind = message.get("type")
         if kind == "http.request":
             self.consumed += len(message.get("body", b""))
@@ -142,7 +162,22 @@ class _Body:
                 self.eof = True
         elif kind == "http.disconnect" and not self.eof:
             self.failed = True
-        return message
+
+    async def send(self, message: Message) -> None:
+        if self.replaced is not None or self.failed:
+            return  # replaced by our answer, or the client is gone: the rest goes nowhere
+        if self.start is None and not self.sent and message.get("type") == "http.response.start":
+            self.start = message
+            return
+        if self.start is not None and not self.sent:
+            status = int(self.start["status"])
+            if status == 400 or self.exceeded:  # most answers: kept without a look (see _replacement)
+                self.replaced = await self._guard._replacement(status, self)
+                if self.replaced is not None:
+                    return
+            self.sent = True
+            await self._send(self.start)
+        await self._send(message)
 
     async def drain(self, *, max_bytes: int, timeout: float) -> bool:
         """Read and discard the rest within the bounds (:func:`guard.drain_plan`); ``True`` if all was read."""
@@ -158,37 +193,6 @@ class _Body:
         except TimeoutError:
             return False
         return self.eof
-
-
-class _Exchange:
-    """The application's ``send``: holds ``http.response.start`` until the first body message."""
-
-    __slots__ = ("_send", "_body", "_guard", "start", "sent", "replaced")
-
-    def __init__(self, send: Send, body: _Body, guard: UploadGuard) -> None:
-        self._send = send
-        self._body = body
-        self._guard = guard  # decides what replaces the application's answer
-        self.start: Message | None = None
-        self.sent = False  # the server has the response start
-        self.replaced: UploadGuardError | None = None  # our answer instead of the application's
-
-    async def send(self, message: Message) -> None:
-        if self.replaced is not None or self._body.failed:
-            return  # replaced by our answer, or the client is gone: the rest goes nowhere
-        kind = message.get("type")
-        if kind == "http.response.start" and not self.sent and self.start is None:
-            self.start = message
-            return
-        if self.start is not None and not self.sent:
-            status = int(self.start["status"])
-            if _may_replace(status, self._body):
-                self.replaced = await self._guard._replacement(status, self._body)
-                if self.replaced is not None:
-                    return
-            self.sent = True
-            await self._send(self.start)
-        await self._send(message)
 
 
 class UploadGuard:
@@ -244,14 +248,11 @@ class UploadGuard:
         if outer is not None:
             await self._nested(scope, receive, send, length)
             return
-        await self._guarded(scope, receive, send, head, length)
-
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send, head: dict[str, Any],
-                       length: int | None) -> None:
-        body = _Body(receive, length=length, limit=self.settings.max_body_size,
-                     expects_continue=head["HTTP_EXPECT"] == "100-continue")
+        # The guarded request, here rather than in a coroutine of its own: one frame less on every body.
+        limit = self.settings.max_body_size
+        body = _Body(receive, send, self, length, limit, head["HTTP_EXPECT"] == "100-continue")
         self.stats.record(Event.GUARDED)
-        refusal: UploadGuardError | None = guard.limit_refusal(self.settings.max_body_size, length)
+        refusal: UploadGuardError | None = guard.limit_refusal(limit, length)
         if refusal is None:
             # A body the application stores elsewhere (the resumable endpoint's) needs no room here;
             # the cached verdict (one lstat) without a coroutine: this runs for every body.
@@ -262,17 +263,17 @@ class UploadGuard:
         if refusal is not None:
             await self._answer(refusal, scope, send, body)
             return
-        self._point_tempfile()
+        if tempfile.tempdir != self.temp.path:  # FastAPI's UploadFile, Django's body spool: the guarded, healthy dir
+            use_as_tempdir(self.temp.path)
         scope = {**scope, SCOPE_GUARD: self, SCOPE_BODY: body}
-        exchange = _Exchange(send, body, self)
         try:
-            await self.app(scope, body.receive, exchange.send)
+            await self.app(scope, body.receive, body.send)
         except Exception as exc:
             if body.failed:
                 log.info("client went away during the body of %s; %s ended the request",
                          _where(scope), type(exc).__name__)
                 return
-            if exchange.sent:
+            if body.sent:
                 log.error("error after the response started (%s); cannot answer it", _where(scope), exc_info=True)
                 raise
             fresh = await self._checked_temp_dir(fresh=True) if guard.needs_health(exc, body) else None
@@ -285,14 +286,14 @@ class UploadGuard:
         if body.failed:
             log.info("client went away during the body of %s", _where(scope))
             return
-        if exchange.replaced is None and exchange.start is not None and not exchange.sent:
-            exchange.replaced = await self._replacement(int(exchange.start["status"]), body)
-            if exchange.replaced is None:
-                await send(exchange.start)  # a start without a body message: pass it on as it came
-        if exchange.replaced is None and exchange.start is None and body.exceeded:
-            exchange.replaced = BodyTooLarge(body.limit)  # the application answered nothing at all
-        if exchange.replaced is not None:
-            await self._answer(exchange.replaced, scope, send, body)
+        if body.replaced is None and body.start is not None and not body.sent:
+            body.replaced = await self._replacement(int(body.start["status"]), body)
+            if body.replaced is None:
+                await send(body.start)  # a start without a body message: pass it on as it came
+        if body.replaced is None and body.start is None and body.exceeded:
+            body.replaced = BodyTooLarge(body.limit)  # the application answered nothing at all
+        if body.replaced is not None:
+            await self._answer(body.replaced, scope, send, body)
 
     async def _nested(self, scope: Scope, receive: Receive, send: Send, length: int | None) -> None:
         """Inside another guard: not counted again; this guard's smaller limit, and its own temp dir."""
@@ -312,7 +313,7 @@ class UploadGuard:
     # -- deciding ----------------------------------------------------------------------
 
     async def _replacement(self, status: int, body: _Body) -> UploadGuardError | None:
-        """What replaces the application's response of ``status``, or ``None`` to keep it (only when :func:`_may_replace`)."""
+        """What replaces the application's response of ``status``, or ``None`` to keep it (asked only for a 400 or a cut body)."""
         if body.exceeded:
             return BodyTooLarge(body.limit)  # the application swallowed our 413 and answered something else
         if status == 400:
@@ -338,11 +339,6 @@ class UploadGuard:
     def _unavailable(self, health: Health) -> UploadGuardError:
         return guard.unavailable(health, path=self.temp.path, retry_after=self.settings.retry_after)
 
-    def _point_tempfile(self) -> None:
-        """Make :mod:`tempfile` (FastAPI's ``UploadFile``, Django's body spool) use the guarded, healthy dir."""
-        if tempfile.tempdir != self.temp.path:
-            use_as_tempdir(self.temp.path)
-
     # -- answering ---------------------------------------------------------------------
 
     async def _answer(self, error: UploadGuardError, scope: Scope, send: Send, body: _Body | None) -> None:
@@ -358,11 +354,6 @@ class UploadGuard:
         await send({"type": "http.response.start", "status": error.status_code,
                     "headers": [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]})
         await send({"type": "http.response.body", "body": payload, "more_body": False})
-
-
-def _may_replace(status: int, body: _Body) -> bool:
-    """Whether :meth:`UploadGuard._replacement` may replace the application's answer: most answers skip it."""
-    return body.exceeded or status == 400
 
 
 def _where(scope: Scope) -> str:

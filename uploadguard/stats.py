@@ -43,7 +43,8 @@ class GuardStats:
         self.listeners: list[Callable[[str, str], None]] = []
 
     def record(self, event: Event, reason: str = "") -> None:
-        key = (str(event), str(reason))  # plain strings: an enum member hashes in Python, ~10x slower
+        # Plain strings: an enum member hashes in Python, ~10x slower; a str enum's value is its str().
+        key = (event._value_ if isinstance(event, Event) else str(event), reason if type(reason) is str else str(reason))
         with self._lock:
             self.counts[key] += 1
         for listener in self.listeners:

@@ -17,7 +17,8 @@ A pure ASGI application (standard library only); ``lifespan`` and
 ``websocket`` scopes and requests outside ``prefix`` go to ``app``.
 
 * **No thread per connection.**  The body is read from ``receive()`` as it
-  arrives and written to the store in pieces of up to 256 KiB, each one
+  arrives and written to the store in pieces of up to 1 MiB (the WSGI
+  endpoint's read size; a quiet body's bytes every 0.2 s), each one
   short hop to a thread of the endpoint's own pool (``threads`` keyword,
   default 8; never the loop's default executor), as is every other store
   and lock call: a slow disk or S3 stalls no other connection.  Waiting for
@@ -81,7 +82,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 T = TypeVar("T")
 
-_COALESCE = 256 * 1024  # bytes gathered from receive() before one write to the store
+_COALESCE = 1024 * 1024  # bytes gathered before one write to the store (256 KiB: ~1.5x the CPU per GiB)
 _POLL = 0.2  # seconds between looks at a release request (and at a quiet body's buffered bytes)
 _LOCK_POLL = 0.05  # seconds between attempts on a held lock
 _INFORMATIONAL = "http.response.informational"
@@ -359,24 +360,31 @@ class _Writer:
     While a piece is written in the pool the next is received: the network
     and the disk work at once, and a slow disk holds the body back (one
     piece at most is buffered beside the one being written).  Writes are
-    shielded: cancelling the read never cancels a write under way.
+    shielded: cancelling the read never cancels a write under way.  The
+    server's messages are kept as they came and joined once per piece (a
+    message of ``_COALESCE`` bytes or more goes to the store as it is): at
+    hundreds of MiB/s each copy of the body costs a measurable share.
     """
 
     def __init__(self, endpoint: ResumableUploads, appender: Appender) -> None:
         self._endpoint = endpoint
         self._appender = appender
-        self._buffer = bytearray()
+        self._pieces: list[bytes] = []
+        self._size = 0  # bytes in _pieces
         self._inflight: asyncio.Future[None] | None = None
         self._turn = asyncio.Lock()  # the reader and the watcher both flush: pieces go out in order
 
     async def add(self, data: bytes, *, flush: bool) -> None:
-        self._buffer += data
-        if self._buffer and (flush or len(self._buffer) >= _COALESCE):
+        if data:
+            self._pieces.append(data if type(data) is bytes else bytes(data))  # a server's buffer may be reused
+            self._size += len(data)
+        if self._size and (flush or self._size >= _COALESCE):
             async with self._turn:
                 await self._settle()
-                if self._buffer:
-                    piece = bytes(self._buffer)
-                    self._buffer.clear()
+                if self._size:
+                    pieces = self._pieces
+                    piece = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    self._pieces, self._size = [], 0
                     self._inflight = asyncio.get_running_loop().run_in_executor(
                         self._endpoint._executor(), self._appender.write, piece)
 
