@@ -354,6 +354,39 @@ class TestOffTheLoop:
         assert Hold.released is True
         assert sent[0]["status"] == 204
 
+    def test_one_slow_session_lookup_does_not_hold_the_others(self, tmp_path: Path) -> None:
+        """Two requests whose middleware ahead of the endpoint waits (slow session lookups) run side by side,
+        each in a thread of its own as Django gives each request, not one after the other in one shared thread."""
+        from django.test import override_settings
+
+        from tests.django_asgi_client import asgi_stack
+        from tests.django_project.middleware import Meet
+        from tests.test_django_resumable import MIDDLEWARE
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "OPTIONS",
+                 "scheme": "http", "path": "/files/", "raw_path": b"/files/", "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"testserver"), (b"tus-resumable", b"1.0.0"), (b"x-meet", b"1")],
+                 "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def exchange() -> None:
+            app = asgi_stack()
+            await asyncio.gather(app(dict(scope), receive, send), app(dict(scope), receive, send))
+
+        Meet.barrier.reset()
+        Meet.met.clear()
+        with override_settings(MIDDLEWARE=["tests.django_project.middleware.Meet", *MIDDLEWARE],
+                               UPLOADGUARD_RESUMABLE_STORAGE=str(tmp_path / "tus")):
+            asyncio.run(exchange())
+        assert Meet.met == [True, True]
+        assert [message["status"] for message in sent if message["type"] == "http.response.start"] == [204, 204]
+
 
 SESSION = "django.contrib.sessions.middleware.SessionMiddleware"
 CSRF = "django.middleware.csrf.CsrfViewMiddleware"

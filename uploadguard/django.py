@@ -919,7 +919,8 @@ class ResumableUploadsASGI:
     **The same rules as under WSGI.**  For each request under the prefix, the
     middleware ``MIDDLEWARE`` lists *ahead of* ``ResumableUploadsMiddleware``
     (sessions, CSRF, authentication, your own) runs on a body-less copy of the
-    request, in a thread (``sync_to_async``, as Django runs sync middleware),
+    request, in a thread of its own (``sync_to_async`` in a
+    ``ThreadSensitiveContext``, as Django runs sync middleware),
     then :meth:`ResumableUploadsMiddleware.verdict` -- the very code the WSGI
     middleware runs -- decides: Django's CSRF check (403), the owner (the user,
     or the anonymous visitor's CSRF-secret digest) and the adoption of uploads
@@ -960,9 +961,13 @@ class ResumableUploadsASGI:
         if scope["type"] != "http" or not self.middleware.serves(_path_info(scope)):
             await self.app(scope, receive, send)
             return
-        from asgiref.sync import sync_to_async
+        from asgiref.sync import ThreadSensitiveContext, sync_to_async
 
-        owner, response, headers, content = await sync_to_async(self._decide)(scope)
+        # A thread of its own per request, as Django's ASGIHandler gives each: outside a ThreadSensitiveContext,
+        # every request's middleware would queue for asgiref's one shared thread -- one slow session lookup (or
+        # an adoption waiting for a held upload) would hold up the admission of every other upload.
+        async with ThreadSensitiveContext():
+            owner, response, headers, content = await sync_to_async(self._decide)(scope)
         if response is not None:  # refused (CSRF, a held upload) or answered by a middleware ahead of it
             # The unread body is the server's to discard, as after any early answer (uvicorn and gunicorn's
             # ASGI worker do: the client of a refused 16 MiB PATCH reads the 403, tests/test_django_asgi.py).

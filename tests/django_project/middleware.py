@@ -87,6 +87,30 @@ class Hold:
         return self.get_response(request)
 
 
+class Meet:
+    """Holds each request whose ``X-Meet`` header is set until another such request is held too, 10 s at most.
+
+    Two slow session lookups at once, made deterministic: they meet only if
+    they run side by side.  ``Meet.met`` says, per request, whether it met the
+    other (``False``: it gave up waiting).
+    """
+
+    barrier = threading.Barrier(2)
+    met: list[bool] = []
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if request.headers.get("X-Meet"):
+            try:
+                Meet.barrier.wait(10)
+                Meet.met.append(True)
+            except threading.BrokenBarrierError:
+                Meet.met.append(False)
+        return self.get_response(request)
+
+
 class RecordingUploads(ResumableUploadsMiddleware):
     def on_complete(self, upload):
         from django.contrib.auth.models import User
