@@ -115,12 +115,12 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[
     subprocess.run([sys.executable, "-m", "django", "migrate", "-v0", "--skip-checks"], env={**os.environ, **env}, cwd=ROOT,
                    check=True, timeout=120)
 
-    def start() -> Any:
+    def start(**more: str) -> Any:
         if request.param == "uvicorn":
-            server: Any = Uvicorn("tests.django_project.asgi:application", tmp_path=tmp_path, env=env)
+            server: Any = Uvicorn("tests.django_project.asgi:application", tmp_path=tmp_path, env={**env, **more})
         else:
             server = Gunicorn("tests.django_project.asgi:application", tmp_path=tmp_path, config=GUNICORN_CONF,
-                              args=["-k", "asgi", "--log-level", "info"], env=env)
+                              args=["-k", "asgi", "--log-level", "info"], env={**env, **more})
         server.base = f"http://127.0.0.1:{server.port}"
         server.kind = request.param
         started.append(server)
@@ -157,11 +157,13 @@ class TestServed:
             assert stranger.patch(url, len(data), b"x").status_code == 404
             assert stranger.fetch(url).status_code == 404
 
-    def test_on_complete_may_use_the_orm_and_leaves_no_connection_open(self, serve: Callable[[], Any],
-                                                                         tmp_path: Path) -> None:
-        """The middleware subclass's on_complete runs once per upload, may query the database from the endpoint's
-        thread, and its connection is closed after it, as after a request: no process holds the database open."""
-        server = serve()
+    @pytest.mark.parametrize("middleware", ["RecordingUploads", "AsyncRecordingUploads"])
+    def test_on_complete_may_use_the_orm_and_leaves_no_connection_open(self, serve: Callable[..., Any],
+                                                                         tmp_path: Path, middleware: str) -> None:
+        """The middleware subclass's on_complete (a function, or a coroutine function using the async ORM) runs
+        once per upload, may query the database, and its connection is closed after it, as after a request: no
+        process holds the database open."""
+        server = serve(TEST_RESUMABLE_MIDDLEWARE=middleware)
         browser = Browser(server.base)
         browser.log_in(7)
 

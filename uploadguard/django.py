@@ -912,7 +912,9 @@ class ResumableUploadsASGI:
     :attr:`~ResumableUploadsMiddleware.prefix`,
     :attr:`~ResumableUploadsMiddleware.cors_origins`,
     :meth:`~ResumableUploadsMiddleware.on_complete` (run in the endpoint's
-    thread pool) and the ``UPLOADGUARD_*`` settings.  The ``MIDDLEWARE`` entry
+    thread pool, or awaited on the loop if it is a coroutine function; the
+    database connections it opens closed after it either way) and the
+    ``UPLOADGUARD_*`` settings.  The ``MIDDLEWARE`` entry
     must name the class (or a subclass), not a factory function;
     ``ImproperlyConfigured`` when there is none.
 
@@ -949,7 +951,8 @@ class ResumableUploadsASGI:
         uploads = middleware.uploads
         hook = middleware.on_complete
         self.endpoint = ASGIEndpoint(app, prefix=uploads.prefix, settings=uploads.settings,
-                                     on_complete=hook if inspect.iscoroutinefunction(hook) else self._on_complete,
+                                     on_complete=self._aon_complete if inspect.iscoroutinefunction(hook)
+                                     else self._on_complete,
                                      cors_origins=middleware.cors_origins,
                                      lock_timeout=uploads.lock_timeout, authorize=_scope_owner, threads=threads)
         self._ahead = _middleware_ahead_of(endpoint_class, self._decided)
@@ -1022,6 +1025,24 @@ class ResumableUploadsASGI:
             self.middleware.on_complete(upload)
         finally:
             close_old_connections()
+
+    async def _aon_complete(self, upload: Any) -> None:
+        """The middleware's coroutine ``on_complete``, on the loop, with the same connection housekeeping.
+
+        In a ``ThreadSensitiveContext`` of its own, as a request: the async
+        ORM's queries run in a thread of that context, whose connection is
+        closed after the hook (or kept up to ``CONN_MAX_AGE``), not left open
+        in asgiref's shared thread for the life of the process.
+        """
+        from asgiref.sync import ThreadSensitiveContext, sync_to_async
+        from django.db import close_old_connections
+
+        async with ThreadSensitiveContext():
+            await sync_to_async(close_old_connections)()
+            try:
+                await self.middleware.on_complete(upload)
+            finally:
+                await sync_to_async(close_old_connections)()
 
     def _decided(self, request: Any) -> HttpResponse:
         """The innermost layer: the WSGI middleware's verdict, as a response to pass back out."""

@@ -17,7 +17,8 @@ the data away (to ``STORE_DIR/taken``), as applications do.
 
 ``RecordingUploads``: the resumable endpoint with an ``on_complete`` that asks
 the database (as an application recording the upload would) and notes the
-upload as ``STORE_DIR/completed/<id>``.
+upload as ``STORE_DIR/completed/<id>``; ``AsyncRecordingUploads`` the same,
+its ``on_complete`` a coroutine function using Django's async ORM.
 """
 
 import os
@@ -116,6 +117,16 @@ class RecordingUploads(ResumableUploadsMiddleware):
         from django.contrib.auth.models import User
 
         users = User.objects.count()
+        os.makedirs(os.path.join(settings.STORE_DIR, "completed"), exist_ok=True)
+        with open(os.path.join(settings.STORE_DIR, "completed", upload.id), "w") as note:
+            note.write(str(users))
+
+
+class AsyncRecordingUploads(ResumableUploadsMiddleware):
+    async def on_complete(self, upload):
+        from django.contrib.auth.models import User
+
+        users = await User.objects.acount()
         os.makedirs(os.path.join(settings.STORE_DIR, "completed"), exist_ok=True)
         with open(os.path.join(settings.STORE_DIR, "completed", upload.id), "w") as note:
             note.write(str(users))
