@@ -358,6 +358,17 @@ class TestLoggingIn:
         assert response.status_code == 200
         assert "sessionid" in response.cookies and "Cookie" in response.get("Vary", "")
 
+    def test_vary_names_both_the_origin_and_the_cookie(self) -> None:
+        """A cross-origin HEAD of a user's upload varies on Origin (the endpoint's CORS answer) and on Cookie (the
+        session the middleware ahead read), as Django merges Vary on the way out: neither replaces the other."""
+        with override_settings(MIDDLEWARE=[*LOGIN_MIDDLEWARE[:-1], "tests.django_project.middleware.CorsUploads"]):
+            client, token = csrf_client()
+            token = log_in(client, token, 7)
+            url = create(client, token, 3)["Location"]
+            response = client.head(url, HTTP_ORIGIN="https://app.example", **TUS)
+        assert response.status_code == 200
+        assert {"Origin", "Cookie"} <= {name.strip() for name in response["Vary"].split(",")}
+
     def test_parts_begun_before_logging_in_are_joined_after(self) -> None:
         """The parts of a concatenation, uploaded anonymously, are joined by the user they now belong to."""
         client, token = csrf_client()

@@ -1123,7 +1123,13 @@ def _asgi_headers(response: Any, *, skip: tuple[str, ...] = ()) -> list[tuple[by
 
 
 def _adding_headers(send: Any, extra: list[tuple[bytes, bytes]]) -> Any:
-    """``send``, adding to the final response's head the ``extra`` headers it does not set itself."""
+    """``send``, adding to the final response's head the ``extra`` headers it does not set itself.
+
+    ``Set-Cookie`` and ``Vary`` are added beside the endpoint's own: a second
+    ``Vary`` line is read as one list with the first (Django's
+    ``patch_vary_headers`` would have merged them), so a CORS answer's
+    ``Vary: Origin`` keeps the session's ``Vary: Cookie``.
+    """
     if not extra:
         return send
 
@@ -1131,7 +1137,7 @@ def _adding_headers(send: Any, extra: list[tuple[bytes, bytes]]) -> Any:
         if message.get("type") == "http.response.start":
             own = {bytes(name).lower() for name, _ in message.get("headers", ())}
             added = [(name, value) for name, value in extra
-                     if name.lower() == b"set-cookie" or name.lower() not in own]
+                     if name.lower() in (b"set-cookie", b"vary") or name.lower() not in own]
             message = {**message, "headers": [*message.get("headers", ()), *added]}
         await send(message)
 

@@ -19,6 +19,9 @@ the data away (to ``STORE_DIR/taken``), as applications do.
 the database (as an application recording the upload would) and notes the
 upload as ``STORE_DIR/completed/<id>``; ``AsyncRecordingUploads`` the same,
 its ``on_complete`` a coroutine function using Django's async ORM.
+
+``CorsUploads``: the resumable endpoint answering cross-origin requests from
+``https://app.example``.
 """
 
 import os
@@ -130,3 +133,7 @@ class AsyncRecordingUploads(ResumableUploadsMiddleware):
         os.makedirs(os.path.join(settings.STORE_DIR, "completed"), exist_ok=True)
         with open(os.path.join(settings.STORE_DIR, "completed", upload.id), "w") as note:
             note.write(str(users))
+
+
+class CorsUploads(ResumableUploadsMiddleware):
+    cors_origins = ["https://app.example"]
