@@ -389,6 +389,52 @@ class TestOffTheLoop:
         assert Meet.met == [True, True]
         assert [message["status"] for message in sent if message["type"] == "http.response.start"] == [204, 204]
 
+    def test_a_slow_on_complete_holds_none_of_the_endpoints_threads(self, tmp_path: Path) -> None:
+        """While one upload's on_complete takes its time, other uploads are created and stored, even by an
+        endpoint with a single thread: the hook runs in a thread of its own, as a request, not in the pool."""
+        from django.core.handlers.asgi import ASGIHandler
+        from django.middleware.csrf import _get_new_csrf_string
+        from django.test import override_settings
+
+        from tests.django_asgi_client import _exchange
+        from tests.django_project.middleware import SlowUploads
+        from tests.test_django_resumable import MIDDLEWARE
+        from uploadguard.asgi import UploadGuard
+        from uploadguard.django import ResumableUploadsASGI, settings_from_django
+
+        secret = _get_new_csrf_string()
+
+        def scope(method: str, path: str, **headers: str) -> dict[str, Any]:
+            fields = {"host": "testserver", "tus-resumable": "1.0.0", "cookie": f"csrftoken={secret}",
+                      "x-csrftoken": secret, "content-type": "application/offset+octet-stream", **headers}
+            return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                    "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                    "headers": [(name.replace("_", "-").encode(), value.encode()) for name, value in fields.items()],
+                    "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+
+        async def upload(app: Any, data: bytes) -> int:
+            status, headers, _ = await _exchange(app, scope("POST", "/files/", upload_length=str(len(data))), b"")
+            assert status == 201
+            location = dict((name.lower(), value) for name, value in headers)["location"]
+            status, _, _ = await _exchange(app, scope("PATCH", location, upload_offset="0",
+                                                      content_length=str(len(data))), data)
+            return status
+
+        async def exchange() -> list[int]:
+            app = UploadGuard(ResumableUploadsASGI(ASGIHandler(), threads=1), settings=settings_from_django())
+            slow = asyncio.ensure_future(upload(app, b"abc"))
+            await asyncio.to_thread(SlowUploads.entered.wait, 10)
+            other = await upload(app, b"abcd")
+            SlowUploads.release.set()
+            return [other, await slow]
+
+        SlowUploads.entered.clear()
+        SlowUploads.release.clear()
+        with override_settings(MIDDLEWARE=[*MIDDLEWARE[:-1], "tests.django_project.middleware.SlowUploads"],
+                               UPLOADGUARD_RESUMABLE_STORAGE=str(tmp_path / "tus"), UPLOADGUARD_MIN_FREE_SPACE=0):
+            assert asyncio.run(exchange()) == [204, 204]
+        assert SlowUploads.released is True
+
 
 SESSION = "django.contrib.sessions.middleware.SessionMiddleware"
 CSRF = "django.middleware.csrf.CsrfViewMiddleware"

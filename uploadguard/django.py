@@ -911,10 +911,10 @@ class ResumableUploadsASGI:
     ``MIDDLEWARE`` as under WSGI (the same settings module serves both): its
     :attr:`~ResumableUploadsMiddleware.prefix`,
     :attr:`~ResumableUploadsMiddleware.cors_origins`,
-    :meth:`~ResumableUploadsMiddleware.on_complete` (run in the endpoint's
-    thread pool, or awaited on the loop if it is a coroutine function; the
-    database connections it opens closed after it either way) and the
-    ``UPLOADGUARD_*`` settings.  The ``MIDDLEWARE`` entry
+    :meth:`~ResumableUploadsMiddleware.on_complete` (in a thread of its own
+    as a request's view, or awaited on the loop if it is a coroutine
+    function; the database connections it opens closed after it either way)
+    and the ``UPLOADGUARD_*`` settings.  The ``MIDDLEWARE`` entry
     must name the class (or a subclass), not a factory function;
     ``ImproperlyConfigured`` when there is none.
 
@@ -936,7 +936,7 @@ class ResumableUploadsASGI:
     :func:`resumable_file` (sync views) or :func:`aresumable_file` (async
     views).
 
-    ``threads``: the endpoint's pool for store, lock and ``on_complete`` calls.
+    ``threads``: the endpoint's pool for store and lock calls.
     """
 
     def __init__(self, app: Any, *, threads: int = 8) -> None:
@@ -949,10 +949,8 @@ class ResumableUploadsASGI:
         self.app = app
         self.middleware = middleware
         uploads = middleware.uploads
-        hook = middleware.on_complete
         self.endpoint = ASGIEndpoint(app, prefix=uploads.prefix, settings=uploads.settings,
-                                     on_complete=self._aon_complete if inspect.iscoroutinefunction(hook)
-                                     else self._on_complete,
+                                     on_complete=self._on_complete,
                                      cors_origins=middleware.cors_origins,
                                      lock_timeout=uploads.lock_timeout, authorize=_scope_owner, threads=threads)
         self._ahead = _middleware_ahead_of(endpoint_class, self._decided)
@@ -1010,37 +1008,28 @@ class ResumableUploadsASGI:
         finally:
             response.close()  # request_finished: Django closes its database connections as after any request
 
-    def _on_complete(self, upload: Any) -> None:
-        """The middleware's ``on_complete``, in the endpoint's pool, with Django's connection housekeeping.
+    async def _on_complete(self, upload: Any) -> None:
+        """The middleware's ``on_complete``, in a thread of its own, with Django's connection housekeeping.
 
-        As around a request (``request_started``/``request_finished``): a
-        database connection the hook opens in that thread is closed after it
-        (or kept up to ``CONN_MAX_AGE``), never left open for the life of the
-        thread.
-        """
-        from django.db import close_old_connections
-
-        close_old_connections()
-        try:
-            self.middleware.on_complete(upload)
-        finally:
-            close_old_connections()
-
-    async def _aon_complete(self, upload: Any) -> None:
-        """The middleware's coroutine ``on_complete``, on the loop, with the same connection housekeeping.
-
-        In a ``ThreadSensitiveContext`` of its own, as a request: the async
-        ORM's queries run in a thread of that context, whose connection is
-        closed after the hook (or kept up to ``CONN_MAX_AGE``), not left open
-        in asgiref's shared thread for the life of the process.
+        As a request: in a ``ThreadSensitiveContext`` of its own, a plain
+        hook (and a coroutine one's async-ORM queries) run in that context's
+        thread -- never in the endpoint's pool, which a slow hook (a virus
+        scan, a thumbnail) would take from every other upload's store calls --
+        between ``close_old_connections`` (as ``request_started`` and
+        ``request_finished``): its database connection is closed after it (or
+        kept up to ``CONN_MAX_AGE``), never left open for the life of a thread.
         """
         from asgiref.sync import ThreadSensitiveContext, sync_to_async
         from django.db import close_old_connections
 
+        hook = self.middleware.on_complete
         async with ThreadSensitiveContext():
             await sync_to_async(close_old_connections)()
             try:
-                await self.middleware.on_complete(upload)
+                if inspect.iscoroutinefunction(hook):
+                    await hook(upload)
+                else:
+                    await sync_to_async(hook)(upload)
             finally:
                 await sync_to_async(close_old_connections)()
 

@@ -22,6 +22,10 @@ its ``on_complete`` a coroutine function using Django's async ORM.
 
 ``CorsUploads``: the resumable endpoint answering cross-origin requests from
 ``https://app.example``.
+
+``SlowUploads``: the resumable endpoint with an ``on_complete`` that takes its
+time for 3-byte uploads (a virus scan, a thumbnail), made deterministic: it
+waits until ``SlowUploads.release`` is set, 10 s at most.
 """
 
 import os
@@ -137,3 +141,14 @@ class AsyncRecordingUploads(ResumableUploadsMiddleware):
 
 class CorsUploads(ResumableUploadsMiddleware):
     cors_origins = ["https://app.example"]
+
+
+class SlowUploads(ResumableUploadsMiddleware):
+    entered = threading.Event()
+    release = threading.Event()
+    released = None
+
+    def on_complete(self, upload):
+        if upload.length == 3:
+            SlowUploads.entered.set()
+            SlowUploads.released = SlowUploads.release.wait(10)
