@@ -959,7 +959,7 @@ class ResumableUploadsASGI:
         return f"<ResumableUploadsASGI {self.endpoint!r}>"
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not self.middleware.serves(_path_info(scope)):
+        if scope["type"] != "http" or not self.middleware.serves(_path_info(rooted := _rooted(scope))):
             await self.app(scope, receive, send)
             return
         from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -975,11 +975,11 @@ class ResumableUploadsASGI:
             await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
             await send({"type": "http.response.body", "body": content, "more_body": False})
             return
-        await self.endpoint({**scope, SCOPE_OWNER: owner}, receive, _adding_headers(send, headers))
+        await self.endpoint({**rooted, SCOPE_OWNER: owner}, receive, _adding_headers(send, headers))
 
     def spools_body(self, scope: MutableMapping[str, Any]) -> bool:
         """Whether the request's body may be spooled to the temp dir (asked by :class:`uploadguard.asgi.UploadGuard`)."""
-        return self.endpoint.spools_body(scope)
+        return self.endpoint.spools_body(_rooted(scope))
 
     def _decide(self, scope: MutableMapping[str, Any]) -> tuple[str | None, Any, list[tuple[bytes, bytes]], bytes]:
         """In a thread: the middleware ahead of the endpoint and its verdict, on a body-less request.
@@ -1055,6 +1055,20 @@ def _configured_endpoint_class() -> type[ResumableUploadsMiddleware]:
 def _never_called(request: Any) -> Any:
     """The ``get_response`` of the endpoint's middleware under ASGI: nothing follows its verdict."""
     raise RuntimeError("ResumableUploadsASGI answers the endpoint's requests itself")
+
+
+def _rooted(scope: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """``scope`` with Django's script prefix as its ``root_path``: ``FORCE_SCRIPT_NAME`` first, as ``ASGIRequest``.
+
+    The endpoint finds its path below it and puts it in front of each
+    upload's ``Location``, as under WSGI (where Django puts
+    ``FORCE_SCRIPT_NAME`` in ``SCRIPT_NAME``): behind a proxy that mounts the
+    site at a prefix and strips it, the client finds the upload there.
+    """
+    from django.core.handlers.asgi import get_script_prefix
+
+    root = get_script_prefix(scope)
+    return scope if root == scope.get("root_path", "") else {**scope, "root_path": root}
 
 
 def _path_info(scope: MutableMapping[str, Any]) -> str:
