@@ -67,6 +67,8 @@ class ASGIClient(Client):  # type: ignore[misc]
                 cookie: SimpleCookie = SimpleCookie()
                 cookie.load(value)
                 response.cookies.update(cookie)
+            elif response.has_header(name):  # a repeated field: one list, as a client reads it
+                response[name] = f"{response[name]}, {value}"
             else:
                 response[name] = value
         response.wsgi_request = None  # there is none; Client.request asks it for a urlconf

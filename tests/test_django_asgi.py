@@ -115,12 +115,12 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[
     subprocess.run([sys.executable, "-m", "django", "migrate", "-v0", "--skip-checks"], env={**os.environ, **env}, cwd=ROOT,
                    check=True, timeout=120)
 
-    def start() -> Any:
+    def start(**more: str) -> Any:
         if request.param == "uvicorn":
-            server: Any = Uvicorn("tests.django_project.asgi:application", tmp_path=tmp_path, env=env)
+            server: Any = Uvicorn("tests.django_project.asgi:application", tmp_path=tmp_path, env={**env, **more})
         else:
             server = Gunicorn("tests.django_project.asgi:application", tmp_path=tmp_path, config=GUNICORN_CONF,
-                              args=["-k", "asgi", "--log-level", "info"], env=env)
+                              args=["-k", "asgi", "--log-level", "info"], env={**env, **more})
         server.base = f"http://127.0.0.1:{server.port}"
         server.kind = request.param
         started.append(server)
@@ -157,11 +157,13 @@ class TestServed:
             assert stranger.patch(url, len(data), b"x").status_code == 404
             assert stranger.fetch(url).status_code == 404
 
-    def test_on_complete_may_use_the_orm_and_leaves_no_connection_open(self, serve: Callable[[], Any],
-                                                                         tmp_path: Path) -> None:
-        """The middleware subclass's on_complete runs once per upload, may query the database from the endpoint's
-        thread, and its connection is closed after it, as after a request: no process holds the database open."""
-        server = serve()
+    @pytest.mark.parametrize("middleware", ["RecordingUploads", "AsyncRecordingUploads"])
+    def test_on_complete_may_use_the_orm_and_leaves_no_connection_open(self, serve: Callable[..., Any],
+                                                                         tmp_path: Path, middleware: str) -> None:
+        """The middleware subclass's on_complete (a function, or a coroutine function using the async ORM) runs
+        once per upload, may query the database, and its connection is closed after it, as after a request: no
+        process holds the database open."""
+        server = serve(TEST_RESUMABLE_MIDDLEWARE=middleware)
         browser = Browser(server.base)
         browser.log_in(7)
 
@@ -353,6 +355,85 @@ class TestOffTheLoop:
             asyncio.run(exchange())
         assert Hold.released is True
         assert sent[0]["status"] == 204
+
+    def test_one_slow_session_lookup_does_not_hold_the_others(self, tmp_path: Path) -> None:
+        """Two requests whose middleware ahead of the endpoint waits (slow session lookups) run side by side,
+        each in a thread of its own as Django gives each request, not one after the other in one shared thread."""
+        from django.test import override_settings
+
+        from tests.django_asgi_client import asgi_stack
+        from tests.django_project.middleware import Meet
+        from tests.test_django_resumable import MIDDLEWARE
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "OPTIONS",
+                 "scheme": "http", "path": "/files/", "raw_path": b"/files/", "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"testserver"), (b"tus-resumable", b"1.0.0"), (b"x-meet", b"1")],
+                 "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def exchange() -> None:
+            app = asgi_stack()
+            await asyncio.gather(app(dict(scope), receive, send), app(dict(scope), receive, send))
+
+        Meet.barrier.reset()
+        Meet.met.clear()
+        with override_settings(MIDDLEWARE=["tests.django_project.middleware.Meet", *MIDDLEWARE],
+                               UPLOADGUARD_RESUMABLE_STORAGE=str(tmp_path / "tus")):
+            asyncio.run(exchange())
+        assert Meet.met == [True, True]
+        assert [message["status"] for message in sent if message["type"] == "http.response.start"] == [204, 204]
+
+    def test_a_slow_on_complete_holds_none_of_the_endpoints_threads(self, tmp_path: Path) -> None:
+        """While one upload's on_complete takes its time, other uploads are created and stored, even by an
+        endpoint with a single thread: the hook runs in a thread of its own, as a request, not in the pool."""
+        from django.core.handlers.asgi import ASGIHandler
+        from django.middleware.csrf import _get_new_csrf_string
+        from django.test import override_settings
+
+        from tests.django_asgi_client import _exchange
+        from tests.django_project.middleware import SlowUploads
+        from tests.test_django_resumable import MIDDLEWARE
+        from uploadguard.asgi import UploadGuard
+        from uploadguard.django import ResumableUploadsASGI, settings_from_django
+
+        secret = _get_new_csrf_string()
+
+        def scope(method: str, path: str, **headers: str) -> dict[str, Any]:
+            fields = {"host": "testserver", "tus-resumable": "1.0.0", "cookie": f"csrftoken={secret}",
+                      "x-csrftoken": secret, "content-type": "application/offset+octet-stream", **headers}
+            return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                    "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                    "headers": [(name.replace("_", "-").encode(), value.encode()) for name, value in fields.items()],
+                    "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+
+        async def upload(app: Any, data: bytes) -> int:
+            status, headers, _ = await _exchange(app, scope("POST", "/files/", upload_length=str(len(data))), b"")
+            assert status == 201
+            location = dict((name.lower(), value) for name, value in headers)["location"]
+            status, _, _ = await _exchange(app, scope("PATCH", location, upload_offset="0",
+                                                      content_length=str(len(data))), data)
+            return status
+
+        async def exchange() -> list[int]:
+            app = UploadGuard(ResumableUploadsASGI(ASGIHandler(), threads=1), settings=settings_from_django())
+            slow = asyncio.ensure_future(upload(app, b"abc"))
+            await asyncio.to_thread(SlowUploads.entered.wait, 10)
+            other = await upload(app, b"abcd")
+            SlowUploads.release.set()
+            return [other, await slow]
+
+        SlowUploads.entered.clear()
+        SlowUploads.release.clear()
+        with override_settings(MIDDLEWARE=[*MIDDLEWARE[:-1], "tests.django_project.middleware.SlowUploads"],
+                               UPLOADGUARD_RESUMABLE_STORAGE=str(tmp_path / "tus"), UPLOADGUARD_MIN_FREE_SPACE=0):
+            assert asyncio.run(exchange()) == [204, 204]
+        assert SlowUploads.released is True
 
 
 SESSION = "django.contrib.sessions.middleware.SessionMiddleware"

@@ -175,6 +175,15 @@ class TestCsrfAndOwnership:
         assert second.head(url, **TUS, HTTP_X_TEST_USER="7").status_code == 200
         assert second.head(url, **TUS, HTTP_X_TEST_USER="8").status_code == 404
 
+    def test_behind_a_prefix_the_location_is_where_the_client_finds_it(self) -> None:
+        """With FORCE_SCRIPT_NAME (the site mounted at /app by a proxy that strips it), the upload's Location is
+        under /app, where the client reaches it, and the upload continues there."""
+        client, token = csrf_client()
+        with override_settings(FORCE_SCRIPT_NAME="/app"):
+            location = create(client, token, 3)["Location"]
+            assert location.startswith("/app/files/")
+            assert patch(client, token, location.removeprefix("/app"), 0, b"abc").status_code == 204
+
     def test_an_incomplete_upload_is_a_clear_error(self) -> None:
         """resumable_file on an upload still in progress is Django's 400 in any view, not a 500."""
         from uploadguard.resumable import UploadIncomplete
@@ -357,6 +366,17 @@ class TestLoggingIn:
             response = client.head(url, **TUS)
         assert response.status_code == 200
         assert "sessionid" in response.cookies and "Cookie" in response.get("Vary", "")
+
+    def test_vary_names_both_the_origin_and_the_cookie(self) -> None:
+        """A cross-origin HEAD of a user's upload varies on Origin (the endpoint's CORS answer) and on Cookie (the
+        session the middleware ahead read), as Django merges Vary on the way out: neither replaces the other."""
+        with override_settings(MIDDLEWARE=[*LOGIN_MIDDLEWARE[:-1], "tests.django_project.middleware.CorsUploads"]):
+            client, token = csrf_client()
+            token = log_in(client, token, 7)
+            url = create(client, token, 3)["Location"]
+            response = client.head(url, HTTP_ORIGIN="https://app.example", **TUS)
+        assert response.status_code == 200
+        assert {"Origin", "Cookie"} <= {name.strip() for name in response["Vary"].split(",")}
 
     def test_parts_begun_before_logging_in_are_joined_after(self) -> None:
         """The parts of a concatenation, uploaded anonymously, are joined by the user they now belong to."""

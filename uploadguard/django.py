@@ -911,15 +911,18 @@ class ResumableUploadsASGI:
     ``MIDDLEWARE`` as under WSGI (the same settings module serves both): its
     :attr:`~ResumableUploadsMiddleware.prefix`,
     :attr:`~ResumableUploadsMiddleware.cors_origins`,
-    :meth:`~ResumableUploadsMiddleware.on_complete` (run in the endpoint's
-    thread pool) and the ``UPLOADGUARD_*`` settings.  The ``MIDDLEWARE`` entry
+    :meth:`~ResumableUploadsMiddleware.on_complete` (in a thread of its own
+    as a request's view, or awaited on the loop if it is a coroutine
+    function; the database connections it opens closed after it either way)
+    and the ``UPLOADGUARD_*`` settings.  The ``MIDDLEWARE`` entry
     must name the class (or a subclass), not a factory function;
     ``ImproperlyConfigured`` when there is none.
 
     **The same rules as under WSGI.**  For each request under the prefix, the
     middleware ``MIDDLEWARE`` lists *ahead of* ``ResumableUploadsMiddleware``
     (sessions, CSRF, authentication, your own) runs on a body-less copy of the
-    request, in a thread (``sync_to_async``, as Django runs sync middleware),
+    request, in a thread of its own (``sync_to_async`` in a
+    ``ThreadSensitiveContext``, as Django runs sync middleware),
     then :meth:`ResumableUploadsMiddleware.verdict` -- the very code the WSGI
     middleware runs -- decides: Django's CSRF check (403), the owner (the user,
     or the anonymous visitor's CSRF-secret digest) and the adoption of uploads
@@ -933,7 +936,7 @@ class ResumableUploadsASGI:
     :func:`resumable_file` (sync views) or :func:`aresumable_file` (async
     views).
 
-    ``threads``: the endpoint's pool for store, lock and ``on_complete`` calls.
+    ``threads``: the endpoint's pool for store and lock calls.
     """
 
     def __init__(self, app: Any, *, threads: int = 8) -> None:
@@ -946,9 +949,8 @@ class ResumableUploadsASGI:
         self.app = app
         self.middleware = middleware
         uploads = middleware.uploads
-        hook = middleware.on_complete
         self.endpoint = ASGIEndpoint(app, prefix=uploads.prefix, settings=uploads.settings,
-                                     on_complete=hook if inspect.iscoroutinefunction(hook) else self._on_complete,
+                                     on_complete=self._on_complete,
                                      cors_origins=middleware.cors_origins,
                                      lock_timeout=uploads.lock_timeout, authorize=_scope_owner, threads=threads)
         self._ahead = _middleware_ahead_of(endpoint_class, self._decided)
@@ -957,23 +959,27 @@ class ResumableUploadsASGI:
         return f"<ResumableUploadsASGI {self.endpoint!r}>"
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not self.middleware.serves(_path_info(scope)):
+        if scope["type"] != "http" or not self.middleware.serves(_path_info(rooted := _rooted(scope))):
             await self.app(scope, receive, send)
             return
-        from asgiref.sync import sync_to_async
+        from asgiref.sync import ThreadSensitiveContext, sync_to_async
 
-        owner, response, headers, content = await sync_to_async(self._decide)(scope)
+        # A thread of its own per request, as Django's ASGIHandler gives each: outside a ThreadSensitiveContext,
+        # every request's middleware would queue for asgiref's one shared thread -- one slow session lookup (or
+        # an adoption waiting for a held upload) would hold up the admission of every other upload.
+        async with ThreadSensitiveContext():
+            owner, response, headers, content = await sync_to_async(self._decide)(scope)
         if response is not None:  # refused (CSRF, a held upload) or answered by a middleware ahead of it
             # The unread body is the server's to discard, as after any early answer (uvicorn and gunicorn's
             # ASGI worker do: the client of a refused 16 MiB PATCH reads the 403, tests/test_django_asgi.py).
             await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
             await send({"type": "http.response.body", "body": content, "more_body": False})
             return
-        await self.endpoint({**scope, SCOPE_OWNER: owner}, receive, _adding_headers(send, headers))
+        await self.endpoint({**rooted, SCOPE_OWNER: owner}, receive, _adding_headers(send, headers))
 
     def spools_body(self, scope: MutableMapping[str, Any]) -> bool:
         """Whether the request's body may be spooled to the temp dir (asked by :class:`uploadguard.asgi.UploadGuard`)."""
-        return self.endpoint.spools_body(scope)
+        return self.endpoint.spools_body(_rooted(scope))
 
     def _decide(self, scope: MutableMapping[str, Any]) -> tuple[str | None, Any, list[tuple[bytes, bytes]], bytes]:
         """In a thread: the middleware ahead of the endpoint and its verdict, on a body-less request.
@@ -1002,21 +1008,30 @@ class ResumableUploadsASGI:
         finally:
             response.close()  # request_finished: Django closes its database connections as after any request
 
-    def _on_complete(self, upload: Any) -> None:
-        """The middleware's ``on_complete``, in the endpoint's pool, with Django's connection housekeeping.
+    async def _on_complete(self, upload: Any) -> None:
+        """The middleware's ``on_complete``, in a thread of its own, with Django's connection housekeeping.
 
-        As around a request (``request_started``/``request_finished``): a
-        database connection the hook opens in that thread is closed after it
-        (or kept up to ``CONN_MAX_AGE``), never left open for the life of the
-        thread.
+        As a request: in a ``ThreadSensitiveContext`` of its own, a plain
+        hook (and a coroutine one's async-ORM queries) run in that context's
+        thread -- never in the endpoint's pool, which a slow hook (a virus
+        scan, a thumbnail) would take from every other upload's store calls --
+        between ``close_old_connections`` (as ``request_started`` and
+        ``request_finished``): its database connection is closed after it (or
+        kept up to ``CONN_MAX_AGE``), never left open for the life of a thread.
         """
+        from asgiref.sync import ThreadSensitiveContext, sync_to_async
         from django.db import close_old_connections
 
-        close_old_connections()
-        try:
-            self.middleware.on_complete(upload)
-        finally:
-            close_old_connections()
+        hook = self.middleware.on_complete
+        async with ThreadSensitiveContext():
+            await sync_to_async(close_old_connections)()
+            try:
+                if inspect.iscoroutinefunction(hook):
+                    await hook(upload)
+                else:
+                    await sync_to_async(hook)(upload)
+            finally:
+                await sync_to_async(close_old_connections)()
 
     def _decided(self, request: Any) -> HttpResponse:
         """The innermost layer: the WSGI middleware's verdict, as a response to pass back out."""
@@ -1040,6 +1055,20 @@ def _configured_endpoint_class() -> type[ResumableUploadsMiddleware]:
 def _never_called(request: Any) -> Any:
     """The ``get_response`` of the endpoint's middleware under ASGI: nothing follows its verdict."""
     raise RuntimeError("ResumableUploadsASGI answers the endpoint's requests itself")
+
+
+def _rooted(scope: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """``scope`` with Django's script prefix as its ``root_path``: ``FORCE_SCRIPT_NAME`` first, as ``ASGIRequest``.
+
+    The endpoint finds its path below it and puts it in front of each
+    upload's ``Location``, as under WSGI (where Django puts
+    ``FORCE_SCRIPT_NAME`` in ``SCRIPT_NAME``): behind a proxy that mounts the
+    site at a prefix and strips it, the client finds the upload there.
+    """
+    from django.core.handlers.asgi import get_script_prefix
+
+    root = get_script_prefix(scope)
+    return scope if root == scope.get("root_path", "") else {**scope, "root_path": root}
 
 
 def _path_info(scope: MutableMapping[str, Any]) -> str:
@@ -1097,7 +1126,13 @@ def _asgi_headers(response: Any, *, skip: tuple[str, ...] = ()) -> list[tuple[by
 
 
 def _adding_headers(send: Any, extra: list[tuple[bytes, bytes]]) -> Any:
-    """``send``, adding to the final response's head the ``extra`` headers it does not set itself."""
+    """``send``, adding to the final response's head the ``extra`` headers it does not set itself.
+
+    ``Set-Cookie`` and ``Vary`` are added beside the endpoint's own: a second
+    ``Vary`` line is read as one list with the first (Django's
+    ``patch_vary_headers`` would have merged them), so a CORS answer's
+    ``Vary: Origin`` keeps the session's ``Vary: Cookie``.
+    """
     if not extra:
         return send
 
@@ -1105,7 +1140,7 @@ def _adding_headers(send: Any, extra: list[tuple[bytes, bytes]]) -> Any:
         if message.get("type") == "http.response.start":
             own = {bytes(name).lower() for name, _ in message.get("headers", ())}
             added = [(name, value) for name, value in extra
-                     if name.lower() == b"set-cookie" or name.lower() not in own]
+                     if name.lower() in (b"set-cookie", b"vary") or name.lower() not in own]
             message = {**message, "headers": [*message.get("headers", ()), *added]}
         await send(message)
 

@@ -17,7 +17,15 @@ the data away (to ``STORE_DIR/taken``), as applications do.
 
 ``RecordingUploads``: the resumable endpoint with an ``on_complete`` that asks
 the database (as an application recording the upload would) and notes the
-upload as ``STORE_DIR/completed/<id>``.
+upload as ``STORE_DIR/completed/<id>``; ``AsyncRecordingUploads`` the same,
+its ``on_complete`` a coroutine function using Django's async ORM.
+
+``CorsUploads``: the resumable endpoint answering cross-origin requests from
+``https://app.example``.
+
+``SlowUploads``: the resumable endpoint with an ``on_complete`` that takes its
+time for 3-byte uploads (a virus scan, a thumbnail), made deterministic: it
+waits until ``SlowUploads.release`` is set, 10 s at most.
 """
 
 import os
@@ -87,6 +95,30 @@ class Hold:
         return self.get_response(request)
 
 
+class Meet:
+    """Holds each request whose ``X-Meet`` header is set until another such request is held too, 10 s at most.
+
+    Two slow session lookups at once, made deterministic: they meet only if
+    they run side by side.  ``Meet.met`` says, per request, whether it met the
+    other (``False``: it gave up waiting).
+    """
+
+    barrier = threading.Barrier(2)
+    met: list[bool] = []
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if request.headers.get("X-Meet"):
+            try:
+                Meet.barrier.wait(10)
+                Meet.met.append(True)
+            except threading.BrokenBarrierError:
+                Meet.met.append(False)
+        return self.get_response(request)
+
+
 class RecordingUploads(ResumableUploadsMiddleware):
     def on_complete(self, upload):
         from django.contrib.auth.models import User
@@ -95,3 +127,28 @@ class RecordingUploads(ResumableUploadsMiddleware):
         os.makedirs(os.path.join(settings.STORE_DIR, "completed"), exist_ok=True)
         with open(os.path.join(settings.STORE_DIR, "completed", upload.id), "w") as note:
             note.write(str(users))
+
+
+class AsyncRecordingUploads(ResumableUploadsMiddleware):
+    async def on_complete(self, upload):
+        from django.contrib.auth.models import User
+
+        users = await User.objects.acount()
+        os.makedirs(os.path.join(settings.STORE_DIR, "completed"), exist_ok=True)
+        with open(os.path.join(settings.STORE_DIR, "completed", upload.id), "w") as note:
+            note.write(str(users))
+
+
+class CorsUploads(ResumableUploadsMiddleware):
+    cors_origins = ["https://app.example"]
+
+
+class SlowUploads(ResumableUploadsMiddleware):
+    entered = threading.Event()
+    release = threading.Event()
+    released = None
+
+    def on_complete(self, upload):
+        if upload.length == 3:
+            SlowUploads.entered.set()
+            SlowUploads.released = SlowUploads.release.wait(10)

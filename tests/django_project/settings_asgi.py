@@ -18,7 +18,8 @@ MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    f"{_PACKAGE}.middleware.RecordingUploads",  # ResumableUploadsMiddleware, its on_complete asking the database
+    # ResumableUploadsMiddleware, its on_complete asking the database (AsyncRecordingUploads: a coroutine's)
+    f"{_PACKAGE}.middleware.{os.environ.get('TEST_RESUMABLE_MIDDLEWARE') or 'RecordingUploads'}",
 ]
 DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3",
                          "NAME": os.environ.get("TEST_DJANGO_DB") or ":memory:"}}
