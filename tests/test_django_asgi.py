@@ -317,6 +317,27 @@ class TestWithoutTheASGIWrapper:
         assert len(warnings) == 1 and "ResumableUploadsASGI" in warnings[0]
 
 
+class TestTheVerdict:
+    def test_a_cache_ahead_never_keeps_the_verdict(self, project: None) -> None:
+        """Django's per-site cache ahead of the endpoint does not store the verdict that passes back out
+        through it (an empty 200 to a HEAD), or a later HEAD would get that instead of the upload's offset."""
+        from django.middleware.cache import FetchFromCacheMiddleware, UpdateCacheMiddleware
+        from django.test import RequestFactory, override_settings
+
+        from uploadguard.django import _Proceed
+
+        caches = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "verdict"}}
+        with override_settings(CACHES=caches, CACHE_MIDDLEWARE_SECONDS=600):
+            update = UpdateCacheMiddleware(lambda request: _Proceed("owner"))
+            fetch = FetchFromCacheMiddleware(lambda request: _Proceed("owner"))
+            factory = RequestFactory()
+            for method in ("head", "get"):
+                request = getattr(factory, method)("/files/abcdefghijklmnopqrstuvwx")
+                assert fetch.process_request(request) is None  # a miss: marks the request for the update
+                assert isinstance(update(request), _Proceed)
+                assert fetch.process_request(getattr(factory, method)("/files/abcdefghijklmnopqrstuvwx")) is None
+
+
 class TestOffTheLoop:
     """In-process: the Django work of an endpoint request runs in a thread, never on the event loop."""
 

@@ -883,12 +883,19 @@ async def _scope_owner(scope: MutableMapping[str, Any]) -> str | None:
     return owner if isinstance(owner, str) else None
 
 
+#: Headers of the verdict that are its own, not the middleware's ahead: never added to the endpoint's answer.
+_NOT_PASSED_ON = ("content-type", "content-length", "cache-control")
+
+
 class _Proceed(HttpResponse):  # type: ignore[misc]  # Django ships no type hints
     """The verdict "serve it, as ``owner``", on its way out through the middleware ahead of the endpoint."""
 
     def __init__(self, owner: str | None) -> None:
         super().__init__(b"", status=200)
         self.owner = owner
+        # Never stored by a cache ahead (Django's per-site cache keeps a 200 to a GET or HEAD): a later
+        # request would get this empty 200 instead of the endpoint's answer.  Not sent: the endpoint's own is.
+        self["Cache-Control"] = "private, no-store, max-age=0"
 
 
 class ResumableUploadsASGI:
@@ -1003,7 +1010,7 @@ class ResumableUploadsASGI:
             response = self._ahead(request)
         try:
             if isinstance(response, _Proceed):
-                return response.owner, None, _asgi_headers(response, skip=("content-type", "content-length")), b""
+                return response.owner, None, _asgi_headers(response, skip=_NOT_PASSED_ON), b""
             return None, response, _asgi_headers(response), b"".join(response)
         finally:
             response.close()  # request_finished: Django closes its database connections as after any request
