@@ -56,6 +56,7 @@ import contextlib
 import inspect
 import logging
 import os
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, TypeVar
 
@@ -82,7 +83,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 T = TypeVar("T")
 
 _COALESCE = 256 * 1024  # bytes gathered from receive() before one write to the store
-_POLL = 0.2  # seconds between looks at a release request (and at a quiet body's buffered bytes)
+_POLL = 0.2  # seconds between the watcher's looks at release requests, rate floors and quiet bodies
+_FLUSH_AFTER = 1.0  # seconds a body's bytes wait in RAM at most before they are written
 _LOCK_POLL = 0.05  # seconds between attempts on a held lock
 _INFORMATIONAL = "http.response.informational"
 
@@ -152,6 +154,7 @@ class ResumableUploads(Endpoint):
         self.threads = threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._running: set[asyncio.Future[None]] = set()  # requests left to finish after a cancellation
+        self._watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watch] = weakref.WeakKeyDictionary()
 
     # -- ASGI ----------------------------------------------------------------------------
 
@@ -292,47 +295,137 @@ class ResumableUploads(Endpoint):
         """Read the body to its end in a task of its own, watched: why it ended early, or ``None``.
 
         The reading task does nothing per message but take it and hand it to
-        the writer; this watcher wakes every ``_POLL`` seconds (and at the rate
-        floor's deadline) to write a quiet body's bytes, ask whether another
-        request wants the upload, and check the floor -- and cancels the read
-        when it must end.  A write under way is never cancelled.
+        the writer.  The loop's one :class:`_Watch` (shared by every body read
+        on it, so a thousand slow PATCHes cost one timer, not a thousand) looks
+        every ``_POLL`` seconds at the rate floor, at bytes a quiet body left in
+        RAM, and -- in one hop to the pool for all of them -- at whether another
+        request wants an upload, and cuts a read that must end.  A write under
+        way is never cancelled.
         """
         loop = asyncio.get_running_loop()
-        floor = core.RateFloor(self.idle_timeout, loop.time())
         writer = _Writer(self, appender)
-        stop = asyncio.Event()
-        reader = asyncio.ensure_future(_read(exchange, floor, writer, stop))
-        cut: str | None = None
+        reading = _Reading(body.lock, core.RateFloor(self.idle_timeout, loop.time()), writer)
+        reading.task = asyncio.ensure_future(_read(exchange, reading.floor, writer, reading.stop))
+        watch = _Watch.of(self, loop)
+        watch.add(reading)
         try:
-            while not reader.done():
-                now = loop.time()
-                await asyncio.wait((reader,), timeout=max(0.0, min(floor.deadline(), now + _POLL) - now))
-                if reader.done():
-                    break
-                if floor.slow(loop.time()):
-                    log.info("upload %s: the PATCH brings too few bytes; ending it", body.upload_id)
-                    cut = "slow"
-                    break
-                await writer.flush()  # a quiet body's bytes reach the store, not only RAM
-                if await self._run(body.lock.release_requested):
-                    log.info("upload %s was asked for by another request; ending this PATCH", body.upload_id)
-                    cut = "preempted"
-                    break
-            if cut is None:
-                cut = reader.result()
+            await asyncio.wait((reading.task,))
         finally:
-            if not reader.done():
-                # Python 3.11's asyncio.wait_for (inside the server's receive) can swallow a cancel that
-                # meets a message arriving: ask again until the read has ended, and let it stop by itself
-                # at its next message.
-                stop.set()
+            watch.discard(reading)
+            reader = reading.task
+            if not reader.done():  # cancelled from outside (the loop is closing): end the read as a cut does
+                reading.stop.set()
                 while not reader.done():
                     reader.cancel()
                     await asyncio.wait((reader,), timeout=_POLL)
-                if not reader.cancelled():
-                    reader.exception()  # retrieved: its outcome no longer matters, the cut stands
             await writer.close()
-        return cut
+        if reading.cut is None and reading.error is None:
+            return reader.result()
+        if not reader.cancelled():
+            reader.exception()  # retrieved: its outcome no longer matters, the cut stands
+        if reading.error is not None:
+            raise reading.error
+        if reading.cut == "slow":
+            log.info("upload %s: the PATCH brings too few bytes; ending it", body.upload_id)
+        else:
+            log.info("upload %s was asked for by another request; ending this PATCH", body.upload_id)
+        return reading.cut
+
+
+class _Reading:
+    """One body being read, as :class:`_Watch` sees it: its lock, rate floor, writer and reading task."""
+
+    __slots__ = ("lock", "floor", "writer", "stop", "task", "cut", "error")
+
+    def __init__(self, lock: HeldLock, floor: core.RateFloor, writer: _Writer) -> None:
+        self.lock = lock
+        self.floor = floor
+        self.writer = writer
+        self.stop = asyncio.Event()  # the read ends at its next message even if a cancel is lost
+        self.task: asyncio.Future[str | None] | None = None
+        self.cut: str | None = None  # "slow" or "preempted": why the read was ended
+        self.error: BaseException | None = None  # the release check failed: the body's error
+
+    def end(self, cut: str | None, error: BaseException | None = None) -> None:
+        """Cut the read (again, if an earlier cancel was lost)."""
+        if self.cut is None and self.error is None:
+            self.cut, self.error = cut, error
+        self.stop.set()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class _Watch:
+    """The loop's watcher over every body read on it (for one endpoint): one timer, one pool hop a tick.
+
+    Each ``_POLL`` seconds: a body under the rate floor is cut; a quiet
+    body's bytes older than ``_FLUSH_AFTER`` go to the store; the release
+    requests of all held uploads are asked in one call in the pool; a cut
+    whose cancel was lost (Python 3.11's ``asyncio.wait_for`` inside a
+    server's ``receive`` can swallow one that meets a message) is cancelled
+    again.  It runs only while there are bodies to watch.
+    """
+
+    def __init__(self, endpoint: ResumableUploads) -> None:
+        self._endpoint = endpoint
+        self._readings: dict[_Reading, None] = {}  # insertion-ordered set
+        self._task: asyncio.Future[None] | None = None
+
+    @classmethod
+    def of(cls, endpoint: ResumableUploads, loop: asyncio.AbstractEventLoop) -> _Watch:
+        watch = endpoint._watches.get(loop)
+        if watch is None:
+            watch = endpoint._watches[loop] = cls(endpoint)
+        return watch
+
+    def add(self, reading: _Reading) -> None:
+        self._readings[reading] = None
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    def discard(self, reading: _Reading) -> None:
+        self._readings.pop(reading, None)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._readings:
+            await asyncio.sleep(_POLL)
+            now = loop.time()
+            asking = []
+            for reading in list(self._readings):
+                if reading.cut is not None or reading.error is not None:
+                    reading.end(None)  # not ended yet: its cancel was lost
+                elif reading.floor.slow(now):
+                    reading.end("slow")
+                else:
+                    try:
+                        reading.writer.write_quiet(now)
+                    except Exception as exc:  # noqa: BLE001 -- the pool is gone (shutting down): this body's error
+                        reading.end(None, exc)
+                        continue
+                    asking.append(reading)
+            if not asking:
+                continue
+            try:
+                answers = await self._endpoint._run(_release_requested, [reading.lock for reading in asking])
+            except Exception as exc:  # noqa: BLE001 -- the pool is gone (shutting down): every body's error
+                answers = [exc] * len(asking)
+            for reading, answer in zip(asking, answers):
+                if isinstance(answer, BaseException):
+                    reading.end(None, answer)
+                elif answer:
+                    reading.end("preempted")
+
+
+def _release_requested(locks: list[HeldLock]) -> list[bool | Exception]:
+    """Each lock's :meth:`~.locking.HeldLock.release_requested`, or the error that asking it raised."""
+    answers: list[bool | Exception] = []
+    for lock in locks:
+        try:
+            answers.append(lock.release_requested())
+        except Exception as exc:  # noqa: BLE001 -- that body's error, not the others'
+            answers.append(exc)
+    return answers
 
 
 async def _read(exchange: _Exchange, floor: core.RateFloor, writer: _Writer, stop: asyncio.Event) -> str | None:
@@ -346,9 +439,10 @@ async def _read(exchange: _Exchange, floor: core.RateFloor, writer: _Writer, sto
         if message.get("type") == "http.disconnect":
             return "disconnect"
         data = message.get("body", b"")
-        floor.count(len(data), loop.time())
+        now = loop.time()
+        floor.count(len(data), now)
         more = message.get("more_body", False)
-        await writer.add(data, flush=not more)
+        await writer.add(data, now, flush=not more)
         if not more or stop.is_set():
             return None
 
@@ -358,41 +452,58 @@ class _Writer:
 
     While a piece is written in the pool the next is received: the network
     and the disk work at once, and a slow disk holds the body back (one
-    piece at most is buffered beside the one being written).  Writes are
-    shielded: cancelling the read never cancels a write under way.
+    piece at most is buffered beside the one being written).  Bytes wait in
+    RAM at most about ``_FLUSH_AFTER`` seconds: a slow body is written in
+    pieces of that many seconds of its bytes, not one per message.  A piece
+    is handed to the pool only when no write is in flight, so pieces go out
+    in order.  Writes are shielded: cancelling the read never cancels a
+    write under way.
     """
 
     def __init__(self, endpoint: ResumableUploads, appender: Appender) -> None:
         self._endpoint = endpoint
         self._appender = appender
         self._buffer = bytearray()
+        self._since = 0.0  # loop time of the oldest byte in the buffer
         self._inflight: asyncio.Future[None] | None = None
-        self._turn = asyncio.Lock()  # the reader and the watcher both flush: pieces go out in order
 
-    async def add(self, data: bytes, *, flush: bool) -> None:
+    async def add(self, data: bytes, now: float, *, flush: bool) -> None:
+        if data and not self._buffer:
+            self._since = now
         self._buffer += data
-        if self._buffer and (flush or len(self._buffer) >= _COALESCE):
-            async with self._turn:
-                await self._settle()
-                if self._buffer:
-                    piece = bytes(self._buffer)
-                    self._buffer.clear()
-                    self._inflight = asyncio.get_running_loop().run_in_executor(
-                        self._endpoint._executor(), self._appender.write, piece)
+        if self._buffer and (flush or len(self._buffer) >= _COALESCE or now - self._since >= _FLUSH_AFTER):
+            await self._settle()
+            self._submit()
+
+    def write_quiet(self, now: float) -> None:
+        """From the watcher: bytes that waited ``_FLUSH_AFTER`` go to the store, unless a write is under way."""
+        if self._buffer and now - self._since >= _FLUSH_AFTER and self._idle():
+            self._submit()
+
+    def _idle(self) -> bool:
+        """No write in flight (a failed one counts as in flight: its error is raised by :meth:`_settle`)."""
+        inflight = self._inflight
+        return inflight is None or (inflight.done() and not inflight.cancelled() and inflight.exception() is None)
+
+    def _submit(self) -> None:
+        if self._buffer:
+            piece = bytes(self._buffer)
+            self._buffer.clear()
+            self._inflight = asyncio.get_running_loop().run_in_executor(
+                self._endpoint._executor(), self._appender.write, piece)
 
     async def _settle(self) -> None:
-        if self._inflight is not None:
-            await asyncio.shield(self._inflight)  # raises the write's error; kept for close() if cancelled here
-            self._inflight = None
-
-    async def flush(self) -> None:
-        await self.add(b"", flush=True)
+        while self._inflight is not None:  # the watcher may hand a piece over while this waits: wait for it too
+            inflight = self._inflight
+            await asyncio.shield(inflight)  # raises the write's error; kept for close() if cancelled here
+            if self._inflight is inflight:
+                self._inflight = None
 
     async def close(self) -> None:
         """Write what is left and wait for it (its errors are the body's)."""
-        await self.flush()
-        async with self._turn:
-            await self._settle()
+        await self._settle()
+        self._submit()
+        await self._settle()
 
 
 def _step(steps: Steps[Response], value: Any, error: Exception | None) -> tuple[bool, Any]:
