@@ -358,9 +358,9 @@ class _Reading:
 class _Watch:
     """The loop's watcher over every body read on it (for one endpoint): one timer, one pool hop a tick.
 
-    Each ``_POLL`` seconds: a body under the rate floor is cut; a quiet
-    body's bytes older than ``_FLUSH_AFTER`` go to the store; the release
-    requests of all held uploads are asked in one call in the pool; a cut
+    Each ``_POLL`` seconds: a body under the rate floor is cut; in one call
+    in the pool, the bytes of every body that waited ``_FLUSH_AFTER`` are
+    written and every held upload's release request is asked; a cut
     whose cancel was lost (Python 3.11's ``asyncio.wait_for`` inside a
     server's ``receive`` can swallow one that meets a message) is cancelled
     again.  It runs only while there are bodies to watch.
@@ -391,25 +391,34 @@ class _Watch:
         while self._readings:
             await asyncio.sleep(_POLL)
             now = loop.time()
-            asking = []
+            asking: list[_Reading] = []
+            pieces: list[tuple[_Writer, asyncio.Future[None], bytes]] = []
             for reading in list(self._readings):
                 if reading.cut is not None or reading.error is not None:
                     reading.end(None)  # not ended yet: its cancel was lost
                 elif reading.floor.slow(now):
                     reading.end("slow")
                 else:
-                    try:
-                        reading.writer.write_quiet(now)
-                    except Exception as exc:  # noqa: BLE001 -- the pool is gone (shutting down): this body's error
-                        reading.end(None, exc)
-                        continue
                     asking.append(reading)
+                    quiet = reading.writer.take_quiet(now)
+                    if quiet is not None:
+                        pieces.append((reading.writer, *quiet))
             if not asking:
                 continue
             try:
-                answers = await self._endpoint._run(_release_requested, [reading.lock for reading in asking])
+                look = loop.run_in_executor(self._endpoint._executor(), _look,
+                                            [(writer._appender, piece) for writer, _, piece in pieces],
+                                            [reading.lock for reading in asking])
             except Exception as exc:  # noqa: BLE001 -- the pool is gone (shutting down): every body's error
-                answers = [exc] * len(asking)
+                failed: asyncio.Future[tuple[list[Exception | None], list[bool | Exception]]] = loop.create_future()
+                failed.set_exception(exc)
+                look = failed
+            # The writes' outcomes reach their bodies even if this task is cancelled while it waits.
+            look.add_done_callback(lambda done: _written(done, [future for _, future, _ in pieces]))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(look)
+            error = look.exception()
+            answers: list[bool | BaseException] = [error] * len(asking) if error is not None else [*look.result()[1]]
             for reading, answer in zip(asking, answers):
                 if isinstance(answer, BaseException):
                     reading.end(None, answer)
@@ -417,15 +426,44 @@ class _Watch:
                     reading.end("preempted")
 
 
-def _release_requested(locks: list[HeldLock]) -> list[bool | Exception]:
-    """Each lock's :meth:`~.locking.HeldLock.release_requested`, or the error that asking it raised."""
+def _look(pieces: list[tuple[Appender, bytes]], locks: list[HeldLock]) -> tuple[list[Exception | None],
+                                                                                list[bool | Exception]]:
+    """One tick's work in the pool: write quiet bodies' pieces, ask each lock whether another request wants it.
+
+    Each outcome is its own (an error is that body's, not the others').
+    """
+    written: list[Exception | None] = []
+    for appender, piece in pieces:
+        try:
+            appender.write(piece)
+            written.append(None)
+        except Exception as exc:  # noqa: BLE001 -- that body's error
+            written.append(exc)
     answers: list[bool | Exception] = []
     for lock in locks:
         try:
             answers.append(lock.release_requested())
-        except Exception as exc:  # noqa: BLE001 -- that body's error, not the others'
+        except Exception as exc:  # noqa: BLE001 -- that body's error
             answers.append(exc)
-    return answers
+    return written, answers
+
+
+def _written(look: asyncio.Future[tuple[list[Exception | None], list[bool | Exception]]],
+             futures: list[asyncio.Future[None]]) -> None:
+    """Hand each write of a tick its outcome (the writer waits on its own future)."""
+    if look.cancelled():
+        errors: list[BaseException | None] = [asyncio.CancelledError()] * len(futures)
+    elif look.exception() is not None:
+        errors = [look.exception()] * len(futures)
+    else:
+        errors = list(look.result()[0])
+    for future, error in zip(futures, errors):
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 async def _read(exchange: _Exchange, floor: core.RateFloor, writer: _Writer, stop: asyncio.Event) -> str | None:
@@ -453,10 +491,11 @@ class _Writer:
     While a piece is written in the pool the next is received: the network
     and the disk work at once, and a slow disk holds the body back (one
     piece at most is buffered beside the one being written).  Bytes wait in
-    RAM at most about ``_FLUSH_AFTER`` seconds: a slow body is written in
-    pieces of that many seconds of its bytes, not one per message.  A piece
-    is handed to the pool only when no write is in flight, so pieces go out
-    in order.  Writes are shielded: cancelling the read never cancels a
+    RAM about ``_FLUSH_AFTER`` seconds at most: the watcher takes them
+    (:meth:`take_quiet`) and writes them with every other quiet body's in
+    its one pool call a tick, so a slow body costs a write a second, not one
+    per message, and no hop of its own.  A piece is handed over only when no
+    write is in flight, so pieces go out in order.  Writes are shielded: cancelling the read never cancels a
     write under way.
     """
 
@@ -471,14 +510,21 @@ class _Writer:
         if data and not self._buffer:
             self._since = now
         self._buffer += data
-        if self._buffer and (flush or len(self._buffer) >= _COALESCE or now - self._since >= _FLUSH_AFTER):
+        if self._buffer and (flush or len(self._buffer) >= _COALESCE):
             await self._settle()
             self._submit()
 
-    def write_quiet(self, now: float) -> None:
-        """From the watcher: bytes that waited ``_FLUSH_AFTER`` go to the store, unless a write is under way."""
-        if self._buffer and now - self._since >= _FLUSH_AFTER and self._idle():
-            self._submit()
+    def take_quiet(self, now: float) -> tuple[asyncio.Future[None], bytes] | None:
+        """For the watcher: the bytes that waited ``_FLUSH_AFTER``, and the future their write will settle.
+
+        ``None`` while a write is under way, or when nothing waited that long.
+        """
+        if not (self._buffer and now - self._since >= _FLUSH_AFTER and self._idle()):
+            return None
+        piece = bytes(self._buffer)
+        self._buffer.clear()
+        self._inflight = asyncio.get_running_loop().create_future()
+        return self._inflight, piece
 
     def _idle(self) -> bool:
         """No write in flight (a failed one counts as in flight: its error is raised by :meth:`_settle`)."""
