@@ -17,12 +17,14 @@ A pure ASGI application (standard library only); ``lifespan`` and
 ``websocket`` scopes and requests outside ``prefix`` go to ``app``.
 
 * **No thread per connection.**  The body is read from ``receive()`` as it
-  arrives and written to the store in pieces of up to 256 KiB, each one
-  short hop to a thread of the endpoint's own pool (``threads`` keyword,
-  default 8; never the loop's default executor), as is every other store
-  and lock call: a slow disk or S3 stalls no other connection.  Waiting for
-  a held upload polls the lock with ``asyncio.sleep``.  A thousand slow
-  PATCHes are a thousand coroutines and a file descriptor each.
+  arrives and written to the store in pieces of up to 256 KiB (a slow
+  body: a second of its bytes), each write in a thread of the endpoint's own
+  pool (``threads`` keyword, default 8; never the loop's default executor),
+  as is every other store and lock call: a slow disk or S3 stalls no other
+  connection.  Waiting for a held upload polls the lock with
+  ``asyncio.sleep``.  A thousand slow PATCHes are a thousand coroutines and
+  a file descriptor each, watched by one timer of the loop's, which asks
+  their release requests and writes their quiet bytes in one pool call.
 * **Preemption**: a request for an upload whose PATCH is stale (a silent
   drop) asks it to let go; the PATCH's read ends at the next poll (0.2 s),
   what arrived is kept, the lock goes to the newcomer.
@@ -297,10 +299,10 @@ class ResumableUploads(Endpoint):
         The reading task does nothing per message but take it and hand it to
         the writer.  The loop's one :class:`_Watch` (shared by every body read
         on it, so a thousand slow PATCHes cost one timer, not a thousand) looks
-        every ``_POLL`` seconds at the rate floor, at bytes a quiet body left in
-        RAM, and -- in one hop to the pool for all of them -- at whether another
-        request wants an upload, and cuts a read that must end.  A write under
-        way is never cancelled.
+        every ``_POLL`` seconds at the rate floor and -- in one hop to the pool
+        for all of them -- writes the bytes a quiet body left in RAM and asks
+        whether another request wants an upload, and cuts a read that must end.
+        A write under way is never cancelled.
         """
         loop = asyncio.get_running_loop()
         writer = _Writer(self, appender)
