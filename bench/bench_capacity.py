@@ -333,8 +333,11 @@ async def phone_uploads(phone: Phone, port: int, rate: int, start_at: float) -> 
 
 
 def _probe(port: int, stop: Any, out: Any) -> None:
-    """A separate process: ``GET /`` every 100 ms until ``stop`` is set; sends the latencies back."""
+    """A separate process: ``GET /`` every 100 ms until ``stop`` is set; sends the latencies back, and when
+    (seconds since the first) each GET over 1 s was sent."""
     latencies = []
+    slow_at = []
+    first = time.monotonic()
     while not stop.is_set():
         started = time.monotonic()
         try:
@@ -343,10 +346,13 @@ def _probe(port: int, stop: Any, out: Any) -> None:
             conn.getresponse().read()
             conn.close()
             latencies.append(time.monotonic() - started)
+            if latencies[-1] > 1:
+                slow_at.append(started - first)
         except (OSError, http.client.HTTPException):
             latencies.append(PROBE_TIMEOUT)
+            slow_at.append(started - first)
         stop.wait(max(0.0, 0.1 - (time.monotonic() - started)))
-    out.send(latencies)
+    out.send((latencies, slow_at))
 
 
 def _payload(size: int) -> tuple[bytes, int]:
@@ -421,7 +427,8 @@ def run(config: str, phones_n: int, args: argparse.Namespace) -> dict[str, Any]:
             _cpu_seconds([server.pid, *server.worker_pids()], cpu_seen)
             server_cpu = sum(cpu_seen.values()) - sum(cpu_before.values())
             stop.set()
-            latencies = sorted(receiving.recv())
+            latencies, slow_at = receiving.recv()
+            latencies.sort()
             prober.join(timeout=PROBE_TIMEOUT + 5)
             nginx_rss = _rss_kib(nginx.pids())
             nginx_after: dict[int, float] = {}
@@ -459,7 +466,7 @@ def run(config: str, phones_n: int, args: argparse.Namespace) -> dict[str, Any]:
         "rss_mib": max(samples, default=0) / 1024, "nginx_rss_mib": nginx_rss / 1024, "wall": wall,
         "client_cpu": client_cpu / wall, "server_cpu": server_cpu / wall, "retried": retried,
         "server_cpu_s": server_cpu, "nginx_cpu_s": nginx_cpu, "client_cpu_s": client_cpu,
-        "traceback": traceback, "recycled": recycled,
+        "traceback": traceback, "recycled": recycled, "slow_at": slow_at,
     }
 
 
@@ -469,7 +476,8 @@ def _row(r: dict[str, Any]) -> str:
     return (f"| {r['config']} | {r['phones']} | {r['intact']}/{r['phones']} | {r['hooks']}{twice} | "
             f"{r['p50'] * 1000:.0f} | {r['p99'] * 1000:.0f} | {r['max'] * 1000:.0f} | {r['over_1s']} | "
             f"{r['rss_mib']:.0f} | {r['wall']:.0f} | {r['client_cpu']:.2f} | {r['server_cpu']:.2f} | "
-            f"{r['server_cpu_s']:.0f} | {r['nginx_cpu_s']:.0f} | {r['recycled']} | {retried}"
+            f"{r['server_cpu_s']:.0f} | {r['nginx_cpu_s']:.0f} | {r['recycled']} | "
+            f"{', '.join(f'{t:.0f}' for t in r['slow_at']) or '-'} | {retried}"
             f"{' | TRACEBACK' if r['traceback'] else ''} |")
 
 
@@ -537,8 +545,8 @@ def main() -> int:
           f"GET / every 100 ms; {args.deadline:g} s a run; {args.workers} workers; load average "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
     print("| config | phones | intact | on_complete | GET p50 ms | p99 ms | max ms | GETs > 1 s | gunicorn RSS MiB "
-          "| wall s | client CPU | server CPU | server CPU s | nginx CPU s | workers recycled | retried (top 3) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| wall s | client CPU | server CPU | server CPU s | nginx CPU s | workers recycled | GETs > 1 s sent at (s) | retried (top 3) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     results = []
     for count in counts:
         for config in configs:
