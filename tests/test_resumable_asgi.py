@@ -212,7 +212,7 @@ class TestBody:
 
     def test_bodies_read_at_once_share_one_pool_call_a_look(self, tmp_path: Path, settings: Settings,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-        """Ten slow PATCHes read at once: each look writes their quiet bytes and asks their release requests in one pool call."""
+        """Ten slow PATCHes read at once: each look writes their quiet bytes in one pool call and asks their release requests in one."""
         asked = 0
         release_requested = UploadLock.release_requested
 
@@ -295,6 +295,53 @@ class TestBody:
             assert stored(tmp_path, url) == b"".join(b"%09d\n" % n for n in range(messages))
 
         run(test)
+
+    def test_a_stuck_write_holds_back_no_later_look(self, tmp_path: Path, settings: Settings) -> None:
+        """While the store is stuck writing one quiet body's bytes, another PATCH's bytes are written and a HEAD preempts it."""
+        release, stuck = threading.Event(), threading.Event()
+        stuck_ids: list[str] = []
+
+        class StuckStore(LocalStore):
+            def append(self, upload_id: str, *args: Any, **kwargs: Any) -> Any:
+                appender = super().append(upload_id, *args, **kwargs)
+                write = appender.write
+
+                def stuck_write(data: bytes) -> None:
+                    stuck.set()
+                    assert release.wait(30), "never released"
+                    write(data)
+
+                if upload_id in stuck_ids:
+                    appender.write = stuck_write  # type: ignore[method-assign]
+                return appender
+
+        app = endpoint(tmp_path, settings, storage=StuckStore(tmp_path / "uploads"))
+
+        async def test() -> None:
+            first = await create(app, 10)
+            stuck_ids.append(first.rsplit("/", 1)[1])
+            held = patch(app, first, 0, 10)
+            held.feed(b"abc")  # and nothing more: the watcher writes it, and the write sticks
+            while not stuck.is_set():
+                await asyncio.sleep(0.05)
+            other = await create(app, 10)
+            quiet = patch(app, other, 0, 10)
+            quiet.feed(b"xyz")  # and nothing more
+            while not (tmp_path / "uploads" / (other.rsplit("/", 1)[1] + ".bin")).stat().st_size:
+                await asyncio.sleep(0.05)  # written by a later look
+            head = Request(app, "HEAD", other, TUS)
+            head.feed(b"", more=False)
+            answer = await head.result()
+            assert answer.status == 200 and answer.headers["upload-offset"] == "3"
+            assert (await quiet.result()).status == 204
+            release.set()
+            held.disconnect()
+            await held.result()
+
+        try:
+            run(test)
+        finally:
+            release.set()
 
     def test_store_writes_leave_the_loop_free(self, tmp_path: Path, settings: Settings) -> None:
         """While the store is stuck writing a PATCH's bytes, another request is answered (the write is off the loop)."""

@@ -24,7 +24,8 @@ A pure ASGI application (standard library only); ``lifespan`` and
   connection.  Waiting for a held upload polls the lock with
   ``asyncio.sleep``.  A thousand slow PATCHes are a thousand coroutines and
   a file descriptor each, watched by one timer of the loop's, which asks
-  their release requests and writes their quiet bytes in one pool call.
+  their release requests in one pool call and writes their quiet bytes in
+  another.
 * **Preemption**: a request for an upload whose PATCH is stale (a silent
   drop) asks it to let go; the PATCH's read ends at the next poll (0.2 s),
   what arrived is kept, the lock goes to the newcomer.
@@ -300,8 +301,8 @@ class ResumableUploads(Endpoint):
         the writer.  The loop's one :class:`_Watch` (shared by every body read
         on it, so a thousand slow PATCHes cost one timer, not a thousand) looks
         every ``_POLL`` seconds at the rate floor and -- in one hop to the pool
-        for all of them -- writes the bytes a quiet body left in RAM and asks
-        whether another request wants an upload, and cuts a read that must end.
+        for all of them each -- writes the bytes quiet bodies left in RAM and
+        asks whether another request wants an upload, and cuts a read that must end.
         A write under way is never cancelled.
         """
         loop = asyncio.get_running_loop()
@@ -358,11 +359,11 @@ class _Reading:
 
 
 class _Watch:
-    """The loop's watcher over every body read on it (for one endpoint): one timer, one pool hop a tick.
+    """The loop's watcher over every body read on it (for one endpoint): one timer, two pool calls a tick.
 
-    Each ``_POLL`` seconds: a body under the rate floor is cut; in one call
-    in the pool, the bytes of every body that waited ``_FLUSH_AFTER`` are
-    written and every held upload's release request is asked; a cut
+    Each ``_POLL`` seconds: a body under the rate floor is cut; the bytes of
+    every body that waited ``_FLUSH_AFTER`` are written in one call in the
+    pool, and every held upload's release request is asked in another; a cut
     whose cancel was lost (Python 3.11's ``asyncio.wait_for`` inside a
     server's ``receive`` can swallow one that meets a message) is cancelled
     again.  It runs only while there are bodies to watch.
@@ -405,22 +406,17 @@ class _Watch:
                     quiet = reading.writer.take_quiet(now)
                     if quiet is not None:
                         pieces.append((reading.writer, *quiet))
+            if pieces:
+                # Not waited for here: a slow write (an S3 part) delays the pieces beside it, never
+                # the next look; each writer waits for its own piece.
+                _write_pieces(loop, self._endpoint._executor(), pieces)
             if not asking:
                 continue
             try:
-                look = loop.run_in_executor(self._endpoint._executor(), _look,
-                                            [(writer._appender, piece) for writer, _, piece in pieces],
-                                            [reading.lock for reading in asking])
+                asked = await self._endpoint._run(_release_requested, [reading.lock for reading in asking])
             except Exception as exc:  # noqa: BLE001 -- the pool is gone (shutting down): every body's error
-                failed: asyncio.Future[tuple[list[Exception | None], list[bool | Exception]]] = loop.create_future()
-                failed.set_exception(exc)
-                look = failed
-            # The writes' outcomes reach their bodies even if this task is cancelled while it waits.
-            look.add_done_callback(lambda done: _written(done, [future for _, future, _ in pieces]))
-            with contextlib.suppress(Exception):
-                await asyncio.shield(look)
-            error = look.exception()
-            answers: list[bool | BaseException] = [error] * len(asking) if error is not None else [*look.result()[1]]
+                asked = [exc] * len(asking)
+            answers: list[bool | BaseException] = [*asked]
             for reading, answer in zip(asking, answers):
                 if isinstance(answer, BaseException):
                     reading.end(None, answer)
@@ -428,12 +424,19 @@ class _Watch:
                     reading.end("preempted")
 
 
-def _look(pieces: list[tuple[Appender, bytes]], locks: list[HeldLock]) -> tuple[list[Exception | None],
-                                                                                list[bool | Exception]]:
-    """One tick's work in the pool: write quiet bodies' pieces, ask each lock whether another request wants it.
+def _release_requested(locks: list[HeldLock]) -> list[bool | Exception]:
+    """Each lock's :meth:`~.locking.HeldLock.release_requested`, or the error that asking it raised."""
+    answers: list[bool | Exception] = []
+    for lock in locks:
+        try:
+            answers.append(lock.release_requested())
+        except Exception as exc:  # noqa: BLE001 -- that body's error, not the others'
+            answers.append(exc)
+    return answers
 
-    Each outcome is its own (an error is that body's, not the others').
-    """
+
+def _write_all(pieces: list[tuple[Appender, bytes]]) -> list[Exception | None]:
+    """In the pool: each piece to its appender, in one call; each outcome its own (an error is that body's)."""
     written: list[Exception | None] = []
     for appender, piece in pieces:
         try:
@@ -441,31 +444,36 @@ def _look(pieces: list[tuple[Appender, bytes]], locks: list[HeldLock]) -> tuple[
             written.append(None)
         except Exception as exc:  # noqa: BLE001 -- that body's error
             written.append(exc)
-    answers: list[bool | Exception] = []
-    for lock in locks:
-        try:
-            answers.append(lock.release_requested())
-        except Exception as exc:  # noqa: BLE001 -- that body's error
-            answers.append(exc)
-    return written, answers
+    return written
 
 
-def _written(look: asyncio.Future[tuple[list[Exception | None], list[bool | Exception]]],
-             futures: list[asyncio.Future[None]]) -> None:
-    """Hand each write of a tick its outcome (the writer waits on its own future)."""
-    if look.cancelled():
-        errors: list[BaseException | None] = [asyncio.CancelledError()] * len(futures)
-    elif look.exception() is not None:
-        errors = [look.exception()] * len(futures)
-    else:
-        errors = list(look.result()[0])
-    for future, error in zip(futures, errors):
-        if future.done():
-            continue
-        if error is None:
-            future.set_result(None)
+def _write_pieces(loop: asyncio.AbstractEventLoop, pool: concurrent.futures.Executor,
+                  pieces: list[tuple[_Writer, asyncio.Future[None], bytes]]) -> None:
+    """Write a tick's quiet pieces in one pool call; each writer's future gets its piece's outcome."""
+    futures = [future for _, future, _ in pieces]
+
+    def settle(done: asyncio.Future[list[Exception | None]]) -> None:
+        if done.cancelled():
+            errors: list[BaseException | None] = [asyncio.CancelledError()] * len(futures)
+        elif done.exception() is not None:
+            errors = [done.exception()] * len(futures)
         else:
-            future.set_exception(error)
+            errors = [*done.result()]
+        for future, error in zip(futures, errors):
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    try:
+        job = loop.run_in_executor(pool, _write_all, [(writer._appender, piece) for writer, _, piece in pieces])
+    except Exception as exc:  # noqa: BLE001 -- the pool is gone (shutting down): each writer's error
+        for future in futures:
+            future.set_exception(exc)
+        return
+    job.add_done_callback(settle)
 
 
 async def _read(exchange: _Exchange, floor: core.RateFloor, writer: _Writer, stop: asyncio.Event) -> str | None:
@@ -495,7 +503,7 @@ class _Writer:
     piece at most is buffered beside the one being written).  Bytes wait in
     RAM about ``_FLUSH_AFTER`` seconds at most: the watcher takes them
     (:meth:`take_quiet`) and writes them with every other quiet body's in
-    its one pool call a tick, so a slow body costs a write a second, not one
+    one pool call a tick, so a slow body costs a write a second, not one
     per message, and no hop of its own.  A piece is handed over only when no
     write is in flight, so pieces go out in order.  Writes are shielded: cancelling the read never cancels a
     write under way.
