@@ -7,7 +7,8 @@ in front of ``gunicorn -c gunicorn_conf.py`` serving the guarded resumable endpo
 * ``sync``    -- the default: 5 sync workers (the stream cap ``auto`` answers PATCHes past
   4 at once 503 + ``Retry-After``, so the site keeps answering);
 * ``gthread`` -- 5 workers x 64 threads;
-* ``asgi``    -- ``-k asgi``, 5 workers: ``uploadguard.asgi.UploadGuard`` around
+* ``asgi``    -- ``-k asgi``, 5 workers recycled as ``myapp-uploads.service`` does (20,000 +
+  up to 10,000 requests): ``uploadguard.asgi.UploadGuard`` around
   ``uploadguard.resumable.asgi.ResumableUploads`` (skipped, with a message, while that module
   does not exist).
 
@@ -67,7 +68,8 @@ PROBE_TIMEOUT = 10.0  # seconds; a GET that takes longer counts as this
 CONFIGS = {  # name -> gunicorn arguments after -c gunicorn_conf.py
     "sync": ["--workers", "5"],
     "gthread": ["--workers", "5", "--worker-class", "gthread", "--threads", "64"],
-    "asgi": ["--workers", "5", "--worker-class", "asgi"],
+    # recycling as examples/deploy/myapp-uploads.service sets it for the event loop (its comment says why)
+    "asgi": ["--workers", "5", "--worker-class", "asgi", "--max-requests", "20000", "--max-requests-jitter", "10000"],
 }
 
 
@@ -331,8 +333,11 @@ async def phone_uploads(phone: Phone, port: int, rate: int, start_at: float) -> 
 
 
 def _probe(port: int, stop: Any, out: Any) -> None:
-    """A separate process: ``GET /`` every 100 ms until ``stop`` is set; sends the latencies back."""
+    """A separate process: ``GET /`` every 100 ms until ``stop`` is set; sends the latencies back, and when
+    (seconds since the first) each GET over 1 s was sent."""
     latencies = []
+    slow_at = []
+    first = time.monotonic()
     while not stop.is_set():
         started = time.monotonic()
         try:
@@ -341,10 +346,13 @@ def _probe(port: int, stop: Any, out: Any) -> None:
             conn.getresponse().read()
             conn.close()
             latencies.append(time.monotonic() - started)
+            if latencies[-1] > 1:
+                slow_at.append(started - first)
         except (OSError, http.client.HTTPException):
             latencies.append(PROBE_TIMEOUT)
+            slow_at.append(started - first)
         stop.wait(max(0.0, 0.1 - (time.monotonic() - started)))
-    out.send(latencies)
+    out.send((latencies, slow_at))
 
 
 def _payload(size: int) -> tuple[bytes, int]:
@@ -390,7 +398,7 @@ def run(config: str, phones_n: int, args: argparse.Namespace) -> dict[str, Any]:
                "UPLOADGUARD_RESUMABLE_STORAGE": str(storage), "CAPACITY_STORAGE": str(storage),
                "CAPACITY_HOOK_LOG": str(hook_log), "PYTHONPATH": str(ROOT)}
         server = Gunicorn(f"bench.bench_capacity:{'asgi' if config == 'asgi' else 'wsgi'}_app", tmp_path=tmp_path,
-                          config=GUNICORN_CONF, workers=5, env=env, pythonpath=[ROOT],
+                          config=GUNICORN_CONF, workers=args.workers, env=env, pythonpath=[ROOT],
                           args=CONFIGS[config][2:] + ["--backlog", "4096"])
         nginx = None
         try:
@@ -409,6 +417,8 @@ def run(config: str, phones_n: int, args: argparse.Namespace) -> dict[str, Any]:
             cpu_before: dict[int, float] = {}
             _cpu_seconds([server.pid, *server.worker_pids()], cpu_before)
             cpu_seen = dict(cpu_before)
+            nginx_before: dict[int, float] = {}
+            _cpu_seconds(nginx.pids(), nginx_before)
             started = time.monotonic()
             prober.start()
             client_cpu = asyncio.run(_drive(phones, nginx.port, args.rate, args.arrival, started + args.deadline,
@@ -417,9 +427,13 @@ def run(config: str, phones_n: int, args: argparse.Namespace) -> dict[str, Any]:
             _cpu_seconds([server.pid, *server.worker_pids()], cpu_seen)
             server_cpu = sum(cpu_seen.values()) - sum(cpu_before.values())
             stop.set()
-            latencies = sorted(receiving.recv())
+            latencies, slow_at = receiving.recv()
+            latencies.sort()
             prober.join(timeout=PROBE_TIMEOUT + 5)
             nginx_rss = _rss_kib(nginx.pids())
+            nginx_after: dict[int, float] = {}
+            _cpu_seconds(nginx.pids(), nginx_after)
+            nginx_cpu = sum(nginx_after.values()) - sum(nginx_before.values())
         finally:
             if nginx is not None:
                 nginx.stop()
@@ -438,6 +452,7 @@ def run(config: str, phones_n: int, args: argparse.Namespace) -> dict[str, Any]:
         for line in hook_log.read_text().splitlines():
             calls[line.split()[0]] = calls.get(line.split()[0], 0) + 1
         traceback = "Traceback" in server.log()
+        recycled = server.log().count("Autorestarting worker")  # max_requests reached
     retried: dict[str, int] = {}
     for phone in phones:
         for what, n in phone.statuses.items():
@@ -450,7 +465,8 @@ def run(config: str, phones_n: int, args: argparse.Namespace) -> dict[str, Any]:
         "max": latencies[-1] if latencies else float("nan"), "over_1s": sum(1 for v in latencies if v > 1),
         "rss_mib": max(samples, default=0) / 1024, "nginx_rss_mib": nginx_rss / 1024, "wall": wall,
         "client_cpu": client_cpu / wall, "server_cpu": server_cpu / wall, "retried": retried,
-        "traceback": traceback,
+        "server_cpu_s": server_cpu, "nginx_cpu_s": nginx_cpu, "client_cpu_s": client_cpu,
+        "traceback": traceback, "recycled": recycled, "slow_at": slow_at,
     }
 
 
@@ -459,7 +475,9 @@ def _row(r: dict[str, Any]) -> str:
     twice = f" ({r['hooked_twice']} twice)" if r["hooked_twice"] else ""
     return (f"| {r['config']} | {r['phones']} | {r['intact']}/{r['phones']} | {r['hooks']}{twice} | "
             f"{r['p50'] * 1000:.0f} | {r['p99'] * 1000:.0f} | {r['max'] * 1000:.0f} | {r['over_1s']} | "
-            f"{r['rss_mib']:.0f} | {r['wall']:.0f} | {r['client_cpu']:.2f} | {r['server_cpu']:.2f} | {retried}"
+            f"{r['rss_mib']:.0f} | {r['wall']:.0f} | {r['client_cpu']:.2f} | {r['server_cpu']:.2f} | "
+            f"{r['server_cpu_s']:.0f} | {r['nginx_cpu_s']:.0f} | {r['recycled']} | "
+            f"{', '.join(f'{t:.0f}' for t in r['slow_at']) or '-'} | {retried}"
             f"{' | TRACEBACK' if r['traceback'] else ''} |")
 
 
@@ -506,6 +524,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=16 << 10, help="bytes per second per phone")
     parser.add_argument("--arrival", type=float, default=2.0, help="seconds over which the phones arrive")
     parser.add_argument("--deadline", type=float, default=150.0, help="seconds a configuration gets")
+    parser.add_argument("--workers", type=int, default=5, help="gunicorn workers (5: 2 x CPUs + 1 on 2 cores)")
     parser.add_argument("--plot", type=Path, help="write the PNG here")
     args = parser.parse_args()
     counts = [int(n) for n in args.phones.split(",")]
@@ -523,10 +542,11 @@ def main() -> int:
         configs.remove("asgi")
     print(f"# capacity -- {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores; phones upload "
           f"{args.size >> 10} KiB at {args.rate >> 10} KiB/s, arriving over {args.arrival:g} s; "
-          f"GET / every 100 ms; {args.deadline:g} s a run\n")
+          f"GET / every 100 ms; {args.deadline:g} s a run; {args.workers} workers; load average "
+          f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
     print("| config | phones | intact | on_complete | GET p50 ms | p99 ms | max ms | GETs > 1 s | gunicorn RSS MiB "
-          "| wall s | client CPU | server CPU | retried (top 3) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| wall s | client CPU | server CPU | server CPU s | nginx CPU s | workers recycled | GETs > 1 s sent at (s) | retried (top 3) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     results = []
     for count in counts:
         for config in configs:
@@ -534,7 +554,8 @@ def main() -> int:
             results.append(result)
             print(_row(result), flush=True)
     print("\nclient CPU / server CPU: cores busy on average (the phones' asyncio process; gunicorn's master and "
-          "workers). RSS: the peak of the sum over master and workers, sampled every second.")
+          "workers); server / nginx CPU s: their CPU seconds over the run, the less noisy measure of what a "
+          "configuration costs. RSS: the peak of the sum over master and workers, sampled every second.")
     if args.plot:
         plot(results, args.plot, args)
         print(f"plot: {args.plot}")

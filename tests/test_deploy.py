@@ -140,6 +140,16 @@ class TestSystemdUnits:
         assert uploads["RuntimeDirectory"] != site["RuntimeDirectory"]  # each service removes its own at stop
         assert uploads_env["PROMETHEUS_MULTIPROC_DIR"] == "/run/" + uploads["RuntimeDirectory"][0]
 
+    def test_the_uploads_unit_recycles_its_event_loops_rarely_and_spread(self) -> None:
+        """An event-loop worker serves hundreds of requests at once: the uploads unit recycles at 20 times the
+        site's max_requests or more, with a jitter of at least half of it, so its workers do not stop accepting together."""
+        site_default = 500  # gunicorn_conf.py's max_requests, which the site unit keeps
+        assert "GUNICORN_MAX_REQUESTS" not in environment(SERVICE)
+        uploads_env = environment(UPLOADS_SERVICE)
+        max_requests = int(uploads_env.get("GUNICORN_MAX_REQUESTS", site_default))
+        jitter = int(uploads_env.get("GUNICORN_MAX_REQUESTS_JITTER", 100))
+        assert max_requests >= 20 * site_default and jitter >= max_requests // 2
+
     def test_gunicorn_config_module_exists(self) -> None:
         """ExecStart's `-c python:uploadguard.gunicorn` names a module this package ships."""
         [exec_start] = unit_values(SERVICE)["ExecStart"]

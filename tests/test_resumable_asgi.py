@@ -9,6 +9,7 @@ doing.  The slow ones run real uvicorn and ``gunicorn -k asgi`` on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -22,7 +23,8 @@ import pytest
 
 from uploadguard.config import Settings
 from uploadguard.resumable import LocalStore, Upload
-from uploadguard.resumable.asgi import ResumableUploads
+from uploadguard.resumable.asgi import _FLUSH_AFTER, ResumableUploads
+from uploadguard.resumable.locking import UploadLock
 
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTETS = "application/offset+octet-stream"
@@ -207,6 +209,139 @@ class TestBody:
             assert [(await request.result()).status for request in stalled] == [204] * 6
 
         run(test)
+
+    def test_bodies_read_at_once_share_one_pool_call_a_look(self, tmp_path: Path, settings: Settings,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        """Ten slow PATCHes read at once: each look writes their quiet bytes in one pool call and asks their release requests in one."""
+        asked = 0
+        release_requested = UploadLock.release_requested
+
+        def counted(lock: UploadLock) -> bool:
+            nonlocal asked
+            asked += 1
+            return release_requested(lock)
+
+        monkeypatch.setattr(UploadLock, "release_requested", counted)
+        app = endpoint(tmp_path, settings)
+        submitted = 0
+
+        class Counted(concurrent.futures.ThreadPoolExecutor):
+            def submit(self, *args: Any, **kwargs: Any) -> Any:
+                nonlocal submitted
+                submitted += 1
+                return super().submit(*args, **kwargs)
+
+        app._pool = Counted(app.threads)
+
+        async def test() -> None:
+            urls = [await create(app, 10) for _ in range(10)]
+            bodies = []
+            for url in urls:
+                request = patch(app, url, 0, 10)
+                request.feed(b"abc")  # and nothing more
+                bodies.append(request)
+            for url in urls:  # every PATCH holds its upload and has stored its bytes
+                while not (tmp_path / "uploads" / (url.rsplit("/", 1)[1] + ".bin")).stat().st_size:
+                    await asyncio.sleep(0.05)
+            asked_before, submitted_before = asked, submitted
+            for request in bodies:
+                request.feed(b"def")  # and nothing more
+            for url in urls:  # written by the looks
+                while (tmp_path / "uploads" / (url.rsplit("/", 1)[1] + ".bin")).stat().st_size < 6:
+                    await asyncio.sleep(0.05)
+            while asked - asked_before < 10 * 5:  # five looks at each at least
+                await asyncio.sleep(0.05)
+            assert (submitted - submitted_before) * 5 <= asked - asked_before, (submitted, asked)
+            for request in bodies:
+                request.disconnect()
+            for request in bodies:
+                await request.result()
+
+        run(test)
+        app._pool.shutdown()
+
+    def test_a_slow_body_is_written_in_pieces_of_a_second_not_one_a_message(self, tmp_path: Path,
+                                                                            settings: Settings) -> None:
+        """A body of small messages, 20 a second, is written at most once a second of its arrival, and whole."""
+        writes = 0
+
+        class CountingStore(LocalStore):
+            def append(self, *args: Any, **kwargs: Any) -> Any:
+                appender = super().append(*args, **kwargs)
+                write = appender.write
+
+                def counted(data: bytes) -> None:
+                    nonlocal writes
+                    writes += 1
+                    write(data)
+
+                appender.write = counted  # type: ignore[method-assign]
+                return appender
+
+        app = endpoint(tmp_path, settings, storage=CountingStore(tmp_path / "uploads"))
+        messages = 60
+
+        async def test() -> None:
+            url = await create(app, 10 * messages)
+            request = patch(app, url, 0, 10 * messages)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for n in range(messages):
+                request.feed(b"%09d\n" % n, more=n < messages - 1)
+                await asyncio.sleep(0.05)
+            assert (await request.result()).status == 204
+            elapsed = loop.time() - started
+            assert writes <= elapsed / _FLUSH_AFTER + 1, (writes, elapsed)
+            assert stored(tmp_path, url) == b"".join(b"%09d\n" % n for n in range(messages))
+
+        run(test)
+
+    def test_a_stuck_write_holds_back_no_later_look(self, tmp_path: Path, settings: Settings) -> None:
+        """While the store is stuck writing one quiet body's bytes, another PATCH's bytes are written and a HEAD preempts it."""
+        release, stuck = threading.Event(), threading.Event()
+        stuck_ids: list[str] = []
+
+        class StuckStore(LocalStore):
+            def append(self, upload_id: str, *args: Any, **kwargs: Any) -> Any:
+                appender = super().append(upload_id, *args, **kwargs)
+                write = appender.write
+
+                def stuck_write(data: bytes) -> None:
+                    stuck.set()
+                    assert release.wait(30), "never released"
+                    write(data)
+
+                if upload_id in stuck_ids:
+                    appender.write = stuck_write  # type: ignore[method-assign]
+                return appender
+
+        app = endpoint(tmp_path, settings, storage=StuckStore(tmp_path / "uploads"))
+
+        async def test() -> None:
+            first = await create(app, 10)
+            stuck_ids.append(first.rsplit("/", 1)[1])
+            held = patch(app, first, 0, 10)
+            held.feed(b"abc")  # and nothing more: the watcher writes it, and the write sticks
+            while not stuck.is_set():
+                await asyncio.sleep(0.05)
+            other = await create(app, 10)
+            quiet = patch(app, other, 0, 10)
+            quiet.feed(b"xyz")  # and nothing more
+            while not (tmp_path / "uploads" / (other.rsplit("/", 1)[1] + ".bin")).stat().st_size:
+                await asyncio.sleep(0.05)  # written by a later look
+            head = Request(app, "HEAD", other, TUS)
+            head.feed(b"", more=False)
+            answer = await head.result()
+            assert answer.status == 200 and answer.headers["upload-offset"] == "3"
+            assert (await quiet.result()).status == 204
+            release.set()
+            held.disconnect()
+            await held.result()
+
+        try:
+            run(test)
+        finally:
+            release.set()
 
     def test_store_writes_leave_the_loop_free(self, tmp_path: Path, settings: Settings) -> None:
         """While the store is stuck writing a PATCH's bytes, another request is answered (the write is off the loop)."""

@@ -18,12 +18,14 @@ A pure ASGI application (standard library only); ``lifespan`` and
 
 * **No thread per connection.**  The body is read from ``receive()`` as it
   arrives and written to the store in pieces of up to 1 MiB (the WSGI
-  endpoint's read size; a quiet body's bytes every 0.2 s), each one
-  short hop to a thread of the endpoint's own pool (``threads`` keyword,
-  default 8; never the loop's default executor), as is every other store
-  and lock call: a slow disk or S3 stalls no other connection.  Waiting for
-  a held upload polls the lock with ``asyncio.sleep``.  A thousand slow
-  PATCHes are a thousand coroutines and a file descriptor each.
+  endpoint's read size; a slow body: a second of its bytes), each write in
+  a thread of the endpoint's own pool (``threads`` keyword, default 8; never
+  the loop's default executor), as is every other store and lock call: a
+  slow disk or S3 stalls no other connection.  Waiting for a held upload
+  polls the lock with ``asyncio.sleep``.  A thousand slow PATCHes are a
+  thousand coroutines and a file descriptor each, watched by one timer of
+  the loop's, which asks their release requests in one pool call and writes
+  their quiet bytes in another.
 * **Preemption**: a request for an upload whose PATCH is stale (a silent
   drop) asks it to let go; the PATCH's read ends at the next poll (0.2 s),
   what arrived is kept, the lock goes to the newcomer.
@@ -57,6 +59,7 @@ import contextlib
 import inspect
 import logging
 import os
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, TypeVar
 
@@ -83,7 +86,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 T = TypeVar("T")
 
 _COALESCE = 1024 * 1024  # bytes gathered before one write to the store (256 KiB: ~1.5x the CPU per GiB)
-_POLL = 0.2  # seconds between looks at a release request (and at a quiet body's buffered bytes)
+_POLL = 0.2  # seconds between the watcher's looks at release requests, rate floors and quiet bodies
+_FLUSH_AFTER = 1.0  # seconds a body's bytes wait in RAM at most before they are written
 _LOCK_POLL = 0.05  # seconds between attempts on a held lock
 _INFORMATIONAL = "http.response.informational"
 
@@ -153,6 +157,7 @@ class ResumableUploads(Endpoint):
         self.threads = threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._running: set[asyncio.Future[None]] = set()  # requests left to finish after a cancellation
+        self._watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watch] = weakref.WeakKeyDictionary()
 
     # -- ASGI ----------------------------------------------------------------------------
 
@@ -293,47 +298,182 @@ class ResumableUploads(Endpoint):
         """Read the body to its end in a task of its own, watched: why it ended early, or ``None``.
 
         The reading task does nothing per message but take it and hand it to
-        the writer; this watcher wakes every ``_POLL`` seconds (and at the rate
-        floor's deadline) to write a quiet body's bytes, ask whether another
-        request wants the upload, and check the floor -- and cancels the read
-        when it must end.  A write under way is never cancelled.
+        the writer.  The loop's one :class:`_Watch` (shared by every body read
+        on it, so a thousand slow PATCHes cost one timer, not a thousand) looks
+        every ``_POLL`` seconds at the rate floor and -- in one hop to the pool
+        for all of them each -- writes the bytes quiet bodies left in RAM and
+        asks whether another request wants an upload, and cuts a read that must end.
+        A write under way is never cancelled.
         """
         loop = asyncio.get_running_loop()
-        floor = core.RateFloor(self.idle_timeout, loop.time())
         writer = _Writer(self, appender)
-        stop = asyncio.Event()
-        reader = asyncio.ensure_future(_read(exchange, floor, writer, stop))
-        cut: str | None = None
+        reading = _Reading(body.lock, core.RateFloor(self.idle_timeout, loop.time()), writer)
+        reading.task = asyncio.ensure_future(_read(exchange, reading.floor, writer, reading.stop))
+        watch = _Watch.of(self, loop)
+        watch.add(reading)
         try:
-            while not reader.done():
-                now = loop.time()
-                await asyncio.wait((reader,), timeout=max(0.0, min(floor.deadline(), now + _POLL) - now))
-                if reader.done():
-                    break
-                if floor.slow(loop.time()):
-                    log.info("upload %s: the PATCH brings too few bytes; ending it", body.upload_id)
-                    cut = "slow"
-                    break
-                await writer.flush()  # a quiet body's bytes reach the store, not only RAM
-                if await self._run(body.lock.release_requested):
-                    log.info("upload %s was asked for by another request; ending this PATCH", body.upload_id)
-                    cut = "preempted"
-                    break
-            if cut is None:
-                cut = reader.result()
+            await asyncio.wait((reading.task,))
         finally:
-            if not reader.done():
-                # Python 3.11's asyncio.wait_for (inside the server's receive) can swallow a cancel that
-                # meets a message arriving: ask again until the read has ended, and let it stop by itself
-                # at its next message.
-                stop.set()
+            watch.discard(reading)
+            reader = reading.task
+            if not reader.done():  # cancelled from outside (the loop is closing): end the read as a cut does
+                reading.stop.set()
                 while not reader.done():
                     reader.cancel()
                     await asyncio.wait((reader,), timeout=_POLL)
-                if not reader.cancelled():
-                    reader.exception()  # retrieved: its outcome no longer matters, the cut stands
             await writer.close()
-        return cut
+        if reading.cut is None and reading.error is None:
+            return reader.result()
+        if not reader.cancelled():
+            reader.exception()  # retrieved: its outcome no longer matters, the cut stands
+        if reading.error is not None:
+            raise reading.error
+        if reading.cut == "slow":
+            log.info("upload %s: the PATCH brings too few bytes; ending it", body.upload_id)
+        else:
+            log.info("upload %s was asked for by another request; ending this PATCH", body.upload_id)
+        return reading.cut
+
+
+class _Reading:
+    """One body being read, as :class:`_Watch` sees it: its lock, rate floor, writer and reading task."""
+
+    __slots__ = ("lock", "floor", "writer", "stop", "task", "cut", "error")
+
+    def __init__(self, lock: HeldLock, floor: core.RateFloor, writer: _Writer) -> None:
+        self.lock = lock
+        self.floor = floor
+        self.writer = writer
+        self.stop = asyncio.Event()  # the read ends at its next message even if a cancel is lost
+        self.task: asyncio.Future[str | None] | None = None
+        self.cut: str | None = None  # "slow" or "preempted": why the read was ended
+        self.error: BaseException | None = None  # the release check failed: the body's error
+
+    def end(self, cut: str | None, error: BaseException | None = None) -> None:
+        """Cut the read (again, if an earlier cancel was lost)."""
+        if self.cut is None and self.error is None:
+            self.cut, self.error = cut, error
+        self.stop.set()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class _Watch:
+    """The loop's watcher over every body read on it (for one endpoint): one timer, two pool calls a tick.
+
+    Each ``_POLL`` seconds: a body under the rate floor is cut; the bytes of
+    every body that waited ``_FLUSH_AFTER`` are written in one call in the
+    pool, and every held upload's release request is asked in another; a cut
+    whose cancel was lost (Python 3.11's ``asyncio.wait_for`` inside a
+    server's ``receive`` can swallow one that meets a message) is cancelled
+    again.  It runs only while there are bodies to watch.
+    """
+
+    def __init__(self, endpoint: ResumableUploads) -> None:
+        self._endpoint = endpoint
+        self._readings: dict[_Reading, None] = {}  # insertion-ordered set
+        self._task: asyncio.Future[None] | None = None
+
+    @classmethod
+    def of(cls, endpoint: ResumableUploads, loop: asyncio.AbstractEventLoop) -> _Watch:
+        watch = endpoint._watches.get(loop)
+        if watch is None:
+            watch = endpoint._watches[loop] = cls(endpoint)
+        return watch
+
+    def add(self, reading: _Reading) -> None:
+        self._readings[reading] = None
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    def discard(self, reading: _Reading) -> None:
+        self._readings.pop(reading, None)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._readings:
+            await asyncio.sleep(_POLL)
+            now = loop.time()
+            asking: list[_Reading] = []
+            pieces: list[tuple[_Writer, asyncio.Future[None], bytes]] = []
+            for reading in list(self._readings):
+                if reading.cut is not None or reading.error is not None:
+                    reading.end(None)  # not ended yet: its cancel was lost
+                elif reading.floor.slow(now):
+                    reading.end("slow")
+                else:
+                    asking.append(reading)
+                    quiet = reading.writer.take_quiet(now)
+                    if quiet is not None:
+                        pieces.append((reading.writer, *quiet))
+            if pieces:
+                # Not waited for here: a slow write (an S3 part) delays the pieces beside it, never
+                # the next look; each writer waits for its own piece.
+                _write_pieces(loop, self._endpoint._executor(), pieces)
+            if not asking:
+                continue
+            try:
+                asked = await self._endpoint._run(_release_requested, [reading.lock for reading in asking])
+            except Exception as exc:  # noqa: BLE001 -- the pool is gone (shutting down): every body's error
+                asked = [exc] * len(asking)
+            answers: list[bool | BaseException] = [*asked]
+            for reading, answer in zip(asking, answers):
+                if isinstance(answer, BaseException):
+                    reading.end(None, answer)
+                elif answer:
+                    reading.end("preempted")
+
+
+def _release_requested(locks: list[HeldLock]) -> list[bool | Exception]:
+    """Each lock's :meth:`~.locking.HeldLock.release_requested`, or the error that asking it raised."""
+    answers: list[bool | Exception] = []
+    for lock in locks:
+        try:
+            answers.append(lock.release_requested())
+        except Exception as exc:  # noqa: BLE001 -- that body's error, not the others'
+            answers.append(exc)
+    return answers
+
+
+def _write_all(pieces: list[tuple[Appender, bytes]]) -> list[Exception | None]:
+    """In the pool: each piece to its appender, in one call; each outcome its own (an error is that body's)."""
+    written: list[Exception | None] = []
+    for appender, piece in pieces:
+        try:
+            appender.write(piece)
+            written.append(None)
+        except Exception as exc:  # noqa: BLE001 -- that body's error
+            written.append(exc)
+    return written
+
+
+def _write_pieces(loop: asyncio.AbstractEventLoop, pool: concurrent.futures.Executor,
+                  pieces: list[tuple[_Writer, asyncio.Future[None], bytes]]) -> None:
+    """Write a tick's quiet pieces in one pool call; each writer's future gets its piece's outcome."""
+    futures = [future for _, future, _ in pieces]
+
+    def settle(done: asyncio.Future[list[Exception | None]]) -> None:
+        if done.cancelled():
+            errors: list[BaseException | None] = [asyncio.CancelledError()] * len(futures)
+        elif done.exception() is not None:
+            errors = [done.exception()] * len(futures)
+        else:
+            errors = [*done.result()]
+        for future, error in zip(futures, errors):
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    try:
+        job = loop.run_in_executor(pool, _write_all, [(writer._appender, piece) for writer, _, piece in pieces])
+    except Exception as exc:  # noqa: BLE001 -- the pool is gone (shutting down): each writer's error
+        for future in futures:
+            future.set_exception(exc)
+        return
+    job.add_done_callback(settle)
 
 
 async def _read(exchange: _Exchange, floor: core.RateFloor, writer: _Writer, stop: asyncio.Event) -> str | None:
@@ -347,9 +487,10 @@ async def _read(exchange: _Exchange, floor: core.RateFloor, writer: _Writer, sto
         if message.get("type") == "http.disconnect":
             return "disconnect"
         data = message.get("body", b"")
-        floor.count(len(data), loop.time())
+        now = loop.time()
+        floor.count(len(data), now)
         more = message.get("more_body", False)
-        await writer.add(data, flush=not more)
+        await writer.add(data, now, flush=not more)
         if not more or stop.is_set():
             return None
 
@@ -359,11 +500,16 @@ class _Writer:
 
     While a piece is written in the pool the next is received: the network
     and the disk work at once, and a slow disk holds the body back (one
-    piece at most is buffered beside the one being written).  Writes are
-    shielded: cancelling the read never cancels a write under way.  The
-    server's messages are kept as they came and joined once per piece (a
-    message of ``_COALESCE`` bytes or more goes to the store as it is): at
-    hundreds of MiB/s each copy of the body costs a measurable share.
+    piece at most is buffered beside the one being written).  Bytes wait in
+    RAM about ``_FLUSH_AFTER`` seconds at most: the watcher takes them
+    (:meth:`take_quiet`) and writes them with every other quiet body's in
+    one pool call a tick, so a slow body costs a write a second, not one
+    per message, and no hop of its own.  A piece is handed over only when no
+    write is in flight, so pieces go out in order.  Writes are shielded:
+    cancelling the read never cancels a write under way.  The server's
+    messages are kept as they came and joined once per piece (a message of
+    ``_COALESCE`` bytes or more goes to the store as it is): at hundreds of
+    MiB/s each copy of the body costs a measurable share.
     """
 
     def __init__(self, endpoint: ResumableUploads, appender: Appender) -> None:
@@ -371,36 +517,59 @@ class _Writer:
         self._appender = appender
         self._pieces: list[bytes] = []
         self._size = 0  # bytes in _pieces
+        self._since = 0.0  # loop time of the oldest byte in _pieces
         self._inflight: asyncio.Future[None] | None = None
-        self._turn = asyncio.Lock()  # the reader and the watcher both flush: pieces go out in order
 
-    async def add(self, data: bytes, *, flush: bool) -> None:
+    async def add(self, data: bytes, now: float, *, flush: bool) -> None:
         if data:
+            if not self._size:
+                self._since = now
             self._pieces.append(data if type(data) is bytes else bytes(data))  # a server's buffer may be reused
             self._size += len(data)
         if self._size and (flush or self._size >= _COALESCE):
-            async with self._turn:
-                await self._settle()
-                if self._size:
-                    pieces = self._pieces
-                    piece = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                    self._pieces, self._size = [], 0
-                    self._inflight = asyncio.get_running_loop().run_in_executor(
-                        self._endpoint._executor(), self._appender.write, piece)
+            await self._settle()
+            self._submit()
+
+    def take_quiet(self, now: float) -> tuple[asyncio.Future[None], bytes] | None:
+        """For the watcher: the bytes that waited ``_FLUSH_AFTER``, and the future their write will settle.
+
+        ``None`` while a write is under way, or when nothing waited that long.
+        """
+        if not (self._size and now - self._since >= _FLUSH_AFTER and self._idle()):
+            return None
+        piece = self._take()
+        self._inflight = asyncio.get_running_loop().create_future()
+        return self._inflight, piece
+
+    def _idle(self) -> bool:
+        """No write in flight (a failed one counts as in flight: its error is raised by :meth:`_settle`)."""
+        inflight = self._inflight
+        return inflight is None or (inflight.done() and not inflight.cancelled() and inflight.exception() is None)
+
+    def _take(self) -> bytes:
+        """The gathered bytes as one piece, joined once (one message: as it came)."""
+        pieces = self._pieces
+        piece = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self._pieces, self._size = [], 0
+        return piece
+
+    def _submit(self) -> None:
+        if self._size:
+            self._inflight = asyncio.get_running_loop().run_in_executor(
+                self._endpoint._executor(), self._appender.write, self._take())
 
     async def _settle(self) -> None:
-        if self._inflight is not None:
-            await asyncio.shield(self._inflight)  # raises the write's error; kept for close() if cancelled here
-            self._inflight = None
-
-    async def flush(self) -> None:
-        await self.add(b"", flush=True)
+        while self._inflight is not None:  # the watcher may hand a piece over while this waits: wait for it too
+            inflight = self._inflight
+            await asyncio.shield(inflight)  # raises the write's error; kept for close() if cancelled here
+            if self._inflight is inflight:
+                self._inflight = None
 
     async def close(self) -> None:
         """Write what is left and wait for it (its errors are the body's)."""
-        await self.flush()
-        async with self._turn:
-            await self._settle()
+        await self._settle()
+        self._submit()
+        await self._settle()
 
 
 def _step(steps: Steps[Response], value: Any, error: Exception | None) -> tuple[bool, Any]:
