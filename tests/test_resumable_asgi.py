@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from uploadguard.config import Settings
-from uploadguard.resumable import LocalStore, Upload
+from uploadguard.resumable import LocalStore, Upload, UploadLocked, UploadNotFound
 from uploadguard.resumable.asgi import _FLUSH_AFTER, ResumableUploads
 from uploadguard.resumable.locking import UploadLock
 
@@ -525,6 +525,84 @@ class TestHooks:
 
         run(test)
         assert len(calls) == 1
+
+class BlockingGet(LocalStore):
+    """A store whose ``get`` waits until the test lets it go: on the loop's thread it would wait forever."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.go = threading.Event()
+        self.blocking = False
+        self.threads: list[str] = []
+
+    def get(self, upload_id: str) -> Any:
+        if self.blocking:
+            self.threads.append(threading.current_thread().name)
+            assert self.go.wait(30), "get() blocked the loop that was to let it go"
+        return super().get(upload_id)
+
+
+class TestFromCoroutines:
+    def test_aget_runs_the_store_off_the_loop(self, tmp_path: Path, settings: Settings) -> None:
+        """``aget`` gives the completed upload as ``get`` does, its store calls in the endpoint's pool: the loop
+        stays free to serve while a store call waits (on the loop, this test would wait 30 s and fail)."""
+        store = BlockingGet(tmp_path / "uploads")
+        app = endpoint(tmp_path, settings, storage=store)
+
+        async def test() -> None:
+            url = await create(app, 3)
+            request = patch(app, url, 0, 3)
+            request.feed(b"abc", more=False)
+            assert (await request.result()).status == 204
+            store.blocking = True
+            task = asyncio.ensure_future(app.aget(url))
+            while not store.threads:
+                await asyncio.sleep(0.01)  # the loop runs: the get waits in another thread
+            store.go.set()
+            upload = await task
+            with upload.open() as data:
+                assert upload.length == 3 and data.read() == b"abc"
+            assert all(name.startswith("uploadguard-resumable") for name in store.threads)
+            with pytest.raises(UploadNotFound):
+                await app.aget(url[:-1] + ("A" if url[-1] != "A" else "B"))
+
+        run(test)
+
+    def test_adelete_waits_for_a_held_upload_on_the_loop_then_removes_it(self, tmp_path: Path,
+                                                                        settings: Settings) -> None:
+        """``adelete`` of an upload a request holds waits (asking it to let go) without taking a pool thread,
+        then removes it; past ``lock_timeout`` it is ``UploadLocked``."""
+        app = endpoint(tmp_path, settings, threads=1, lock_timeout=30)
+
+        async def test() -> None:
+            url = await create(app, 3)
+            request = patch(app, url, 0, 3)
+            request.feed(b"abc", more=False)
+            assert (await request.result()).status == 204
+            upload_id = url.rsplit("/", 1)[1]
+            held = app.locker.try_acquire(upload_id)
+            assert held is not None
+            deleting = asyncio.ensure_future(app.adelete(url))
+            while not (tmp_path / "uploads" / f"{upload_id}.release").exists():
+                await asyncio.sleep(0.01)  # it asked the holder to let go
+            assert (await app.aget(url)).length == 3  # the pool's one thread is free meanwhile
+            assert not deleting.done()
+            held.release()
+            await deleting
+            with pytest.raises(UploadNotFound):
+                await app.aget(url)
+            assert not (tmp_path / "uploads" / f"{upload_id}.bin").exists()
+
+            url = await create(app, 0)
+            quick = endpoint(tmp_path, settings, lock_timeout=0.1)
+            held = quick.locker.try_acquire(url.rsplit("/", 1)[1])
+            assert held is not None
+            with pytest.raises(UploadLocked):
+                await quick.adelete(url)
+            held.release()
+
+        run(test)
+
 
 class TestInterim:
     def ietf_creation(self, app: ResumableUploads, extensions: dict[str, Any] | None) -> Answer:

@@ -47,8 +47,9 @@ A pure ASGI application (standard library only); ``lifespan`` and
 * ``max_streams`` is accepted for parity and not applied: an event loop
   holds no thread per body (see :func:`uploadguard.config.stream_caps`).
 * ``get()`` and ``delete()`` are the WSGI endpoint's plain methods (store
-  calls, and ``delete`` may wait for a lock): from a coroutine, call them
-  through ``asyncio.to_thread``.
+  calls, and ``delete`` may wait for a lock); from a coroutine, await
+  :meth:`ResumableUploads.aget` and :meth:`ResumableUploads.adelete`: the
+  store calls in the endpoint's pool, a wait for a held upload on the loop.
 """
 
 from __future__ import annotations
@@ -229,6 +230,30 @@ class ResumableUploads(Endpoint):
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="uploadguard-resumable")
         return self._pool
+
+    async def aget(self, id_or_url: str, *, owner: str | None = None) -> Upload:
+        """:meth:`get` for a coroutine: its store calls (a file read, an S3 round trip) run in the
+        endpoint's pool, so the loop keeps serving every other connection meanwhile."""
+        return await self._run(lambda: self.get(id_or_url, owner=owner))
+
+    async def adelete(self, id_or_url: str, *, owner: str | None = None) -> None:
+        """:meth:`delete` for a coroutine: store calls in the endpoint's pool, and the wait for an upload
+        a request still holds (up to ``lock_timeout``, then
+        :class:`~uploadguard.resumable.protocol.UploadLocked`) on the loop, as a request's -- never a
+        thread of the pool blocked for it."""
+        steps = self._terminate(id_or_url, owner)
+        value: Any = None
+        error: Exception | None = None
+        while True:
+            done, effect = await self._run(_step, steps, value, error)
+            if done:
+                return
+            try:
+                if not isinstance(effect, Lock):
+                    raise TypeError(f"unexpected effect {effect!r} while deleting")
+                value, error = await self._lock(effect.upload_id), None
+            except Exception as exc:  # noqa: BLE001 -- handed to the steps, which decide
+                value, error = None, exc
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in the endpoint's pool: one short hop off the loop."""
@@ -572,7 +597,7 @@ class _Writer:
         await self._settle()
 
 
-def _step(steps: Steps[Response], value: Any, error: Exception | None) -> tuple[bool, Any]:
+def _step(steps: Steps[Any], value: Any, error: Exception | None) -> tuple[bool, Any]:
     """One step of the engine, up to its next effect: ``(False, effect)`` or ``(True, response)``."""
     try:
         return False, (steps.throw(error) if error is not None else steps.send(value))
