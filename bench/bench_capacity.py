@@ -144,8 +144,8 @@ class Nginx:
         (prefix / "site.conf").write_text(site)
         temp_paths = "".join(f"    {kind}_temp_path {prefix / kind};\n"
                              for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        # worker_processes auto, as Debian's own nginx.conf: one nginx process for 1,000 phones and the prober was
-        # the bench's bottleneck in the arrival burst, not the shipped shape's.
+        # worker_processes auto, as in Debian's nginx.conf, under which the shipped site runs (the bench had one
+        # process: one core's worth of nginx for 1,000 phones' connections and the prober's).
         (prefix / "nginx.conf").write_text(
             ("user root;\n" if os.geteuid() == 0 else "")
             + f"worker_processes auto;\nworker_rlimit_nofile {4 * connections + 1024};\n"
