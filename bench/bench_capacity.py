@@ -62,6 +62,8 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.support import children  # noqa: E402
+
 SITE = ROOT / "examples" / "deploy" / "myapp.nginx.conf"
 PAGE = b"<!doctype html><title>myapp</title><p>the site\n"
 PROBE_TIMEOUT = 10.0  # seconds; a GET that takes longer counts as this
@@ -161,25 +163,12 @@ class Nginx:
         wait_for_port(self.port, timeout=20)
 
     def pids(self) -> list[int]:
-        return [self.proc.pid, *_children(self.proc.pid)]
+        return [self.proc.pid, *children(self.proc.pid)]
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait(timeout=20)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def _rss_kib(pids: list[int]) -> int:
@@ -374,7 +363,7 @@ async def _drive(phones: list[Phone], port: int, rate: int, arrival: float, dead
 
     async def sample() -> None:
         while True:
-            pids = [*watched, *[c for p in watched for c in _children(p)]]
+            pids = [*watched, *[c for p in watched for c in children(p)]]
             samples.append(_rss_kib(pids))
             _cpu_seconds(pids, cpu_seen)
             await asyncio.sleep(1.0)

@@ -52,6 +52,20 @@ def wait_for_port(port: int, *, timeout: float = 20.0, proc: subprocess.Popen[by
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def children(pid: int) -> list[int]:
+    """PIDs of ``pid``'s current children (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 class Gunicorn:
     """A real gunicorn master on 127.0.0.1, started in the background.
 
@@ -131,16 +145,7 @@ class Gunicorn:
 
     def worker_pids(self) -> list[int]:
         """PIDs of the master's current children (Linux /proc)."""
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                    pids.append(int(entry))
-        return pids
+        return children(self.proc.pid)
 
     def wait_exit(self, timeout: float = 20.0) -> int:
         return self.proc.wait(timeout=timeout)

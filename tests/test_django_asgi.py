@@ -176,27 +176,12 @@ class TestServed:
     def test_an_ietf_creation_gets_104_under_gunicorn(self, serve: Callable[[], Any]) -> None:
         """A browser's IETF-draft creation (cookies, X-CSRFToken) gets 104 with its Location before its body is
         read under gunicorn -k asgi (none under uvicorn), then 201; the upload is the visitor's."""
-        import socket
+        from tests.test_resumable_asgi import ietf_creation_of_five_bytes
 
         server = serve()
         browser = Browser(server.base)
         head = "".join(f"{name}: {value}\r\n" for name, value in browser.headers().items() if name != "Tus-Resumable")
-        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-            sock.sendall(f"POST /files/ HTTP/1.1\r\nHost: x\r\n{head}Upload-Draft-Interop-Version: 6\r\n"
-                         "Upload-Complete: ?1\r\nContent-Length: 5\r\n\r\nhel".encode())
-            if server.kind == "gunicorn":
-                interim = b""
-                while b"\r\n\r\n" not in interim:
-                    interim += sock.recv(4096)  # before the rest of the body is sent
-                assert interim.startswith(b"HTTP/1.1 104 ") and b"location: /files/" in interim.lower()
-            sock.sendall(b"lo")
-            raw = b""
-            while b"201 Created" not in raw or not raw.endswith(b"\r\n\r\n"):
-                chunk = sock.recv(4096)
-                assert chunk, raw
-                raw += chunk
-        if server.kind == "uvicorn":
-            assert b" 104 " not in raw
+        raw = ietf_creation_of_five_bytes(server.port, server.kind, head)
         location = next(line.split(b":", 1)[1].strip().decode() for line in raw.split(b"\r\n")
                         if line.lower().startswith(b"location:"))
         done = browser.fetch(urljoin(server.base + "/files/", location))
@@ -338,6 +323,24 @@ class TestTheVerdict:
                 assert fetch.process_request(getattr(factory, method)("/files/abcdefghijklmnopqrstuvwx")) is None
 
 
+def options_request(marker: bytes) -> tuple[dict[str, Any], Any, Any, list[dict[str, Any]]]:
+    """An in-process ``OPTIONS /files/`` carrying the header ``marker`` (which a test middleware acts on): its
+    scope, ``receive`` and ``send``, and the list ``send`` fills."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "OPTIONS",
+             "scheme": "http", "path": "/files/", "raw_path": b"/files/", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"testserver"), (b"tus-resumable", b"1.0.0"), (marker, b"1")],
+             "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    return scope, receive, send, sent
+
+
 class TestOffTheLoop:
     """In-process: the Django work of an endpoint request runs in a thread, never on the event loop."""
 
@@ -350,17 +353,7 @@ class TestOffTheLoop:
         from tests.django_project.middleware import Hold
         from tests.test_django_resumable import MIDDLEWARE
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "OPTIONS",
-                 "scheme": "http", "path": "/files/", "raw_path": b"/files/", "query_string": b"", "root_path": "",
-                 "headers": [(b"host", b"testserver"), (b"tus-resumable", b"1.0.0"), (b"x-hold", b"1")],
-                 "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
+        scope, receive, send, sent = options_request(b"x-hold")
 
         async def exchange() -> None:
             app = asgi_stack()
@@ -386,17 +379,7 @@ class TestOffTheLoop:
         from tests.django_project.middleware import Meet
         from tests.test_django_resumable import MIDDLEWARE
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "OPTIONS",
-                 "scheme": "http", "path": "/files/", "raw_path": b"/files/", "query_string": b"", "root_path": "",
-                 "headers": [(b"host", b"testserver"), (b"tus-resumable", b"1.0.0"), (b"x-meet", b"1")],
-                 "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
+        scope, receive, send, sent = options_request(b"x-meet")
 
         async def exchange() -> None:
             app = asgi_stack()

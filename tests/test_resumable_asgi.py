@@ -802,6 +802,31 @@ def _wait_for_size(path: Path, size: int) -> None:
 
 
 @pytest.mark.slow
+def ietf_creation_of_five_bytes(port: int, kind: str, head: str = "") -> bytes:
+    """A raw IETF-draft creation with a 5-byte body, sent in two parts: under gunicorn (``kind``) the first
+    part must bring a 104 with the Location before the rest is sent; under uvicorn none comes.  What the
+    server answered after the whole body, up to its 201 head.  ``head``: more header lines (``Name: value\\r\\n``)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"POST /files/ HTTP/1.1\r\nHost: x\r\n{head}Upload-Draft-Interop-Version: 6\r\n"
+                     "Upload-Complete: ?1\r\nContent-Length: 5\r\n\r\nhel".encode())
+        if kind == "gunicorn":
+            interim = b""
+            while b"\r\n\r\n" not in interim:
+                interim += sock.recv(4096)  # before the rest of the body is sent
+            assert interim.startswith(b"HTTP/1.1 104 ") and b"location: /files/" in interim.lower()
+        sock.sendall(b"lo")
+        raw = b""
+        while b"201 Created" not in raw or not raw.endswith(b"\r\n\r\n"):
+            chunk = sock.recv(4096)
+            assert chunk, raw
+            raw += chunk
+    if kind == "uvicorn":
+        assert b" 104 " not in raw
+    return raw
+
+
 class TestServers:
     def test_tuspy_upload_is_byte_identical(self, serve: Any) -> None:
         """tuspy uploads 8 MiB in 1 MiB chunks; what is stored and what on_complete read are the file."""
@@ -835,25 +860,8 @@ class TestServers:
 
     def test_104_under_gunicorn_and_none_under_uvicorn(self, serve: Any) -> None:
         """A raw IETF creation: gunicorn -k asgi sends 104 with the Location before the body; uvicorn sends none."""
-        import socket
-
         served = serve()
-        with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
-            sock.sendall(b"POST /files/ HTTP/1.1\r\nHost: x\r\nUpload-Draft-Interop-Version: 6\r\n"
-                         b"Upload-Complete: ?1\r\nContent-Length: 5\r\n\r\nhel")
-            if served.kind == "gunicorn":
-                interim = b""
-                while b"\r\n\r\n" not in interim:
-                    interim += sock.recv(4096)  # before the rest of the body is sent
-                assert interim.startswith(b"HTTP/1.1 104 ") and b"location: /files/" in interim.lower()
-            sock.sendall(b"lo")
-            raw = b""
-            while b"201 Created" not in raw or not raw.endswith(b"\r\n\r\n"):
-                chunk = sock.recv(4096)
-                assert chunk, raw
-                raw += chunk
-        if served.kind == "uvicorn":
-            assert b" 104 " not in raw
+        raw = ietf_creation_of_five_bytes(served.port, served.kind)
         final = raw[raw.index(b"HTTP/1.1 201"):].decode().lower()
         assert "upload-complete: ?1" in final
 

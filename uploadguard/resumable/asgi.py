@@ -61,10 +61,11 @@ import inspect
 import logging
 import os
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from .. import guard
+from ..asgi import ASGIApp, Message, Receive, Scope, Send
 from ..config import Settings, server_pool
 from ..errors import UploadGuardError
 from . import core
@@ -78,11 +79,6 @@ __all__ = ["ResumableUploads"]
 
 log = logging.getLogger("uploadguard")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 T = TypeVar("T")
 
