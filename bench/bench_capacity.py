@@ -136,7 +136,7 @@ class Nginx:
         prefix.mkdir()
         self.port = free_port()
         site = SITE.read_text()
-        for old, new in {"listen 80;": f"listen 127.0.0.1:{self.port} backlog=4096;",
+        for old, new in {"listen 80;": f"listen 127.0.0.1:{self.port};",
                          "server 127.0.0.1:8000;": f"server 127.0.0.1:{upstream};",
                          "server 127.0.0.1:8001;": f"server 127.0.0.1:{upstream};",  # one service serves both
                          "/var/lib/nginx/myapp-body": str(prefix / "body")}.items():
@@ -390,7 +390,7 @@ def run(config: str, phones_n: int, args: argparse.Namespace) -> dict[str, Any]:
                "CAPACITY_HOOK_LOG": str(hook_log), "PYTHONPATH": str(ROOT)}
         server = Gunicorn(f"bench.bench_capacity:{'asgi' if config == 'asgi' else 'wsgi'}_app", tmp_path=tmp_path,
                           config=GUNICORN_CONF, workers=args.workers, env=env, pythonpath=[ROOT],
-                          args=CONFIGS[config][2:] + ["--backlog", "4096"])
+                          args=CONFIGS[config][2:])
         nginx = None
         try:
             nginx = Nginx(tmp_path / "nginx", upstream=server.port, connections=phones_n)

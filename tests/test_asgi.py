@@ -644,3 +644,63 @@ def test_gunicorn_asgi_recycles_workers(tmp_path: Path, upload_dir: Path) -> Non
         assert clean(server.log()), server.log()
     finally:
         server.stop()
+
+
+def completed_connections(port: int, count: int, *, within: float) -> int:
+    """Open ``count`` connections at once; how many the kernel completes within ``within`` seconds.
+
+    Nobody accepts meanwhile (the test stops the worker), so the kernel completes as many handshakes as the
+    socket's accept queue holds (``backlog`` + 1 on Linux) and drops the other SYNs.
+    """
+    import selectors
+
+    socks = []
+    pending: set[socket.socket] = set()
+    done = 0
+    with selectors.DefaultSelector() as selector:
+        try:
+            for _ in range(count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", port))
+                selector.register(sock, selectors.EVENT_WRITE)
+                pending.add(sock)
+            deadline = time.monotonic() + within
+            while pending and time.monotonic() < deadline:
+                for key, _ in selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                    sock = key.fileobj  # type: ignore[assignment]
+                    selector.unregister(sock)
+                    pending.discard(sock)
+                    done += sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        finally:
+            for sock in socks:
+                sock.close()
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [None, GUNICORN_CONF], ids=["pinned-gunicorn-alone", "gunicorn_conf"])
+def test_gunicorn_asgi_listens_with_the_configured_backlog(tmp_path: Path, upload_dir: Path,
+                                                           config: Path | None) -> None:
+    """gunicorn 27's ASGI worker leaves the listen queue at asyncio's 100 whatever ``backlog`` says: a burst of
+    connections while the worker is busy loses SYNs, each retried a second later.  gunicorn_conf.py keeps it."""
+    server = Gunicorn("asgi_apps:plain", tmp_path=tmp_path, config=config,
+                      args=["-k", "asgi", "--backlog", "512"],
+                      env={"UPLOADGUARD_TEMP_DIR": str(upload_dir), "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        assert raw_http(server.port, GET)[0].startswith(b"HTTP/1.1 200")  # the worker serves: its listen() is done
+        (worker,) = server.worker_pids()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            completed = completed_connections(server.port, 400, within=2.0 if config is None else 20.0)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        if config is None:
+            assert completed <= 101  # asyncio's listen(100)
+        else:
+            assert completed == 400
+        assert raw_http(server.port, GET)[0].startswith(b"HTTP/1.1 200")
+        assert clean(server.log()), server.log()
+    finally:
+        server.stop()

@@ -62,6 +62,13 @@ whole server when ``post_worker_init``, ``child_exit`` or
                       still boots: the error is logged, :mod:`tempfile` picks a
                       working directory again, and the middleware answers uploads
                       with 503 while the rest of the site works.
+                      Under gunicorn's ASGI worker it also keeps ``backlog``:
+                      that worker serves its sockets through asyncio's
+                      ``create_server`` without one, and asyncio calls
+                      ``listen(100)`` on the socket all workers share, so the
+                      configured backlog (2048 by default) silently became 100
+                      and a burst of new connections lost SYNs, each retried by
+                      the client's kernel a second later.
 ``pre_request``       gunicorn's default (logs ``METHOD path`` at debug), plus
                       a lazy ``Expect: 100-continue``: gunicorn sends
                       ``100 Continue`` itself before the application runs, so a
@@ -343,7 +350,10 @@ def child_exit(server: _Server, worker: _Worker) -> None:
 @_never_raises
 def post_worker_init(worker: _Worker) -> None:
     """Worker, after the user switch: a usable upload temp dir that tempfile and TMPDIR name; the pool noted."""
-    _note_server_pool(_pool_of(worker))
+    pool = _pool_of(worker)
+    _note_server_pool(pool)
+    if pool is not None and pool.worker_class == "asgi":
+        _keep_backlog(worker)
     path = _Settings.from_environ().temp_dir
     health = _ensure_temp_dir(path)
     if health.ok:
@@ -354,6 +364,32 @@ def post_worker_init(worker: _Worker) -> None:
         _tempfile.tempdir = None  # drop the master's cached choice: tempfile finds a working dir again
         worker.log.error("uploadguard: upload temp dir %s is unusable (%s): %s; uploads are answered "
                          "503 while it stays so", path, health.reason, health.detail)
+
+
+def _keep_backlog(worker: _Worker) -> None:
+    """Make the ASGI worker's ``loop.create_server`` listen with gunicorn's ``backlog``, not asyncio's 100.
+
+    ``listen()`` sets the queue of the socket itself, which the master and
+    every worker share: one worker starting (each recycle too) would shrink
+    it for all.  Wrapping the loop's method before the worker serves keeps the
+    queue at the configured size from the first ``listen`` on, with no window.
+    """
+    loop = getattr(worker, "loop", None)
+    backlog = int(getattr(worker.cfg, "backlog", 0) or 0)
+    if loop is None or backlog <= 0:
+        return
+    create_server = loop.create_server
+
+    @_functools.wraps(create_server)
+    async def create_server_keeping_backlog(*args: _Any, **kwargs: _Any) -> _Any:
+        kwargs.setdefault("backlog", backlog)
+        return await create_server(*args, **kwargs)
+
+    try:
+        loop.create_server = create_server_keeping_backlog
+    except AttributeError:  # a loop class that takes no attributes: say what the queue will be
+        worker.log.warning("uploadguard: cannot pass backlog %d to %s; the listen queue will be the "
+                           "loop's default", backlog, type(loop).__name__)
 
 
 def _pool_of(worker: _Worker) -> _ServerPool | None:
