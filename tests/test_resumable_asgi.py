@@ -415,6 +415,51 @@ class TestBody:
         run(test)
 
 
+class TestPoolTrips:
+    def test_a_creation_and_a_head_are_one_trip_to_the_pool_a_patch_two_and_its_write(self, tmp_path: Path,
+                                                                                      settings: Settings) -> None:
+        """Each trip to the pool is a thread handoff and, on a busy host, a wait for the GIL: a burst of new
+        uploads multiplies them (bench_capacity's arrival burst).  Lock, Admit, the append and a plain hook are
+        fulfilled in the pool; only the body's reading comes back to the loop."""
+        hooked: list[str] = []
+        app = endpoint(tmp_path, settings, on_complete=lambda upload: hooked.append(upload.id))
+        submitted = 0
+
+        class Counted(concurrent.futures.ThreadPoolExecutor):
+            def submit(self, *args: Any, **kwargs: Any) -> Any:
+                nonlocal submitted
+                submitted += 1
+                return super().submit(*args, **kwargs)
+
+        app._pool = Counted(app.threads)
+
+        async def trips(method: str, url: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, int]:
+            nonlocal submitted
+            submitted = 0
+            request = Request(app, method, url, {**TUS, **headers})
+            request.feed(body, more=False)
+            answer = await request.result()
+            assert answer.status is not None
+            return answer.status, submitted
+
+        async def test() -> None:
+            nonlocal submitted
+            submitted = 0
+            url = await create(app, 10)
+            assert submitted == 1
+            patching = {"Content-Type": OCTETS}
+            assert await trips("PATCH", url, {**patching, "Upload-Offset": "0", "Content-Length": "4"}, b"abcd") \
+                == (204, 3)  # up to the append; the body's one write; its commit to the answer
+            assert await trips("HEAD", url, {}) == (200, 1)
+            assert await trips("PATCH", url, {**patching, "Upload-Offset": "4", "Content-Length": "6"}, b"efghij") \
+                == (204, 3)  # the last: fsync and on_complete in the commit's trip
+            assert hooked == [url.rsplit("/", 1)[1]]
+            assert stored(tmp_path, url) == b"abcdefghij"
+
+        run(test)
+        app._pool.shutdown()
+
+
 class MessageAtTheCut(Request):
     """A PATCH whose client sends ``first``, then nothing -- until the reading is cancelled: ``at_cut`` arrives at
     that very moment.

@@ -57,6 +57,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -71,7 +73,7 @@ from ..errors import UploadGuardError
 from . import core
 from . import protocol as p
 from .core import Head, Response
-from .engine import Admit, Body, Effect, Endpoint, Hook, Lock, Steps, Upload
+from .engine import Admit, Body, Endpoint, Hook, Lock, Steps, Upload
 from .locking import HeldLock
 from .store import Appender, Store
 
@@ -256,35 +258,41 @@ class ResumableUploads(Endpoint):
         return await asyncio.get_running_loop().run_in_executor(self._executor(), lambda: function(*args))
 
     async def _drive(self, steps: Steps[Response], head: Head, exchange: _Exchange) -> Response:
+        """Run the engine in the pool, coming back to the loop only for what needs it (see :func:`_advance`).
+
+        A creation or a HEAD is one hop to the pool; a PATCH two (up to its
+        body's append, then from its commit to the response) -- each hop is a
+        thread handoff and, on a busy host, a wait for the GIL, which a burst
+        of new uploads multiplies.
+        """
         value: Any = None
         error: Exception | None = None
+        first: Callable[[], Any] | None = None
         while True:
-            done, result = await self._run(_step, steps, value, error)
+            done, result = await self._run(_advance, self, steps, value, error, first)
             if done:
                 response: Response = result
                 return response
+            first = None
             try:
+                if isinstance(result, _Appending):
+                    cut = await self._read_appended(result, head, exchange)
+                    first, value, error = functools.partial(_commit, result.appender, cut), None, None
+                    continue
                 value, error = await self._fulfil(result, head, exchange), None
             except Exception as exc:  # noqa: BLE001 -- handed to the steps, which decide
                 value, error = None, exc
 
-    async def _fulfil(self, effect: Effect, head: Head, exchange: _Exchange) -> Any:
+    async def _fulfil(self, effect: Any, head: Head, exchange: _Exchange) -> Any:
+        """What :func:`_advance` left to the loop: a held upload's wait, a coroutine hook, an awaitable."""
         if isinstance(effect, Lock):
             return await self._lock(effect.upload_id)
-        if isinstance(effect, Admit):
-            return None  # no cap on an event loop: a body holds no thread
-        if isinstance(effect, Body):
-            hint = core.interim_headers(head)
-            if hint is not None and can_send_informational(exchange.scope):
-                await exchange.send({"type": _INFORMATIONAL, "status": 104, "headers": _encode(hint)})
-            return await self._read_body(effect, exchange)
         if isinstance(effect, Hook):
             hook = self.on_complete
             assert hook is not None
-            if inspect.iscoroutinefunction(hook):
-                return await hook(effect.upload)
-            result = await self._run(hook, effect.upload)
-            return (await result) if inspect.isawaitable(result) else result
+            return await hook(effect.upload)  # type: ignore[misc]  # _advance runs a plain function itself
+        if isinstance(effect, _Awaiting):
+            return await effect.awaitable
         raise TypeError(f"unknown effect {effect!r}")
 
     async def _lock(self, upload_id: str) -> HeldLock:
@@ -302,18 +310,22 @@ class ResumableUploads(Endpoint):
                 raise p.UploadLocked(f"Upload {upload_id} is in use by another request; retry in 1 s.", retry_after=1)
             await asyncio.sleep(_LOCK_POLL)
 
-    async def _read_body(self, body: Body, exchange: _Exchange) -> tuple[int, str | None]:
-        """Append the body as it arrives; ended early by a release request, the rate floor or the client."""
-        appender: Appender = await self._run(lambda: self.store.append(body.upload_id, body.offset, body.budget,
-                                                                        checksum=body.checksum))
+    async def _read_appended(self, appending: _Appending, head: Head, exchange: _Exchange) -> str | None:
+        """Read the body into the appender :func:`_advance` opened: why it ended early, or ``None``.
+
+        Any error aborts the appender (in the pool) before it reaches the steps.
+        """
+        body, appender = appending.body, appending.appender
         try:
+            hint = core.interim_headers(head)
+            if hint is not None and can_send_informational(exchange.scope):
+                await exchange.send({"type": _INFORMATIONAL, "status": 104, "headers": _encode(hint)})
             cut = await self._pump(body, appender, exchange)
-            exchange.cut = cut is not None
-            offset: int = await self._run(appender.commit)
         except BaseException:
             self._executor().submit(appender.abort)
             raise
-        return offset, cut
+        exchange.cut = cut is not None
+        return cut
 
     async def _pump(self, body: Body, appender: Appender, exchange: _Exchange) -> str | None:
         """Read the body to its end in a task of its own, watched: why it ended early, or ``None``.
@@ -599,6 +611,75 @@ def _step(steps: Steps[Any], value: Any, error: Exception | None) -> tuple[bool,
         return False, (steps.throw(error) if error is not None else steps.send(value))
     except StopIteration as stop:
         return True, stop.value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Appending:
+    """A :class:`~.engine.Body` effect met in the pool: its appender is open; the loop reads the body."""
+
+    body: Body
+    appender: Appender
+
+
+@dataclasses.dataclass(frozen=True)
+class _Awaiting:
+    """A plain ``on_complete`` returned an awaitable: the loop awaits it."""
+
+    awaitable: Any
+
+
+def _commit(appender: Appender, cut: str | None) -> tuple[int, str | None]:
+    """In the pool: the body's bytes committed, as :class:`~.engine.Body` answers; aborted if that fails."""
+    try:
+        return appender.commit(), cut
+    except BaseException:
+        appender.abort()
+        raise
+
+
+def _advance(endpoint: ResumableUploads, steps: Steps[Any], value: Any, error: Exception | None,
+             first: Callable[[], Any] | None = None) -> tuple[bool, Any]:
+    """In the pool: the engine's steps, fulfilling every effect that needs no loop, until the response
+    (``(True, response)``) or one only the loop can fulfil (``(False, what)``).
+
+    Fulfilled here: ``Admit`` (no cap on an event loop: a body holds no
+    thread), a ``Lock`` nobody holds, a plain-function ``on_complete``, and
+    a ``Body``'s append (its reading is the loop's: an :class:`_Appending`).
+    Left to the loop: a held lock's wait (it polls with ``asyncio.sleep``), a
+    coroutine hook, an awaitable a plain hook returned.  ``first`` runs before
+    the first step, its value or error sent in (a body's commit).
+    """
+    if first is not None:
+        try:
+            value, error = first(), None
+        except Exception as exc:  # noqa: BLE001 -- handed to the steps, which decide
+            value, error = None, exc
+    while True:
+        done, effect = _step(steps, value, error)
+        if done:
+            return True, effect
+        value, error = None, None
+        try:
+            if isinstance(effect, Admit):
+                continue
+            if isinstance(effect, Lock):
+                value = endpoint.locker.try_acquire(effect.upload_id)
+                if value is None:
+                    return False, effect  # held: the loop waits for it, asking the holder to let go
+                continue
+            if isinstance(effect, Body):
+                appender = endpoint.store.append(effect.upload_id, effect.offset, effect.budget,
+                                                 checksum=effect.checksum)
+                return False, _Appending(effect, appender)
+            if isinstance(effect, Hook) and not inspect.iscoroutinefunction(endpoint.on_complete):
+                assert endpoint.on_complete is not None
+                value = endpoint.on_complete(effect.upload)
+                if inspect.isawaitable(value):
+                    return False, _Awaiting(value)
+                continue
+            return False, effect
+        except Exception as exc:  # noqa: BLE001 -- handed to the steps, which decide
+            value, error = None, exc
 
 
 class _Exchange:

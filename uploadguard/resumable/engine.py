@@ -371,7 +371,7 @@ class Endpoint:
             keep_completed=self.keep_completed,
         ))
         head.headers.append(("Location", self._location(head, info.id)))
-        log.info("created upload %s (%s bytes)", info.id,
+        log.debug("created upload %s (%s bytes)", info.id,
                  length if length is not None else "deferred")
         if content_length or (content_length is None) or length == 0:
             with (yield Lock(info.id)) as lock:
