@@ -306,13 +306,10 @@ class TestLocalStore:
         with pytest.raises(UploadNotFound):
             store.get(info.id)
 
-    @pytest.mark.parametrize("sync_writes", [False, True])
-    def test_a_creation_is_fsynced_only_with_sync_writes_a_completion_always(self, tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch,
-                                                                             sync_writes: bool) -> None:
-        """Without ``sync_writes`` a creation is not fsynced (a power loss may cost an upload created seconds
-        before, whose client starts again on the 404, as it may cost an unfinished upload's tail); the data, the
-        info and the directory are fsynced when the upload completes, before anybody is told."""
+    def test_a_creation_and_a_completion_are_fsynced_before_anybody_is_told(self, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        """A 201 names an upload a power loss cannot take back (its info and the directory entry are fsynced);
+        a completion fsyncs the data, the info and the directory before on_complete or the client hears of it."""
         synced: list[str] = []
         fsync = os.fsync
 
@@ -321,13 +318,13 @@ class TestLocalStore:
             fsync(fd)
 
         monkeypatch.setattr(os, "fsync", noted)
-        store = LocalStore(tmp_path, sync_writes=sync_writes)
+        store = LocalStore(tmp_path)
         info = store.create(new_info(3))
-        assert synced == ([f"{tmp_path}/{info.id}.info.tmp", str(tmp_path)] if sync_writes else [])
+        assert synced == [f"{tmp_path}/{info.id}.info.tmp", str(tmp_path)]
         synced.clear()
         store.write(info.id, 0, reader(b"abc"), 3)
         store.finish(info.id)
-        assert synced[-3:] == [f"{tmp_path}/{info.id}.bin", f"{tmp_path}/{info.id}.info.tmp", str(tmp_path)]
+        assert synced == [f"{tmp_path}/{info.id}.bin", f"{tmp_path}/{info.id}.info.tmp", str(tmp_path)]
 
     @pytest.mark.parametrize("content", [b"", b"{not json", b"[]", b'{"id": 1, "bogus": true}'])
     def test_unreadable_info_is_not_found(self, tmp_path: Path, content: bytes) -> None:

@@ -13,20 +13,13 @@ offset a HEAD reports gets a byte-identical file.  The data file is fsynced
 when the upload completes (:meth:`LocalStore.finish`), before anybody is told;
 a power loss may cost an *unfinished* upload's unsynced tail (pass
 ``sync_writes=True`` to fsync every PATCH instead, at a throughput cost).
-A creation is not fsynced either (unless ``sync_writes``): an upload created
-in the last seconds before a power loss may be gone afterwards, and its
-client, answered 404, starts it again -- its bytes were no safer.  Two fsyncs
-per creation were most of what a burst of new uploads cost (measured with
-``bench/bench_capacity.py``: 1,000 phones arriving in 2 s).
 
 Checksummed chunks (``Upload-Checksum``) go to a side file ``<id>.chk`` first
 and are appended only once verified; a mismatch discards them, and a crash
 meanwhile never leaves unverified bytes counted.
 
 The info (length, metadata, owner, state) is JSON in ``<id>.info``, written
-atomically: ``<id>.info.tmp``, fsync, rename, fsync of the directory (at
-creation: the same without the fsyncs; a reader never sees half an info, and
-one a power loss emptied is an unknown upload, 404).  The
+atomically: ``<id>.info.tmp``, fsync, rename, fsync of the directory.  The
 locks are ``<id>.lock`` and ``<id>.release`` beside them.  Every file written
 or truncated here is opened with ``O_NOFOLLOW``: a symlink planted in the
 directory is refused (a 503, ``symlink``), never followed to its target.  Ids are
@@ -215,7 +208,7 @@ class LocalStore:
         data_path = self._path(info.id, ".bin")
         os.close(os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         try:
-            self._write_info(info, durable=self.sync_writes)
+            self._write_info(info)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(data_path)  # no info, no upload: nothing may stay behind that clean would never find
@@ -334,7 +327,7 @@ class LocalStore:
             if upload_id not in with_info and mtime < before:
                 yield upload_id
 
-    def _write_info(self, info: UploadInfo, *, durable: bool = True) -> None:
+    def _write_info(self, info: UploadInfo) -> None:
         path = self._path(info.id, ".info")
         # One temporary name per upload (writers of an upload hold its lock; a new id has one
         # creator), so a crash's leftover is overwritten by the next write and found by terminate.
@@ -343,8 +336,7 @@ class LocalStore:
         try:
             try:
                 os.write(fd, info.to_json())
-                if durable:
-                    os.fsync(fd)
+                os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -352,8 +344,6 @@ class LocalStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        if not durable:
-            return
         dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dir_fd)
