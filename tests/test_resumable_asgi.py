@@ -571,6 +571,64 @@ class TestHooks:
         run(test)
         assert len(calls) == 1
 
+class Recorded:
+    """An appender whose ``write``, ``commit`` and ``abort`` are noted; ``after_write`` runs in the pool after each write."""
+
+    def __init__(self, appender: Any, calls: list[str], after_write: Callable[[], None]) -> None:
+        self._appender, self._calls, self._after_write = appender, calls, after_write
+
+    def write(self, data: bytes) -> None:
+        self._appender.write(data)
+        self._calls.append("write")
+        self._after_write()
+
+    def commit(self) -> int:
+        self._calls.append("commit")
+        return int(self._appender.commit())
+
+    def abort(self) -> None:
+        self._calls.append("abort")
+        self._appender.abort()
+
+
+class TestLoopClosing:
+    def test_a_commit_still_queued_for_the_pool_is_aborted_when_the_loop_closes(self, tmp_path: Path,
+                                                                                settings: Settings) -> None:
+        """The loop closes (the server stopping) while a body's commit waits for a pool thread: the commit never
+        runs, and the appender is aborted -- its descriptors closed, nothing left half-done."""
+        calls: list[str] = []
+        running, release = threading.Event(), threading.Event()
+        app: ResumableUploads
+
+        def hold() -> None:
+            running.set()
+            release.wait(30)
+
+        def occupy_the_pool() -> None:  # queued right behind the write, so before the commit
+            app._executor().submit(hold)
+
+        class Store(LocalStore):
+            def append(self, *args: Any, **kwargs: Any) -> Any:
+                return Recorded(super().append(*args, **kwargs), calls, occupy_the_pool)
+
+        app = endpoint(tmp_path, settings, storage=Store(tmp_path / "uploads"), threads=1)
+
+        async def test() -> None:
+            url = await create(app, 10)
+            request = patch(app, url, 0, 4)
+            request.feed(b"abcd", more=False)
+            while not running.is_set():
+                await asyncio.sleep(0.01)
+            while not app._executor()._work_queue.qsize():  # the commit's trip, queued behind the pool's one thread
+                await asyncio.sleep(0.01)
+            # returning leaves the request running: asyncio.run cancels it, as a closing loop does
+
+        run(test)
+        release.set()
+        app._executor().shutdown(wait=True)
+        assert calls == ["write", "abort"]
+
+
 class BlockingGet(LocalStore):
     """A store whose ``get`` waits until the test lets it go: on the loop's thread it would wait forever."""
 

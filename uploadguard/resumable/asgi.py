@@ -268,16 +268,23 @@ class ResumableUploads(Endpoint):
         value: Any = None
         error: Exception | None = None
         first: Callable[[], Any] | None = None
+        committing: Appender | None = None  # the appender ``first`` commits
         while True:
-            done, result = await self._run(_advance, self, steps, value, error, first)
+            try:
+                done, result = await self._run(_advance, self, steps, value, error, first)
+            except BaseException:
+                if committing is not None:  # cancelled (the loop closing), perhaps before the commit ran
+                    self._executor().submit(committing.abort)
+                raise
             if done:
                 response: Response = result
                 return response
-            first = None
+            first = committing = None
             try:
                 if isinstance(result, _Appending):
                     cut = await self._read_appended(result, head, exchange)
                     first, value, error = functools.partial(_commit, result.appender, cut), None, None
+                    committing = result.appender
                     continue
                 value, error = await self._fulfil(result, head, exchange), None
             except Exception as exc:  # noqa: BLE001 -- handed to the steps, which decide

@@ -14,9 +14,10 @@ wait or move bytes, then goes on with what the driver sends back:
 * :class:`Hook` -- run ``on_complete`` (a plain function, or a coroutine
   function under ASGI); the driver throws what it raised.
 
-The WSGI driver fulfils each effect inline; the ASGI driver runs each step
-between two effects in a thread of its own pool (one short hop) and waits
-for locks and bodies on the event loop.  So the tus/IETF sequence (which
+The WSGI driver fulfils each effect inline; the ASGI driver runs the steps
+in a thread of its own pool, fulfilling there every effect that needs no
+loop (an uncontended lock, a plain hook, a body's append), and comes back to
+the event loop to wait for a held lock and to read a body.  So the tus/IETF sequence (which
 status for which request, when a length is declared, when ``on_complete``
 runs) exists once; the answers themselves are composed by :mod:`.core`,
 headers parsed by :mod:`.protocol`.
