@@ -111,6 +111,34 @@ def stored(tmp_path: Path, url: str) -> bytes:
     return (tmp_path / "uploads" / (url.rsplit("/", 1)[1] + ".bin")).read_bytes()
 
 
+class CountingPool(concurrent.futures.ThreadPoolExecutor):
+    """The endpoint's pool, counting its trips (``submitted``)."""
+
+    submitted = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+def counting_pool(app: ResumableUploads) -> CountingPool:
+    pool = app._pool = CountingPool(app.threads)
+    return pool
+
+
+async def stalled_patches(app: ResumableUploads, tmp_path: Path, urls: list[str]) -> list[Request]:
+    """A PATCH of 10 bytes for each upload that sends 3 and nothing more; back once each has stored them."""
+    requests = []
+    for url in urls:
+        request = patch(app, url, 0, 10)
+        request.feed(b"abc")  # and nothing more
+        requests.append(request)
+    for url in urls:  # every PATCH holds its upload and has stored its bytes
+        while not (tmp_path / "uploads" / (url.rsplit("/", 1)[1] + ".bin")).stat().st_size:
+            await asyncio.sleep(0.05)
+    return requests
+
+
 class TestBody:
     def test_a_client_gone_mid_patch_keeps_every_byte_that_arrived(self, tmp_path: Path, settings: Settings,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
@@ -194,14 +222,7 @@ class TestBody:
 
         async def test() -> None:
             urls = [await create(app, 10) for _ in range(6)]
-            stalled = []
-            for url in urls:
-                request = patch(app, url, 0, 10)
-                request.feed(b"abc")  # and nothing more
-                stalled.append(request)
-            for url in urls:  # every PATCH holds its upload and has stored its bytes
-                while not (tmp_path / "uploads" / (url.rsplit("/", 1)[1] + ".bin")).stat().st_size:
-                    await asyncio.sleep(0.05)
+            stalled = await stalled_patches(app, tmp_path, urls)
             for url in urls:  # each HEAD preempts its PATCH: all of them read at once, on two threads
                 head = Request(app, "HEAD", url, TUS)
                 head.feed(b"", more=False)
@@ -223,27 +244,12 @@ class TestBody:
 
         monkeypatch.setattr(UploadLock, "release_requested", counted)
         app = endpoint(tmp_path, settings)
-        submitted = 0
-
-        class Counted(concurrent.futures.ThreadPoolExecutor):
-            def submit(self, *args: Any, **kwargs: Any) -> Any:
-                nonlocal submitted
-                submitted += 1
-                return super().submit(*args, **kwargs)
-
-        app._pool = Counted(app.threads)
+        pool = counting_pool(app)
 
         async def test() -> None:
             urls = [await create(app, 10) for _ in range(10)]
-            bodies = []
-            for url in urls:
-                request = patch(app, url, 0, 10)
-                request.feed(b"abc")  # and nothing more
-                bodies.append(request)
-            for url in urls:  # every PATCH holds its upload and has stored its bytes
-                while not (tmp_path / "uploads" / (url.rsplit("/", 1)[1] + ".bin")).stat().st_size:
-                    await asyncio.sleep(0.05)
-            asked_before, submitted_before = asked, submitted
+            bodies = await stalled_patches(app, tmp_path, urls)
+            asked_before, submitted_before = asked, pool.submitted
             for request in bodies:
                 request.feed(b"def")  # and nothing more
             for url in urls:  # written by the looks
@@ -251,14 +257,14 @@ class TestBody:
                     await asyncio.sleep(0.05)
             while asked - asked_before < 10 * 5:  # five looks at each at least
                 await asyncio.sleep(0.05)
-            assert (submitted - submitted_before) * 5 <= asked - asked_before, (submitted, asked)
+            assert (pool.submitted - submitted_before) * 5 <= asked - asked_before, (pool.submitted, asked)
             for request in bodies:
                 request.disconnect()
             for request in bodies:
                 await request.result()
 
         run(test)
-        app._pool.shutdown()
+        pool.shutdown()
 
     def test_a_slow_body_is_written_in_pieces_of_a_second_not_one_a_message(self, tmp_path: Path,
                                                                             settings: Settings) -> None:
@@ -423,30 +429,20 @@ class TestPoolTrips:
         fulfilled in the pool; only the body's reading comes back to the loop."""
         hooked: list[str] = []
         app = endpoint(tmp_path, settings, on_complete=lambda upload: hooked.append(upload.id))
-        submitted = 0
-
-        class Counted(concurrent.futures.ThreadPoolExecutor):
-            def submit(self, *args: Any, **kwargs: Any) -> Any:
-                nonlocal submitted
-                submitted += 1
-                return super().submit(*args, **kwargs)
-
-        app._pool = Counted(app.threads)
+        pool = counting_pool(app)
 
         async def trips(method: str, url: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, int]:
-            nonlocal submitted
-            submitted = 0
+            pool.submitted = 0
             request = Request(app, method, url, {**TUS, **headers})
             request.feed(body, more=False)
             answer = await request.result()
             assert answer.status is not None
-            return answer.status, submitted
+            return answer.status, pool.submitted
 
         async def test() -> None:
-            nonlocal submitted
-            submitted = 0
+            pool.submitted = 0
             url = await create(app, 10)
-            assert submitted == 1
+            assert pool.submitted == 1
             patching = {"Content-Type": OCTETS}
             assert await trips("PATCH", url, {**patching, "Upload-Offset": "0", "Content-Length": "4"}, b"abcd") \
                 == (204, 3)  # up to the append; the body's one write; its commit to the answer
@@ -457,7 +453,7 @@ class TestPoolTrips:
             assert stored(tmp_path, url) == b"abcdefghij"
 
         run(test)
-        app._pool.shutdown()
+        pool.shutdown()
 
 
 class MessageAtTheCut(Request):
