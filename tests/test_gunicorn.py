@@ -8,6 +8,7 @@ configuration defeating it.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import importlib
 import json
@@ -403,6 +404,40 @@ class TestServerPool:
 
         pool = self.pool_of(ASGIWorker)
         assert not pool.blocking and stream_caps(None, pool) == (0, 0)
+
+
+class TestKeepBacklog:
+    """The in-process side of ``post_worker_init``'s backlog fix; tests/test_asgi.py shows it on a real socket."""
+
+    def worker(self, loop: object, backlog: int = 512) -> types.SimpleNamespace:
+        return types.SimpleNamespace(loop=loop, cfg=types.SimpleNamespace(backlog=backlog),
+                                     log=logging.getLogger("tests.gunicorn"))
+
+    def test_the_loops_create_server_gets_the_backlog(self, module: types.ModuleType) -> None:
+        """Asked without one, create_server listens with gunicorn's backlog; one given explicitly stands."""
+        asked: list[int] = []
+
+        class Loop:
+            async def create_server(self, *args: object, backlog: int = 100, **kwargs: object) -> None:
+                asked.append(backlog)
+
+        loop = Loop()
+        module._keep_backlog(self.worker(loop))
+        asyncio.run(loop.create_server(object))
+        asyncio.run(loop.create_server(object, backlog=7))
+        assert asked == [512, 7]
+
+    def test_a_loop_that_takes_no_attribute_is_named_in_a_warning(self, module: types.ModuleType,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+        class Loop:
+            __slots__ = ()
+
+            async def create_server(self, *args: object, **kwargs: object) -> None: ...
+
+        with caplog.at_level(logging.WARNING, "tests.gunicorn"):
+            module._keep_backlog(self.worker(Loop()))
+        assert [r.getMessage() for r in caplog.records] == [
+            "uploadguard: cannot pass backlog 512 to Loop; the listen queue will be the loop's default"]
 
 
 class TestPrecedence:

@@ -326,6 +326,15 @@ class TestLocalStore:
         store.finish(info.id)
         assert synced == [f"{tmp_path}/{info.id}.bin", f"{tmp_path}/{info.id}.info.tmp", str(tmp_path)]
 
+    def test_an_info_read_in_short_pieces_is_whole(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A file system that answers reads a few bytes at a time still gives the whole info: half of one
+        would be an unknown upload, and its client would start again."""
+        store = LocalStore(tmp_path)
+        info = store.create(new_info(3, metadata={"filename": "x" * 200}))
+        read = os.read
+        monkeypatch.setattr(os, "read", lambda fd, size: read(fd, min(size, 7)))
+        assert store.get(info.id) == info
+
     @pytest.mark.parametrize("content", [b"", b"{not json", b"[]", b'{"id": 1, "bogus": true}'])
     def test_unreadable_info_is_not_found(self, tmp_path: Path, content: bytes) -> None:
         """An info file mangled by outside hands makes the upload unknown (404), never a 500."""
