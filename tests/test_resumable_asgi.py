@@ -421,14 +421,55 @@ class TestBody:
         run(test)
 
 
+class TestPoolSize:
+    def test_a_local_directory_gets_two_threads_any_other_store_eight_and_an_explicit_size_stands(
+            self, tmp_path: Path, settings: Settings) -> None:
+        """Eight threads coming back from ``fsync`` at once took the GIL from the loop in a burst of new uploads
+        (bench_capacity's ``asgi-pool8``); S3 calls wait on the network and need several under way at once."""
+        from uploadguard.resumable.store import LocalStore
+
+        class OtherStore:  # any store but a local directory: its calls may wait on a network
+            def __init__(self, inner: LocalStore) -> None:
+                self.inner = inner
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.inner, name)
+
+        local = endpoint(tmp_path, settings)
+        assert local.threads == 2
+        other = endpoint(tmp_path, settings, storage=OtherStore(LocalStore(tmp_path / "uploads")))
+        assert other.threads == 8
+        assert endpoint(tmp_path, settings, threads=5).threads == 5
+        with pytest.raises(ValueError, match="at least 1"):
+            endpoint(tmp_path, settings, threads=0)
+
+        async def test() -> None:  # the pool is made of that many, and serves
+            await create(local)
+            await create(other)
+        run(test)
+        assert local._pool is not None and local._pool._max_workers == 2
+        assert other._pool is not None and other._pool._max_workers == 8
+
+
 class TestPoolTrips:
     def test_a_creation_and_a_head_are_one_trip_to_the_pool_a_patch_two_and_its_write(self, tmp_path: Path,
                                                                                       settings: Settings) -> None:
         """Each trip to the pool is a thread handoff and, on a busy host, a wait for the GIL: a burst of new
-        uploads multiplies them (bench_capacity's arrival burst).  Lock, Admit, the append and a plain hook are
-        fulfilled in the pool; only the body's reading comes back to the loop."""
+        uploads multiplies them (bench_capacity's arrival burst).  Lock, Admit and the append are fulfilled in
+        the pool; only the body's reading and ``on_complete`` (the application's code, in a thread of the
+        loop's default executor, never of the store's pool) come back to the loop."""
         hooked: list[str] = []
-        app = endpoint(tmp_path, settings, on_complete=lambda upload: hooked.append(upload.id))
+        hook_threads: list[str] = []
+
+        def on_complete(upload: Upload) -> None:
+            hooked.append(upload.id)
+            hook_threads.append(threading.current_thread().name)
+
+        def authorize(scope: dict[str, Any]) -> str:
+            hook_threads.append(threading.current_thread().name)
+            return "alice"
+
+        app = endpoint(tmp_path, settings, on_complete=on_complete, authorize=authorize)
         pool = counting_pool(app)
 
         async def trips(method: str, url: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, int]:
@@ -448,8 +489,10 @@ class TestPoolTrips:
                 == (204, 3)  # up to the append; the body's one write; its commit to the answer
             assert await trips("HEAD", url, {}) == (200, 1)
             assert await trips("PATCH", url, {**patching, "Upload-Offset": "4", "Content-Length": "6"}, b"efghij") \
-                == (204, 3)  # the last: fsync and on_complete in the commit's trip
+                == (204, 4)  # the last: the commit and fsync up to on_complete; its record to the answer
             assert hooked == [url.rsplit("/", 1)[1]]
+            assert len(hook_threads) == 5  # authorize for each request, on_complete once: none in the store's pool
+            assert not any(name.startswith("uploadguard-resumable") for name in hook_threads)
             assert stored(tmp_path, url) == b"abcdefghij"
 
         run(test)

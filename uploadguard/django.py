@@ -943,10 +943,11 @@ class ResumableUploadsASGI:
     :func:`resumable_file` (sync views) or :func:`aresumable_file` (async
     views).
 
-    ``threads``: the endpoint's pool for store and lock calls.
+    ``threads``: the endpoint's pool for store and lock calls (``None``: as
+    :func:`uploadguard.resumable.asgi.default_threads` chooses for the store).
     """
 
-    def __init__(self, app: Any, *, threads: int = 8) -> None:
+    def __init__(self, app: Any, *, threads: int | None = None) -> None:
         from .resumable.asgi import ResumableUploads as ASGIEndpoint
 
         endpoint_class = _configured_endpoint_class()

@@ -19,13 +19,18 @@ A pure ASGI application (standard library only); ``lifespan`` and
 * **No thread per connection.**  The body is read from ``receive()`` as it
   arrives and written to the store in pieces of up to 1 MiB (the WSGI
   endpoint's read size; a slow body: a second of its bytes), each write in
-  a thread of the endpoint's own pool (``threads`` keyword, default 8; never
-  the loop's default executor), as is every other store and lock call: a
-  slow disk or S3 stalls no other connection.  Waiting for a held upload
-  polls the lock with ``asyncio.sleep``.  A thousand slow PATCHes are a
-  thousand coroutines and a file descriptor each, watched by one timer of
-  the loop's, which asks their release requests in one pool call and writes
+  a thread of the endpoint's own pool (``threads``; never the loop's default
+  executor), as is every other store and lock call: a slow disk or S3
+  stalls no other connection.  Waiting for a held upload polls the lock
+  with ``asyncio.sleep``.  A thousand slow PATCHes are a thousand
+  coroutines and a file descriptor each, watched by one timer of the
+  loop's, which asks their release requests in one pool call and writes
   their quiet bytes in another.
+* **A small pool for a local directory** (``threads=None``: 2 threads for
+  a :class:`~uploadguard.resumable.store.LocalStore`, 8 for S3 or another
+  store; :func:`default_threads` says why).  Measured with 1,000 phones
+  arriving in 2 s (``bench/bench_capacity.py --configs asgi,asgi-pool8``),
+  8 threads left ``GET /`` waiting over a second in most runs, 2 in none.
 * **Preemption**: a request for an upload whose PATCH is stale (a silent
   drop) asks it to let go; the PATCH's read ends at the next poll (0.2 s),
   what arrived is kept, the lock goes to the newcomer.
@@ -33,7 +38,9 @@ A pure ASGI application (standard library only); ``lifespan`` and
   ``idle_timeout`` (silence, a drip) ends, keeping what arrived.
 * **A client gone** (``http.disconnect``) keeps every byte that arrived; the
   request ends quietly.
-* ``on_complete`` and ``authorize`` may be plain functions (run in the
+* ``on_complete`` and ``authorize`` may be plain functions (run with
+  :func:`asyncio.to_thread`, in the loop's default executor: the
+  application's code, of any duration, never holds a thread of the store's
   pool) or coroutine functions (awaited on the loop); ``authorize`` gets the
   scope.  ``on_complete`` runs once, after the data is durable.
 * **104 Upload Resumption Supported** (IETF draft): a creation request in an
@@ -75,9 +82,9 @@ from . import protocol as p
 from .core import Head, Response
 from .engine import Admit, Body, Endpoint, Hook, Lock, Steps, Upload
 from .locking import HeldLock
-from .store import Appender, Store
+from .store import Appender, LocalStore, Store
 
-__all__ = ["ResumableUploads"]
+__all__ = ["ResumableUploads", "default_threads"]
 
 log = logging.getLogger("uploadguard")
 
@@ -89,6 +96,20 @@ _POLL = 0.2  # seconds between the watcher's looks at release requests, rate flo
 _FLUSH_AFTER = 1.0  # seconds a body's bytes wait in RAM at most before they are written
 _LOCK_POLL = 0.05  # seconds between attempts on a held lock
 _INFORMATIONAL = "http.response.informational"
+
+
+def default_threads(store: Store) -> int:
+    """The store pool's size when ``threads`` is not given: 2 for a local directory, 8 for any other store.
+
+    A :class:`LocalStore` call is a few system calls, well under a
+    millisecond: one thread keeps up with thousands a second, and every
+    extra one is a thread coming back from ``fsync`` to take the GIL from
+    the loop just when a burst of new uploads needs it most (bench/README.md
+    has the numbers).  The second lets one long ``fsync`` (a large upload's
+    completion on a slow disk) not hold every other call.  An S3 call waits
+    tens of milliseconds on the network; several must be under way at once.
+    """
+    return 2 if isinstance(store, LocalStore) else 8
 
 
 def can_send_informational(scope: Scope) -> bool:
@@ -143,11 +164,13 @@ class ResumableUploads(Endpoint):
         idle_timeout: float | str | None = None,  # seconds without a byte that end a PATCH; None = settings
         keep_completed: float | str | None = None,  # seconds a completed upload is kept; None = settings; 0 = forever
         max_streams: int | str | None = None,  # accepted for parity with WSGI; not applied on an event loop
-        threads: int = 8,  # the pool that runs store, lock and plain-function hook calls
+        threads: int | None = None,  # the pool for store and lock calls; None = 2 for a directory, 8 for S3
     ) -> None:
         super().__init__(prefix=prefix, storage=storage, max_size=max_size, expires_after=expires_after,
                          on_complete=on_complete, settings=settings, cors_origins=cors_origins,
                          lock_timeout=lock_timeout, idle_timeout=idle_timeout, keep_completed=keep_completed)
+        if threads is None:
+            threads = default_threads(self.store)
         if threads < 1:
             raise ValueError(f"threads={threads!r} must be at least 1")
         self.app = app
@@ -217,7 +240,7 @@ class ResumableUploads(Endpoint):
         if inspect.iscoroutinefunction(self.authorize):
             owner = await self.authorize(scope)
         else:
-            owner = await self._run(self.authorize, scope)
+            owner = await asyncio.to_thread(self.authorize, scope)
             if inspect.isawaitable(owner):
                 owner = await owner
         return None if owner is None else str(owner)
@@ -261,7 +284,8 @@ class ResumableUploads(Endpoint):
         """Run the engine in the pool, coming back to the loop only for what needs it (see :func:`_advance`).
 
         A creation or a HEAD is one hop to the pool; a PATCH two (up to its
-        body's append, then from its commit to the response) -- each hop is a
+        body's append, then from its commit to the response; the last one a
+        third, after ``on_complete`` ran outside the pool) -- each hop is a
         thread handoff and, on a busy host, a wait for the GIL, which a burst
         of new uploads multiplies.
         """
@@ -291,15 +315,16 @@ class ResumableUploads(Endpoint):
                 value, error = None, exc
 
     async def _fulfil(self, effect: Any, head: Head, exchange: _Exchange) -> Any:
-        """What :func:`_advance` left to the loop: a held upload's wait, a coroutine hook, an awaitable."""
+        """What :func:`_advance` left to the loop: a held upload's wait, ``on_complete``."""
         if isinstance(effect, Lock):
             return await self._lock(effect.upload_id)
         if isinstance(effect, Hook):
             hook = self.on_complete
             assert hook is not None
-            return await hook(effect.upload)  # type: ignore[misc]  # _advance runs a plain function itself
-        if isinstance(effect, _Awaiting):
-            return await effect.awaitable
+            if inspect.iscoroutinefunction(hook):
+                return await hook(effect.upload)
+            value = await asyncio.to_thread(hook, effect.upload)
+            return await value if inspect.isawaitable(value) else value
         raise TypeError(f"unknown effect {effect!r}")
 
     async def _lock(self, upload_id: str) -> HeldLock:
@@ -628,13 +653,6 @@ class _Appending:
     appender: Appender
 
 
-@dataclasses.dataclass(frozen=True)
-class _Awaiting:
-    """A plain ``on_complete`` returned an awaitable: the loop awaits it."""
-
-    awaitable: Any
-
-
 def _commit(appender: Appender, cut: str | None) -> tuple[int, str | None]:
     """In the pool: the body's bytes committed, as :class:`~.engine.Body` answers; aborted if that fails."""
     try:
@@ -650,10 +668,11 @@ def _advance(endpoint: ResumableUploads, steps: Steps[Any], value: Any, error: E
     (``(True, response)``) or one only the loop can fulfil (``(False, what)``).
 
     Fulfilled here: ``Admit`` (no cap on an event loop: a body holds no
-    thread), a ``Lock`` nobody holds, a plain-function ``on_complete``, and
-    a ``Body``'s append (its reading is the loop's: an :class:`_Appending`).
-    Left to the loop: a held lock's wait (it polls with ``asyncio.sleep``), a
-    coroutine hook, an awaitable a plain hook returned.  ``first`` runs before
+    thread), a ``Lock`` nobody holds, and a ``Body``'s append (its reading
+    is the loop's: an :class:`_Appending`).  Left to the loop: a held lock's
+    wait (it polls with ``asyncio.sleep``) and ``on_complete`` (a coroutine
+    awaited there, a plain function sent to a thread of the loop's default
+    executor: the application's code never holds the store's pool).  ``first`` runs before
     the first step, its value or error sent in (a body's commit).
     """
     if first is not None:
@@ -678,12 +697,6 @@ def _advance(endpoint: ResumableUploads, steps: Steps[Any], value: Any, error: E
                 appender = endpoint.store.append(effect.upload_id, effect.offset, effect.budget,
                                                  checksum=effect.checksum)
                 return False, _Appending(effect, appender)
-            if isinstance(effect, Hook) and not inspect.iscoroutinefunction(endpoint.on_complete):
-                assert endpoint.on_complete is not None
-                value = endpoint.on_complete(effect.upload)
-                if inspect.isawaitable(value):
-                    return False, _Awaiting(value)
-                continue
             return False, effect
         except Exception as exc:  # noqa: BLE001 -- handed to the steps, which decide
             value, error = None, exc

@@ -15,9 +15,11 @@ wait or move bytes, then goes on with what the driver sends back:
   function under ASGI); the driver throws what it raised.
 
 The WSGI driver fulfils each effect inline; the ASGI driver runs the steps
-in a thread of its own pool, fulfilling there every effect that needs no
-loop (an uncontended lock, a plain hook, a body's append), and comes back to
-the event loop to wait for a held lock and to read a body.  So the tus/IETF sequence (which
+in a thread of its own pool, fulfilling there every store and lock effect
+(an uncontended lock, a body's append), and comes back to the event loop to
+wait for a held lock, to read a body and to run ``on_complete`` (a plain
+one in a thread of the loop's default executor: the application's code
+never holds the store's pool).  So the tus/IETF sequence (which
 status for which request, when a length is declared, when ``on_complete``
 runs) exists once; the answers themselves are composed by :mod:`.core`,
 headers parsed by :mod:`.protocol`.
