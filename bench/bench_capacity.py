@@ -10,7 +10,9 @@ in front of ``gunicorn -c gunicorn_conf.py`` serving the guarded resumable endpo
 * ``asgi``    -- ``-k asgi``, 5 workers recycled as ``myapp-uploads.service`` does (20,000 +
   up to 10,000 requests): ``uploadguard.asgi.UploadGuard`` around
   ``uploadguard.resumable.asgi.ResumableUploads`` (skipped, with a message, while that module
-  does not exist).
+  does not exist);
+* ``asgi-pool8`` -- the same with the endpoint's store pool at 8 threads instead of its default
+  (2 for a local directory): the comparison behind that default; not in the default set.
 
 For each number of phones (``--phones 100,300,1000``): each phone comes from its own loopback
 address (127.x.y.z: nginx's per-client ``limit_conn`` sees phones, not one client), arrivals
@@ -73,6 +75,8 @@ CONFIGS = {  # name -> gunicorn arguments after -c gunicorn_conf.py
     # recycling as examples/deploy/myapp-uploads.service sets it for the event loop (its comment says why)
     "asgi": ["--workers", "5", "--worker-class", "asgi", "--max-requests", "20000", "--max-requests-jitter", "10000"],
 }
+CONFIGS["asgi-pool8"] = CONFIGS["asgi"]
+STORE_THREADS = {"asgi-pool8": 8}  # config -> the ASGI endpoint's ``threads`` (else its default)
 
 
 # -- the applications gunicorn serves (bench.bench_capacity:wsgi_app / :asgi_app) --------------------
@@ -120,7 +124,8 @@ def __getattr__(name: str) -> Any:
         from uploadguard.asgi import UploadGuard as AsgiGuard
         from uploadguard.resumable.asgi import ResumableUploads as AsgiResumable
 
-        return AsgiGuard(AsgiResumable(_asgi_site, storage=storage, on_complete=_hook_log))
+        threads = int(os.environ["CAPACITY_STORE_THREADS"]) if os.environ.get("CAPACITY_STORE_THREADS") else None
+        return AsgiGuard(AsgiResumable(_asgi_site, storage=storage, on_complete=_hook_log, threads=threads))
     raise AttributeError(name)
 
 
@@ -387,8 +392,9 @@ def run(config: str, phones_n: int, args: argparse.Namespace) -> dict[str, Any]:
         storage = tmp_path / "uploads"
         env = {"UPLOADGUARD_TEMP_DIR": str(tmp_path / "tmp"), "UPLOADGUARD_MIN_FREE_SPACE": "0",
                "UPLOADGUARD_RESUMABLE_STORAGE": str(storage), "CAPACITY_STORAGE": str(storage),
-               "CAPACITY_HOOK_LOG": str(hook_log), "PYTHONPATH": str(ROOT)}
-        server = Gunicorn(f"bench.bench_capacity:{'asgi' if config == 'asgi' else 'wsgi'}_app", tmp_path=tmp_path,
+               "CAPACITY_HOOK_LOG": str(hook_log), "PYTHONPATH": str(ROOT),
+               "CAPACITY_STORE_THREADS": str(STORE_THREADS.get(config, ""))}
+        server = Gunicorn(f"bench.bench_capacity:{'asgi' if config.startswith('asgi') else 'wsgi'}_app", tmp_path=tmp_path,
                           config=GUNICORN_CONF, workers=args.workers, env=env, pythonpath=[ROOT],
                           args=CONFIGS[config][2:])
         nginx = None
@@ -480,7 +486,7 @@ def plot(results: list[dict[str, Any]], path: Path, args: argparse.Namespace) ->
     import matplotlib.pyplot as plt
 
     fig, (latency, done) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"sync": "tab:red", "gthread": "tab:blue", "asgi": "tab:green"}
+    colors = {"sync": "tab:red", "gthread": "tab:blue", "asgi": "tab:green", "asgi-pool8": "tab:olive"}
     counts = sorted({r["phones"] for r in results})
     for config in CONFIGS:
         rows = sorted((r for r in results if r["config"] == config), key=lambda r: r["phones"])
@@ -528,9 +534,9 @@ def main() -> int:
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard) if hard != resource.RLIM_INFINITY else want, hard))
     os.environ.pop("WEB_CONCURRENCY", None)
-    if "asgi" in configs and (missing := asgi_endpoint_missing()):
+    if any(config.startswith("asgi") for config in configs) and (missing := asgi_endpoint_missing()):
         print(f"asgi: skipped -- {missing}")
-        configs.remove("asgi")
+        configs = [config for config in configs if not config.startswith("asgi")]
     print(f"# capacity -- {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores; phones upload "
           f"{args.size >> 10} KiB at {args.rate >> 10} KiB/s, arriving over {args.arrival:g} s; "
           f"GET / every 100 ms; {args.deadline:g} s a run; {args.workers} workers; load average "
