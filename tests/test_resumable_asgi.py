@@ -452,21 +452,21 @@ class TestPoolSize:
 
 
 class TestPoolTrips:
-    def test_a_creation_and_a_head_are_one_trip_to_the_pool_a_patch_two_and_its_write(self, tmp_path: Path,
-                                                                                      settings: Settings) -> None:
+    def test_a_creation_and_a_head_are_one_trip_to_the_pool_a_patch_two_and_its_write_a_completing_one_three(
+            self, tmp_path: Path, settings: Settings) -> None:
         """Each trip to the pool is a thread handoff and, on a busy host, a wait for the GIL: a burst of new
         uploads multiplies them (bench_capacity's arrival burst).  Lock, Admit and the append are fulfilled in
-        the pool; only the body's reading and ``on_complete`` (the application's code, in a thread of the
-        loop's default executor, never of the store's pool) come back to the loop."""
+        the pool; only the body's reading and ``on_complete`` come back to the loop.  The application's code
+        (plain ``on_complete`` and ``authorize``) runs in threads of neither the loop nor the store's pool."""
         hooked: list[str] = []
-        hook_threads: list[str] = []
+        hook_threads: list[tuple[str, str, int]] = []  # (hook, thread name, thread id)
 
         def on_complete(upload: Upload) -> None:
             hooked.append(upload.id)
-            hook_threads.append(threading.current_thread().name)
+            hook_threads.append(("on_complete", threading.current_thread().name, threading.get_ident()))
 
         def authorize(scope: dict[str, Any]) -> str:
-            hook_threads.append(threading.current_thread().name)
+            hook_threads.append(("authorize", threading.current_thread().name, threading.get_ident()))
             return "alice"
 
         app = endpoint(tmp_path, settings, on_complete=on_complete, authorize=authorize)
@@ -481,6 +481,7 @@ class TestPoolTrips:
             return answer.status, pool.submitted
 
         async def test() -> None:
+            loop_thread = threading.get_ident()
             pool.submitted = 0
             url = await create(app, 10)
             assert pool.submitted == 1
@@ -491,8 +492,11 @@ class TestPoolTrips:
             assert await trips("PATCH", url, {**patching, "Upload-Offset": "4", "Content-Length": "6"}, b"efghij") \
                 == (204, 4)  # the last: the commit and fsync up to on_complete; its record to the answer
             assert hooked == [url.rsplit("/", 1)[1]]
-            assert len(hook_threads) == 5  # authorize for each request, on_complete once: none in the store's pool
-            assert not any(name.startswith("uploadguard-resumable") for name in hook_threads)
+            assert [hook for hook, _, _ in hook_threads].count("authorize") == 4  # each request's
+            assert [(hook, name.split("_")[0]) for hook, name, _ in hook_threads if hook == "on_complete"] \
+                == [("on_complete", "uploadguard-hook")]
+            assert not any(name.startswith("uploadguard-resumable") or ident == loop_thread
+                           for _, name, ident in hook_threads)
             assert stored(tmp_path, url) == b"abcdefghij"
 
         run(test)
@@ -581,6 +585,82 @@ class TestHooks:
         run(test)
         assert completed == [("alice", 3)]
 
+
+    def test_a_plain_on_complete_that_raises_is_a_500_and_runs_again_on_the_next_request(
+            self, tmp_path: Path, settings: Settings) -> None:
+        """The upload is complete but not handed over: the client's retry (HEAD, or the last PATCH again) runs it
+        again, until it succeeds -- once."""
+        calls: list[str] = []
+
+        def on_complete(upload: Upload) -> None:
+            calls.append(upload.id)
+            if len(calls) == 1:
+                raise RuntimeError("the hook failed")
+
+        app = endpoint(tmp_path, settings, on_complete=on_complete)
+
+        async def test() -> None:
+            url = await create(app, 3)
+            request = patch(app, url, 0, 3)
+            request.feed(b"abc", more=False)
+            assert (await request.result()).status == 500
+            for _ in range(2):  # the first runs the hook again; the second finds it done
+                head = Request(app, "HEAD", url, TUS)
+                head.feed(b"", more=False)
+                answer = await head.result()
+                assert (answer.status, answer.headers["upload-offset"]) == (200, "3")
+
+        run(test)
+        assert len(calls) == 2 and calls[0] == calls[1]
+
+    def test_a_plain_on_complete_returning_an_awaitable_is_awaited(self, tmp_path: Path,
+                                                                   settings: Settings) -> None:
+        """A plain function may hand back a coroutine (a wrapper around an async hook): it runs on the loop."""
+        awaited: list[str] = []
+
+        async def later(upload_id: str) -> None:
+            awaited.append(upload_id)
+
+        app = endpoint(tmp_path, settings, on_complete=lambda upload: later(upload.id))
+
+        async def test() -> None:
+            url = await create(app, 3)
+            request = patch(app, url, 0, 3)
+            request.feed(b"abc", more=False)
+            assert (await request.result()).status == 204
+            assert awaited == [url.rsplit("/", 1)[1]]
+
+        run(test)
+
+    def test_a_slow_plain_on_complete_holds_up_no_other_request(self, tmp_path: Path, settings: Settings) -> None:
+        """``on_complete`` has a pool of its own: while one takes its time, a creation (with a plain
+        ``authorize``, in the loop's default executor, here of one thread) and a HEAD are answered."""
+        started, release = threading.Event(), threading.Event()
+
+        def on_complete(upload: Upload) -> None:
+            started.set()
+            assert release.wait(20)
+
+        app = endpoint(tmp_path, settings, on_complete=on_complete, authorize=lambda scope: "alice")
+
+        async def test() -> None:
+            asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+            url = await create(app, 3)
+            request = patch(app, url, 0, 3)
+            request.feed(b"abc", more=False)
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            try:
+                other = await asyncio.wait_for(create(app, 5), 10)
+                head = Request(app, "HEAD", other, TUS)
+                head.feed(b"", more=False)
+                assert (await asyncio.wait_for(head.result(), 10)).status == 200
+                assert not request.task.done()
+            finally:
+                release.set()
+            assert (await request.result()).status == 204
+
+        run(test)
 
     def test_a_request_cancelled_by_the_server_still_runs_on_complete_once(self, tmp_path: Path,
                                                                          settings: Settings) -> None:

@@ -31,6 +31,9 @@ A pure ASGI application (standard library only); ``lifespan`` and
   store; :func:`default_threads` says why).  Measured with 1,000 phones
   arriving in 2 s (``bench/bench_capacity.py --configs asgi,asgi-pool8``),
   8 threads left ``GET /`` waiting over a second in most runs, 2 in none.
+  The price: two long ``fsync`` calls at once (large uploads completing on
+  a slow disk) hold the worker's other store calls until they end -- raise
+  ``threads`` where ``fsync`` is slow (a network file system, a busy disk).
 * **Preemption**: a request for an upload whose PATCH is stale (a silent
   drop) asks it to let go; the PATCH's read ends at the next poll (0.2 s),
   what arrived is kept, the lock goes to the newcomer.
@@ -38,11 +41,13 @@ A pure ASGI application (standard library only); ``lifespan`` and
   ``idle_timeout`` (silence, a drip) ends, keeping what arrived.
 * **A client gone** (``http.disconnect``) keeps every byte that arrived; the
   request ends quietly.
-* ``on_complete`` and ``authorize`` may be plain functions (run with
-  :func:`asyncio.to_thread`, in the loop's default executor: the
-  application's code, of any duration, never holds a thread of the store's
-  pool) or coroutine functions (awaited on the loop); ``authorize`` gets the
-  scope.  ``on_complete`` runs once, after the data is durable.
+* ``on_complete`` and ``authorize`` may be plain functions or coroutine
+  functions (awaited on the loop); ``authorize`` gets the scope.  A plain
+  ``on_complete`` runs in a pool of its own (8 threads, named
+  ``uploadguard-hook``), a plain ``authorize`` in the loop's default
+  executor, both with the request's context variables: the application's
+  code, of any duration, never holds a thread of the store's pool, and a
+  slow ``on_complete`` never holds up ``authorize`` (every request's).  ``on_complete`` runs once, after the data is durable.
 * **104 Upload Resumption Supported** (IETF draft): a creation request in an
   interop version gets ``104`` with ``Location`` as soon as the upload
   exists, before its body is read -- where the server can send interim
@@ -64,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -95,6 +101,7 @@ _COALESCE = 1024 * 1024  # bytes gathered before one write to the store (256 KiB
 _POLL = 0.2  # seconds between the watcher's looks at release requests, rate floors and quiet bodies
 _FLUSH_AFTER = 1.0  # seconds a body's bytes wait in RAM at most before they are written
 _LOCK_POLL = 0.05  # seconds between attempts on a held lock
+_HOOK_THREADS = 8  # plain on_complete calls at once (the size the one shared pool had): completions are rare
 _INFORMATIONAL = "http.response.informational"
 
 
@@ -178,6 +185,7 @@ class ResumableUploads(Endpoint):
         self.max_streams = max_streams
         self.threads = threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._hook_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._running: set[asyncio.Future[None]] = set()  # requests left to finish after a cancellation
         self._watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watch] = weakref.WeakKeyDictionary()
 
@@ -323,7 +331,10 @@ class ResumableUploads(Endpoint):
             assert hook is not None
             if inspect.iscoroutinefunction(hook):
                 return await hook(effect.upload)
-            value = await asyncio.to_thread(hook, effect.upload)
+            if self._hook_pool is None:
+                self._hook_pool = concurrent.futures.ThreadPoolExecutor(_HOOK_THREADS, thread_name_prefix="uploadguard-hook")
+            call = functools.partial(contextvars.copy_context().run, hook, effect.upload)
+            value = await asyncio.get_running_loop().run_in_executor(self._hook_pool, call)
             return await value if inspect.isawaitable(value) else value
         raise TypeError(f"unknown effect {effect!r}")
 
@@ -671,8 +682,8 @@ def _advance(endpoint: ResumableUploads, steps: Steps[Any], value: Any, error: E
     thread), a ``Lock`` nobody holds, and a ``Body``'s append (its reading
     is the loop's: an :class:`_Appending`).  Left to the loop: a held lock's
     wait (it polls with ``asyncio.sleep``) and ``on_complete`` (a coroutine
-    awaited there, a plain function sent to a thread of the loop's default
-    executor: the application's code never holds the store's pool).  ``first`` runs before
+    awaited there, a plain function sent to the endpoint's hook pool: the
+    application's code never holds the store's pool).  ``first`` runs before
     the first step, its value or error sent in (a body's commit).
     """
     if first is not None:
