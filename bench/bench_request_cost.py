@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import GUNICORN_CONF, Gunicorn  # noqa: E402
+from tests.support import GUNICORN_CONF, Gunicorn, raw_http  # noqa: E402
 
 GET = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 CREATE = (b"POST /files/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTus-Resumable: 1.0.0\r\n"
@@ -39,15 +38,7 @@ KINDS = {"bare GET": ("bare", GET), "guarded GET": ("guarded", GET), "creation":
 
 
 def _exchange(port: int, raw: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(raw)
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    return answer
+    return raw_http(port, raw, timeout=30)[0]  # Connection: close -- read to the server's close
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -98,6 +98,20 @@ async def create(app: ResumableUploads, length: int | None = 10) -> str:
     return answer.headers["location"]
 
 
+def patched(app: ResumableUploads, url: str, body: bytes, offset: int = 0) -> Request:
+    """A PATCH of ``body`` at ``offset``, sent whole: ``await .result()`` for its answer."""
+    request = patch(app, url, offset, len(body))
+    request.feed(body, more=False)
+    return request
+
+
+def asked(app: ResumableUploads, url: str) -> Request:
+    """A HEAD of ``url``, sent: ``await .result()`` for its answer."""
+    request = Request(app, "HEAD", url, TUS)
+    request.feed(b"", more=False)
+    return request
+
+
 def patch(app: ResumableUploads, url: str, offset: int, length: int | None) -> Request:
     headers = {**TUS, "Upload-Offset": str(offset), "Content-Type": OCTETS}
     if length is not None:
@@ -169,8 +183,7 @@ class TestBody:
             stale.feed(b"abcd")
             while not (tmp_path / "uploads" / (url.rsplit("/", 1)[1] + ".bin")).stat().st_size:
                 await asyncio.sleep(0.05)  # the bytes reach the store while the client is quiet
-            head = Request(app, "HEAD", url, TUS)
-            head.feed(b"", more=False)
+            head = asked(app, url)
             answer = await head.result()
             assert answer.status == 200 and answer.headers["upload-offset"] == "4"
             assert (await stale.result()).status == 204
@@ -224,8 +237,7 @@ class TestBody:
             urls = [await create(app, 10) for _ in range(6)]
             stalled = await stalled_patches(app, tmp_path, urls)
             for url in urls:  # each HEAD preempts its PATCH: all of them read at once, on two threads
-                head = Request(app, "HEAD", url, TUS)
-                head.feed(b"", more=False)
+                head = asked(app, url)
                 assert (await head.result()).headers["upload-offset"] == "3"
             assert [(await request.result()).status for request in stalled] == [204] * 6
 
@@ -335,8 +347,7 @@ class TestBody:
             quiet.feed(b"xyz")  # and nothing more
             while not (tmp_path / "uploads" / (other.rsplit("/", 1)[1] + ".bin")).stat().st_size:
                 await asyncio.sleep(0.05)  # written by a later look
-            head = Request(app, "HEAD", other, TUS)
-            head.feed(b"", more=False)
+            head = asked(app, other)
             answer = await head.result()
             assert answer.status == 200 and answer.headers["upload-offset"] == "3"
             assert (await quiet.result()).status == 204
@@ -545,8 +556,7 @@ class TestCut:
             url = await create(app, 10)
             stale = MessageAtTheCut(app, url, 10, b"abcd", b"ef")
             await stale.waiting.wait()  # the PATCH holds the upload and waits for more
-            head = Request(app, "HEAD", url, TUS)  # asks the PATCH to let go: the watcher cuts its reading
-            head.feed(b"", more=False)
+            head = asked(app, url)  # asks the PATCH to let go: the watcher cuts its reading
             read_again = asyncio.ensure_future(stale.read_again.wait())
             await asyncio.wait((stale.task, read_again), return_when=asyncio.FIRST_COMPLETED)
             assert not read_again.done(), "the PATCH asked its silent client for more after the cut"
@@ -575,11 +585,9 @@ class TestHooks:
 
         async def test() -> None:
             url = await create(app, 3)
-            request = patch(app, url, 0, 3)
-            request.feed(b"abc", more=False)
+            request = patched(app, url, b"abc")
             assert (await request.result()).status == 204
-            head = Request(app, "HEAD", url, TUS)
-            head.feed(b"", more=False)
+            head = asked(app, url)
             assert (await head.result()).status == 200
 
         run(test)
@@ -601,12 +609,10 @@ class TestHooks:
 
         async def test() -> None:
             url = await create(app, 3)
-            request = patch(app, url, 0, 3)
-            request.feed(b"abc", more=False)
+            request = patched(app, url, b"abc")
             assert (await request.result()).status == 500
             for _ in range(2):  # the first runs the hook again; the second finds it done
-                head = Request(app, "HEAD", url, TUS)
-                head.feed(b"", more=False)
+                head = asked(app, url)
                 answer = await head.result()
                 assert (answer.status, answer.headers["upload-offset"]) == (200, "3")
 
@@ -625,8 +631,7 @@ class TestHooks:
 
         async def test() -> None:
             url = await create(app, 3)
-            request = patch(app, url, 0, 3)
-            request.feed(b"abc", more=False)
+            request = patched(app, url, b"abc")
             assert (await request.result()).status == 204
             assert awaited == [url.rsplit("/", 1)[1]]
 
@@ -646,14 +651,12 @@ class TestHooks:
         async def test() -> None:
             asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
             url = await create(app, 3)
-            request = patch(app, url, 0, 3)
-            request.feed(b"abc", more=False)
+            request = patched(app, url, b"abc")
             while not started.is_set():
                 await asyncio.sleep(0.01)
             try:
                 other = await asyncio.wait_for(create(app, 5), 10)
-                head = Request(app, "HEAD", other, TUS)
-                head.feed(b"", more=False)
+                head = asked(app, other)
                 assert (await asyncio.wait_for(head.result(), 10)).status == 200
                 assert not request.task.done()
             finally:
@@ -677,14 +680,12 @@ class TestHooks:
 
         async def test() -> None:
             url = await create(app, 3)
-            request = patch(app, url, 0, 3)
-            request.feed(b"abc", more=False)
+            request = patched(app, url, b"abc")
             while not started.is_set():
                 await asyncio.sleep(0.01)
             request.task.cancel()  # as gunicorn's ASGI worker does a few seconds after a disconnect
             release.set()
-            head = Request(app, "HEAD", url, TUS)
-            head.feed(b"", more=False)
+            head = asked(app, url)
             assert (await head.result()).headers["upload-offset"] == "3"
 
         run(test)
@@ -773,8 +774,7 @@ class TestFromCoroutines:
 
         async def test() -> None:
             url = await create(app, 3)
-            request = patch(app, url, 0, 3)
-            request.feed(b"abc", more=False)
+            request = patched(app, url, b"abc")
             assert (await request.result()).status == 204
             store.blocking = True
             task = asyncio.ensure_future(app.aget(url))
@@ -798,8 +798,7 @@ class TestFromCoroutines:
 
         async def test() -> None:
             url = await create(app, 3)
-            request = patch(app, url, 0, 3)
-            request.feed(b"abc", more=False)
+            request = patched(app, url, b"abc")
             assert (await request.result()).status == 204
             upload_id = url.rsplit("/", 1)[1]
             held = app.locker.try_acquire(upload_id)
@@ -1279,8 +1278,7 @@ class TestS3:
                 first.feed(data[start:start + piece])
             first.disconnect()
             assert (await first.result()).status is None
-            head = Request(app, "HEAD", url, TUS)
-            head.feed(b"", more=False)
+            head = asked(app, url)
             offset = int((await head.result()).headers["upload-offset"])
             assert offset == 6 * MiB
             rest = patch(app, url, offset, len(data) - offset)

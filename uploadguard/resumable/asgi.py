@@ -47,7 +47,8 @@ A pure ASGI application (standard library only); ``lifespan`` and
   ``uploadguard-hook``), a plain ``authorize`` in the loop's default
   executor, both with the request's context variables: the application's
   code, of any duration, never holds a thread of the store's pool, and a
-  slow ``on_complete`` never holds up ``authorize`` (every request's).  ``on_complete`` runs once, after the data is durable.
+  slow ``on_complete`` never holds up ``authorize`` (every request's).
+  ``on_complete`` runs once, after the data is durable.
 * **104 Upload Resumption Supported** (IETF draft): a creation request in an
   interop version gets ``104`` with ``Location`` as soon as the upload
   exists, before its body is read -- where the server can send interim
@@ -260,6 +261,11 @@ class ResumableUploads(Endpoint):
             self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="uploadguard-resumable")
         return self._pool
 
+    def _hooks(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._hook_pool is None:
+            self._hook_pool = concurrent.futures.ThreadPoolExecutor(_HOOK_THREADS, thread_name_prefix="uploadguard-hook")
+        return self._hook_pool
+
     async def aget(self, id_or_url: str, *, owner: str | None = None) -> Upload:
         """:meth:`get` for a coroutine: its store calls (a file read, an S3 round trip) run in the
         endpoint's pool, so the loop keeps serving every other connection meanwhile."""
@@ -331,10 +337,8 @@ class ResumableUploads(Endpoint):
             assert hook is not None
             if inspect.iscoroutinefunction(hook):
                 return await hook(effect.upload)
-            if self._hook_pool is None:
-                self._hook_pool = concurrent.futures.ThreadPoolExecutor(_HOOK_THREADS, thread_name_prefix="uploadguard-hook")
             call = functools.partial(contextvars.copy_context().run, hook, effect.upload)
-            value = await asyncio.get_running_loop().run_in_executor(self._hook_pool, call)
+            value = await asyncio.get_running_loop().run_in_executor(self._hooks(), call)
             return await value if inspect.isawaitable(value) else value
         raise TypeError(f"unknown effect {effect!r}")
 

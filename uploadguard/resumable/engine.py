@@ -18,10 +18,10 @@ The WSGI driver fulfils each effect inline; the ASGI driver runs the steps
 in a thread of its own pool, fulfilling there every store and lock effect
 (an uncontended lock, a body's append), and comes back to the event loop to
 wait for a held lock, to read a body and to run ``on_complete`` (a plain
-one in a pool of its own: the application's code never holds the store's).  So the tus/IETF sequence (which
-status for which request, when a length is declared, when ``on_complete``
-runs) exists once; the answers themselves are composed by :mod:`.core`,
-headers parsed by :mod:`.protocol`.
+one in a pool of its own: the application's code never holds the store's).
+So the tus/IETF sequence (which status for which request, when a length is
+declared, when ``on_complete`` runs) exists once; the answers themselves
+are composed by :mod:`.core`, headers parsed by :mod:`.protocol`.
 """
 
 from __future__ import annotations
