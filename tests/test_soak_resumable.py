@@ -165,8 +165,13 @@ def wait_as_asked(response: http.client.HTTPResponse) -> None:
     time.sleep(min(2.0, max(0.1, float(value) if value.isdigit() else 0.5)))
 
 
-def upload(client: TusClient, seed: int, size: int, deadline: float, chunk_size: int = CHUNK) -> None:
-    """Send one upload to its end, resuming after every cut; record what was sent."""
+def upload(client: TusClient, seed: int, size: int, deadline: float, chunk_size: int = CHUNK,
+           rate: int | None = None) -> None:
+    """Send one upload to its end, resuming after every cut; record what was sent.
+
+    With ``rate`` (bytes a second), each PATCH the server took is followed by a pause that keeps the
+    upload's average under it.
+    """
     tally = client.tally
     data = memoryview(random.Random(seed).randbytes(size))
     sha256 = hashlib.sha256(data).hexdigest()
@@ -177,6 +182,7 @@ def upload(client: TusClient, seed: int, size: int, deadline: float, chunk_size:
     cut_at: float | None = None  # when the request that was cut began (None: not stalled)
     held: int | None = None  # the offset the first HEAD after the cut reported: what the server kept
     cause = ""  # what broke it, and what broke after
+    started = time.monotonic()
 
     def moved(now_at: int) -> None:
         """The server holds ``now_at`` bytes: the stall ends if that is more than it kept at the cut."""
@@ -221,6 +227,8 @@ def upload(client: TusClient, seed: int, size: int, deadline: float, chunk_size:
                     moved(offset)
                     if offset == size:
                         break
+                    if rate:
+                        time.sleep(max(0.0, started + offset / rate - time.monotonic()))
                     continue
                 if status == 409:
                     ask = True
@@ -258,11 +266,11 @@ def upload(client: TusClient, seed: int, size: int, deadline: float, chunk_size:
 
 
 def run_client(proxy: ChaosProxy, jobs: list[tuple[int, int]], tally: Tally, deadline: float,
-               chunk_size: int) -> None:
+               chunk_size: int, rate: int | None = None) -> None:
     client = TusClient(proxy.port, tally, proxy)
     try:
         for seed, size in jobs:
-            upload(client, seed, size, deadline, chunk_size)
+            upload(client, seed, size, deadline, chunk_size, rate)
     finally:
         client.close()
 
@@ -281,6 +289,9 @@ class Shape:
     hup_every: int | None  # body bytes sent between HUPs of the master (a graceful restart of every worker); None: none
     cut_every: int | None = None  # body bytes sent between cuts the vandal asks for (RST, black hole in turn)
     max_requests: int = 0  # gunicorn recycles a worker after about this many requests; 0: the config's default
+    # Bytes a second per client at most; None: as fast as it goes.  The vandal looks every TEMP_DIR_EVERY s: a run
+    # over in 4 s (90 MiB, a fast moment) left it no time to ask for its black hole, and the soak failed.
+    rate: int | None = None
 
 
 SHAPES = [
@@ -290,12 +301,12 @@ SHAPES = [
     # there, so a cut may fall on any request of many; each carries a whole PATCH (1 MiB) and more before its cut,
     # so a stall is one cut, never a run of black holes.  gunicorn also recycles a worker every 20-30 requests.
     pytest.param(Shape("asgi-gunicorn", 16, (MiB, 10 * MiB), MiB, (2 * MiB, 12 * MiB), workers=2,
-                       kill_every=18 * MiB, hup_every=40 * MiB, cut_every=12 * MiB, max_requests=20),
+                       kill_every=18 * MiB, hup_every=40 * MiB, cut_every=12 * MiB, max_requests=20, rate=2 * MiB),
                  id="asgi-gunicorn"),
     # uvicorn's supervisor replaces a killed worker; its HUP restart waits for every connection of the old worker to
     # close (no graceful timeout) and replaces no killed worker meanwhile: not a restart to soak.
     pytest.param(Shape("asgi-uvicorn", 16, (MiB, 10 * MiB), MiB, (2 * MiB, 12 * MiB), workers=2,
-                       kill_every=18 * MiB, hup_every=None, cut_every=12 * MiB), id="asgi-uvicorn"),
+                       kill_every=18 * MiB, hup_every=None, cut_every=12 * MiB, rate=2 * MiB), id="asgi-uvicorn"),
 ]
 
 
@@ -388,7 +399,7 @@ class TestResumableChaosSoak:
 
         deadline = time.monotonic() + DEADLINE
         clients = [threading.Thread(target=run_client,
-                                    args=(proxy, jobs[i::CLIENTS], tally, deadline, shape.chunk))
+                                    args=(proxy, jobs[i::CLIENTS], tally, deadline, shape.chunk, shape.rate))
                    for i in range(CLIENTS)]
         chaos_thread = threading.Thread(target=vandal)
         started = time.monotonic()
